@@ -1,0 +1,32 @@
+"""What producers and workers share: settings, errors, names and the Celery app."""
+
+from completion_queue.errors import (
+    BrokerUnavailable,
+    CompletionError,
+    ConfigError,
+    ContextLengthExceeded,
+    EmbeddedRedisError,
+    FatalModelError,
+    JobNotFound,
+    JobTimeout,
+    ModelError,
+    ValidationError,
+)
+from completion_queue.settings import Settings, redact_url
+
+__all__ = [
+    # settings
+    "Settings",
+    "redact_url",
+    # errors
+    "BrokerUnavailable",
+    "CompletionError",
+    "ConfigError",
+    "ContextLengthExceeded",
+    "EmbeddedRedisError",
+    "FatalModelError",
+    "JobNotFound",
+    "JobTimeout",
+    "ModelError",
+    "ValidationError",
+]

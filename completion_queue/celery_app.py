@@ -1,0 +1,74 @@
+"""The Celery app both sides share: task names, queues and serialization, nothing heavy.
+
+The producer imports this module to send; the worker imports it to consume.
+It never imports torch, transformers or the database.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+
+from completion_queue.constants import queue_name
+from completion_queue.errors import ConfigError
+from completion_queue.settings import Settings, redact_url
+
+#: Redis priorities: kombu's Redis transport pops lower numbers first.
+PRIORITY_LEVELS = 10
+
+
+def broker_url_file(settings: Settings) -> Path:
+    """Return the file where ``cq up`` / ``cq demo`` publish their embedded broker's URL."""
+    return settings.data_dir / "redis" / "broker.url"
+
+
+def resolve_broker_url(settings: Settings) -> str:
+    """Return ``CQ_BROKER_URL``, else the URL of the embedded broker a running ``cq up`` wrote."""
+    if settings.broker_url:
+        return settings.broker_url
+    published = broker_url_file(settings)
+    if published.is_file():
+        return published.read_text().strip()
+    raise ConfigError(
+        "CQ_BROKER_URL is unset and no embedded broker is running: "
+        "start one with `cq up` (or set CQ_BROKER_URL=redis://host:6379/0)"
+    )
+
+
+def celery_priority(priority: int) -> int:
+    """Map a job priority (0 normal .. 9 most urgent) to kombu's Redis priority (0 first)."""
+    return PRIORITY_LEVELS - 1 - priority
+
+
+def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
+    """Return a Celery app configured for completion-queue on ``broker_url``."""
+    url = broker_url or resolve_broker_url(settings)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"broker_url must be a redis:// or rediss:// URL, got {redact_url(url)}")
+    app = Celery("completion_queue", set_as_current=False)
+    app.conf.update(
+        broker_url=url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Unacked messages come back after this long; it must outlast any job.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+        },
+        # JSON only: a pickled message is refused, never executed.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        # Results live in SQL; Celery keeps none.
+        task_ignore_result=True,
+        result_backend=None,
+        # Ack after the batch's results are committed; requeue if the worker dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Enough prefetch for a full batch plus the next one forming.
+        worker_prefetch_multiplier=max(1, 2 * settings.batch_size),
+        task_default_queue=queue_name(settings.model),
+    )
+    return app

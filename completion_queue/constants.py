@@ -1,0 +1,27 @@
+"""Names that producers and workers must agree on: tasks, queues, files."""
+
+from __future__ import annotations
+
+import re
+
+#: The one Celery task every job runs through; its id is the job id.
+TASK_GENERATE = "cq.generate"
+
+#: Prefix of the per-model queue names (one queue per model).
+QUEUE_PREFIX = "cq.model."
+
+#: The default model: a tiny GPT-2-style model the project builds locally.
+TINY_MODEL_NAME = "tiny-gpt2"
+
+#: Data directory for the embedded defaults (SQLite file, Redis data, models).
+DEFAULT_DATA_DIR = ".cq"
+
+#: Printed by a worker once its model is loaded and it consumes its queue.
+WORKER_READY_LINE = "cq worker ready"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:/@-]")
+
+
+def queue_name(model: str) -> str:
+    """Return the Redis queue that carries jobs for ``model``."""
+    return QUEUE_PREFIX + _UNSAFE.sub("_", model)

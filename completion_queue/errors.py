@@ -1,0 +1,47 @@
+"""The error hierarchy: one base, shallow subtrees, one line each on when it is raised."""
+
+from __future__ import annotations
+
+
+class CompletionError(Exception):
+    """Raised when anything in completion-queue fails; the base of all our errors."""
+
+
+class ConfigError(CompletionError):
+    """Raised when settings or command-line options are invalid or inconsistent."""
+
+
+class ValidationError(CompletionError, ValueError):
+    """Raised when a completion request is invalid; ``field`` names the offending field."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class JobNotFound(CompletionError, LookupError):
+    """Raised when a job id does not exist in the database."""
+
+
+class JobTimeout(CompletionError, TimeoutError):
+    """Raised when waiting for jobs outlasts its timeout."""
+
+
+class BrokerUnavailable(CompletionError):
+    """Raised when the message broker cannot be reached; nothing was queued."""
+
+
+class ModelError(CompletionError):
+    """Raised when generation for a job fails; that job fails alone."""
+
+
+class ContextLengthExceeded(ModelError):
+    """Raised when a prompt plus its new tokens do not fit the model's context."""
+
+
+class FatalModelError(ModelError):
+    """Raised when the model runtime is unusable (e.g. corrupted CUDA context); the worker exits."""
+
+
+class EmbeddedRedisError(CompletionError):
+    """Raised when the embedded redis-server cannot be found or started."""

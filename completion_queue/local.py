@@ -1,0 +1,103 @@
+"""Local processes for one machine: a worker child process that the CLI and tests start.
+
+Workers run in their own processes (``python -m workers``) configured by ``CQ_*``
+variables, exactly as on a real deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+from completion_queue.constants import WORKER_READY_LINE
+from completion_queue.errors import CompletionError
+
+
+class WorkerProcess:
+    """A ``python -m workers`` child process with its log file."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> WorkerProcess:
+        """Start the worker process (returns at once; see :meth:`wait_ready`)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workers"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def log_text(self) -> str:
+        """Return what this process wrote to its log so far."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._offset)
+            return log.read().decode(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 120.0) -> WorkerProcess:
+        """Block until the worker has loaded its model and consumes its queue."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if WORKER_READY_LINE in self.log_text():
+                return self
+            if self.process.poll() is not None:
+                raise CompletionError(
+                    f"worker exited with code {self.process.returncode} before it was ready; "
+                    f"last log lines:\n{_tail(self.log_text())}"
+                )
+            time.sleep(0.1)
+        raise CompletionError(
+            f"worker not ready after {timeout_s}s; last log lines:\n{_tail(self.log_text())}"
+        )
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """Warm shutdown (SIGTERM), then SIGKILL after ``timeout_s``; return the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout_s)
+        return self.process.returncode
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,79 @@
+"""The one settings object, read from ``CQ_*`` environment variables at the edges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from completion_queue.constants import DEFAULT_DATA_DIR, TINY_MODEL_NAME
+
+
+class Settings(BaseSettings):
+    """Configuration for producers, workers and the CLI; built once and passed in."""
+
+    model_config = SettingsConfigDict(env_prefix="CQ_", extra="ignore")
+
+    broker_url: str | None = Field(
+        default=None, description="Redis URL; unset starts an embedded redis-server."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; unset uses a SQLite file in data_dir."
+    )
+    data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), description="Local state directory.")
+    model: str = Field(
+        default=TINY_MODEL_NAME, description="Default model: a Hugging Face id or local path."
+    )
+    device: str = Field(default="auto", description="Worker device: auto, cpu or cuda:N.")
+    dtype: str = Field(
+        default="auto", description="Worker dtype: auto, float32, float16, bfloat16."
+    )
+    batch_size: int = Field(default=32, ge=1, le=1024, description="Jobs per micro-batch.")
+    batch_wait_ms: int = Field(
+        default=50, ge=0, le=60_000, description="Longest wait to fill a micro-batch."
+    )
+    max_prompt_chars: int = Field(default=32_000, ge=1, description="Longest accepted prompt.")
+    max_new_tokens_limit: int = Field(default=1024, ge=1, description="Largest max_new_tokens.")
+    max_n: int = Field(default=8, ge=1, description="Largest n (choices per job).")
+    max_batch_requests: int = Field(
+        default=10_000, ge=1, description="Most requests per submit_many."
+    )
+    job_timeout_s: int = Field(default=600, ge=1, description="Longest a job may run.")
+    visibility_timeout_s: int = Field(
+        default=3600,
+        ge=1,
+        description="Redis redelivery delay for unacked messages; > job_timeout_s.",
+    )
+    log_level: str = Field(default="INFO", description="Log level for workers and the CLI.")
+
+    def resolved_database_url(self) -> str:
+        """Return the database URL, defaulting to a SQLite file under ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'cq.db').resolve()}"
+
+    def model_path(self, model: str | None = None) -> str:
+        """Return where ``model`` loads from: the tiny model's local dir, or the id itself."""
+        name = model or self.model
+        if name == TINY_MODEL_NAME:
+            return str((self.data_dir / "models" / TINY_MODEL_NAME).resolve())
+        return name
+
+
+def redact_url(url: str | None) -> str:
+    """Return ``url`` with any password replaced by ``***``, safe for logs and errors."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

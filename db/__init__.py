@@ -1,0 +1,45 @@
+"""The job table, its engine and its state transitions. Imports neither Celery nor torch."""
+
+from db.engine import make_engine, make_session_factory
+from db.jobs import (
+    Choice,
+    Job,
+    NewJob,
+    Outcome,
+    cancel_job,
+    claim_jobs,
+    count_unfinished,
+    create_jobs,
+    delete_jobs,
+    finish_jobs,
+    get_job,
+    get_jobs,
+    list_jobs,
+)
+from db.migrate import upgrade
+from db.models import FINISHED_STATUSES, JobRow, JobStatus
+
+__all__ = [
+    # rows and snapshots
+    "FINISHED_STATUSES",
+    "Choice",
+    "Job",
+    "JobRow",
+    "JobStatus",
+    "NewJob",
+    "Outcome",
+    # engine and schema
+    "make_engine",
+    "make_session_factory",
+    "upgrade",
+    # state transitions
+    "cancel_job",
+    "claim_jobs",
+    "count_unfinished",
+    "create_jobs",
+    "delete_jobs",
+    "finish_jobs",
+    "get_job",
+    "get_jobs",
+    "list_jobs",
+]

@@ -1,0 +1,356 @@
+"""Jobs as read by everyone, and the few state transitions that change them.
+
+Every transition is one statement (or one executemany) guarded by the status it
+expects, so a late or duplicate writer changes nothing: a result is written only
+by the attempt that currently holds the job.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import JobRow, JobStatus
+
+_TABLE = cast(Table, JobRow.__table__)
+_CLAIMABLE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; every time we store is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One generated completion of a job."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form stored in ``jobs.choices``."""
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A snapshot of one job's row."""
+
+    id: uuid.UUID
+    status: JobStatus
+    model: str
+    prompt: str
+    params: dict[str, Any]
+    choices: list[Choice]
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: dict[str, str] | None
+    attempts: int
+    worker: str | None
+    priority: int
+    idempotency_key: str | None
+    batch_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def text(self) -> str | None:
+        """The first choice's text, or None before the job succeeded."""
+        return self.choices[0].text if self.choices else None
+
+    @property
+    def latency_s(self) -> float | None:
+        """Seconds from submit to the finished row, or None while unfinished."""
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.created_at).total_seconds()
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> Job:
+        """Build a snapshot from an ORM row."""
+        created = _aware(row.created_at)
+        assert created is not None
+        return cls(
+            id=row.id,
+            status=JobStatus(row.status),
+            model=row.model,
+            prompt=row.prompt,
+            params=dict(row.params or {}),
+            choices=[Choice(**c) for c in row.choices or []],
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            error=row.error,
+            attempts=row.attempts,
+            worker=row.worker,
+            priority=row.priority,
+            idempotency_key=row.idempotency_key,
+            batch_id=row.batch_id,
+            created_at=created,
+            started_at=_aware(row.started_at),
+            finished_at=_aware(row.finished_at),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of every column."""
+        return {
+            "id": str(self.id),
+            "status": self.status.value,
+            "model": self.model,
+            "prompt": self.prompt,
+            "params": self.params,
+            "choices": [c.to_dict() for c in self.choices],
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "error": self.error,
+            "attempts": self.attempts,
+            "worker": self.worker,
+            "priority": self.priority,
+            "idempotency_key": self.idempotency_key,
+            "batch_id": self.batch_id,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """What a producer inserts: a validated request, not yet queued."""
+
+    model: str
+    prompt: str
+    params: dict[str, Any]
+    priority: int = 0
+    idempotency_key: str | None = None
+    batch_id: str | None = None
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a worker writes back for one claimed job."""
+
+    job_id: uuid.UUID
+    attempt: int
+    status: JobStatus
+    choices: list[Choice] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    error: dict[str, str] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated over all choices."""
+        return sum(c.completion_tokens for c in self.choices)
+
+
+def _insert_ignoring_duplicate_keys(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(_TABLE).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    if dialect == "sqlite":
+        return sqlite.insert(_TABLE).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    return insert(_TABLE)
+
+
+def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
+    """Insert ``jobs`` as queued; return each job and whether it is new.
+
+    A job whose idempotency key already exists is not inserted: the existing job
+    is returned in its place, with ``False``.
+    """
+    if not jobs:
+        return []
+    now = utcnow()
+    # Strictly increasing times keep a batch's submission order readable back.
+    times = [now + timedelta(microseconds=i) for i in range(len(jobs))]
+    session.execute(
+        _insert_ignoring_duplicate_keys(session),
+        [
+            {
+                "id": job.id,
+                "status": JobStatus.QUEUED,
+                "model": job.model,
+                "prompt": job.prompt,
+                "params": job.params,
+                "attempts": 0,
+                "priority": job.priority,
+                "idempotency_key": job.idempotency_key,
+                "batch_id": job.batch_id,
+                "created_at": created_at,
+            }
+            for job, created_at in zip(jobs, times, strict=True)
+        ],
+    )
+    keys = [job.idempotency_key for job in jobs if job.idempotency_key is not None]
+    by_key: dict[str, JobRow] = {}
+    if keys:
+        rows = session.scalars(select(JobRow).where(JobRow.idempotency_key.in_(keys)))
+        by_key = {row.idempotency_key: row for row in rows if row.idempotency_key}
+    result: list[tuple[Job, bool]] = []
+    for job, created_at in zip(jobs, times, strict=True):
+        existing = by_key.get(job.idempotency_key) if job.idempotency_key else None
+        if existing is not None and existing.id != job.id:
+            result.append((Job.from_row(existing), False))
+            continue
+        snapshot = Job(
+            id=job.id,
+            status=JobStatus.QUEUED,
+            model=job.model,
+            prompt=job.prompt,
+            params=job.params,
+            choices=[],
+            prompt_tokens=None,
+            completion_tokens=None,
+            error=None,
+            attempts=0,
+            worker=None,
+            priority=job.priority,
+            idempotency_key=job.idempotency_key,
+            batch_id=job.batch_id,
+            created_at=created_at,
+            started_at=None,
+            finished_at=None,
+        )
+        result.append((snapshot, True))
+    return result
+
+
+def delete_jobs(session: Session, *, job_ids: Iterable[uuid.UUID]) -> None:
+    """Delete queued jobs whose messages could not be sent."""
+    ids = list(job_ids)
+    if ids:
+        session.execute(delete(JobRow).where(JobRow.id.in_(ids), JobRow.status == JobStatus.QUEUED))
+
+
+def get_job(session: Session, *, job_id: uuid.UUID) -> Job | None:
+    """Return the job, or None if there is no such id."""
+    row = session.get(JobRow, job_id)
+    return Job.from_row(row) if row is not None else None
+
+
+def get_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Job]:
+    """Return the jobs that exist among ``job_ids``, by id."""
+    rows = session.scalars(select(JobRow).where(JobRow.id.in_(list(job_ids))))
+    return {row.id: Job.from_row(row) for row in rows}
+
+
+def count_unfinished(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
+    """Return how many of ``job_ids`` are still queued or running."""
+    stmt = select(func.count()).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
+    return int(session.scalar(stmt) or 0)
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: JobStatus | None = None,
+    batch_id: str | None = None,
+    limit: int = 100,
+) -> list[Job]:
+    """Return up to ``limit`` jobs, newest first, filtered by status and batch."""
+    stmt = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)
+    if status is not None:
+        stmt = stmt.where(JobRow.status == status)
+    if batch_id is not None:
+        stmt = stmt.where(JobRow.batch_id == batch_id)
+    return [Job.from_row(row) for row in session.scalars(stmt)]
+
+
+def claim_jobs(session: Session, *, job_ids: Sequence[uuid.UUID], worker: str) -> list[Job]:
+    """Mark the unfinished jobs among ``job_ids`` running (attempts + 1); return them.
+
+    Finished and cancelled jobs are left alone and not returned: a redelivered
+    message of a finished job changes nothing.
+    """
+    stmt = (
+        update(JobRow)
+        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=JobRow.attempts + 1,
+            worker=worker,
+            started_at=utcnow(),
+        )
+        .returning(JobRow)
+        .execution_options(synchronize_session=False)
+    )
+    return [Job.from_row(row) for row in session.scalars(stmt)]
+
+
+def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
+    """Write the outcomes of one batch in one executemany; return how many rows changed.
+
+    A row changes only if it is still running under the same attempt: a job that
+    was cancelled, or claimed again by a later delivery, keeps its state.
+    """
+    if not outcomes:
+        return 0
+    now = utcnow()
+    stmt = (
+        update(_TABLE)
+        .where(
+            _TABLE.c.id == bindparam("b_id"),
+            _TABLE.c.attempts == bindparam("b_attempt"),
+            _TABLE.c.status == JobStatus.RUNNING,
+        )
+        .values(
+            status=bindparam("b_status"),
+            choices=bindparam("b_choices"),
+            prompt_tokens=bindparam("b_prompt_tokens"),
+            completion_tokens=bindparam("b_completion_tokens"),
+            error=bindparam("b_error"),
+            finished_at=now,
+        )
+    )
+    result = session.connection().execute(
+        stmt,
+        [
+            {
+                "b_id": o.job_id,
+                "b_attempt": o.attempt,
+                "b_status": o.status,
+                "b_choices": [c.to_dict() for c in o.choices] if o.choices else None,
+                "b_prompt_tokens": o.prompt_tokens,
+                "b_completion_tokens": o.completion_tokens if o.choices else None,
+                "b_error": o.error,
+            }
+            for o in outcomes
+        ],
+    )
+    return max(result.rowcount, 0)
+
+
+def cancel_job(session: Session, *, job_id: uuid.UUID) -> Job | None:
+    """Cancel a queued or running job; return its row, or None if there is no such id.
+
+    A queued job will never run; a running one keeps running but its result is
+    discarded, because :func:`finish_jobs` only writes rows that are running.
+    """
+    session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, JobRow.status.in_(_CLAIMABLE))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return get_job(session, job_id=job_id)

@@ -1,0 +1,38 @@
+"""Alembic environment: runs our migrations on the URL given by :func:`db.migrate.upgrade`."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from db.engine import make_engine
+from db.models import Base
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    """Run migrations on a live connection."""
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run(connection)
+        return
+    engine = make_engine(config.attributes["url"])
+    with engine.connect() as conn:
+        _run(conn)
+    engine.dispose()
+
+
+def _run(connection: object) -> None:
+    context.configure(
+        connection=connection,  # type: ignore[arg-type]
+        target_metadata=Base.metadata,
+        render_as_batch=True,  # SQLite alters tables by copy
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():  # pragma: no cover - we only migrate online
+    raise SystemExit("offline migrations are not supported; run `cq db upgrade`")
+run_migrations_online()

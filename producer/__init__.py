@@ -1,0 +1,32 @@
+"""What other services use: the client, the request schema and the CLI. Never imports torch."""
+
+from completion_queue.errors import (
+    BrokerUnavailable,
+    CompletionError,
+    JobNotFound,
+    JobTimeout,
+    ValidationError,
+)
+from db.jobs import Choice, Job
+from db.models import JobStatus
+from producer.client import CompletionClient
+from producer.schema import CompletionRequest, Limits, validate_request
+
+__all__ = [
+    # client
+    "CompletionClient",
+    # jobs as read back
+    "Choice",
+    "Job",
+    "JobStatus",
+    # requests
+    "CompletionRequest",
+    "Limits",
+    "validate_request",
+    # errors
+    "BrokerUnavailable",
+    "CompletionError",
+    "JobNotFound",
+    "JobTimeout",
+    "ValidationError",
+]

@@ -1,0 +1,340 @@
+"""``cq``: the command line for submitting, watching and running completion jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from completion_queue.celery_app import broker_url_file
+from completion_queue.errors import CompletionError
+from completion_queue.settings import Settings, redact_url
+from db.jobs import Job
+from db.migrate import upgrade
+from db.models import JobStatus
+
+
+def _settings(**overrides: Any) -> Settings:
+    values = {key: value for key, value in overrides.items() if value is not None}
+    return Settings(**values)
+
+
+def _migrated(settings: Settings) -> Settings:
+    """Create or upgrade the embedded SQLite database (configured databases use `cq db upgrade`)."""
+    if not settings.database_url:
+        upgrade(settings.resolved_database_url())
+    return settings
+
+
+def _client(settings: Settings) -> Any:
+    from producer.client import CompletionClient
+
+    return CompletionClient(settings=_migrated(settings))
+
+
+def _echo_job(job: Job) -> None:
+    click.echo(json.dumps(job.to_dict(), indent=2, ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def embedded_broker(settings: Settings) -> Iterator[Settings]:
+    """Yield settings with a broker: ``CQ_BROKER_URL``, else an embedded redis-server."""
+    if settings.broker_url:
+        yield settings
+        return
+    from completion_queue.redis_server import EmbeddedRedis
+
+    data = settings.data_dir / "redis"
+    with EmbeddedRedis(data) as server:
+        published = broker_url_file(settings)
+        published.write_text(server.url)
+        try:
+            yield settings.model_copy(update={"broker_url": server.url})
+        finally:
+            published.unlink(missing_ok=True)
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """Return the ``CQ_*`` variables that give a child worker these settings."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CQ_{name.upper()}"] = str(value)
+    return env
+
+
+class _CliGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CompletionError as exc:
+            click.echo(f"error: {redact_url(str(exc))}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """completion-queue: queue text-completion jobs for GPU workers; results land in SQL.
+
+    Configuration comes from CQ_* environment variables (see README.md). With
+    CQ_BROKER_URL unset, `cq up` and `cq demo` start an embedded redis-server; with
+    CQ_DATABASE_URL unset, jobs live in a SQLite file under ./.cq/.
+    """
+
+
+# -- running things -------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--jobs", "n_jobs", default=32, show_default=True, help="How many prompts to run.")
+@click.option("--new-tokens", default=24, show_default=True, help="max_new_tokens per job.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for all jobs.")
+def demo(n_jobs: int, new_tokens: int, timeout: float) -> None:
+    """Start Redis and one worker, run prompts through the queue, print the results."""
+    from producer.demo import run_demo
+
+    sys.exit(
+        run_demo(_migrated(_settings()), n_jobs=n_jobs, new_tokens=new_tokens, timeout=timeout)
+    )
+
+
+@cli.command()
+def up() -> None:
+    """Run an embedded broker and one worker in the foreground until Ctrl-C."""
+    from completion_queue.local import WorkerProcess
+
+    settings = _migrated(_settings())
+    with embedded_broker(settings) as live:
+        click.echo(f"broker: {redact_url(live.broker_url)}")
+        click.echo(f"database: {redact_url(live.resolved_database_url())}")
+        log_path = live.data_dir / "worker.log"
+        with WorkerProcess(worker_env(live), log_path) as worker:
+            worker.wait_ready()
+            click.echo(f"worker {worker.pid} serving {live.model}; log: {log_path}")
+            click.echo("submit from another shell: cq submit 'Hello' --wait   (Ctrl-C to stop)")
+            with contextlib.suppress(KeyboardInterrupt):
+                while worker.alive():
+                    worker.process.wait()  # type: ignore[union-attr]
+            click.echo("stopping")
+
+
+@cli.command()
+@click.option("--model", help="Hugging Face id or local path to serve [env CQ_MODEL].")
+@click.option("--device", help="auto, cpu or cuda:N [env CQ_DEVICE].")
+@click.option("--dtype", help="auto, float32, float16 or bfloat16 [env CQ_DTYPE].")
+@click.option("--batch-size", type=int, help="Jobs per micro-batch [env CQ_BATCH_SIZE].")
+@click.option(
+    "--batch-wait-ms", type=int, help="Longest wait to fill a batch [env CQ_BATCH_WAIT_MS]."
+)
+@click.option("--hostname", help="Celery node name (default cq<pid>@<host>).")
+def worker(
+    model: str | None,
+    device: str | None,
+    dtype: str | None,
+    batch_size: int | None,
+    batch_wait_ms: int | None,
+    hostname: str | None,
+) -> None:
+    """Run one worker process: load the model once, then serve its queue in micro-batches."""
+    from workers.main import run_worker
+
+    settings = _settings(
+        model=model, device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms
+    )
+    run_worker(_migrated(settings), hostname=hostname)
+
+
+# -- jobs -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL file: one request object per line.",
+)
+@click.option("--model")
+@click.option("--max-new-tokens", type=int)
+@click.option("--temperature", type=float)
+@click.option("--top-p", type=float)
+@click.option("--top-k", type=int)
+@click.option("--repetition-penalty", type=float)
+@click.option("-n", "n", type=int, help="Number of choices.")
+@click.option("--stop", multiple=True, help="Stop sequence (repeatable, up to 4).")
+@click.option("--seed", type=int)
+@click.option("--idempotency-key")
+@click.option("--priority", type=int, help="0 (normal) to 9 (most urgent).")
+@click.option(
+    "--wait",
+    "wait_s",
+    is_flag=False,
+    flag_value=60.0,
+    type=float,
+    default=None,
+    help="Wait for the result (optionally: seconds, default 60).",
+)
+def submit(prompt: str | None, file: Path | None, wait_s: float | None, **params: Any) -> None:
+    """Submit one PROMPT, or every request in --file (prints the batch id)."""
+    settings = _settings()
+    if (prompt is None) == (file is None):
+        raise click.UsageError("give either a PROMPT or --file")
+    request = {k: v for k, v in params.items() if v is not None and v != ()}
+    if "stop" in request:
+        request["stop"] = list(request["stop"])
+    with _client(settings) as client:
+        if prompt is not None:
+            job = client.submit(prompt, **request)
+            if wait_s is not None:
+                job = client.wait(job, timeout=wait_s)
+            _echo_job(job)
+            return
+        assert file is not None
+        _submit_file(client, file, request, wait_s)
+
+
+def _submit_file(client: Any, path: Path, defaults: dict[str, Any], wait_s: float | None) -> None:
+    import uuid
+
+    from rich.progress import Progress
+
+    requests = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise click.BadParameter(
+                    f"line {number} is not JSON: {exc}", param_hint="--file"
+                ) from None
+            if not isinstance(data, dict):
+                raise click.BadParameter(f"line {number} is not an object", param_hint="--file")
+            requests.append({**defaults, **data})
+    batch_id = uuid.uuid4().hex
+    chunk = 500
+    jobs = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("submitting", total=len(requests))
+        for start in range(0, len(requests), chunk):
+            jobs += client.submit_many(requests[start : start + chunk], batch_id=batch_id)
+            progress.update(task, completed=len(jobs))
+    click.echo(f"submitted {len(jobs)} jobs; batch id: {batch_id}")
+    if wait_s is not None:
+        from producer.demo import wait_with_progress
+
+        wait_with_progress(client, [job.id for job in jobs], timeout=wait_s)
+
+
+@cli.command()
+@click.argument("job_id")
+def status(job_id: str) -> None:
+    """Print one job's row as JSON."""
+    with _client(_settings()) as client:
+        _echo_job(client.get(job_id))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
+def wait(job_id: str, timeout: float) -> None:
+    """Wait until a job is finished, then print it as JSON."""
+    with _client(_settings()) as client:
+        _echo_job(client.wait(job_id, timeout=timeout))
+
+
+@cli.command("list")
+@click.option("--status", "status_", type=click.Choice([s.value for s in JobStatus]))
+@click.option("--batch", "batch_id", help="Only jobs of this batch id.")
+@click.option("--limit", default=50, show_default=True)
+def list_(status_: str | None, batch_id: str | None, limit: int) -> None:
+    """List jobs, newest first."""
+    from producer.demo import job_table
+
+    with _client(_settings()) as client:
+        jobs = client.list(status=status_, batch_id=batch_id, limit=limit)
+    job_table(jobs).print()
+
+
+@cli.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a queued or running job (a running job's result is discarded)."""
+    with _client(_settings()) as client:
+        _echo_job(client.cancel(job_id))
+
+
+@cli.command()
+@click.option("--batch", "batch_id", required=True, help="Batch id printed by `cq submit --file`.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="JSONL file to write, one job per line.",
+)
+def results(batch_id: str, out: Path) -> None:
+    """Write every job of a batch (with its result) to a JSONL file."""
+    with _client(_settings()) as client:
+        jobs = client.list(batch_id=batch_id, limit=1_000_000)
+    with out.open("w", encoding="utf-8") as handle:
+        for job in sorted(jobs, key=lambda j: (j.created_at, str(j.id))):
+            handle.write(json.dumps(job.to_dict(), ensure_ascii=False) + "\n")
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.status.value] = counts.get(job.status.value, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs"
+    click.echo(f"wrote {len(jobs)} jobs to {out} ({summary})")
+
+
+# -- admin --------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the jobs table (Alembic) on CQ_DATABASE_URL."""
+    settings = _settings()
+    upgrade(settings.resolved_database_url(), revision)
+    click.echo(f"database at {redact_url(settings.resolved_database_url())} is at {revision}")
+
+
+@cli.group()
+def model() -> None:
+    """Model commands."""
+
+
+@model.command("make-tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+def make_tiny(directory: Path, seed: int) -> None:
+    """Build the tiny GPT-2-style model (random weights, local tokenizer) into DIRECTORY."""
+    from workers.tiny import make_tiny_model
+
+    if directory.exists() and any(directory.iterdir()):
+        raise click.UsageError(f"{directory} exists and is not empty")
+    path = make_tiny_model(directory, seed=seed)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    click.echo(f"built tiny model in {path} ({size:.1f} MB)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``cq`` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli.main(args=argv, prog_name="cq")
+
+
+if __name__ == "__main__":
+    main()

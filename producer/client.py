@@ -1,0 +1,274 @@
+"""The Python client other services use: submit jobs, then poll the database for them."""
+
+from __future__ import annotations
+
+import builtins
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, overload
+
+from celery import Celery
+
+from completion_queue.celery_app import celery_priority, create_app
+from completion_queue.constants import TASK_GENERATE, queue_name
+from completion_queue.errors import BrokerUnavailable, JobNotFound, JobTimeout, ValidationError
+from completion_queue.settings import Settings, redact_url
+from db.engine import make_engine, make_session_factory
+from db.jobs import (
+    Job,
+    NewJob,
+    cancel_job,
+    count_unfinished,
+    create_jobs,
+    delete_jobs,
+    get_job,
+    get_jobs,
+    list_jobs,
+)
+from db.models import JobStatus
+from producer.schema import CompletionRequest, Limits, validate_request
+
+#: Polling backoff for wait(): first interval, growth factor, longest interval.
+POLL_FIRST_S, POLL_FACTOR, POLL_MAX_S = 0.02, 1.5, 0.5
+
+JobRef = uuid.UUID | str | Job
+Progress = Callable[[int, int], None]
+
+
+def _job_id(ref: JobRef) -> uuid.UUID:
+    if isinstance(ref, Job):
+        return ref.id
+    if isinstance(ref, uuid.UUID):
+        return ref
+    try:
+        return uuid.UUID(str(ref))
+    except ValueError:
+        raise ValidationError(f"job id must be a UUID, got {ref!r}", field="id") from None
+
+
+class CompletionClient:
+    """Submit completion jobs to the queue and read their rows back.
+
+    Args:
+        broker_url: Redis URL; defaults to ``CQ_BROKER_URL`` (or a running ``cq up``).
+        database_url: SQLAlchemy URL; defaults to ``CQ_DATABASE_URL`` (or the local SQLite file).
+        settings: the settings to use; read from the environment when omitted.
+    """
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        database_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.limits = Limits.from_settings(self.settings)
+        self._broker_url = broker_url
+        self.database_url = database_url or self.settings.resolved_database_url()
+        self._engine = make_engine(self.database_url)
+        self._sessions = make_session_factory(self._engine)
+        self._app: Celery | None = None
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app used to send, created on first use."""
+        if self._app is None:
+            self._app = create_app(self.settings, self._broker_url)
+        return self._app
+
+    # -- submitting -------------------------------------------------------------
+
+    def submit(self, prompt: str, **params: Any) -> Job:
+        """Validate, store and queue one job; return it (an existing one for a known key)."""
+        request = validate_request({"prompt": prompt, **params}, self.limits)
+        return self._store_and_send([request], batch_id=None)[0]
+
+    def submit_many(
+        self,
+        requests: Iterable[Mapping[str, Any] | CompletionRequest],
+        *,
+        batch_id: str | None = None,
+    ) -> list[Job]:
+        """Validate all requests, store them in one transaction, then queue them.
+
+        Nothing is written or queued unless every request is valid. If the broker
+        cannot be reached, the rows just written are removed and
+        :class:`BrokerUnavailable` is raised.
+        """
+        validated: list[CompletionRequest] = []
+        for index, data in enumerate(requests):
+            if len(validated) >= self.settings.max_batch_requests:
+                raise ValidationError(
+                    f"requests must hold at most {self.settings.max_batch_requests} items",
+                    field="requests",
+                )
+            try:
+                validated.append(validate_request(data, self.limits))
+            except ValidationError as exc:
+                raise ValidationError(f"requests[{index}]: {exc}", field=exc.field) from None
+        return self._store_and_send(validated, batch_id=batch_id)
+
+    def _store_and_send(
+        self, validated: Sequence[CompletionRequest], *, batch_id: str | None
+    ) -> builtins.list[Job]:
+        if not validated:
+            return []
+        new_jobs = [
+            NewJob(
+                model=req.model or self.settings.model,
+                prompt=req.prompt,
+                params=req.params(),
+                priority=req.priority,
+                idempotency_key=req.idempotency_key,
+                batch_id=batch_id,
+            )
+            for req in validated
+        ]
+        with self._sessions.begin() as session:
+            created = create_jobs(session, jobs=new_jobs)
+        to_send = [job for job, is_new in created if is_new]
+        try:
+            self._send(to_send)
+        except Exception as exc:
+            with self._sessions.begin() as session:
+                delete_jobs(session, job_ids=[job.id for job in to_send])
+            raise BrokerUnavailable(
+                f"could not queue {len(to_send)} job(s) on {redact_url(self.app.conf.broker_url)}: "
+                f"{type(exc).__name__}: {redact_url(str(exc))}"
+            ) from None
+        return [job for job, _ in created]
+
+    def _send(self, jobs: Sequence[Job]) -> None:
+        if not jobs:
+            return
+        app = self.app
+        with app.producer_or_acquire() as producer:
+            for job in jobs:
+                app.send_task(
+                    TASK_GENERATE,
+                    task_id=str(job.id),
+                    queue=queue_name(job.model),
+                    priority=celery_priority(job.priority),
+                    producer=producer,
+                )
+
+    # -- reading ----------------------------------------------------------------
+
+    def get(self, job_id: JobRef) -> Job:
+        """Return the job's current row; raise :class:`JobNotFound` for an unknown id."""
+        with self._sessions() as session:
+            job = get_job(session, job_id=_job_id(job_id))
+        if job is None:
+            raise JobNotFound(f"no job with id {job_id}")
+        return job
+
+    @overload
+    def wait(  # type: ignore[overload-overlap]
+        self, job_ids: JobRef, timeout: float = ..., on_progress: Progress | None = ...
+    ) -> Job: ...
+    @overload
+    def wait(
+        self,
+        job_ids: Iterable[JobRef],
+        timeout: float = ...,
+        on_progress: Progress | None = ...,
+    ) -> builtins.list[Job]: ...
+
+    def wait(
+        self,
+        job_ids: JobRef | Iterable[JobRef],
+        timeout: float = 60.0,
+        on_progress: Progress | None = None,
+    ) -> Job | builtins.list[Job]:
+        """Poll until the jobs are finished; return them (in the order given).
+
+        ``on_progress(finished, total)`` is called after every poll.
+
+        Raises:
+            JobTimeout: some job is still queued or running after ``timeout`` seconds.
+            JobNotFound: an id does not exist.
+        """
+        single = isinstance(job_ids, uuid.UUID | str | Job)
+        if isinstance(job_ids, uuid.UUID | str | Job):
+            ids = [_job_id(job_ids)]
+        else:
+            ids = [_job_id(ref) for ref in job_ids]
+        deadline = time.monotonic() + timeout
+        interval = POLL_FIRST_S
+        chunk = 500
+        while True:
+            with self._sessions() as session:
+                unfinished = sum(
+                    count_unfinished(session, job_ids=ids[i : i + chunk])
+                    for i in range(0, len(ids), chunk)
+                )
+            if on_progress is not None:
+                on_progress(len(ids) - unfinished, len(ids))
+            if unfinished == 0:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JobTimeout(
+                    f"{unfinished} of {len(ids)} job(s) still queued or running after {timeout}s"
+                )
+            time.sleep(min(interval, remaining))
+            interval = min(interval * POLL_FACTOR, POLL_MAX_S)
+        jobs: dict[uuid.UUID, Job] = {}
+        with self._sessions() as session:
+            for i in range(0, len(ids), chunk):
+                jobs.update(get_jobs(session, job_ids=ids[i : i + chunk]))
+        missing = [str(i) for i in ids if i not in jobs]
+        if missing:
+            raise JobNotFound(f"no job with id {', '.join(missing[:5])}")
+        ordered = [jobs[i] for i in ids]
+        return ordered[0] if single else ordered
+
+    def cancel(self, job_id: JobRef) -> Job:
+        """Cancel a queued or running job; a finished one is returned unchanged."""
+        with self._sessions.begin() as session:
+            job = cancel_job(session, job_id=_job_id(job_id))
+        if job is None:
+            raise JobNotFound(f"no job with id {job_id}")
+        return job
+
+    def list(
+        self,
+        status: JobStatus | str | None = None,
+        batch_id: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[Job]:
+        """Return up to ``limit`` jobs, newest first."""
+        if status is not None:
+            try:
+                status = JobStatus(status)
+            except ValueError:
+                allowed = ", ".join(s.value for s in JobStatus)
+                raise ValidationError(
+                    f"status must be one of {allowed}, got {status!r}", field="status"
+                ) from None
+        if limit < 1:
+            raise ValidationError(f"limit must be >= 1, got {limit}", field="limit")
+        with self._sessions() as session:
+            return list_jobs(session, status=status, batch_id=batch_id, limit=limit)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release database and broker connections."""
+        self._engine.dispose()
+        if self._app is not None:
+            self._app.close()
+
+    def __enter__(self) -> CompletionClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

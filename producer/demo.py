@@ -1,0 +1,152 @@
+"""``cq demo``: the whole pipeline on embedded defaults, with a progress bar and a report."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from completion_queue.constants import TINY_MODEL_NAME
+from completion_queue.settings import Settings, redact_url
+from db.jobs import Job
+from db.models import JobStatus
+
+PROMPTS = [
+    "The queue takes a job and",
+    "Once upon a time",
+    "The weather today is",
+    "Python is a programming language that",
+    "Redis is an in-memory data store",
+    "A transaction commits",
+    "Question: what is the capital of France? Answer:",
+    "Dear team, thank you for",
+    "def add(a, b):",
+    "The river runs past",
+    "She opened the door and",
+    "Numbers: one two three",
+    "Beautiful is better than",
+    "Errors should never pass",
+    "In 1969 people",
+    "The worker takes a batch",
+]
+
+
+class _Printable:
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    def print(self) -> None:
+        Console().print(self.table)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Return the ``q``-th percentile (0-100) of ``values`` by linear interpolation."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def job_table(jobs: Sequence[Job]) -> _Printable:
+    """Return a table of jobs: id, status, tokens, latency, start of the completion."""
+    table = Table(show_lines=False)
+    for column in ("job id", "status", "tokens", "latency ms"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("completion", no_wrap=True, overflow="ellipsis", max_width=48)
+    for job in jobs:
+        latency = f"{job.latency_s * 1000:.0f}" if job.latency_s is not None else "-"
+        text = job.text if job.text is not None else (job.error or {}).get("message", "")
+        table.add_row(
+            str(job.id)[:8],
+            job.status.value,
+            str(job.completion_tokens or 0),
+            latency,
+            repr(text[:40]),
+        )
+    return _Printable(table)
+
+
+def wait_with_progress(client: Any, ids: Sequence[uuid.UUID], *, timeout: float) -> list[Job]:
+    """Wait for ``ids`` while a progress bar shows how many are finished."""
+    columns = (
+        TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    )  # fmt: skip
+    with Progress(*columns) as progress:
+        task = progress.add_task("jobs", total=len(ids))
+
+        def show(finished: int, total: int) -> None:
+            progress.update(task, completed=finished)
+
+        return client.wait(list(ids), timeout=timeout, on_progress=show)  # type: ignore[no-any-return]
+
+
+def summarize(jobs: Sequence[Job]) -> str:
+    """Return the summary line: jobs/s, tokens/s, p50 and p95 latency."""
+    finished = [j for j in jobs if j.finished_at is not None]
+    if not finished:
+        return "no job finished"
+    last = max(j.finished_at for j in finished if j.finished_at is not None)
+    span = last - min(j.created_at for j in jobs)
+    seconds = max(span.total_seconds(), 1e-9)
+    tokens = sum(j.completion_tokens or 0 for j in finished)
+    latencies = [j.latency_s * 1000 for j in finished if j.latency_s is not None]
+    ok = sum(j.status is JobStatus.SUCCEEDED for j in jobs)
+    return (
+        f"{ok}/{len(jobs)} succeeded in {seconds:.2f}s: {len(finished) / seconds:.1f} jobs/s, "
+        f"{tokens / seconds:.0f} tokens/s, latency p50 {percentile(latencies, 50):.0f} ms, "
+        f"p95 {percentile(latencies, 95):.0f} ms"
+    )
+
+
+def demo_requests(n_jobs: int, new_tokens: int) -> list[dict[str, Any]]:
+    """Return the demo's requests: greedy, seeded sampling and stop sequences, mixed."""
+    requests: list[dict[str, Any]] = []
+    for i in range(n_jobs):
+        request: dict[str, Any] = {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_new_tokens": new_tokens,
+        }
+        if i % 3 == 0:
+            request["temperature"] = 0.0
+        else:
+            request.update(temperature=0.8, top_p=0.95, seed=i)
+        if i % 4 == 3:
+            request["stop"] = ["\n"]
+        requests.append(request)
+    return requests
+
+
+def run_demo(settings: Settings, *, n_jobs: int, new_tokens: int, timeout: float) -> int:
+    """Run the demo; return 0 only if every job succeeded."""
+    from completion_queue.local import WorkerProcess
+    from producer.cli import embedded_broker, worker_env
+    from producer.client import CompletionClient
+
+    console = Console()
+    if settings.model == TINY_MODEL_NAME:
+        from workers.tiny import ensure_tiny_model
+
+        path = ensure_tiny_model(settings.model_path())
+        console.print(f"model: tiny local GPT-2 in {path}")
+    with embedded_broker(settings) as live:
+        console.print(f"broker: {redact_url(live.broker_url)}")
+        console.print(f"database: {redact_url(live.resolved_database_url())}")
+        log_path = live.data_dir / "demo-worker.log"
+        with WorkerProcess(worker_env(live), log_path) as worker:
+            with console.status("starting worker (loading the model once)"):
+                worker.wait_ready()
+            console.print(f"worker {worker.pid} ready (log: {log_path})")
+            with CompletionClient(settings=live) as client:
+                jobs = client.submit_many(demo_requests(n_jobs, new_tokens))
+                console.print(f"submitted {len(jobs)} jobs")
+                done = wait_with_progress(client, [j.id for j in jobs], timeout=timeout)
+    job_table(done).print()
+    console.print(summarize(done))
+    return 0 if all(j.status is JobStatus.SUCCEEDED for j in done) else 1

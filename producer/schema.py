@@ -1,0 +1,194 @@
+"""The completion request: validated before anything is written or queued."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from completion_queue.errors import ValidationError
+from completion_queue.settings import Settings
+
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The bounds a deployment sets on requests (from settings)."""
+
+    max_prompt_chars: int = 32_000
+    max_new_tokens: int = 1024
+    max_n: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """Return the limits configured in ``settings``."""
+        return cls(
+            max_prompt_chars=settings.max_prompt_chars,
+            max_new_tokens=settings.max_new_tokens_limit,
+            max_n=settings.max_n,
+        )
+
+
+class CompletionRequest(BaseModel):
+    """One completion job as submitted. Unknown fields are refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(strict=True)
+    model: str | None = Field(default=None, strict=True, min_length=1, max_length=255)
+    max_new_tokens: int = Field(default=16, strict=True, ge=1)
+    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(default=0, strict=True, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    n: int = Field(default=1, strict=True, ge=1)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(default=None, strict=True, ge=0, lt=2**63)
+    idempotency_key: str | None = Field(default=None, strict=True, min_length=1, max_length=255)
+    priority: int = Field(default=0, strict=True, ge=0, le=9)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _decode_prompt(cls, value: Any) -> Any:
+        if isinstance(value, bytes | bytearray):
+            try:
+                return bytes(value).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError("must be valid UTF-8") from exc
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty or whitespace only")
+        _check_text(value)
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item:
+                raise ValueError("must not contain empty strings")
+            _check_text(item)
+        return value
+
+    @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
+    @classmethod
+    def _no_bool_or_str(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number, got {type(value).__name__}")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """Return the generation parameters stored in ``jobs.params``."""
+        return self.model_dump(
+            include={
+                "max_new_tokens", "temperature", "top_p", "top_k",
+                "repetition_penalty", "n", "stop", "seed",
+            }
+        )  # fmt: skip
+
+
+def _check_text(value: str) -> None:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL bytes")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid UTF-8 (it holds a lone surrogate)") from exc
+
+
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+_TYPES = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "list_type": "a list of strings",
+    "finite_number": "a finite number",
+}
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "request"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(error: Any) -> str:
+    field = _field_name(tuple(error["loc"]))
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind in _BOUNDS:
+        op, key = _BOUNDS[kind]
+        bound = ctx[key]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"{field} must be {op} {bound}, got {_short(value)}"
+    if kind in _TYPES:
+        return f"{field} must be {_TYPES[kind]}, got {type(value).__name__} {_short(value)}"
+    if kind == "extra_forbidden":
+        return f"{field} is not a known parameter"
+    if kind == "missing":
+        return f"{field} is required"
+    if kind in ("too_long", "string_too_long"):
+        unit = "items" if kind == "too_long" else "characters"
+        return f"{field} must have at most {ctx.get('max_length')} {unit}"
+    if kind == "string_too_short":
+        return f"{field} must have at least {ctx.get('min_length')} characters"
+    if kind == "value_error":
+        return f"{field} {ctx.get('error', error['msg'])!s}"
+    return f"{field}: {error['msg']}"
+
+
+def validate_request(
+    data: Mapping[str, Any] | CompletionRequest, limits: Limits
+) -> CompletionRequest:
+    """Return ``data`` as a valid request, or raise :class:`ValidationError` naming the field."""
+    if isinstance(data, CompletionRequest):
+        request = data
+    else:
+        if not isinstance(data, Mapping):
+            raise ValidationError(
+                f"request must be an object of parameters, got {type(data).__name__}",
+                field="request",
+            )
+        try:
+            request = CompletionRequest.model_validate(dict(data))
+        except pydantic.ValidationError as exc:
+            errors = exc.errors()
+            message = "; ".join(_describe(e) for e in errors)
+            raise ValidationError(message, field=_field_name(tuple(errors[0]["loc"]))) from None
+    checks = (
+        ("prompt", len(request.prompt), limits.max_prompt_chars, "characters long"),
+        ("max_new_tokens", request.max_new_tokens, limits.max_new_tokens, ""),
+        ("n", request.n, limits.max_n, ""),
+    )
+    for field, value, bound, unit in checks:
+        if value > bound:
+            what = f"at most {bound} {unit}".rstrip() if unit else f"<= {bound}"
+            raise ValidationError(f"{field} must be {what}, got {value}", field=field)
+    return request

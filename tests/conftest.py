@@ -1,0 +1,127 @@
+"""Session fixtures: a real redis-server, a real PostgreSQL cluster, the tiny model,
+and real worker processes per database backend."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import delete
+
+from completion_queue.local import WorkerProcess
+from completion_queue.redis_server import EmbeddedRedis
+from completion_queue.settings import Settings
+from db.engine import make_engine, make_session_factory
+from db.migrate import upgrade
+from db.models import JobRow
+from producer.cli import worker_env
+from producer.client import CompletionClient
+from tests.services import PostgresCluster
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2-style model, built once per session."""
+    from workers.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A real redis-server on a free port."""
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL cluster on a free port."""
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+def new_database(backend: str, request: pytest.FixtureRequest, tmp: Path) -> str:
+    """Create an empty, migrated database on ``backend``; return its URL."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp / f'cq-{uuid.uuid4().hex[:8]}.db'}"
+    else:
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        url = cluster.create_database(f"cq_{uuid.uuid4().hex[:12]}")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, migrated database on each backend."""
+    return new_database(request.param, request, tmp_path)
+
+
+@dataclass
+class Stack:
+    """A running pipeline: broker, database, one worker process, and their settings."""
+
+    backend: str
+    settings: Settings
+    worker: WorkerProcess
+    redis: redis.Redis
+
+    def client(self) -> CompletionClient:
+        """Return a new client on this stack."""
+        return CompletionClient(settings=self.settings)
+
+
+_REDIS_DB = {"sqlite": 1, "postgresql": 2}
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def stack(
+    request: pytest.FixtureRequest,
+    redis_server: EmbeddedRedis,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """One worker process with the tiny model per backend (each on its own Redis db)."""
+    backend = request.param
+    tmp = tmp_path_factory.mktemp(f"stack-{backend}")
+    broker = f"redis://127.0.0.1:{redis_server.port}/{_REDIS_DB[backend]}"
+    settings = Settings(
+        broker_url=broker,
+        database_url=new_database(backend, request, tmp),
+        data_dir=tmp,
+        model=str(tiny_model),
+        batch_size=16,
+        batch_wait_ms=20,
+    )
+    worker = WorkerProcess(worker_env(settings), tmp / "worker.log").start().wait_ready()
+    client = redis.Redis.from_url(broker)
+    yield Stack(backend=backend, settings=settings, worker=worker, redis=client)
+    worker.stop()
+    client.close()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[CompletionClient]:
+    """A client on a clean database (every row deleted before the test)."""
+    engine = make_engine(stack.settings.resolved_database_url())
+    with make_session_factory(engine).begin() as session:
+        session.execute(delete(JobRow))
+    engine.dispose()
+    with stack.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: Path) -> object:
+    """The tiny model loaded in the test process, for direct ``generate`` comparisons."""
+    from tests.reference import Reference
+
+    return Reference(tiny_model)

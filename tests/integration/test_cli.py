@@ -1,0 +1,78 @@
+"""The cq command line, run as a user runs it, against the live stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from producer.cli import cli, worker_env
+from tests.conftest import Stack
+
+
+def cq(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **worker_env(stack.settings)}
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_every_command_has_help() -> None:
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    names = [[]] + [[name] for name in cli.commands] + [["db", "upgrade"], ["model", "make-tiny"]]
+    for name in names:
+        result = runner.invoke(cli, [*name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+        assert "Usage: " in result.output
+
+
+def test_submit_wait_status_list_cancel(stack: Stack, client: object) -> None:
+    done = json.loads(cq(stack, "submit", "Once upon a time", "--max-new-tokens", "5",
+                         "--temperature", "0", "--wait").stdout)  # fmt: skip
+    assert done["status"] == "succeeded" and done["completion_tokens"] == 5
+    status = json.loads(cq(stack, "status", done["id"]).stdout)
+    assert status["choices"] == done["choices"]
+    assert done["id"][:8] in cq(stack, "list", "--status", "succeeded").stdout
+    cancelled = json.loads(cq(stack, "cancel", done["id"]).stdout)
+    assert cancelled["status"] == "succeeded"  # finished jobs stay as they are
+
+
+def test_bad_parameter_is_refused_with_its_name(stack: Stack, client: object) -> None:
+    done = cq(stack, "submit", "hi", "--top-p", "2", check=False)
+    assert done.returncode == 2
+    assert "top_p must be <= 1, got 2.0" in done.stderr
+
+
+def test_submit_file_then_results(stack: Stack, client: object, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"prompt": f"line {i}", "max_new_tokens": 3}) + "\n"
+                            for i in range(5)))  # fmt: skip
+    out = cq(stack, "submit", "--file", str(jobs), "--wait", "60").stdout
+    batch = out.split("batch id: ")[1].split()[0]
+    results = tmp_path / "out.jsonl"
+    assert "wrote 5 jobs" in cq(stack, "results", "--batch", batch, "--out", str(results)).stdout
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [f"line {i}" for i in range(5)]
+    assert {r["status"] for r in rows} == {"succeeded"}
+
+
+@pytest.mark.parametrize("line", ['{"prompt": ""}', "not json"])
+def test_bad_file_line_writes_nothing(
+    stack: Stack, client: object, tmp_path: Path, line: str
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "fine"}\n' + line + "\n")
+    done = cq(stack, "submit", "--file", str(jobs), check=False)
+    assert done.returncode == 2
+    assert "prompt" in done.stderr or "line 2" in done.stderr
+    assert client.list() == []  # type: ignore[attr-defined]

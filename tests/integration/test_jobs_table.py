@@ -1,0 +1,97 @@
+"""State transitions on real SQLite and PostgreSQL: exactly one result per job."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import inspect
+
+from db.engine import make_engine, make_session_factory
+from db.jobs import (
+    Choice,
+    NewJob,
+    Outcome,
+    cancel_job,
+    claim_jobs,
+    create_jobs,
+    finish_jobs,
+    get_job,
+)
+from db.models import JobStatus
+
+
+def test_schema_comes_from_migrations(database_url: str) -> None:
+    engine = make_engine(database_url)
+    columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
+    assert columns >= {
+        "id", "status", "model", "prompt", "params", "choices", "prompt_tokens",
+        "completion_tokens", "error", "attempts", "worker", "priority", "idempotency_key",
+        "batch_id", "created_at", "started_at", "finished_at",
+    }  # fmt: skip
+    assert "alembic_version" in inspect(engine).get_table_names()
+    if database_url.startswith("sqlite"):
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+    engine.dispose()
+
+
+def test_results_are_written_once_by_the_attempt_holding_the_job(database_url: str) -> None:
+    sessions = make_session_factory(make_engine(database_url))
+    job = NewJob(model="m", prompt="p", params={"max_new_tokens": 2})
+    with sessions.begin() as s:
+        create_jobs(s, jobs=[job])
+    # Given two deliveries of the same message: the second claim takes over the job
+    with sessions.begin() as s:
+        first = claim_jobs(s, job_ids=[job.id], worker="w1")[0]
+    with sessions.begin() as s:
+        second = claim_jobs(s, job_ids=[job.id], worker="w2")[0]
+    assert (first.attempts, second.attempts) == (1, 2)
+    choice = Choice(text="late", finish_reason="length", completion_tokens=2)
+    # When the first attempt finishes late, it changes nothing
+    with sessions.begin() as s:
+        assert finish_jobs(s, outcomes=[Outcome(job.id, 1, JobStatus.SUCCEEDED, [choice], 1)]) == 0
+    win = Choice(text="win", finish_reason="length", completion_tokens=2)
+    with sessions.begin() as s:
+        assert finish_jobs(s, outcomes=[Outcome(job.id, 2, JobStatus.SUCCEEDED, [win], 1)]) == 1
+    # And a finished job is never claimed again
+    with sessions.begin() as s:
+        assert claim_jobs(s, job_ids=[job.id], worker="w3") == []
+        final = get_job(s, job_id=job.id)
+    assert final is not None
+    assert (final.status, final.text, final.worker, final.attempts) == (
+        JobStatus.SUCCEEDED, "win", "w2", 2,
+    )  # fmt: skip
+
+
+def test_cancelling_a_running_job_discards_its_result(database_url: str) -> None:
+    sessions = make_session_factory(make_engine(database_url))
+    jobs = [NewJob(model="m", prompt=f"p{i}", params={}) for i in range(3)]
+    with sessions.begin() as s:
+        create_jobs(s, jobs=jobs)
+        claimed = claim_jobs(s, job_ids=[j.id for j in jobs], worker="w")
+    assert all(j.status is JobStatus.RUNNING for j in claimed)
+    with sessions.begin() as s:
+        cancelled = cancel_job(s, job_id=jobs[1].id)
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    choice = Choice(text="t", finish_reason="length", completion_tokens=1)
+    with sessions.begin() as s:
+        finish_jobs(s, outcomes=[Outcome(j.id, 1, JobStatus.SUCCEEDED, [choice], 1) for j in jobs])
+        rows = [get_job(s, job_id=j.id) for j in jobs]
+    assert [r.status for r in rows if r] == [
+        JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.SUCCEEDED,
+    ]  # fmt: skip
+    assert rows[1] is not None and rows[1].choices == []
+    with sessions.begin() as s:
+        assert cancel_job(s, job_id=uuid.uuid4()) is None
+
+
+def test_idempotency_keys_are_unique(database_url: str) -> None:
+    sessions = make_session_factory(make_engine(database_url))
+    a = NewJob(model="m", prompt="a", params={}, idempotency_key="k")
+    b = NewJob(model="m", prompt="b", params={}, idempotency_key="k")
+    with sessions.begin() as s:
+        assert create_jobs(s, jobs=[a])[0][1] is True
+    with sessions.begin() as s:
+        ((existing, is_new),) = create_jobs(s, jobs=[b])
+    assert not is_new and existing.id == a.id and existing.prompt == "a"

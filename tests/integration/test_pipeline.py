@@ -1,0 +1,197 @@
+"""The whole path for real: client → redis-server → worker process → SQLite / PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from completion_queue.celery_app import create_app
+from completion_queue.constants import queue_name
+from completion_queue.errors import JobNotFound, JobTimeout, ValidationError
+from db.models import JobStatus
+from producer.client import CompletionClient
+from tests.conftest import Stack
+from tests.reference import Reference
+
+PROMPTS = [
+    "The queue takes a job and",
+    "Once upon a time",
+    "Question: what is the capital of France? Answer:",
+    "def add(a, b):",
+    "x",
+    "Numbers: zero one two three four five six seven eight nine ten eleven twelve",
+    "Dear team, thank you for your message.",
+    "Redis is an in-memory data store used as a database, cache and message broker.",
+    "The weather",
+    "She opened the door, looked at the sky,",
+]
+
+
+def test_greedy_jobs_equal_direct_generate(client: CompletionClient, reference: Reference) -> None:
+    # Given 50 greedy jobs of different prompts and lengths, submitted at once
+    requests = [
+        {"prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // 10), "max_new_tokens": 4 + i % 13,
+         "temperature": 0}
+        for i in range(50)
+    ]  # fmt: skip
+    jobs = client.submit_many(requests)
+    # When they run through the queue in micro-batches
+    done = client.wait(jobs, timeout=120)
+    # Then each text is, token for token, what a direct generate gives
+    for request, job in zip(requests, done, strict=True):
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        text, n_tokens = reference.greedy(request["prompt"], request["max_new_tokens"])
+        assert job.text == text
+        assert job.completion_tokens == n_tokens
+        assert job.choices[0].finish_reason == (
+            "length" if n_tokens == request["max_new_tokens"] else "stop"
+        )
+        assert job.attempts == 1
+        assert job.prompt_tokens and job.prompt_tokens > 0
+        assert (
+            job.started_at
+            and job.finished_at
+            and job.created_at <= job.started_at <= job.finished_at
+        )
+
+
+def test_seeded_sampling_repeats_whatever_the_batch(client: CompletionClient) -> None:
+    seeded = {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0.9, "seed": 1234}
+    alone = client.wait(client.submit(**seeded), timeout=60)
+    # The same request again, in a batch with 20 other sampled and greedy jobs
+    mates = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 30, "temperature": i % 2}
+             for i in range(20)]  # fmt: skip
+    crowd = client.wait(client.submit_many([*mates[:10], seeded, *mates[10:]]), timeout=60)
+    other_seed = client.wait(client.submit(**{**seeded, "seed": 99}), timeout=60)
+    assert alone.status is JobStatus.SUCCEEDED
+    assert crowd[10].text == alone.text
+    assert crowd[10].completion_tokens == alone.completion_tokens
+    assert other_seed.text != alone.text
+
+
+def test_stop_sequence_cuts_text_and_length_sets_finish_reason(
+    client: CompletionClient, reference: Reference
+) -> None:
+    prompt = "The queue takes a job and"
+    full, _ = reference.greedy(prompt, 20)
+    stop = full[6:9]
+    assert stop.strip(), f"greedy text too uniform for this test: {full!r}"
+    stopped = client.wait(
+        client.submit(prompt, max_new_tokens=20, temperature=0, stop=[stop, "never-seen-zzz"]),
+        timeout=60,
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.text == full[: full.index(stop)]
+    assert stop not in stopped.text
+    long = client.wait(client.submit(prompt, max_new_tokens=7, temperature=0), timeout=60)
+    assert long.choices[0].finish_reason == "length"
+    assert long.completion_tokens == 7
+
+
+def test_n_gives_n_choices(client: CompletionClient) -> None:
+    job = client.wait(client.submit("Once upon a time", n=3, max_new_tokens=10, seed=7), timeout=60)
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(job.choices) == 3
+    assert len({c.text for c in job.choices}) == 3
+    assert job.completion_tokens == sum(c.completion_tokens for c in job.choices)
+
+
+def test_cancelled_queued_job_never_runs(stack: Stack, client: CompletionClient) -> None:
+    queue = queue_name(stack.settings.model)
+    control = create_app(stack.settings).control
+    # Given a worker that stopped consuming its queue, and a job waiting there
+    assert control.cancel_consumer(queue, reply=True, timeout=5)
+    try:
+        job = client.submit("Once upon a time", max_new_tokens=5)
+        cancelled = client.cancel(job.id)
+    finally:
+        assert control.add_consumer(queue, reply=True, timeout=5)
+    # When the worker consumes again and a later job has run
+    sentinel = client.wait(client.submit("after", max_new_tokens=2), timeout=60)
+    assert sentinel.status is JobStatus.SUCCEEDED
+    # Then the cancelled job never ran
+    after = client.get(job.id)
+    assert cancelled.status is JobStatus.CANCELLED
+    assert after.status is JobStatus.CANCELLED
+    assert after.choices == [] and after.attempts == 0 and after.started_at is None
+
+
+def test_idempotent_resubmission_returns_the_same_job(client: CompletionClient) -> None:
+    first = client.submit("Once upon a time", max_new_tokens=4, idempotency_key="order-17")
+    again = client.submit("Once upon a time", max_new_tokens=4, idempotency_key="order-17")
+    batch = client.submit_many(
+        [{"prompt": "other", "idempotency_key": "order-17"}, {"prompt": "new", "max_new_tokens": 2}]
+    )
+    assert again.id == first.id
+    assert batch[0].id == first.id
+    assert batch[0].prompt == "Once upon a time"
+    client.wait([first, batch[1]], timeout=60)
+    assert len(client.list()) == 2
+
+
+INVALID = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   \n"}, "prompt"),
+    ({"prompt": "x" * 40_000}, "prompt"),
+    ({"prompt": "nul\x00byte"}, "prompt"),
+    ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 10**6}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": "12"}, "max_new_tokens"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "top_k": -1}, "top_k"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 1000}, "n"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "seed": 1.5}, "seed"),
+    ({"prompt": "x", "priority": 10}, "priority"),
+    ({"prompt": "x", "best_of": 2}, "best_of"),
+]
+
+
+@pytest.mark.parametrize(("request_", "field"), INVALID, ids=[f for _, f in INVALID])
+def test_invalid_request_is_refused_naming_the_field(
+    stack: Stack, client: CompletionClient, request_: dict[str, object], field: str
+) -> None:
+    unserved = {"model": "nobody-serves-this", **request_}
+    with pytest.raises(ValidationError) as info:
+        client.submit(**unserved)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert re.search(rf"\b{field}\b", str(info.value))
+    # And in a batch with valid requests, nothing at all is written or queued
+    with pytest.raises(ValidationError, match=rf"requests\[1\]: {field}"):
+        client.submit_many([{"prompt": "ok", "model": "nobody-serves-this"}, unserved])
+    assert client.list() == []
+    assert stack.redis.keys(queue_name("nobody-serves-this") + "*") == []
+
+
+def test_model_is_loaded_once_across_100_jobs(stack: Stack, client: CompletionClient) -> None:
+    jobs = client.submit_many(
+        [{"prompt": f"job {i}", "max_new_tokens": 3, "temperature": 0} for i in range(100)]
+    )
+    done = client.wait(jobs, timeout=120)
+    assert all(job.status is JobStatus.SUCCEEDED for job in done)
+    assert len({job.worker for job in done}) == 1
+    loads = re.findall(r"loaded model .* \[load #(\d+) in pid (\d+)\]", stack.worker.log_text())
+    assert loads == [("1", str(stack.worker.pid))]
+    assert stack.worker.alive()
+
+
+def test_reading_jobs(client: CompletionClient) -> None:
+    jobs = client.submit_many([{"prompt": "a", "max_new_tokens": 2}] * 3, batch_id="batch-7")
+    client.wait(jobs, timeout=60)
+    listed = client.list(batch_id="batch-7")
+    assert {j.id for j in listed} == {j.id for j in jobs}
+    assert client.list(status="succeeded", batch_id="batch-7", limit=2).__len__() == 2
+    assert client.list(status=JobStatus.FAILED) == []
+    with pytest.raises(JobNotFound):
+        client.get("00000000-0000-0000-0000-000000000000")
+    with pytest.raises(ValidationError, match="status must be one of"):
+        client.list(status="done")
+    stuck = client.submit("nobody runs me", model="nobody-serves-this")
+    with pytest.raises(JobTimeout, match="1 of 1 job"):
+        client.wait(stuck, timeout=0.3)

@@ -1,0 +1,93 @@
+"""The worker side of the Celery app: the batched task and the model's start hook."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from celery import Celery, signals
+from celery_batches import Batches, SimpleRequest
+
+from completion_queue.celery_app import create_app, resolve_broker_url
+from completion_queue.constants import TASK_GENERATE, TINY_MODEL_NAME, WORKER_READY_LINE
+from completion_queue.errors import FatalModelError
+from completion_queue.settings import Settings, redact_url
+from db.engine import make_engine, make_session_factory
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState:
+    """What one worker process holds: the resident model and the batch runner."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runner: Any = None
+
+    def start(self) -> None:
+        """Load the model once, warm it up and connect to the database."""
+        from workers.model import ModelRuntime
+        from workers.runner import BatchRunner
+        from workers.tiny import ensure_tiny_model
+
+        settings = self.settings
+        path = settings.model_path()
+        if settings.model == TINY_MODEL_NAME:
+            ensure_tiny_model(path)
+        runtime = ModelRuntime(path, device=settings.device, dtype=settings.dtype)
+        runtime.warm_up()
+        engine = make_engine(settings.resolved_database_url())
+        self.runner = BatchRunner(
+            runtime, make_session_factory(engine), max_rows=settings.batch_size
+        )
+        log.info(
+            "serving model %s on %s, batch size %d, batch wait %d ms, database %s",
+            settings.model, runtime.device, settings.batch_size, settings.batch_wait_ms,
+            redact_url(settings.resolved_database_url()),
+        )  # fmt: skip
+
+    def run(self, requests: list[SimpleRequest]) -> None:
+        """Run one micro-batch of task requests (task id = job id)."""
+        if self.runner is None:
+            raise RuntimeError("worker model is not loaded (worker_process_init did not run)")
+        try:
+            self.runner.run([r.id for r in requests], worker=requests[0].hostname or "")
+        except FatalModelError:
+            # The model is unusable: exit without acking, so the messages are redelivered
+            # and the supervisor starts a fresh process.
+            log.critical("fatal model error; exiting", exc_info=True)
+            sys.stderr.flush()
+            os._exit(70)
+
+
+def create_worker_app(settings: Settings, broker_url: str | None = None) -> Celery:
+    """Return the Celery app for a worker serving ``settings.model``."""
+    app = create_app(settings, broker_url or resolve_broker_url(settings))
+    # One process holds the model; nothing forks after CUDA starts.
+    app.conf.worker_pool = "solo"
+    app.conf.worker_concurrency = 1
+    state = WorkerState(settings)
+
+    @signals.worker_process_init.connect(weak=False)
+    def _load_model(**_: Any) -> None:
+        state.start()
+
+    @signals.worker_ready.connect(weak=False)
+    def _announce(sender: Any = None, **_: Any) -> None:
+        log.info("%s: %s", WORKER_READY_LINE, getattr(sender, "hostname", ""))
+
+    @app.task(
+        base=Batches,
+        name=TASK_GENERATE,
+        flush_every=settings.batch_size,
+        flush_interval=max(settings.batch_wait_ms, 1) / 1000,
+        acks_late=True,
+        ignore_result=True,
+    )
+    def generate(requests: list[SimpleRequest]) -> None:
+        state.run(requests)
+
+    app.cq_state = state
+    return app

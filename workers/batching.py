@@ -1,0 +1,68 @@
+"""Micro-batch planning: which claimed jobs share one ``generate`` call.
+
+Pure logic, no torch. Every sampling parameter is applied per row by the model
+runtime, so any jobs may share a call; what grouping buys is less padding and
+less waiting for the longest request, so rows are grouped by token budget and
+prompt length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One job as the model runtime sees it: token ids and sampling parameters."""
+
+    key: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (temperature 0, as in OpenAI's API)."""
+        return self.temperature == 0.0
+
+
+def plan_groups(
+    requests: Sequence[GenerationRequest], *, max_rows: int
+) -> list[list[GenerationRequest]]:
+    """Split ``requests`` into groups of at most ``max_rows`` rows (a job counts ``n`` rows).
+
+    Requests are ordered by token budget, then prompt length, so each group pads
+    little and stops near the same step. Every request lands in exactly one group.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    ordered = sorted(requests, key=lambda r: (r.max_new_tokens, len(r.prompt_ids)))
+    groups: list[list[GenerationRequest]] = []
+    current: list[GenerationRequest] = []
+    rows = 0
+    for request in ordered:
+        if current and rows + request.n > max_rows:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(request)
+        rows += request.n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Return ``text`` cut before the earliest stop string, and whether one was found."""
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if 0 <= index < cut:
+            cut = index
+    return text[:cut], cut < len(text)

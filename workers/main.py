@@ -1,0 +1,35 @@
+"""``cq worker``: run one worker process serving one model from its queue."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from completion_queue.celery_app import resolve_broker_url
+from completion_queue.constants import queue_name
+from completion_queue.settings import Settings
+from workers.app import create_worker_app
+
+
+def run_worker(settings: Settings, *, hostname: str | None = None) -> None:
+    """Run a worker in the foreground until it is stopped (SIGTERM: warm shutdown)."""
+    broker_url = resolve_broker_url(settings)
+    app = create_worker_app(settings, broker_url)
+    nodename = hostname or f"cq{os.getpid()}@{socket.gethostname()}"
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            f"--queues={queue_name(settings.model)}",
+            f"--hostname={nodename}",
+            f"--loglevel={settings.log_level}",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
+
+
+def main() -> None:
+    """Entry point of ``python -m workers``: settings from ``CQ_*`` only."""
+    run_worker(Settings())

@@ -1,0 +1,305 @@
+"""The resident model: load once, warm up, and run one batched ``generate`` per group.
+
+Sampling is done per row by :class:`RowSampler`, a logits processor that draws
+each row's token from that row's own seeded generator and hands ``generate`` a
+one-hot choice (so ``generate`` itself runs greedy). That keeps a seeded job's
+text the same whatever its batch-mates, and lets jobs with different
+temperatures, top-p, top-k and repetition penalties share one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from completion_queue.errors import ConfigError, FatalModelError, ModelError
+from db.jobs import Choice
+from workers.batching import GenerationRequest, cut_at_stop
+
+log = logging.getLogger(__name__)
+
+#: How many times a model was loaded in this process (the tests assert it stays 1).
+LOAD_COUNT = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """What one request produced: its choices and its prompt's token count."""
+
+    choices: list[Choice]
+    prompt_tokens: int
+
+
+def resolve_device(device: str) -> torch.device:
+    """Return the torch device for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device must be auto, cpu or cuda:N, got {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Return the dtype: ``auto`` is bf16 (or fp16) on CUDA and fp32 on CPU."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ConfigError(f"dtype must be one of auto, {', '.join(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+class RowSampler(LogitsProcessor):  # type: ignore[misc]
+    """Choose each row's next token with that row's own parameters and generator."""
+
+    def __init__(
+        self,
+        rows: Sequence[GenerationRequest],
+        generators: Sequence[torch.Generator],
+        prompt_starts: torch.Tensor,
+        device: torch.device,
+    ) -> None:
+        self.greedy = torch.tensor([r.greedy for r in rows], device=device)
+        self.all_greedy = bool(all(r.greedy for r in rows))
+        self.temperature = torch.tensor(
+            [1.0 if r.greedy else r.temperature for r in rows], device=device
+        )
+        self.top_p = torch.tensor([r.top_p for r in rows], device=device)
+        self.top_k = torch.tensor([r.top_k for r in rows], device=device, dtype=torch.long)
+        self.penalty = torch.tensor([r.repetition_penalty for r in rows], device=device)
+        self.any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
+        self.generators = generators
+        self.prompt_starts = prompt_starts
+
+    def __call__(self, input_ids: torch.Tensor, raw_scores: torch.Tensor) -> torch.Tensor:
+        scores = raw_scores.float()
+        vocab = scores.shape[-1]
+        if self.any_penalty:
+            scores = self._penalize(input_ids, scores)
+        token = scores.argmax(dim=-1)
+        if not self.all_greedy:
+            token = torch.where(self.greedy, token, self._sample(scores))
+        chosen = torch.full_like(scores, float("-inf"))
+        chosen.scatter_(1, token[:, None], 0.0)
+        return chosen[:, :vocab]
+
+    def _penalize(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        real = positions[None, :] >= self.prompt_starts[:, None]  # left padding is not text
+        ids = input_ids.masked_fill(~real, vocab)
+        seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        seen.scatter_(1, ids, True)
+        seen = seen[:, :vocab] & (self.penalty != 1.0)[:, None]
+        penalty = self.penalty[:, None]
+        penalized = torch.where(scores > 0, scores / penalty, scores * penalty)
+        return torch.where(seen, penalized, scores)
+
+    def _sample(self, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        logits = scores / self.temperature[:, None]
+        sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=scores.device)
+        top_k = torch.where(self.top_k > 0, self.top_k, vocab)
+        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > self.top_p[:, None], 0.0)
+        cdf = probs.cumsum(dim=-1)
+        uniform = (
+            torch.stack(
+                [torch.rand((), generator=g, device=scores.device) for g in self.generators]
+            )
+            * cdf[:, -1]
+        )
+        last_kept = (probs > 0).sum(dim=-1) - 1
+        index = torch.minimum((cdf < uniform[:, None]).sum(dim=-1), last_kept)
+        return sorted_ids.gather(1, index[:, None]).squeeze(1)
+
+
+class RowStops(StoppingCriteria):  # type: ignore[misc]
+    """Mark a row done when it used its own token budget or produced one of its stops."""
+
+    def __init__(
+        self,
+        rows: Sequence[GenerationRequest],
+        prompt_len: int,
+        tokenizer: Any,
+        device: torch.device,
+    ) -> None:
+        self.prompt_len = prompt_len
+        self.budgets = torch.tensor([r.max_new_tokens for r in rows], device=device)
+        self.tokenizer = tokenizer
+        self.stop_rows = [i for i, r in enumerate(rows) if r.stop]
+        self.stops = {i: rows[i].stop for i in self.stop_rows}
+        # A stop of c characters spans at most 4c byte-level tokens.
+        self.window = 4 * max((len(s) for r in rows for s in r.stop), default=0) + 1
+        self.device = device
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_len
+        done = self.budgets <= generated
+        if self.stop_rows:
+            start = max(self.prompt_len, input_ids.shape[1] - self.window)
+            tails = input_ids[self.stop_rows, start:].tolist()
+            hits = [
+                row
+                for row, tail in zip(self.stop_rows, tails, strict=True)
+                if any(
+                    s in self.tokenizer.decode(tail, skip_special_tokens=True)
+                    for s in self.stops[row]
+                )
+            ]
+            if hits:
+                done[hits] = True
+        return done  # type: ignore[return-value]
+
+
+class ModelRuntime:
+    """A causal LM and its tokenizer, loaded once and kept resident in this process."""
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto") -> None:
+        global LOAD_COUNT
+        started = time.perf_counter()
+        self.name = model
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = eos if eos is not None else 0
+        self.eos_id: int | None = eos
+        self.pad_id: int = pad
+        config = self.model.config
+        self.context_length: int = int(
+            getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None)
+            or self.tokenizer.model_max_length
+        )
+        self._ready = False
+        LOAD_COUNT += 1
+        self.load_s = time.perf_counter() - started
+        log.info(
+            "loaded model %s on %s (%s) in %.2fs [load #%d in pid %d]",
+            model, self.device, self.dtype, self.load_s, LOAD_COUNT, os.getpid(),
+        )  # fmt: skip
+
+    @property
+    def ready(self) -> bool:
+        """True once the model has been warmed up and can serve."""
+        return self._ready
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Return the token ids of each prompt."""
+        encoded = self.tokenizer(list(prompts), add_special_tokens=False)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def warm_up(self) -> None:
+        """Run one small generation so the first real batch pays no start-up cost."""
+        ids = self.encode(["Hello, world"])[0] or [self.pad_id]
+        self.generate([GenerationRequest(key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2)])
+        self._ready = True
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run ``requests`` in one left-padded ``generate`` call; results in the same order."""
+        if not requests:
+            return []
+        rows = [r for r in requests for _ in range(r.n)]
+        generators = [self._generator(r.seed, choice) for r in requests for choice in range(r.n)]
+        prompt_len = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), prompt_len), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), prompt_len), dtype=torch.long)
+        for i, row in enumerate(rows):
+            length = len(row.prompt_ids)
+            input_ids[i, prompt_len - length :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            attention[i, prompt_len - length :] = 1
+        starts = prompt_len - attention.sum(dim=1)
+        max_new = max(r.max_new_tokens for r in rows)
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            use_cache=True,
+        )
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList(
+                        [RowSampler(rows, generators, starts.to(self.device), self.device)]
+                    ),
+                    stopping_criteria=StoppingCriteriaList(
+                        [RowStops(rows, prompt_len, self.tokenizer, self.device)]
+                    ),
+                )
+        except RuntimeError as exc:
+            if "CUDA error" in str(exc):
+                raise FatalModelError(f"CUDA failure in generate: {exc}") from exc
+            raise ModelError(f"generate failed: {exc}") from exc
+        generated = output[:, prompt_len:].tolist()
+        choices = [self._choice(row, tokens) for row, tokens in zip(rows, generated, strict=True)]
+        results: list[GenerationResult] = []
+        offset = 0
+        for request in requests:
+            results.append(
+                GenerationResult(
+                    choices=choices[offset : offset + request.n],
+                    prompt_tokens=len(request.prompt_ids),
+                )
+            )
+            offset += request.n
+        return results
+
+    def _generator(self, seed: int | None, choice: int) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.manual_seed(secrets.randbits(63))
+        else:
+            # Each choice of a seeded job gets its own stream, fixed by (seed, choice).
+            generator.manual_seed((seed * 1_000_003 + choice) % (2**63))
+        return generator
+
+    def _choice(self, row: GenerationRequest, tokens: list[int]) -> Choice:
+        tokens = tokens[: row.max_new_tokens]
+        finish = "length"
+        for i, token in enumerate(tokens):
+            if token == self.eos_id or token == self.pad_id:
+                tokens, finish = tokens[:i], "stop"
+                break
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if row.stop:
+            text, found = cut_at_stop(text, row.stop)
+            if found:
+                finish = "stop"
+        return Choice(text=text, finish_reason=finish, completion_tokens=len(tokens))

@@ -1,0 +1,11 @@
+"""Start edge for the plain Celery form: ``celery -A workers.serve worker``.
+
+Settings are read from ``CQ_*`` here, once, because this module is the edge.
+"""
+
+from __future__ import annotations
+
+from completion_queue.settings import Settings
+from workers.app import create_worker_app
+
+app = create_worker_app(Settings())
