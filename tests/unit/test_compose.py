@@ -45,5 +45,10 @@ def test_worker_reserves_a_gpu_and_redis_persists() -> None:
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert "--appendonly" in services["redis"]["command"]
-    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
-    assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert (
+        services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1]
+        == "yes"
+    )
+    assert (
+        services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    )
