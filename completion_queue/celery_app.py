@@ -67,8 +67,8 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         # Ack after the batch's results are committed; requeue if the worker dies.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Enough prefetch for a full batch plus the next one forming.
-        worker_prefetch_multiplier=max(1, 2 * settings.batch_size),
+        # Enough prefetch for the flush running plus the next one forming.
+        worker_prefetch_multiplier=2 * settings.batch_size * settings.batch_lookahead,
         task_default_queue=queue_name(settings.model),
     )
     return app

@@ -16,8 +16,11 @@ TINY_MODEL_NAME = "tiny-gpt2"
 #: Data directory for the embedded defaults (SQLite file, Redis data, models).
 DEFAULT_DATA_DIR = ".cq"
 
-#: Printed by a worker once its model is loaded and it consumes its queue.
+#: Logged by a worker's pool process once its model is loaded and warmed up.
 WORKER_READY_LINE = "cq worker ready"
+
+#: Logged by a worker's main process once it consumes its queue.
+WORKER_CONSUMING_LINE = "cq worker consuming"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:/@-]")
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from completion_queue.constants import WORKER_READY_LINE
+from completion_queue.constants import WORKER_CONSUMING_LINE, WORKER_READY_LINE
 from completion_queue.errors import CompletionError
 
 
@@ -58,7 +58,8 @@ class WorkerProcess:
         assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if WORKER_READY_LINE in self.log_text():
+            text = self.log_text()
+            if WORKER_READY_LINE in text and WORKER_CONSUMING_LINE in text:
                 return self
             if self.process.poll() is not None:
                 raise CompletionError(
@@ -69,6 +70,10 @@ class WorkerProcess:
         raise CompletionError(
             f"worker not ready after {timeout_s}s; last log lines:\n{_tail(self.log_text())}"
         )
+
+    def pool_pids(self) -> list[int]:
+        """The worker's pool processes: the one that holds the model (Linux /proc)."""
+        return child_pids(self.pid)
 
     def alive(self) -> bool:
         """True while the process runs."""
@@ -97,6 +102,20 @@ class WorkerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Return the ids of the child processes of ``pid`` (Linux /proc)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
+
+
+def rss_mb(pid: int) -> float:
+    """Return the resident memory of process ``pid`` in MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _tail(text: str, lines: int = 20) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
@@ -30,7 +31,21 @@ class Settings(BaseSettings):
     dtype: str = Field(
         default="auto", description="Worker dtype: auto, float32, float16, bfloat16."
     )
+    engine: Literal["static", "continuous"] = Field(
+        default="static", description="Worker engine: static batches or continuous batching."
+    )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads for torch in a worker (0: all cores but one on CPU).",
+    )
     batch_size: int = Field(default=32, ge=1, le=1024, description="Jobs per micro-batch.")
+    batch_lookahead: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Batches' worth of jobs a worker takes at once, to group by length.",
+    )
     batch_wait_ms: int = Field(
         default=50, ge=0, le=60_000, description="Longest wait to fill a micro-batch."
     )

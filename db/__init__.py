@@ -14,6 +14,7 @@ from db.jobs import (
     finish_jobs,
     get_job,
     get_jobs,
+    get_unfinished_jobs,
     list_jobs,
 )
 from db.migrate import upgrade
@@ -41,5 +42,6 @@ __all__ = [
     "finish_jobs",
     "get_job",
     "get_jobs",
+    "get_unfinished_jobs",
     "list_jobs",
 ]

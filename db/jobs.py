@@ -255,6 +255,15 @@ def get_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUI
     return {row.id: Job.from_row(row) for row in rows}
 
 
+def get_unfinished_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> list[Job]:
+    """Return the queued or running jobs among ``job_ids``, in the order given."""
+    rows = session.scalars(
+        select(JobRow).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
+    )
+    by_id = {row.id: Job.from_row(row) for row in rows}
+    return [by_id[i] for i in job_ids if i in by_id]
+
+
 def count_unfinished(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
     """Return how many of ``job_ids`` are still queued or running."""
     stmt = select(func.count()).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))

@@ -150,6 +150,32 @@ def worker(
     run_worker(_migrated(settings), hostname=hostname)
 
 
+@cli.command()
+@click.option("--jobs", default=1024, show_default=True, help="Jobs in the uniform workload.")
+@click.option("--new-tokens", default=32, show_default=True, help="max_new_tokens per job.")
+@click.option("--batch-size", default=32, show_default=True, help="Worker (and raw) batch size.")
+@click.option("--model", default=None, help="Model to run [default: CQ_MODEL].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Also run with this many workers.")
+@click.option("--engine", type=click.Choice(["static", "continuous"]), default="static",
+              show_default=True, help="Worker engine.")  # fmt: skip
+@click.option("--mixed-jobs", default=512, show_default=True, help="Jobs in the mixed workload.")
+@click.option("--batch-lookahead", default=8, show_default=True,
+              help="Batches' worth of jobs a worker takes at once.")  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the figures to this JSON file.")  # fmt: skip
+def bench(json_path: Path | None, model: str | None, **options: Any) -> None:
+    """Measure the pipeline against direct generate and bare Celery, in one run."""
+    from bench.report import print_report
+    from bench.run import BenchConfig, run_bench
+
+    config = BenchConfig(model=model or _settings().model, **options)
+    figures = run_bench(config, progress=lambda line: click.echo(f"- {line}", err=True))
+    print_report(figures)
+    if json_path is not None:
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")
+
+
 # -- jobs -------------------------------------------------------------------------
 
 

@@ -8,13 +8,19 @@ import sys
 from typing import Any
 
 from celery import Celery, signals
-from celery_batches import Batches, SimpleRequest
+from celery_batches import SimpleRequest
 
 from completion_queue.celery_app import create_app, resolve_broker_url
-from completion_queue.constants import TASK_GENERATE, TINY_MODEL_NAME, WORKER_READY_LINE
+from completion_queue.constants import (
+    TASK_GENERATE,
+    TINY_MODEL_NAME,
+    WORKER_CONSUMING_LINE,
+    WORKER_READY_LINE,
+)
 from completion_queue.errors import FatalModelError
 from completion_queue.settings import Settings, redact_url
 from db.engine import make_engine, make_session_factory
+from workers.batches import ModelBatches
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,9 @@ class WorkerState:
         path = settings.model_path()
         if settings.model == TINY_MODEL_NAME:
             ensure_tiny_model(path)
-        runtime = ModelRuntime(path, device=settings.device, dtype=settings.dtype)
+        runtime = ModelRuntime(
+            path, device=settings.device, dtype=settings.dtype, threads=settings.torch_threads
+        )
         runtime.warm_up()
         engine = make_engine(settings.resolved_database_url())
         self.runner = BatchRunner(
@@ -65,23 +73,26 @@ class WorkerState:
 def create_worker_app(settings: Settings, broker_url: str | None = None) -> Celery:
     """Return the Celery app for a worker serving ``settings.model``."""
     app = create_app(settings, broker_url or resolve_broker_url(settings))
-    # One process holds the model; nothing forks after CUDA starts.
-    app.conf.worker_pool = "solo"
+    # One pool process holds the model and generates while the main process keeps
+    # receiving and acking messages. The main process never imports torch, so the
+    # pool forks before CUDA starts.
+    app.conf.worker_pool = "prefork"
     app.conf.worker_concurrency = 1
     state = WorkerState(settings)
 
     @signals.worker_process_init.connect(weak=False)
     def _load_model(**_: Any) -> None:
         state.start()
+        log.info("%s: model loaded and warmed up in pid %d", WORKER_READY_LINE, os.getpid())
 
     @signals.worker_ready.connect(weak=False)
     def _announce(sender: Any = None, **_: Any) -> None:
-        log.info("%s: %s", WORKER_READY_LINE, getattr(sender, "hostname", ""))
+        log.info("%s: %s", WORKER_CONSUMING_LINE, getattr(sender, "hostname", ""))
 
     @app.task(
-        base=Batches,
+        base=ModelBatches,
         name=TASK_GENERATE,
-        flush_every=settings.batch_size,
+        flush_every=settings.batch_size * settings.batch_lookahead,
         flush_interval=max(settings.batch_wait_ms, 1) / 1000,
         acks_late=True,
         ignore_result=True,

@@ -19,7 +19,7 @@ def run_worker(settings: Settings, *, hostname: str | None = None) -> None:
     app.worker_main(
         [
             "worker",
-            "--pool=solo",
+            "--pool=prefork",
             "--concurrency=1",
             f"--queues={queue_name(settings.model)}",
             f"--hostname={nodename}",

@@ -182,12 +182,18 @@ class RowStops(StoppingCriteria):  # type: ignore[misc]
 class ModelRuntime:
     """A causal LM and its tokenizer, loaded once and kept resident in this process."""
 
-    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self, model: str, *, device: str = "auto", dtype: str = "auto", threads: int = 0
+    ) -> None:
         global LOAD_COUNT
         started = time.perf_counter()
         self.name = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if threads or self.device.type == "cpu":
+            # On CPU, leave a core to the worker's main process (it receives and acks
+            # messages meanwhile): OpenMP threads that wait for a busy core stall.
+            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
         self.model.to(self.device).eval()

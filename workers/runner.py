@@ -1,15 +1,23 @@
-"""One micro-batch, start to end: claim the jobs, generate, write every result at once."""
+"""One flush of messages, start to end: plan groups, then claim, generate and commit each.
+
+A flush holds up to ``batch_size * batch_lookahead`` jobs. They are read once,
+ordered by token budget and prompt length, and cut into groups of at most
+``batch_size`` rows. Each group is claimed (marked running) just before it runs,
+and its results are committed in the same transaction that claims the next
+group: one transaction per group.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue.errors import ContextLengthExceeded, FatalModelError
-from db.jobs import Job, Outcome, claim_jobs, finish_jobs
+from db.jobs import Job, Outcome, claim_jobs, finish_jobs, get_unfinished_jobs
 from db.models import JobStatus
 from workers.batching import GenerationRequest, plan_groups
 from workers.model import GenerationResult, ModelRuntime
@@ -40,7 +48,7 @@ def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
 
 
 class BatchRunner:
-    """Runs micro-batches of job ids against one resident model and one database."""
+    """Runs flushes of job ids against one resident model and one database."""
 
     def __init__(
         self, runtime: ModelRuntime, sessions: sessionmaker[Session], *, max_rows: int
@@ -50,22 +58,52 @@ class BatchRunner:
         self.max_rows = max_rows
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
-        """Claim, generate and commit one batch; return the outcomes written."""
-        ids = [uuid.UUID(job_id) for job_id in job_ids]
-        with self.sessions.begin() as session:
-            claimed = claim_jobs(session, job_ids=ids, worker=worker)
-        if not claimed:
+        """Run every unfinished job among ``job_ids``; return the outcomes written."""
+        with self.sessions() as session:
+            jobs = get_unfinished_jobs(session, job_ids=[uuid.UUID(i) for i in job_ids])
+        if not jobs:
             return []
-        outcomes = self.generate(claimed)
+        requests, rejected = self.plan(jobs)
+        outcomes: list[Outcome] = []
+        if rejected:
+            attempts = self._commit_and_claim([], [job.id for job, _ in rejected], worker)
+            outcomes = [
+                self._failed(job.id, attempts[str(job.id)], exc, None)
+                for job, exc in rejected
+                if str(job.id) in attempts
+            ]
+        written: list[Outcome] = []
+        for group in plan_groups(requests, max_rows=self.max_rows):
+            started = time.perf_counter()
+            attempts = self._commit_and_claim(outcomes, [uuid.UUID(r.key) for r in group], worker)
+            written += outcomes
+            # A job cancelled since the flush began is not claimed, and does not run.
+            live = [r for r in group if r.key in attempts]
+            claimed_at = time.perf_counter()
+            outcomes = self._generate(live, attempts)
+            log.debug(
+                "group of %d jobs (%d rows): database %.1f ms, generate %.1f ms",
+                len(live), sum(r.n for r in live), 1000 * (claimed_at - started),
+                1000 * (time.perf_counter() - claimed_at),
+            )  # fmt: skip
+        self._commit_and_claim(outcomes, [], worker)
+        return written + outcomes
+
+    def _commit_and_claim(
+        self, outcomes: Sequence[Outcome], job_ids: Sequence[uuid.UUID], worker: str
+    ) -> dict[str, int]:
+        """Write ``outcomes`` and claim ``job_ids`` in one transaction; return attempts by id."""
         with self.sessions.begin() as session:
             finish_jobs(session, outcomes=outcomes)
-        return outcomes
+            claimed = claim_jobs(session, job_ids=job_ids, worker=worker) if job_ids else []
+        return {str(job.id): job.attempts for job in claimed}
 
-    def generate(self, jobs: Sequence[Job]) -> list[Outcome]:
-        """Return an outcome for every job; a job that fails fails alone."""
-        attempts = {str(job.id): job.attempts for job in jobs}
-        outcomes: list[Outcome] = []
+    def plan(
+        self, jobs: Sequence[Job]
+    ) -> tuple[list[GenerationRequest], list[tuple[Job, Exception]]]:
+        """Tokenize ``jobs``; return their requests, and the jobs refused before generating."""
         requests: list[GenerationRequest] = []
+        rejected: list[tuple[Job, Exception]] = []
         encoded = self.runtime.encode([job.prompt for job in jobs])
         for job, prompt_ids in zip(jobs, encoded, strict=True):
             request = to_request(job, prompt_ids)
@@ -76,31 +114,34 @@ class BatchRunner:
                     f"{request.max_new_tokens}: {needed} exceeds the model's context of "
                     f"{self.runtime.context_length} tokens"
                 )
-                outcomes.append(self._failed(job.id, job.attempts, exc, len(prompt_ids)))
+                rejected.append((job, exc))
             else:
                 requests.append(request)
-        for group in plan_groups(requests, max_rows=self.max_rows):
-            for request, result in self._run_group(group):
-                key = uuid.UUID(request.key)
-                if isinstance(result, BaseException):
-                    outcomes.append(
-                        self._failed(key, attempts[request.key], result, len(request.prompt_ids))
+        return requests, rejected
+
+    def _generate(self, group: list[GenerationRequest], attempts: dict[str, int]) -> list[Outcome]:
+        outcomes = []
+        for request, result in self._run_group(group):
+            job_id, attempt = uuid.UUID(request.key), attempts[request.key]
+            if isinstance(result, Exception):
+                outcomes.append(self._failed(job_id, attempt, result, len(request.prompt_ids)))
+            else:
+                outcomes.append(
+                    Outcome(
+                        job_id=job_id,
+                        attempt=attempt,
+                        status=JobStatus.SUCCEEDED,
+                        choices=result.choices,
+                        prompt_tokens=result.prompt_tokens,
                     )
-                else:
-                    outcomes.append(
-                        Outcome(
-                            job_id=key,
-                            attempt=attempts[request.key],
-                            status=JobStatus.SUCCEEDED,
-                            choices=result.choices,
-                            prompt_tokens=result.prompt_tokens,
-                        )
-                    )
+                )
         return outcomes
 
     def _run_group(
         self, group: list[GenerationRequest]
     ) -> list[tuple[GenerationRequest, GenerationResult | Exception]]:
+        if not group:
+            return []
         try:
             return list(zip(group, self.runtime.generate(group), strict=True))
         except FatalModelError:
@@ -114,7 +155,9 @@ class BatchRunner:
             return [pair for request in group for pair in self._run_group([request])]
 
     @staticmethod
-    def _failed(job_id: uuid.UUID, attempt: int, exc: BaseException, prompt_tokens: int) -> Outcome:
+    def _failed(
+        job_id: uuid.UUID, attempt: int, exc: BaseException, prompt_tokens: int | None
+    ) -> Outcome:
         return Outcome(
             job_id=job_id,
             attempt=attempt,

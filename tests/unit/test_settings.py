@@ -54,7 +54,7 @@ def test_celery_app_accepts_json_only_and_acks_late() -> None:
     conf = app.conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
-    assert conf.worker_prefetch_multiplier == 32
+    assert conf.worker_prefetch_multiplier == 2 * 16 * Settings().batch_lookahead
     assert conf.broker_transport_options["visibility_timeout"] > Settings().job_timeout_s
     with pytest.raises(ConfigError, match="broker_url must be a redis"):
         create_app(Settings(), "amqp://guest@localhost//")

@@ -1,0 +1,303 @@
+"""The benchmark run: baselines and the real pipeline, on one model, in one run.
+
+Every ratio compares figures measured in the same run on the same machine, so a
+shared, noisy machine moves both sides together.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+
+from bench.workloads import Item, mixed, uniform
+from completion_queue.constants import TINY_MODEL_NAME
+from completion_queue.local import WorkerProcess, rss_mb
+from completion_queue.redis_server import EmbeddedRedis
+from completion_queue.settings import Settings
+from db.jobs import Job
+from db.migrate import upgrade
+from db.models import JobStatus
+from producer.cli import worker_env
+from producer.client import CompletionClient
+from producer.demo import percentile
+
+NOOP_TASK = "cq.bench.noop"
+NOOP_QUEUE = "cq.bench.noop"
+COUNTER_KEY = "cq:bench:noop:done"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run: the issue's defaults finish in under 3 minutes on 2 CPU cores."""
+
+    jobs: int = 1024
+    new_tokens: int = 32
+    batch_size: int = 32
+    model: str = TINY_MODEL_NAME
+    device: str = "auto"
+    dtype: str = "auto"
+    workers: int = 1
+    engine: Literal["static", "continuous"] = "static"
+    batch_wait_ms: int = 20
+    batch_lookahead: int = Settings.model_fields["batch_lookahead"].default
+    mixed_jobs: int = 512
+    naive_jobs: int = 48
+    queue_jobs: int = 2000
+    latency_jobs: int = 20
+
+
+class _Direct:
+    """The model loaded plainly in this process: the engine's ceiling and the naive baseline."""
+
+    def __init__(self, path: str, device: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from workers.model import resolve_device, resolve_dtype
+
+        self.torch = torch
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            # The same threads as a worker's pool process (all cores but one).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype, self.device)
+        ).to(self.device)
+        self.model.eval()
+
+    def run(self, items: Sequence[Item], batch_size: int) -> tuple[int, float]:
+        """Generate ``items`` in arrival order, ``batch_size`` at a time; return tokens, seconds."""
+        eos = self.tokenizer.eos_token_id
+        tokens = 0
+        started = time.perf_counter()
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            encoded = self.tokenizer(
+                [i.prompt for i in chunk],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(self.device)
+            with self.torch.inference_mode():
+                out = self.model.generate(
+                    **encoded,
+                    max_new_tokens=max(i.max_new_tokens for i in chunk),
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            for item, row in zip(
+                chunk, out[:, encoded["input_ids"].shape[1] :].tolist(), strict=True
+            ):
+                row = row[: item.max_new_tokens]
+                tokens += row.index(eos) if eos in row else len(row)
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+        return tokens, time.perf_counter() - started
+
+
+def _model_process_rss_mb(worker: WorkerProcess) -> float:
+    """RSS of the worker's pool process, the one that holds the model."""
+    return max((rss_mb(pid) for pid in worker.pool_pids()), default=float("nan"))
+
+
+def _span_s(jobs: Sequence[Job], started: datetime) -> float:
+    last = max(j.finished_at for j in jobs if j.finished_at is not None)
+    return max((last - started).total_seconds(), 1e-9)
+
+
+class _Cluster:
+    """An embedded Redis, a fresh SQLite database and worker processes, for one run."""
+
+    def __init__(self, config: BenchConfig, base: Path) -> None:
+        self.config = config
+        self.base = base
+        self.redis = EmbeddedRedis(base / "redis", appendonly=False).start()
+        self.database_url = f"sqlite:///{base / 'bench.db'}"
+        upgrade(self.database_url)
+
+    def settings(self, workers: int) -> Settings:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        return Settings(
+            broker_url=self.redis.url,
+            database_url=self.database_url,
+            data_dir=self.base,
+            model=self.config.model,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            engine=self.config.engine,
+            batch_size=self.config.batch_size,
+            batch_wait_ms=self.config.batch_wait_ms,
+            batch_lookahead=self.config.batch_lookahead,
+            torch_threads=threads if workers > 1 else 0,
+            max_batch_requests=max(10_000, self.config.queue_jobs, self.config.jobs),
+        )
+
+    def start_workers(self, count: int) -> list[WorkerProcess]:
+        settings = self.settings(count)
+        workers = [
+            WorkerProcess(worker_env(settings), self.base / f"worker-{count}-{i}.log").start()
+            for i in range(count)
+        ]
+        for worker in workers:
+            worker.wait_ready(timeout_s=300)
+        return workers
+
+    def stop(self) -> None:
+        self.redis.stop()
+
+
+def _pipeline(client: CompletionClient, items: Sequence[Item]) -> tuple[int, float, float]:
+    """Submit ``items`` through the client and wait; return tokens, seconds, submit seconds."""
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    jobs = client.submit_many([item.request() for item in items])
+    submit_s = time.perf_counter() - t0
+    done = client.wait(jobs, timeout=3600)
+    failed = [j for j in done if j.status is not JobStatus.SUCCEEDED]
+    if failed:
+        raise RuntimeError(f"{len(failed)} benchmark jobs did not succeed: {failed[0].error}")
+    return sum(j.completion_tokens or 0 for j in done), _span_s(done, started), submit_s
+
+
+def _celery_noop_rate(cluster: _Cluster, count: int) -> float:
+    """Tasks per second of a bare Celery no-op on the same Redis and worker settings."""
+    from completion_queue.celery_app import create_app
+
+    settings = cluster.settings(1)
+    env = {**os.environ, **worker_env(settings)}
+    log = (cluster.base / "noop-worker.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.noop", "worker", "--pool=prefork",
+         "--concurrency=1",
+         f"--queues={NOOP_QUEUE}", "--without-mingle", "--without-gossip", "--loglevel=INFO"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    counter = redis.Redis.from_url(settings.broker_url or "")
+    try:
+        deadline = time.monotonic() + 120
+        while b"ready." not in (cluster.base / "noop-worker.log").read_bytes():
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("the Celery no-op worker did not start")
+            time.sleep(0.1)
+        counter.delete(COUNTER_KEY)
+        app = create_app(settings)
+        started = time.perf_counter()
+        with app.producer_or_acquire() as producer:
+            for _ in range(count):
+                app.send_task(NOOP_TASK, queue=NOOP_QUEUE, producer=producer)
+        while int(counter.get(COUNTER_KEY) or 0) < count:
+            time.sleep(0.005)
+        return count / (time.perf_counter() - started)
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+        counter.close()
+
+
+def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
+    """Run every measurement of ``cq bench`` and return the figures."""
+    import torch
+
+    from workers.tiny import ensure_tiny_model
+
+    base_settings = Settings(model=config.model)
+    path = base_settings.model_path()
+    if config.model == TINY_MODEL_NAME:
+        ensure_tiny_model(path)
+    direct = _Direct(path, config.device, config.dtype)
+    tokenizer = direct.tokenizer
+    items = uniform(tokenizer, config.jobs, config.new_tokens)
+    mixed_items = mixed(tokenizer, config.mixed_jobs)
+    figures: dict[str, Any] = {}
+
+    progress("direct generate: warm-up, raw (batched) and naive (one prompt per call)")
+    direct.run(items[: config.batch_size], config.batch_size)
+    tokens, seconds = direct.run(items, config.batch_size)
+    figures["raw_tokens_per_s"] = tokens / seconds
+    tokens, seconds = direct.run(items[: config.naive_jobs], 1)
+    figures["naive_tokens_per_s"] = tokens / seconds
+    tokens, seconds = direct.run(mixed_items, config.batch_size)
+    figures["mixed_raw_tokens_per_s"] = tokens / seconds
+    del direct
+
+    with tempfile.TemporaryDirectory(prefix="cq-bench-") as tmp:
+        cluster = _Cluster(config, Path(tmp))
+        try:
+            workers = cluster.start_workers(1)
+            with CompletionClient(settings=cluster.settings(1)) as client:
+                progress(f"pipeline: {config.jobs} jobs x {config.new_tokens} tokens, 1 worker")
+                tokens, seconds, _ = _pipeline(client, items)
+                figures["pipeline_tokens_per_s"] = tokens / seconds
+                figures["worker_rss_mb"] = _model_process_rss_mb(workers[0])
+                progress(f"pipeline: mixed workload, {config.mixed_jobs} jobs")
+                tokens, seconds, _ = _pipeline(client, mixed_items)
+                figures["mixed_pipeline_tokens_per_s"] = tokens / seconds
+                figures["worker_rss_after_mixed_mb"] = _model_process_rss_mb(workers[0])
+                progress(f"queue: {config.queue_jobs} trivial jobs (max_new_tokens=1)")
+                trivial = [Item(f"job {i}", 1) for i in range(config.queue_jobs)]
+                _, seconds, submit_s = _pipeline(client, trivial)
+                figures["queue_jobs_per_s"] = config.queue_jobs / seconds
+                figures["submit_jobs_per_s"] = config.queue_jobs / submit_s
+                progress(f"latency: {config.latency_jobs} jobs one at a time")
+                latencies = []
+                for item in items[: config.latency_jobs]:
+                    job = client.wait(client.submit(**item.request()), timeout=600)
+                    latencies.append((job.latency_s or 0) * 1000)
+                figures["p50_latency_ms"] = percentile(latencies, 50)
+                figures["p95_latency_ms"] = percentile(latencies, 95)
+            for worker in workers:
+                worker.stop()
+            progress(f"celery no-op baseline: {config.queue_jobs} tasks")
+            figures["celery_noop_jobs_per_s"] = _celery_noop_rate(cluster, config.queue_jobs)
+            if config.workers > 1:
+                progress(f"pipeline: {config.jobs} jobs, {config.workers} workers")
+                workers = cluster.start_workers(config.workers)
+                with CompletionClient(settings=cluster.settings(config.workers)) as client:
+                    tokens, seconds, _ = _pipeline(client, items)
+                for worker in workers:
+                    worker.stop()
+                figures["workers_pipeline_tokens_per_s"] = tokens / seconds
+                figures["workers_over_one"] = tokens / seconds / figures["pipeline_tokens_per_s"]
+        finally:
+            cluster.stop()
+
+    figures["pipeline_over_raw"] = figures["pipeline_tokens_per_s"] / figures["raw_tokens_per_s"]
+    figures["pipeline_over_naive"] = (
+        figures["pipeline_tokens_per_s"] / figures["naive_tokens_per_s"]
+    )
+    figures["mixed_pipeline_over_raw"] = (
+        figures["mixed_pipeline_tokens_per_s"] / figures["mixed_raw_tokens_per_s"]
+    )
+    figures["queue_over_celery"] = figures["queue_jobs_per_s"] / figures["celery_noop_jobs_per_s"]
+    figures.update(
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        torch=torch.__version__,
+        **{key: value for key, value in asdict(config).items()},
+    )
+    return figures
+
+
+TARGETS = {
+    "pipeline_over_raw": 0.95,
+    "mixed_pipeline_over_raw": 1.3,
+    "pipeline_over_naive": 5.0,
+    "queue_over_celery": 0.70,
+    "submit_jobs_per_s": 3000.0,
+}

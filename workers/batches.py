@@ -1,0 +1,67 @@
+"""The batch task class: celery-batches, with a flush policy that keeps the model busy.
+
+``celery_batches.Batches`` buffers messages and flushes them to the pool every
+``flush_every`` messages or every ``flush_interval`` seconds. Two changes make
+it fit a worker whose one pool process holds the model:
+
+- While a batch is running, the timer does not flush a partial buffer: it would
+  queue a small batch behind the running one, and on an accelerator a small
+  batch costs about as much as a full one. The buffer keeps filling (a full
+  buffer still flushes at once, so the next batch waits ready), and when the
+  running batch returns, whatever is buffered is flushed straight away.
+- If the pool process dies mid-batch (SIGKILL, OOM killer), the batch's messages
+  are requeued at once, instead of waiting for Redis' visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from celery.worker.request import Request
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+log = logging.getLogger(__name__)
+
+
+class ModelBatches(Batches):  # type: ignore[misc]
+    """A ``Batches`` task that flushes partial buffers only while the model is idle."""
+
+    abstract = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._running = 0
+
+    def _do_flush(self) -> None:
+        if self._running and self._buffer.qsize() < self.flush_every:
+            return  # the model is busy: let the next batch fill up
+        super()._do_flush()
+
+    def flush(self, requests: Collection[Request]) -> Any:
+        """Send ``requests`` to the pool as one call; ack after it returns, requeue if it dies."""
+        requests = list(requests)
+        serializable = ([SimpleRequest.from_request(r) for r in requests],)
+        self._running += 1
+
+        def on_return(_result: Any) -> None:
+            self._running -= 1
+            for request in requests:
+                request.acknowledge()
+            if not self._buffer.empty():
+                self._do_flush()
+
+        def on_error(exc: BaseException) -> None:
+            self._running -= 1
+            log.error("batch of %d lost (%r); requeueing its messages", len(requests), exc)
+            for request in requests:
+                request.reject(requeue=True)
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, serializable, 0, None),
+            callback=on_return,
+            error_callback=on_error,
+        )
