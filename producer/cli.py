@@ -64,7 +64,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
     """Return the ``CQ_*`` variables that give a child worker these settings."""
     env: dict[str, str] = {}
     for name, value in settings.model_dump().items():
-        if value is not None:
+        if isinstance(value, list):
+            env[f"CQ_{name.upper()}"] = ",".join(map(str, value))
+        elif value is not None:
             env[f"CQ_{name.upper()}"] = str(value)
     return env
 
