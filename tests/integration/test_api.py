@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from completion_queue.constants import queue_name
 from completion_queue.redis_server import free_port
 from producer.cli import worker_env
 from tests.conftest import Stack
@@ -31,6 +32,8 @@ from tests.reference import Reference
 KEY = "test-key-1"
 SECRET = "webhook-secret"
 MAX_BODY_BYTES = 256 * 1024
+#: A model no worker serves: its jobs stay queued until cancelled.
+NO_WORKER = "api-test-no-worker"
 
 
 @dataclass
@@ -160,11 +163,19 @@ def test_native_jobs_submit_read_list_cancel(
     assert_error(api.http.get(f"/v1/jobs/{'0' * 32}"), 404, "id", "no job")
 
 
+@pytest.fixture
+def unserved_queue(stack: Stack) -> Iterator[None]:
+    """Drop the messages left for a model no worker serves, so other tests see no such queue."""
+    yield
+    keys = stack.redis.keys(queue_name(NO_WORKER) + "*")
+    if keys:
+        stack.redis.delete(*keys)
+
+
+@pytest.mark.usefixtures("unserved_queue")
 def test_cancel_queued_job(api: Api, client: object) -> None:
     # A job for a model no worker serves stays queued until cancelled
-    job_id = api.http.post("/v1/jobs", json={"prompt": "x", "model": "nobody-serves-this"}).json()[
-        "ids"
-    ][0]
+    job_id = api.http.post("/v1/jobs", json={"prompt": "x", "model": NO_WORKER}).json()["ids"][0]
     cancelled = api.http.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
 
@@ -277,6 +288,7 @@ def test_openai_batch_roundtrip(api: Api, client: object, reference: Reference) 
         oai.batches.cancel(batch.id)
 
 
+@pytest.mark.usefixtures("unserved_queue")
 def test_batch_input_errors_and_cancel(api: Api, client: object) -> None:
     oai = api.openai()
     bad = oai.files.create(file=("bad.jsonl", b'{"custom_id": "a", "url": "/v1/completions", '
@@ -290,7 +302,7 @@ def test_batch_input_errors_and_cancel(api: Api, client: object) -> None:
         oai.batches.retrieve("batch_nope")
     # A batch for a model no worker serves waits; cancelling it cancels its jobs
     line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
-            "body": {"model": "nobody-serves-this", "prompt": "x"}}  # fmt: skip
+            "body": {"model": NO_WORKER, "prompt": "x"}}  # fmt: skip
     waiting = oai.files.create(file=("w.jsonl", json.dumps(line).encode()), purpose="batch")
     batch = oai.batches.create(input_file_id=waiting.id, endpoint="/v1/completions",
                                completion_window="24h")  # fmt: skip
