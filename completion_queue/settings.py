@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from completion_queue.constants import DEFAULT_DATA_DIR, TINY_MODEL_NAME
 
@@ -62,6 +62,41 @@ class Settings(BaseSettings):
         description="Redis redelivery delay for unacked messages; > job_timeout_s.",
     )
     log_level: str = Field(default="INFO", description="Log level for workers and the CLI.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens the HTTP API accepts (comma-separated); empty: loopback only.",
+    )
+    api_wait_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Longest /v1/completions waits for its jobs."
+    )
+    api_max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest request body the API reads."
+    )
+    api_page_size: int = Field(
+        default=100, ge=1, le=10_000, description="Jobs per page of GET /v1/jobs."
+    )
+    webhook_secret: str | None = Field(
+        default=None, description="HMAC-SHA256 key of webhook bodies; unset: no callbacks."
+    )
+    webhook_max_attempts: int = Field(
+        default=5, ge=1, le=100, description="Deliveries tried per webhook before it fails."
+    )
+    webhook_backoff_s: float = Field(
+        default=1.0, gt=0, le=3600, description="Delay before the first retry; doubles after."
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Timeout of one webhook POST."
+    )
+    webhook_poll_ms: int = Field(
+        default=500, ge=10, le=60_000, description="How often the API looks for due webhooks."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     def resolved_database_url(self) -> str:
         """Return the database URL, defaulting to a SQLite file under ``data_dir``."""

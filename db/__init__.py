@@ -1,5 +1,16 @@
-"""The job table, its engine and its state transitions. Imports neither Celery nor torch."""
+"""The tables, their engine and their state transitions. Imports neither Celery nor torch."""
 
+from db.batches import (
+    Batch,
+    StoredFile,
+    create_batch,
+    create_file,
+    get_batch,
+    get_file,
+    get_file_content,
+    mark_batch_cancelled,
+    new_id,
+)
 from db.engine import make_engine, make_session_factory
 from db.jobs import (
     Choice,
@@ -7,6 +18,7 @@ from db.jobs import (
     NewJob,
     Outcome,
     cancel_job,
+    cancel_jobs,
     claim_jobs,
     count_unfinished,
     create_jobs,
@@ -15,26 +27,32 @@ from db.jobs import (
     get_job,
     get_jobs,
     get_unfinished_jobs,
+    job_states,
     list_jobs,
 )
 from db.migrate import upgrade
-from db.models import FINISHED_STATUSES, JobRow, JobStatus
+from db.models import FINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
+from db.webhooks import claim_webhook, due_webhooks, record_webhook
 
 __all__ = [
     # rows and snapshots
     "FINISHED_STATUSES",
+    "Batch",
     "Choice",
     "Job",
     "JobRow",
     "JobStatus",
     "NewJob",
     "Outcome",
+    "StoredFile",
+    "WebhookStatus",
     # engine and schema
     "make_engine",
     "make_session_factory",
     "upgrade",
     # state transitions
     "cancel_job",
+    "cancel_jobs",
     "claim_jobs",
     "count_unfinished",
     "create_jobs",
@@ -43,5 +61,18 @@ __all__ = [
     "get_job",
     "get_jobs",
     "get_unfinished_jobs",
+    "job_states",
     "list_jobs",
+    # webhooks
+    "claim_webhook",
+    "due_webhooks",
+    "record_webhook",
+    # files and batches
+    "create_batch",
+    "create_file",
+    "get_batch",
+    "get_file",
+    "get_file_content",
+    "mark_batch_cancelled",
+    "new_id",
 ]

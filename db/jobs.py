@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import JobRow, JobStatus
+from db.models import JobRow, JobStatus, WebhookStatus
 
 _TABLE = cast(Table, JobRow.__table__)
 _CLAIMABLE = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -28,7 +28,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; every time we store is UTC.
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -73,6 +77,11 @@ class Job:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    callback_url: str | None = None
+    webhook_status: WebhookStatus | None = None
+    webhook_attempts: int = 0
+    webhook_error: str | None = None
+    webhook_delivered_at: datetime | None = None
 
     @property
     def text(self) -> str | None:
@@ -89,7 +98,7 @@ class Job:
     @classmethod
     def from_row(cls, row: JobRow) -> Job:
         """Build a snapshot from an ORM row."""
-        created = _aware(row.created_at)
+        created = aware(row.created_at)
         assert created is not None
         return cls(
             id=row.id,
@@ -107,8 +116,13 @@ class Job:
             idempotency_key=row.idempotency_key,
             batch_id=row.batch_id,
             created_at=created,
-            started_at=_aware(row.started_at),
-            finished_at=_aware(row.finished_at),
+            started_at=aware(row.started_at),
+            finished_at=aware(row.finished_at),
+            callback_url=row.callback_url,
+            webhook_status=WebhookStatus(row.webhook_status) if row.webhook_status else None,
+            webhook_attempts=row.webhook_attempts or 0,
+            webhook_error=row.webhook_error,
+            webhook_delivered_at=aware(row.webhook_delivered_at),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,8 +143,13 @@ class Job:
             "idempotency_key": self.idempotency_key,
             "batch_id": self.batch_id,
             "created_at": self.created_at.isoformat(),
-            "started_at": self.started_at.isoformat() if self.started_at else None,
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "callback_url": self.callback_url,
+            "webhook_status": self.webhook_status.value if self.webhook_status else None,
+            "webhook_attempts": self.webhook_attempts,
+            "webhook_error": self.webhook_error,
+            "webhook_delivered_at": _iso(self.webhook_delivered_at),
         }
 
 
@@ -144,6 +163,7 @@ class NewJob:
     priority: int = 0
     idempotency_key: str | None = None
     batch_id: str | None = None
+    callback_url: str | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 
@@ -198,6 +218,9 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
                 "idempotency_key": job.idempotency_key,
                 "batch_id": job.batch_id,
                 "created_at": created_at,
+                "callback_url": job.callback_url,
+                "webhook_status": WebhookStatus.PENDING if job.callback_url else None,
+                "webhook_attempts": 0,
             }
             for job, created_at in zip(jobs, times, strict=True)
         ],
@@ -231,6 +254,8 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
             created_at=created_at,
             started_at=None,
             finished_at=None,
+            callback_url=job.callback_url,
+            webhook_status=WebhookStatus.PENDING if job.callback_url else None,
         )
         result.append((snapshot, True))
     return result
@@ -264,6 +289,28 @@ def get_unfinished_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> li
     return [by_id[i] for i in job_ids if i in by_id]
 
 
+def job_states(
+    session: Session, *, batch_id: str
+) -> dict[uuid.UUID, tuple[JobStatus, datetime | None]]:
+    """Return the status and finish time of every job of ``batch_id``, by id."""
+    stmt = select(JobRow.id, JobRow.status, JobRow.finished_at).where(JobRow.batch_id == batch_id)
+    return {
+        job_id: (JobStatus(status), aware(finished))
+        for job_id, status, finished in session.execute(stmt)
+    }
+
+
+def cancel_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
+    """Cancel the queued or running jobs among ``job_ids``; return how many changed."""
+    result = session.execute(
+        update(JobRow)
+        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return max(int(result.rowcount), 0)  # type: ignore[attr-defined]
+
+
 def count_unfinished(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
     """Return how many of ``job_ids`` are still queued or running."""
     stmt = select(func.count()).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
@@ -276,9 +323,19 @@ def list_jobs(
     status: JobStatus | None = None,
     batch_id: str | None = None,
     limit: int = 100,
+    after: tuple[datetime, uuid.UUID] | None = None,
 ) -> list[Job]:
-    """Return up to ``limit`` jobs, newest first, filtered by status and batch."""
+    """Return up to ``limit`` jobs, newest first, filtered by status and batch.
+
+    ``after`` is the ``(created_at, id)`` of the last job of the previous page:
+    the page starts just after it (keyset pagination, stable under inserts).
+    """
     stmt = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)
+    if after is not None:
+        created, job_id = after
+        stmt = stmt.where(
+            (JobRow.created_at < created) | ((JobRow.created_at == created) & (JobRow.id > job_id))
+        )
     if status is not None:
         stmt = stmt.where(JobRow.status == status)
     if batch_id is not None:
@@ -356,10 +413,5 @@ def cancel_job(session: Session, *, job_id: uuid.UUID) -> Job | None:
     A queued job will never run; a running one keeps running but its result is
     discarded, because :func:`finish_jobs` only writes rows that are running.
     """
-    session.execute(
-        update(JobRow)
-        .where(JobRow.id == job_id, JobRow.status.in_(_CLAIMABLE))
-        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    cancel_jobs(session, job_ids=[job_id])
     return get_job(session, job_id=job_id)

@@ -1,4 +1,4 @@
-"""The job table: one row per job, the truth about it."""
+"""The tables: jobs (one row per job, the truth about it), and the API's files and batches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, Index, Integer, String, Text, Uuid
+from sqlalchemy import JSON, DateTime, Enum, Index, Integer, LargeBinary, String, Text, Uuid
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -29,7 +29,30 @@ class JobStatus(str, enum.Enum):
         return self.value
 
 
+class WebhookStatus(str, enum.Enum):
+    """Where a job's completion webhook stands: pending → delivered | failed."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 FINISHED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+def _status_column(statuses: type[enum.Enum], name: str) -> Enum:
+    # Stored as short strings (no native enum type), so adding a status is no migration.
+    return Enum(
+        statuses,
+        native_enum=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+        name=name,
+    )
 
 
 class Base(DeclarativeBase):
@@ -43,15 +66,7 @@ class JobRow(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     status: Mapped[JobStatus] = mapped_column(
-        Enum(
-            JobStatus,
-            native_enum=False,
-            length=16,
-            values_callable=lambda statuses: [s.value for s in statuses],
-            validate_strings=True,
-            name="job_status",
-        ),
-        nullable=False,
+        _status_column(JobStatus, "job_status"), nullable=False
     )
     model: Mapped[str] = mapped_column(String(255), nullable=False)
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
@@ -68,9 +83,48 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_status: Mapped[WebhookStatus | None] = mapped_column(
+        _status_column(WebhookStatus, "webhook_status")
+    )
+    webhook_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    webhook_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    webhook_error: Mapped[str | None] = mapped_column(Text)
+    webhook_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_batch_id", "batch_id"),
         Index("ix_jobs_created_at", "created_at"),
+        Index("ix_jobs_webhook_due", "webhook_status", "webhook_next_at"),
     )
+
+
+class FileRow(Base):
+    """A file uploaded through the API (a batch's JSONL input)."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32), nullable=False)
+    filename: Mapped[str] = mapped_column(String(255), nullable=False)
+    size_bytes: Mapped[int] = mapped_column("bytes", Integer, nullable=False)
+    content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class BatchRow(Base):
+    """An OpenAI-style batch: its input file, its requests' job ids, its lifecycle times."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    input_file_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    endpoint: Mapped[str] = mapped_column(String(64), nullable=False)
+    completion_window: Mapped[str] = mapped_column(String(16), nullable=False)
+    # "metadata" is reserved on declarative classes; the column keeps OpenAI's name.
+    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    # [[custom_id, [job id, ...]], ...] in input order: one entry per input line.
+    requests: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from completion_queue.celery_app import broker_url_file
-from completion_queue.errors import CompletionError
+from completion_queue.errors import CompletionError, ConfigError
 from completion_queue.settings import Settings, redact_url
 from db.jobs import Job
 from db.migrate import upgrade
@@ -64,7 +64,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
     """Return the ``CQ_*`` variables that give a child worker these settings."""
     env: dict[str, str] = {}
     for name, value in settings.model_dump().items():
-        if value is not None:
+        if isinstance(value, list):
+            env[f"CQ_{name.upper()}"] = ",".join(map(str, value))
+        elif value is not None:
             env[f"CQ_{name.upper()}"] = str(value)
     return env
 
@@ -174,6 +176,29 @@ def bench(json_path: Path | None, model: str | None, **options: Any) -> None:
     print_report(figures)
     if json_path is not None:
         json_path.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--log-level", default="info", show_default=True, help="uvicorn log level.")
+def api(host: str, port: int, log_level: str) -> None:
+    """Serve the HTTP API (native jobs, OpenAI-compatible completions and batches).
+
+    Without CQ_API_KEYS it binds to loopback only. OpenAPI docs at /docs.
+    """
+    import uvicorn
+
+    from producer.api import create_api, is_loopback
+
+    settings = _settings()
+    if not settings.api_keys and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to bind {host} without an API key: set CQ_API_KEYS, or bind 127.0.0.1"
+        )
+    app = create_api(_migrated(settings))
+    click.echo(f"serving the API on http://{host}:{port} (docs: /docs)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 # -- jobs -------------------------------------------------------------------------

@@ -6,10 +6,12 @@ import builtins
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, overload
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue.celery_app import celery_priority, create_app
 from completion_queue.constants import TASK_GENERATE, queue_name
@@ -73,6 +75,11 @@ class CompletionClient:
         self._app: Celery | None = None
 
     @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The session factory on the client's database."""
+        return self._sessions
+
+    @property
     def app(self) -> Celery:
         """The Celery app used to send, created on first use."""
         if self._app is None:
@@ -124,6 +131,7 @@ class CompletionClient:
                 priority=req.priority,
                 idempotency_key=req.idempotency_key,
                 batch_id=batch_id,
+                callback_url=req.callback_url,
             )
             for req in validated
         ]
@@ -240,8 +248,10 @@ class CompletionClient:
         status: JobStatus | str | None = None,
         batch_id: str | None = None,
         limit: int = 100,
+        *,
+        after: tuple[datetime, uuid.UUID] | None = None,
     ) -> builtins.list[Job]:
-        """Return up to ``limit`` jobs, newest first."""
+        """Return up to ``limit`` jobs, newest first; ``after``: the last (created_at, id) seen."""
         if status is not None:
             try:
                 status = JobStatus(status)
@@ -253,7 +263,13 @@ class CompletionClient:
         if limit < 1:
             raise ValidationError(f"limit must be >= 1, got {limit}", field="limit")
         with self._sessions() as session:
-            return list_jobs(session, status=status, batch_id=batch_id, limit=limit)
+            return list_jobs(
+                session,
+                status=status,
+                batch_id=batch_id,
+                limit=limit,
+                after=after,
+            )
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,6 +14,7 @@ from completion_queue.errors import ValidationError
 from completion_queue.settings import Settings
 
 MAX_STOP_SEQUENCES = 4
+MAX_URL_CHARS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, strict=True, ge=0, lt=2**63)
     idempotency_key: str | None = Field(default=None, strict=True, min_length=1, max_length=255)
     priority: int = Field(default=0, strict=True, ge=0, le=9)
+    callback_url: str | None = Field(default=None, strict=True, max_length=MAX_URL_CHARS)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -81,6 +84,19 @@ class CompletionRequest(BaseModel):
             if not item:
                 raise ValueError("must not contain empty strings")
             _check_text(item)
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_callback_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
         return value
 
     @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
@@ -164,6 +180,12 @@ def _describe(error: Any) -> str:
     return f"{field}: {error['msg']}"
 
 
+def describe_errors(errors: Sequence[Any]) -> tuple[str, str]:
+    """Return pydantic ``errors`` as one message naming each field, and the first field."""
+    message = "; ".join(_describe(e) for e in errors)
+    return message, _field_name(tuple(errors[0]["loc"]))
+
+
 def validate_request(
     data: Mapping[str, Any] | CompletionRequest, limits: Limits
 ) -> CompletionRequest:
@@ -179,9 +201,8 @@ def validate_request(
         try:
             request = CompletionRequest.model_validate(dict(data))
         except pydantic.ValidationError as exc:
-            errors = exc.errors()
-            message = "; ".join(_describe(e) for e in errors)
-            raise ValidationError(message, field=_field_name(tuple(errors[0]["loc"]))) from None
+            message, field = describe_errors(exc.errors())
+            raise ValidationError(message, field=field) from None
     checks = (
         ("prompt", len(request.prompt), limits.max_prompt_chars, "characters long"),
         ("max_new_tokens", request.max_new_tokens, limits.max_new_tokens, ""),

@@ -1,0 +1,138 @@
+"""The API's uploaded files and OpenAI-style batches, as stored."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from db.jobs import aware, utcnow
+from db.models import BatchRow, FileRow
+
+
+def new_id(prefix: str) -> str:
+    """Return a fresh id in OpenAI's style, e.g. ``file-3f2a...`` or ``batch_9c1e...``."""
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """An uploaded file's metadata (its content is read separately)."""
+
+    id: str
+    purpose: str
+    filename: str
+    bytes: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A snapshot of one batch row."""
+
+    id: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None
+    requests: list[tuple[str, list[uuid.UUID]]]
+    created_at: datetime
+    cancelled_at: datetime | None
+
+    @property
+    def job_ids(self) -> list[uuid.UUID]:
+        """Every job of the batch, in input order."""
+        return [job_id for _, ids in self.requests for job_id in ids]
+
+    @classmethod
+    def from_row(cls, row: BatchRow) -> Batch:
+        """Build a snapshot from an ORM row."""
+        created = aware(row.created_at)
+        assert created is not None
+        return cls(
+            id=row.id,
+            input_file_id=row.input_file_id,
+            endpoint=row.endpoint,
+            completion_window=row.completion_window,
+            metadata=row.meta,
+            requests=[(str(cid), [uuid.UUID(i) for i in ids]) for cid, ids in row.requests],
+            created_at=created,
+            cancelled_at=aware(row.cancelled_at),
+        )
+
+
+def _file(row: FileRow) -> StoredFile:
+    created = aware(row.created_at)
+    assert created is not None
+    return StoredFile(row.id, row.purpose, row.filename, row.size_bytes, created)
+
+
+def create_file(session: Session, *, purpose: str, filename: str, content: bytes) -> StoredFile:
+    """Store an uploaded file; return its metadata."""
+    row = FileRow(
+        id=new_id("file-"),
+        purpose=purpose,
+        filename=filename,
+        size_bytes=len(content),
+        content=content,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return _file(row)
+
+
+def get_file(session: Session, *, file_id: str) -> StoredFile | None:
+    """Return a stored file's metadata, or None if there is no such id."""
+    row = session.get(FileRow, file_id)
+    return _file(row) if row is not None else None
+
+
+def get_file_content(session: Session, *, file_id: str) -> bytes | None:
+    """Return a stored file's bytes, or None if there is no such id."""
+    row = session.get(FileRow, file_id)
+    return bytes(row.content) if row is not None else None
+
+
+def create_batch(
+    session: Session,
+    *,
+    batch_id: str,
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: dict[str, str] | None,
+    requests: list[tuple[str, list[uuid.UUID]]],
+) -> Batch:
+    """Store a batch whose jobs were created under ``batch_id``; return it."""
+    row = BatchRow(
+        id=batch_id,
+        input_file_id=input_file_id,
+        endpoint=endpoint,
+        completion_window=completion_window,
+        meta=metadata,
+        requests=[[cid, [str(i) for i in ids]] for cid, ids in requests],
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return Batch.from_row(row)
+
+
+def get_batch(session: Session, *, batch_id: str) -> Batch | None:
+    """Return the batch, or None if there is no such id."""
+    row = session.get(BatchRow, batch_id)
+    return Batch.from_row(row) if row is not None else None
+
+
+def mark_batch_cancelled(session: Session, *, batch_id: str) -> None:
+    """Record when a batch was cancelled (the first cancel wins)."""
+    session.execute(
+        update(BatchRow)
+        .where(BatchRow.id == batch_id, BatchRow.cancelled_at.is_(None))
+        .values(cancelled_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,81 @@
+"""Webhook delivery state on the job row: which deliveries are due, who holds one, how it went.
+
+A delivery is claimed with one guarded UPDATE (the attempt count it expects), so
+two API processes polling the same database never POST the same attempt twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from db.jobs import Job, utcnow
+from db.models import FINISHED_STATUSES, JobRow, WebhookStatus
+
+
+def due_webhooks(session: Session, *, now: datetime, limit: int = 50) -> list[Job]:
+    """Return finished jobs whose webhook is pending and due at ``now``, oldest first."""
+    stmt = (
+        select(JobRow)
+        .where(
+            JobRow.webhook_status == WebhookStatus.PENDING,
+            JobRow.status.in_(FINISHED_STATUSES),
+            or_(JobRow.webhook_next_at.is_(None), JobRow.webhook_next_at <= now),
+        )
+        .order_by(JobRow.finished_at)
+        .limit(limit)
+    )
+    return [Job.from_row(row) for row in session.scalars(stmt)]
+
+
+def claim_webhook(
+    session: Session, *, job_id: uuid.UUID, attempts: int, lease_until: datetime
+) -> bool:
+    """Take the next delivery attempt of a pending webhook; False if another process has it.
+
+    The attempt is counted now and the job is not due again before ``lease_until``,
+    so a dispatcher that dies mid-POST leaves a delivery that is retried later.
+    """
+    result = session.execute(
+        update(JobRow)
+        .where(
+            JobRow.id == job_id,
+            JobRow.webhook_status == WebhookStatus.PENDING,
+            JobRow.webhook_attempts == attempts,
+        )
+        .values(webhook_attempts=attempts + 1, webhook_next_at=lease_until)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def record_webhook(
+    session: Session,
+    *,
+    job_id: uuid.UUID,
+    delivered: bool,
+    error: str | None = None,
+    retry_at: datetime | None = None,
+) -> None:
+    """Record how an attempt went: delivered, retried at ``retry_at``, or failed for good."""
+    values: dict[str, object]
+    if delivered:
+        values = {
+            "webhook_status": WebhookStatus.DELIVERED,
+            "webhook_delivered_at": utcnow(),
+            "webhook_error": None,
+            "webhook_next_at": None,
+        }
+    elif retry_at is not None:
+        values = {"webhook_error": error, "webhook_next_at": retry_at}
+    else:
+        values = {"webhook_status": WebhookStatus.FAILED, "webhook_error": error}
+    session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, JobRow.webhook_status == WebhookStatus.PENDING)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,226 @@
+"""OpenAI-compatible routes: ``POST /v1/completions`` and ``GET /v1/models``.
+
+OpenAI's parameters map onto our :class:`CompletionRequest` (``max_tokens`` →
+``max_new_tokens``) and go through the same validation as the Python client.
+A parameter we do not support is refused with a 400, never ignored; one sent
+with its neutral value (``stream: false``, ``echo: false``, ``logprobs: null``,
+zero penalties, ``best_of: 1``) asks for nothing we do not do, so it is accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from completion_queue.constants import QUEUE_PREFIX
+from completion_queue.errors import JobTimeout, ValidationError
+from db.jobs import Job
+from producer.api import State
+from producer.api_errors import APIError
+from producer.client import CompletionClient
+from producer.jobs_api import read_json
+from producer.schema import Limits, validate_request
+from producer.views import ErrorInfo, completion_view, job_failure
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+#: How long GET /v1/models waits for live workers to answer.
+INSPECT_TIMEOUT_S = 1.0
+
+
+class CompletionsBody(BaseModel):
+    """The ``POST /v1/completions`` parameters we support (OpenAI's names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Defaults to CQ_MODEL.")
+    prompt: str | list[str] = Field(description="One prompt, or a list (one job each).")
+    max_tokens: int | None = Field(default=None, description="max_new_tokens of the jobs.")
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = Field(default=None, description="End-user id, written to the API log.")
+
+
+SUPPORTED = frozenset(CompletionsBody.model_fields)
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "stream": (False, None),
+    "stream_options": (None,),
+    "echo": (False, None),
+    "logprobs": (None,),
+    "suffix": (None,),
+    "best_of": (1, None),
+    "presence_penalty": (0, None),
+    "frequency_penalty": (0, None),
+    "logit_bias": (None, {}),
+}
+_RENAMED = {"max_tokens": "max_new_tokens"}
+
+
+def to_openai_name(field: str | None) -> str | None:
+    """Return OpenAI's name of one of our request fields."""
+    for theirs, ours in _RENAMED.items():
+        if field == ours:
+            return theirs
+    return field
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    if neutral is None or isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, int):
+        return isinstance(value, int | float) and not isinstance(value, bool) and value == neutral
+    return type(value) is type(neutral) and bool(value == neutral)
+
+
+def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
+    """Map an OpenAI completions body to our requests: one per prompt.
+
+    Raises:
+        ValidationError: a parameter is unsupported or malformed (``field`` in OpenAI's names).
+    """
+    if not isinstance(body, Mapping):
+        raise ValidationError("request body must be a JSON object", field="request")
+    for name, value in body.items():
+        if name in SUPPORTED:
+            continue
+        if name in NEUTRAL:
+            if any(_same(value, neutral) for neutral in NEUTRAL[name]):
+                continue
+            allowed = " or ".join(repr(v) for v in NEUTRAL[name]).replace("None", "null")
+            raise ValidationError(f"{name} is not supported (only {allowed})", field=name)
+        raise ValidationError(f"{name} is not a supported parameter", field=name)
+    if "prompt" not in body:
+        raise ValidationError("prompt is required", field="prompt")
+    prompt = body["prompt"]
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts:
+        raise ValidationError(
+            "prompt must be a string or a non-empty list of strings", field="prompt"
+        )
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValidationError(
+            "prompt must hold strings (token ids are not supported)", field="prompt"
+        )
+    if len(prompts) > max_prompts:
+        raise ValidationError(f"prompt must hold at most {max_prompts} prompts", field="prompt")
+    shared = {
+        str(_RENAMED.get(name, name)): value
+        for name, value in body.items()
+        if name in SUPPORTED and name not in ("prompt", "user") and value is not None
+    }
+    return [{"prompt": text, **shared} for text in prompts]
+
+
+def submit_completions(
+    client: CompletionClient, requests: list[dict[str, Any]], *, batch_id: str | None = None
+) -> list[Job]:
+    """Validate and queue ``requests``; errors name OpenAI's fields."""
+    try:
+        return client.submit_many(requests, batch_id=batch_id)
+    except ValidationError as exc:
+        raise in_openai_names(exc, single=len(requests) == 1) from None
+
+
+def in_openai_names(exc: ValidationError, *, single: bool = True) -> ValidationError:
+    """Return ``exc`` with its message and field in OpenAI's parameter names."""
+    message = str(exc)
+    for theirs, ours in _RENAMED.items():
+        message = message.replace(ours, theirs)
+    if single and message.startswith("requests[0]: "):
+        message = message.removeprefix("requests[0]: ")
+    return ValidationError(message, field=to_openai_name(exc.field))
+
+
+def check_requests(requests: list[dict[str, Any]], limits: Limits) -> None:
+    """Validate ``requests`` as the client will; errors name OpenAI's fields."""
+    for request in requests:
+        try:
+            validate_request(request, limits)
+        except ValidationError as exc:
+            raise in_openai_names(exc) from None
+
+
+def finished_completion(client: CompletionClient, jobs: list[Job], timeout_s: float) -> list[Job]:
+    """Wait for ``jobs``; past ``timeout_s`` they are cancelled and the answer is a 503."""
+    try:
+        return client.wait(jobs, timeout=timeout_s)
+    except JobTimeout:
+        for job in jobs:
+            client.cancel(job.id)
+        raise APIError(
+            ErrorInfo(
+                503,
+                f"the completion did not finish within {timeout_s:g}s (is a worker serving "
+                f"model {jobs[0].model!r}?); its jobs were cancelled",
+                "server_error",
+                code="timeout",
+            ),
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+@router.post(
+    "/completions",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": CompletionsBody.model_json_schema()}},
+        }
+    },
+)
+async def create_completion(request: Request, state: State) -> dict[str, Any]:
+    """Queue the prompts, wait for the jobs, answer in OpenAI's ``text_completion`` shape."""
+    body = await read_json(request)
+    client = state.client
+    requests = completion_requests(body, client.settings.max_batch_requests)
+
+    def run() -> list[Job]:
+        jobs = submit_completions(client, requests)
+        if isinstance(body, Mapping) and body.get("user") is not None:
+            log.info("completion for user %r: jobs %s", body["user"], [str(j.id) for j in jobs])
+        return finished_completion(client, jobs, state.settings.api_wait_timeout_s)
+
+    jobs = await run_in_threadpool(run)
+    for job in jobs:
+        failure = job_failure(job)
+        if failure is not None:
+            raise APIError(failure)
+    return completion_view(jobs, model=jobs[0].model)
+
+
+def live_models(client: CompletionClient, timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, int]:
+    """Return the models that live workers consume, with how many workers serve each."""
+    replies = client.app.control.inspect(timeout=timeout_s).active_queues() or {}
+    served: dict[str, int] = {}
+    for queues in replies.values():
+        for queue in queues or []:
+            name = str(queue.get("name", ""))
+            if name.startswith(QUEUE_PREFIX):
+                model = name.removeprefix(QUEUE_PREFIX)
+                served[model] = served.get(model, 0) + 1
+    return served
+
+
+@router.get("/models")
+def list_models(state: State) -> dict[str, Any]:
+    """The models that live workers serve now (asked over the broker, ~1 s)."""
+    now = int(time.time())
+    return {
+        "object": "list",
+        "data": [
+            {"id": model, "object": "model", "created": now, "owned_by": "completion-queue",
+             "workers": workers}
+            for model, workers in sorted(live_models(state.client).items())
+        ],
+    }  # fmt: skip

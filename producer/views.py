@@ -1,0 +1,97 @@
+"""What the HTTP API answers: jobs, OpenAI completions and errors as JSON-ready dicts.
+
+Pure functions of :class:`db.jobs.Job` snapshots, shared by the API routes, the
+batch output files and the webhook bodies, so each shape is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from db.jobs import Job
+from db.models import JobStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An error in OpenAI's shape, with the HTTP status it is sent with."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        """Return ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def usage(jobs: Sequence[Job]) -> dict[str, int]:
+    """Return OpenAI's ``usage`` over ``jobs``: prompt, completion and total tokens."""
+    prompt = sum(job.prompt_tokens or 0 for job in jobs)
+    completion = sum(job.completion_tokens or 0 for job in jobs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """Return a job as ``GET /v1/jobs/{id}`` shows it: every column, usage and timings."""
+    view = {"object": "job", **job.to_dict()}
+    view["usage"] = usage([job]) if job.prompt_tokens is not None else None
+    started, finished = job.started_at, job.finished_at
+    view["timings"] = {
+        "queued_s": (started - job.created_at).total_seconds() if started else None,
+        "run_s": (finished - started).total_seconds() if started and finished else None,
+        "total_s": job.latency_s,
+    }
+    return view
+
+
+def job_failure(job: Job) -> ErrorInfo | None:
+    """Return the error a finished, unsuccessful job answers with; None if it succeeded."""
+    if job.status is JobStatus.SUCCEEDED:
+        return None
+    if job.status is JobStatus.CANCELLED:
+        return ErrorInfo(409, f"job {job.id} was cancelled", code="cancelled")
+    if job.status is not JobStatus.FAILED:
+        return ErrorInfo(503, f"job {job.id} is still {job.status.value}", "server_error")
+    error = job.error or {}
+    kind, message = error.get("type", "ModelError"), error.get("message", "generation failed")
+    if kind == "ContextLengthExceeded":
+        return ErrorInfo(400, message, param="prompt", code="context_length_exceeded")
+    return ErrorInfo(500, f"generation failed: {message}", "server_error", code=kind)
+
+
+def completion_view(jobs: Sequence[Job], *, model: str) -> dict[str, Any]:
+    """Return succeeded ``jobs`` (one per prompt, in order) as an OpenAI ``text_completion``.
+
+    Choices are numbered prompt by prompt, ``n`` each, as OpenAI numbers them.
+    """
+    choices = [
+        {"text": c.text, "index": 0, "finish_reason": c.finish_reason, "logprobs": None}
+        for job in jobs
+        for c in job.choices
+    ]
+    for index, choice in enumerate(choices):
+        choice["index"] = index
+    return {
+        "id": f"cmpl-{jobs[0].id.hex}",
+        "object": "text_completion",
+        "created": int(jobs[0].created_at.timestamp()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(jobs),
+    }

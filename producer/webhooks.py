@@ -1,0 +1,119 @@
+"""Completion webhooks: POST each finished job to its callback URL, signed, with retries.
+
+Delivery runs in a dispatcher thread of the API process that reads finished jobs
+from the database, not in the worker: a worker's time belongs to the GPU, and a
+slow or dead callback endpoint must never hold a batch or its acks back. The
+database row stays the truth: a job written by any worker is delivered by any
+running API process, attempts are claimed with a guarded UPDATE (so several API
+processes never send the same attempt twice), and the status, attempt count,
+last error and delivery time are recorded on the job row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+from datetime import timedelta
+
+import httpx
+from sqlalchemy.orm import Session, sessionmaker
+
+from completion_queue.settings import Settings
+from db.jobs import Job, utcnow
+from db.webhooks import claim_webhook, due_webhooks, record_webhook
+from producer.views import job_view
+
+log = logging.getLogger(__name__)
+
+#: The header that carries ``sha256=<hex HMAC-SHA256 of the body>``.
+SIGNATURE_HEADER = "X-CQ-Signature"
+
+
+def sign(secret: str, body: bytes) -> str:
+    """Return the signature header value of ``body`` under ``secret``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class WebhookDispatcher:
+    """A daemon thread that delivers due webhooks every ``webhook_poll_ms``."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        if not settings.webhook_secret:
+            raise ValueError("webhook_secret is required to sign webhooks")
+        self.settings = settings
+        self.secret = settings.webhook_secret
+        self.sessions = sessions
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start delivering in the background."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="cq-webhooks", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop after the delivery in flight, if any."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=self.settings.webhook_timeout_s) as http:
+            while not self._stop.is_set():
+                try:
+                    self.run_once(http)
+                except Exception:
+                    log.exception("webhook dispatch failed; retrying")
+                self._stop.wait(self.settings.webhook_poll_ms / 1000)
+
+    def run_once(self, http: httpx.Client) -> int:
+        """Deliver every webhook due now; return how many attempts were made."""
+        now = utcnow()
+        with self.sessions() as session:
+            due = due_webhooks(session, now=now)
+        lease = now + timedelta(seconds=self.settings.webhook_timeout_s + 30)
+        made = 0
+        for job in due:
+            with self.sessions.begin() as session:
+                if not claim_webhook(
+                    session, job_id=job.id, attempts=job.webhook_attempts, lease_until=lease
+                ):
+                    continue
+            made += 1
+            error = self.deliver(http, job)
+            self._record(job, attempt=job.webhook_attempts + 1, error=error)
+        return made
+
+    def deliver(self, http: httpx.Client, job: Job) -> str | None:
+        """POST ``job`` to its callback URL; return why it failed, or None."""
+        assert job.callback_url is not None
+        body = json.dumps(job_view(job), ensure_ascii=False).encode()
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self.secret, body),
+            "X-CQ-Job-Id": str(job.id),
+        }
+        try:
+            response = http.post(job.callback_url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:500]
+        if response.is_success:
+            return None
+        return f"HTTP {response.status_code}"
+
+    def _record(self, job: Job, *, attempt: int, error: str | None) -> None:
+        retry_at = None
+        if error is not None and attempt < self.settings.webhook_max_attempts:
+            delay = self.settings.webhook_backoff_s * 2 ** (attempt - 1)
+            retry_at = utcnow() + timedelta(seconds=delay)
+            log.warning("webhook of job %s failed (%s); retry in %.1fs", job.id, error, delay)
+        elif error is not None:
+            log.warning("webhook of job %s failed for good after %d attempts", job.id, attempt)
+        with self.sessions.begin() as session:
+            record_webhook(
+                session, job_id=job.id, delivered=error is None, error=error, retry_at=retry_at
+            )

@@ -1,0 +1,361 @@
+"""The HTTP API for real: `cq api` under uvicorn, a real Redis, a real worker, the database.
+
+Driven with httpx and with the official `openai` package, as other services drive it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from completion_queue.constants import queue_name
+from completion_queue.redis_server import free_port
+from producer.cli import worker_env
+from tests.conftest import Stack
+from tests.reference import Reference
+
+KEY = "test-key-1"
+SECRET = "webhook-secret"
+MAX_BODY_BYTES = 256 * 1024
+#: A model no worker serves: its jobs stay queued until cancelled.
+NO_WORKER = "api-test-no-worker"
+
+
+@dataclass
+class Api:
+    """A running `cq api` process and an httpx client that sends its key."""
+
+    url: str
+    http: httpx.Client
+    model: str
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def start_api(stack: Stack, log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `cq api` on a free port with the stack's settings; return it when /healthz answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
+            env={**os.environ, **worker_env(stack.settings), **env},
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    until(lambda: _healthy(url) or process.poll() is not None, timeout_s=60)
+    assert process.poll() is None, log.read_text()
+    return process, url
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def until(condition: Callable[[], Any], timeout_s: float = 60) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    log = tmp_path_factory.mktemp("api") / "api.log"
+    process, url = start_api(
+        stack, log, CQ_API_KEYS=f"other-key,{KEY}", CQ_WEBHOOK_SECRET=SECRET,
+        CQ_WEBHOOK_BACKOFF_S="0.2", CQ_WEBHOOK_POLL_MS="50",
+        CQ_API_MAX_BODY_BYTES=str(MAX_BODY_BYTES), CQ_API_PAGE_SIZE="2",
+    )  # fmt: skip
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    yield Api(url=url, http=http, model=stack.settings.model)
+    http.close()
+    process.terminate()
+    process.wait(30)
+
+
+def wait_job(api: Api, job_id: str) -> dict[str, Any]:
+    return until(
+        lambda: (
+            (job := api.http.get(f"/v1/jobs/{job_id}").json())["status"]
+            not in ("queued", "running")
+            and job
+        )
+    )
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None, text: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert text in error["message"]
+    assert "Traceback" not in response.text
+
+
+def test_health_ready_and_keys(api: Api) -> None:
+    assert httpx.get(f"{api.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{api.url}/readyz").json()["status"] == "ok"
+    anonymous = httpx.get(f"{api.url}/v1/jobs")
+    assert_error(anonymous, 401, None, "API key")
+    wrong = httpx.get(f"{api.url}/v1/jobs", headers={"Authorization": "Bearer nope"})
+    assert_error(wrong, 401, None, "API key")
+    assert httpx.get(f"{api.url}/v1/jobs", headers={"Authorization": "Bearer other-key"}).is_success
+
+
+def test_native_jobs_submit_read_list_cancel(
+    api: Api, client: object, reference: Reference
+) -> None:
+    # Given one greedy job, then a list of three
+    one = api.http.post("/v1/jobs", json={"prompt": "Once upon a time", "max_new_tokens": 6,
+                                          "temperature": 0, "model": api.model})  # fmt: skip
+    assert one.status_code == 202 and one.headers["location"].startswith("/v1/jobs/")
+    job_id = one.json()["ids"][0]
+    prompts = ["The weather", "def add(a, b):", "Dear team,"]
+    many = api.http.post("/v1/jobs", json=[{"prompt": p, "max_new_tokens": 4, "temperature": 0}
+                                           for p in prompts])  # fmt: skip
+    assert many.status_code == 202
+    batch_id, ids = many.json()["batch_id"], many.json()["ids"]
+    # Then the single job's text is what a direct generate gives
+    job = wait_job(api, job_id)
+    text, n_tokens = reference.greedy("Once upon a time", 6)
+    assert job["status"] == "succeeded"
+    assert job["choices"][0]["text"] == text
+    assert job["usage"]["completion_tokens"] == n_tokens
+    assert job["timings"]["total_s"] > 0
+    # And the list pages through its batch two at a time (page size 2), newest first
+    for job_id_ in ids:
+        wait_job(api, job_id_)
+    first = api.http.get("/v1/jobs", params={"batch_id": batch_id}).json()
+    assert first["has_more"] and len(first["data"]) == 2
+    second = api.http.get("/v1/jobs", params={"batch_id": batch_id,
+                                              "cursor": first["next_cursor"]}).json()  # fmt: skip
+    assert not second["has_more"] and second["next_cursor"] is None
+    seen = [j["id"] for j in first["data"] + second["data"]]
+    assert seen == list(reversed(ids))
+    succeeded = api.http.get("/v1/jobs", params={"status": "succeeded", "limit": 1}).json()
+    assert len(succeeded["data"]) == 1
+    # And a finished job cannot be cancelled; unknown ids are 404
+    assert_error(api.http.post(f"/v1/jobs/{job_id}/cancel"), 409, None, "already succeeded")
+    assert_error(api.http.get("/v1/jobs/not-a-uuid"), 404, "id", "no job")
+    assert_error(api.http.get(f"/v1/jobs/{'0' * 32}"), 404, "id", "no job")
+
+
+@pytest.fixture
+def unserved_queue(stack: Stack) -> Iterator[None]:
+    """Drop the messages left for a model no worker serves, so other tests see no such queue."""
+    yield
+    keys = stack.redis.keys(queue_name(NO_WORKER) + "*")
+    if keys:
+        stack.redis.delete(*keys)
+
+
+@pytest.mark.usefixtures("unserved_queue")
+def test_cancel_queued_job(api: Api, client: object) -> None:
+    # A job for a model no worker serves stays queued until cancelled
+    job_id = api.http.post("/v1/jobs", json={"prompt": "x", "model": NO_WORKER}).json()["ids"][0]
+    cancelled = api.http.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+
+def test_bad_requests_name_the_field(api: Api, client: object) -> None:
+    assert_error(api.http.post("/v1/jobs", json={"prompt": "hi", "temperature": -1}),
+                 400, "temperature", "temperature must be >= 0, got -1")  # fmt: skip
+    assert_error(api.http.post("/v1/jobs", json=[{"prompt": "ok"}, {"prompt": "hi", "colour": 1}]),
+                 400, "colour", "requests[1]: colour is not a known parameter")  # fmt: skip
+    assert_error(api.http.post("/v1/jobs", json={"prompt": "hi", "callback_url": "ftp://x"}),
+                 400, "callback_url", "http:// or https://")  # fmt: skip
+    assert_error(api.http.post("/v1/jobs", content=b"{not json"), 422, None, "must be JSON")
+    assert_error(api.http.get("/v1/jobs", params={"cursor": "garbage"}), 400, "cursor", "cursor")
+    assert_error(api.http.get("/v1/jobs", params={"status": "done"}), 422, "status", "status")
+    too_big = api.http.post("/v1/jobs", json={"prompt": "x" * MAX_BODY_BYTES})
+    assert_error(too_big, 413, None, f"at most {MAX_BODY_BYTES} bytes")
+    assert api.http.get("/v1/jobs").json()["data"] == []  # nothing was written
+
+
+def test_idempotency_key_header(api: Api, client: object) -> None:
+    request = {"prompt": "Once upon a time", "max_new_tokens": 2}
+    first = api.http.post("/v1/jobs", json=request, headers={"Idempotency-Key": "k-1"})
+    again = api.http.post("/v1/jobs", json=request, headers={"Idempotency-Key": "k-1"})
+    assert first.json()["ids"] == again.json()["ids"]
+    other = api.http.post("/v1/jobs", json={**request, "prompt": "other"},
+                          headers={"Idempotency-Key": "k-1"})  # fmt: skip
+    assert_error(other, 409, "idempotency_key", "used for a different request")
+    job = api.http.get(f"/v1/jobs/{first.json()['ids'][0]}").json()
+    assert job["idempotency_key"] == "k-1" and job["prompt"] == "Once upon a time"
+
+
+def test_openai_completions_equal_direct_generate(
+    api: Api, client: object, reference: Reference
+) -> None:
+    oai = api.openai()
+    prompts = ["Once upon a time", "The queue takes a job and"]
+    # When the official client asks for greedy completions of two prompts
+    done = oai.completions.create(model=api.model, prompt=prompts, max_tokens=7, temperature=0,
+                                  user="tester")  # fmt: skip
+    # Then each choice is what a direct generate gives, in OpenAI's shape
+    assert done.object == "text_completion" and done.model == api.model
+    expected = [reference.greedy(p, 7) for p in prompts]
+    assert [c.text for c in done.choices] == [text for text, _ in expected]
+    assert [c.index for c in done.choices] == [0, 1]
+    assert [c.finish_reason for c in done.choices] == [
+        "length" if n == 7 else "stop" for _, n in expected
+    ]
+    assert done.usage is not None
+    assert done.usage.completion_tokens == sum(n for _, n in expected)
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    # And n choices per prompt come back, numbered in order
+    sampled = oai.completions.create(model=api.model, prompt="Hello", max_tokens=3, n=3, seed=5)
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+
+
+def test_openai_unsupported_and_invalid_parameters(api: Api, client: object) -> None:
+    oai = api.openai()
+    with pytest.raises(openai.BadRequestError) as stream:
+        oai.completions.create(model=api.model, prompt="hi", stream=True)
+    assert stream.value.body["param"] == "stream"  # type: ignore[index]
+    assert "stream is not supported" in stream.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as logprobs:
+        oai.completions.create(model=api.model, prompt="hi", logprobs=2)
+    assert logprobs.value.body["param"] == "logprobs"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as tokens:
+        oai.completions.create(model=api.model, prompt="hi", max_tokens=0)
+    assert tokens.value.body["param"] == "max_tokens"  # type: ignore[index]
+    assert "max_tokens must be >= 1, got 0" in tokens.value.body["message"]  # type: ignore[index]
+    # neutral values ask for nothing we do not do: accepted
+    ok = api.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "echo": False,
+                                                "presence_penalty": 0, "logprobs": None})  # fmt: skip
+    assert ok.status_code == 200, ok.text
+    assert client.list() != []  # type: ignore[attr-defined]
+
+
+def test_models_are_those_live_workers_serve(api: Api) -> None:
+    models = api.openai().models.list()
+    assert [m.id for m in models.data] == [api.model]
+
+
+def test_openai_batch_roundtrip(api: Api, client: object, reference: Reference) -> None:
+    oai = api.openai()
+    prompts = ["Once upon a time", "The weather", "Dear team,"]
+    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": api.model, "prompt": p, "max_tokens": 5, "temperature": 0}}
+             for i, p in enumerate(prompts)]  # fmt: skip
+    # one request that fails at run time: its prompt does not fit the model's context
+    lines.append({"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
+                  "body": {"model": api.model, "prompt": "word " * 600, "max_tokens": 5}})  # fmt: skip
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    uploaded = oai.files.create(file=("input.jsonl", data), purpose="batch")
+    assert uploaded.bytes == len(data) and uploaded.purpose == "batch"
+    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                               completion_window="24h", metadata={"run": "test"})  # fmt: skip
+    assert batch.status == "in_progress" and batch.request_counts.total == 4  # type: ignore[union-attr]
+    done = until(lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b)
+    assert done.request_counts.completed == 3 and done.request_counts.failed == 1
+    assert done.metadata == {"run": "test"}
+    output = [json.loads(line) for line in oai.files.content(done.output_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in output] == ["req-0", "req-1", "req-2"]
+    for out, prompt in zip(output, prompts, strict=True):
+        assert out["response"]["status_code"] == 200
+        assert out["response"]["body"]["choices"][0]["text"] == reference.greedy(prompt, 5)[0]
+    errors = [json.loads(line) for line in oai.files.content(done.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["too-long"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    assert oai.files.content(uploaded.id).content == data
+    with pytest.raises(openai.ConflictError):
+        oai.batches.cancel(batch.id)
+
+
+@pytest.mark.usefixtures("unserved_queue")
+def test_batch_input_errors_and_cancel(api: Api, client: object) -> None:
+    oai = api.openai()
+    bad = oai.files.create(file=("bad.jsonl", b'{"custom_id": "a", "url": "/v1/completions", '
+                           b'"body": {"prompt": "x", "top_p": 5}}\n'), purpose="batch")  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.batches.create(
+            input_file_id=bad.id, endpoint="/v1/completions", completion_window="24h"
+        )
+    assert "line 1" in refused.value.body["message"] and "top_p" in refused.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        oai.batches.retrieve("batch_nope")
+    # A batch for a model no worker serves waits; cancelling it cancels its jobs
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": NO_WORKER, "prompt": "x"}}  # fmt: skip
+    waiting = oai.files.create(file=("w.jsonl", json.dumps(line).encode()), purpose="batch")
+    batch = oai.batches.create(input_file_id=waiting.id, endpoint="/v1/completions",
+                               completion_window="24h")  # fmt: skip
+    cancelled = oai.batches.cancel(batch.id)
+    assert cancelled.status == "cancelled" and cancelled.request_counts.failed == 1  # type: ignore[union-attr]
+    assert cancelled.output_file_id is None and cancelled.error_file_id is not None
+    error = json.loads(oai.files.content(cancelled.error_file_id).text)
+    assert error["response"]["body"]["error"]["code"] == "cancelled"
+
+
+@dataclass
+class HookServer:
+    """A local HTTP endpoint that records webhook POSTs and answers with scripted codes."""
+
+    codes: list[int]
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+
+@pytest.fixture
+def hooks() -> Iterator[tuple[HookServer, str]]:
+    state = HookServer(codes=[500, 200])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state.received.append((dict(self.headers), body))
+            self.send_response(state.codes.pop(0) if state.codes else 200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state, f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def test_webhook_is_signed_retried_and_recorded(
+    api: Api, client: object, hooks: tuple[HookServer, str]
+) -> None:
+    server, url = hooks
+    # Given a job with a callback URL whose endpoint fails once, then accepts
+    job_id = api.http.post("/v1/jobs", json={"prompt": "Hello", "max_new_tokens": 3,
+                                             "callback_url": url}).json()["ids"][0]  # fmt: skip
+    # When the job ends, the API delivers it, retrying with backoff
+    job = until(lambda: (j := api.http.get(f"/v1/jobs/{job_id}").json())["webhook_status"]
+                == "delivered" and j, timeout_s=60)  # fmt: skip
+    # Then both attempts carried the job, signed with HMAC-SHA256 of the body
+    assert job["webhook_attempts"] == 2 and job["webhook_delivered_at"]
+    assert len(server.received) == 2
+    for headers, body in server.received:
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert headers["X-CQ-Signature"] == expected
+        assert json.loads(body)["id"] == job_id and json.loads(body)["status"] == "succeeded"

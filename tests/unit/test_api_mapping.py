@@ -1,0 +1,125 @@
+"""Pure pieces of the HTTP API: OpenAI parameter mapping, response shapes, cursors, signing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from click.testing import CliRunner
+
+from completion_queue.errors import ValidationError
+from db.jobs import Choice, Job
+from db.models import JobStatus
+from producer.api import is_loopback
+from producer.cli import cli
+from producer.jobs_api import decode_cursor, encode_cursor
+from producer.openai_api import completion_requests, in_openai_names
+from producer.views import completion_view, job_failure
+from producer.webhooks import sign
+
+
+def job(status: JobStatus = JobStatus.SUCCEEDED, **overrides: object) -> Job:
+    values: dict[str, object] = dict(
+        id=uuid.uuid4(), status=status, model="m", prompt="p", params={},
+        choices=[Choice("a", "stop", 1), Choice("b", "length", 2)], prompt_tokens=3,
+        completion_tokens=3, error=None, attempts=1, worker="w", priority=0,
+        idempotency_key=None, batch_id=None, created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        started_at=None, finished_at=None,
+    )  # fmt: skip
+    values.update(overrides)
+    return Job(**values)  # type: ignore[arg-type]
+
+
+def test_openai_parameters_map_to_one_request_per_prompt() -> None:
+    body = {"model": "m", "prompt": ["a", "b"], "max_tokens": 5, "temperature": 0, "n": 2,
+            "stop": ".", "seed": 1, "user": "u", "top_p": None}  # fmt: skip
+    assert completion_requests(body, max_prompts=10) == [
+        {"prompt": p, "model": "m", "max_new_tokens": 5, "temperature": 0, "n": 2, "stop": ".",
+         "seed": 1}
+        for p in ("a", "b")
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"stream": False}, {"echo": False}, {"logprobs": None}, {"presence_penalty": 0.0},
+     {"frequency_penalty": 0}, {"best_of": 1}, {"logit_bias": {}}, {"suffix": None}],
+)  # fmt: skip
+def test_neutral_values_of_unsupported_parameters_are_accepted(extra: dict[str, object]) -> None:
+    assert completion_requests({"prompt": "a", **extra}, max_prompts=1) == [{"prompt": "a"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"prompt": "a", "stream": True}, "stream", "stream is not supported (only False or null)"),
+        ({"prompt": "a", "logprobs": 0}, "logprobs", "logprobs is not supported"),
+        ({"prompt": "a", "best_of": True}, "best_of", "best_of is not supported"),
+        ({"prompt": "a", "tools": []}, "tools", "tools is not a supported parameter"),
+        ({"max_tokens": 3}, "prompt", "prompt is required"),
+        ({"prompt": [1, 2]}, "prompt", "token ids are not supported"),
+        ({"prompt": []}, "prompt", "non-empty list"),
+        ({"prompt": ["a", "b", "c"]}, "prompt", "at most 2 prompts"),
+        (["a"], "request", "JSON object"),
+    ],
+)
+def test_unsupported_parameters_are_refused_by_name(body: object, field: str, message: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        completion_requests(body, max_prompts=2)
+    assert refused.value.field == field
+    assert message in str(refused.value)
+
+
+def test_errors_use_openai_names() -> None:
+    ours = ValidationError(
+        "requests[0]: max_new_tokens must be >= 1, got 0", field="max_new_tokens"
+    )
+    theirs = in_openai_names(ours)
+    assert (str(theirs), theirs.field) == ("max_tokens must be >= 1, got 0", "max_tokens")
+
+
+def test_completion_view_numbers_choices_prompt_by_prompt() -> None:
+    jobs = [job(), job(choices=[Choice("c", "stop", 4)], prompt_tokens=2, completion_tokens=4)]
+    view = completion_view(jobs, model="m")
+    assert [(c["text"], c["index"]) for c in view["choices"]] == [("a", 0), ("b", 1), ("c", 2)]
+    assert view["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    assert view["object"] == "text_completion" and view["id"] == f"cmpl-{jobs[0].id.hex}"
+    assert all(c["logprobs"] is None for c in view["choices"])
+
+
+def test_failed_jobs_map_to_status_codes() -> None:
+    assert job_failure(job()) is None
+    too_long = job(JobStatus.FAILED, error={"type": "ContextLengthExceeded", "message": "long"})
+    info = job_failure(too_long)
+    assert info is not None and (info.status, info.code) == (400, "context_length_exceeded")
+    crashed = job_failure(job(JobStatus.FAILED, error={"type": "ModelError", "message": "x"}))
+    assert crashed is not None and crashed.status == 500 and crashed.type == "server_error"
+    cancelled = job_failure(job(JobStatus.CANCELLED))
+    assert cancelled is not None and cancelled.status == 409
+
+
+def test_cursor_round_trips_and_refuses_garbage() -> None:
+    j = job()
+    assert decode_cursor(encode_cursor(j)) == (j.created_at, j.id)
+    with pytest.raises(ValidationError, match="cursor"):
+        decode_cursor("not-a-cursor")
+
+
+def test_signature_is_hmac_sha256_of_the_body() -> None:
+    expected = hmac.new(b"s", b"{}", hashlib.sha256).hexdigest()
+    assert sign("s", b"{}") == f"sha256={expected}"
+
+
+def test_loopback_hosts() -> None:
+    assert all(map(is_loopback, ["127.0.0.1", "::1", "localhost", "127.0.0.2"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.2", "example.com", "::"]))
+
+
+def test_api_refuses_a_public_address_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CQ_API_KEYS", raising=False)
+    result = CliRunner().invoke(cli, ["api", "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "refusing to bind 0.0.0.0 without an API key" in result.output
