@@ -15,9 +15,11 @@ from db.jobs import (
     get_job,
     get_jobs,
     list_jobs,
+    prune_jobs,
 )
 from db.migrate import upgrade
 from db.models import FINISHED_STATUSES, JobRow, JobStatus
+from db.stats import FinishedJob, count_by_status, finished_since, queued_models
 
 __all__ = [
     # rows and snapshots
@@ -28,6 +30,7 @@ __all__ = [
     "JobStatus",
     "NewJob",
     "Outcome",
+    "FinishedJob",
     # engine and schema
     "make_engine",
     "make_session_factory",
@@ -42,4 +45,9 @@ __all__ = [
     "get_job",
     "get_jobs",
     "list_jobs",
+    "prune_jobs",
+    # aggregates
+    "count_by_status",
+    "finished_since",
+    "queued_models",
 ]

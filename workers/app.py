@@ -5,29 +5,74 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery, signals
+import redis
+from celery import Celery, bootsteps, signals
 from celery_batches import Batches, SimpleRequest
 
 from completion_queue.celery_app import create_app, resolve_broker_url
-from completion_queue.constants import TASK_GENERATE, TINY_MODEL_NAME, WORKER_READY_LINE
+from completion_queue.constants import (
+    TASK_GENERATE,
+    TINY_MODEL_NAME,
+    WORKER_READY_LINE,
+    queue_name,
+)
 from completion_queue.errors import FatalModelError
+from completion_queue.metrics import Metrics, QueueDepthCollector
 from completion_queue.settings import Settings, redact_url
 from db.engine import make_engine, make_session_factory
+from db.jobs import Job, Outcome
+from db.models import JobStatus
+from workers.events import JobEvents, install_job_events
+from workers.metrics import WorkerMetrics
+
+if TYPE_CHECKING:
+    from workers.runner import BatchListener
 
 log = logging.getLogger(__name__)
 
 
-class WorkerState:
-    """What one worker process holds: the resident model and the batch runner."""
+class JobCounts:
+    """How many batches and jobs this worker finished (shown by Flower and `cq workers`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self) -> None:
+        self.batches = 0
+        self.succeeded = 0
+        self.failed = 0
+
+    def claimed(self, jobs: Sequence[Job], *, skipped: Sequence[uuid.UUID], worker: str) -> None:
+        """Nothing to count until the batch is committed."""
+
+    def finished(
+        self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
+    ) -> None:
+        """Count the batch and its outcomes."""
+        self.batches += 1
+        for outcome in outcomes:
+            if outcome.status is JobStatus.SUCCEEDED:
+                self.succeeded += 1
+            else:
+                self.failed += 1
+
+
+class WorkerState:
+    """What one worker process holds: the resident model, the batch runner, its metrics."""
+
+    def __init__(self, settings: Settings, broker_url: str) -> None:
         self.settings = settings
+        self.broker_url = broker_url
         self.runner: Any = None
+        self.events = JobEvents()
+        self.counts = JobCounts()
+        self.metrics = Metrics()
+        self.model_load_s: float | None = None
 
     def start(self) -> None:
-        """Load the model once, warm it up and connect to the database."""
+        """Load the model once, warm it up, connect to the database, serve /metrics."""
         from workers.model import ModelRuntime
         from workers.runner import BatchRunner
         from workers.tiny import ensure_tiny_model
@@ -36,17 +81,58 @@ class WorkerState:
         path = settings.model_path()
         if settings.model == TINY_MODEL_NAME:
             ensure_tiny_model(path)
+        started = time.perf_counter()
         runtime = ModelRuntime(path, device=settings.device, dtype=settings.dtype)
         runtime.warm_up()
+        self.model_load_s = time.perf_counter() - started
         engine = make_engine(settings.resolved_database_url())
+        listeners: list[BatchListener] = [
+            self.events,
+            self.counts,
+            WorkerMetrics(self.metrics, model=settings.model),
+        ]
         self.runner = BatchRunner(
-            runtime, make_session_factory(engine), max_rows=settings.batch_size
+            runtime, make_session_factory(engine), max_rows=settings.batch_size, listeners=listeners
         )
+        self._start_metrics(runtime)
         log.info(
             "serving model %s on %s, batch size %d, batch wait %d ms, database %s",
             settings.model, runtime.device, settings.batch_size, settings.batch_wait_ms,
             redact_url(settings.resolved_database_url()),
         )  # fmt: skip
+
+    def _start_metrics(self, runtime: Any) -> None:
+        settings, metrics = self.settings, self.metrics
+        assert self.model_load_s is not None
+        metrics.set_model_load(
+            model=settings.model, device=str(runtime.device), seconds=self.model_load_s
+        )
+        metrics.worker_info.info({k: str(v) for k, v in self.describe().items()})
+        broker = redis.Redis.from_url(self.broker_url, socket_timeout=5)
+        metrics.registry.register(QueueDepthCollector(broker, lambda: [settings.model]))
+        if settings.metrics_port:
+            metrics.serve(settings.metrics_port, settings.metrics_address)
+
+    def describe(self) -> dict[str, Any]:
+        """Return what this worker serves and has done: Flower's and `cq workers`' view."""
+        settings = self.settings
+        runtime = self.runner.runtime if self.runner is not None else None
+        return {
+            "model": settings.model,
+            "queue": queue_name(settings.model),
+            "device": str(runtime.device) if runtime is not None else settings.device,
+            "dtype": str(runtime.dtype).removeprefix("torch.") if runtime else settings.dtype,
+            "batch_size": settings.batch_size,
+            "batch_wait_ms": settings.batch_wait_ms,
+            "prefetch": 2 * settings.batch_size,
+            "model_load_s": round(self.model_load_s, 3) if self.model_load_s else None,
+            "ready": runtime is not None,
+            "batches": self.counts.batches,
+            "jobs_succeeded": self.counts.succeeded,
+            "jobs_failed": self.counts.failed,
+            "jobs_done": self.counts.succeeded + self.counts.failed,
+            "metrics_port": settings.metrics_port or None,
+        }
 
     def run(self, requests: list[SimpleRequest]) -> None:
         """Run one micro-batch of task requests (task id = job id)."""
@@ -64,11 +150,24 @@ class WorkerState:
 
 def create_worker_app(settings: Settings, broker_url: str | None = None) -> Celery:
     """Return the Celery app for a worker serving ``settings.model``."""
-    app = create_app(settings, broker_url or resolve_broker_url(settings))
+    url = broker_url or resolve_broker_url(settings)
+    app = create_app(settings, url)
     # One process holds the model; nothing forks after CUDA starts.
     app.conf.worker_pool = "solo"
     app.conf.worker_concurrency = 1
-    state = WorkerState(settings)
+    state = WorkerState(settings, url)
+    install_job_events(app, state.events)
+
+    class DescribeStep(bootsteps.StartStopStep):  # type: ignore[misc]
+        """Adds ``cq`` (model, device, batch settings, jobs done) to the worker's stats.
+
+        A start-stop step, because only those are asked for ``info``.
+        """
+
+        def info(self, worker: Any) -> dict[str, Any]:
+            return {"cq": state.describe()}
+
+    app.steps["worker"].add(DescribeStep)
 
     @signals.worker_process_init.connect(weak=False)
     def _load_model(**_: Any) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
+from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,27 +41,59 @@ def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
     )
 
 
+class BatchListener(Protocol):
+    """Watches batches go by (task events, metrics); it must never fail a batch."""
+
+    def claimed(self, jobs: Sequence[Job], *, skipped: Sequence[uuid.UUID], worker: str) -> None:
+        """The ``jobs`` now run; the ``skipped`` ids were finished or cancelled already."""
+
+    def finished(
+        self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
+    ) -> None:
+        """The outcomes of ``jobs`` are committed; generating them took ``generation_s``."""
+
+
 class BatchRunner:
     """Runs micro-batches of job ids against one resident model and one database."""
 
     def __init__(
-        self, runtime: ModelRuntime, sessions: sessionmaker[Session], *, max_rows: int
+        self,
+        runtime: ModelRuntime,
+        sessions: sessionmaker[Session],
+        *,
+        max_rows: int,
+        listeners: Sequence[BatchListener] = (),
     ) -> None:
         self.runtime = runtime
         self.sessions = sessions
         self.max_rows = max_rows
+        self.listeners = list(listeners)
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Claim, generate and commit one batch; return the outcomes written."""
         ids = [uuid.UUID(job_id) for job_id in job_ids]
         with self.sessions.begin() as session:
             claimed = claim_jobs(session, job_ids=ids, worker=worker)
+        held = {job.id for job in claimed}
+        skipped = [job_id for job_id in ids if job_id not in held]
+        self._tell("claimed", claimed, skipped=skipped, worker=worker)
         if not claimed:
             return []
+        started = time.perf_counter()
         outcomes = self.generate(claimed)
+        generation_s = time.perf_counter() - started
         with self.sessions.begin() as session:
             finish_jobs(session, outcomes=outcomes)
+        self._tell("finished", claimed, outcomes, generation_s=generation_s)
         return outcomes
+
+    def _tell(self, event: str, *args: object, **kwargs: object) -> None:
+        for listener in self.listeners:
+            try:
+                getattr(listener, event)(*args, **kwargs)
+            except Exception:
+                # Monitoring is never a reason to lose or fail a batch.
+                log.exception("batch listener %r failed on %s", listener, event)
 
     def generate(self, jobs: Sequence[Job]) -> list[Outcome]:
         """Return an outcome for every job; a job that fails fails alone."""
