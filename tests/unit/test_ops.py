@@ -1,0 +1,99 @@
+"""The light ops pieces: Flower's command line, durations, queue keys, the metrics module."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import click
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from completion_queue.celery_app import create_app, queue_keys
+from completion_queue.errors import ConfigError
+from completion_queue.metrics import JobStatusCollector, Metrics
+from completion_queue.settings import Settings
+from producer.cli import Duration
+from producer.flower import check_auth, flower_command, is_loopback
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False),
+     ("", False), ("10.0.0.5", False), ("flower.internal", False)],
+)  # fmt: skip
+def test_loopback_addresses(address: str, loopback: bool) -> None:
+    assert is_loopback(address) is loopback
+
+
+def test_flower_needs_auth_beyond_loopback_and_keeps_it_out_of_argv(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CQ_FLOWER_BASIC_AUTH"):
+        check_auth(Settings(flower_address="0.0.0.0"))
+    with pytest.raises(ConfigError, match="user:password"):
+        check_auth(Settings(flower_basic_auth="admin"))
+    settings = Settings(
+        broker_url="redis://:pw@redis:6379/0",
+        flower_address="0.0.0.0",
+        flower_port=5566,
+        flower_basic_auth="admin:s3cret,ops:other",
+        flower_db=tmp_path / "state" / "flower.db",
+    )
+    argv, env = flower_command(settings)
+    assert argv[1:6] == ["-m", "celery", "--app", "completion_queue.flower_app", "flower"]
+    assert "--address=0.0.0.0" in argv and "--port=5566" in argv
+    assert f"--db={tmp_path / 'state' / 'flower.db'}" in argv and "--persistent=True" in argv
+    assert not any("s3cret" in arg for arg in argv)
+    assert env["FLOWER_BASIC_AUTH"] == "admin:s3cret,ops:other"
+    assert env["CQ_BROKER_URL"] == "redis://:pw@redis:6379/0"
+    # Loopback needs no auth and keeps state in memory
+    argv, env = flower_command(Settings(broker_url="redis://127.0.0.1:6379/0"))
+    assert "--address=127.0.0.1" in argv and not any("--persistent" in a for a in argv)
+
+
+@pytest.mark.parametrize(
+    ("text", "span"),
+    [("90s", timedelta(seconds=90)), ("30m", timedelta(minutes=30)), ("12h", timedelta(hours=12)),
+     ("7d", timedelta(days=7)), ("2w", timedelta(weeks=2)), ("1.5h", timedelta(minutes=90))],
+)  # fmt: skip
+def test_durations(text: str, span: timedelta) -> None:
+    assert Duration().convert(text, None, None) == span
+
+
+@pytest.mark.parametrize("text", ["7", "7 days", "-1d", "d", "7y"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(click.BadParameter, match="not a duration"):
+        Duration().convert(text, None, None)
+
+
+def test_queue_keys_follow_kombu_priority_lists() -> None:
+    keys = queue_keys("cq.model.gpt2")
+    assert keys[0] == "cq.model.gpt2" and keys[9] == "cq.model.gpt2\x06\x169" and len(keys) == 10
+
+
+def test_events_are_on_for_flower() -> None:
+    conf = create_app(Settings(), "redis://127.0.0.1:1/0").conf
+    assert conf.worker_send_task_events and conf.task_send_sent_event
+
+
+def test_metrics_use_prometheus_names_in_their_own_registry() -> None:
+    metrics, other = Metrics(), Metrics()  # two registries side by side
+    metrics.observe_started(model="m", queue_wait_s=0.2)
+    metrics.observe_finished(model="m", status="succeeded", latency_s=0.5)
+    metrics.observe_finished(model="m", status="failed", latency_s=0.1)
+    metrics.observe_batch(model="m", jobs=2, generation_s=0.25, tokens=10)
+    metrics.registry.register(JobStatusCollector(lambda: {"queued": 3, "succeeded": 1}))
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.expose().decode())
+        for s in family.samples
+    }
+    assert found[("cq_jobs_total", (("model", "m"), ("status", "succeeded")))] == 1
+    assert found[("cq_jobs_total", (("model", "m"), ("status", "failed")))] == 1
+    assert found[("cq_generation_seconds_bucket", (("le", "0.25"), ("model", "m")))] == 1
+    assert found[("cq_job_latency_seconds_count", (("model", "m"),))] == 2
+    assert found[("cq_queue_wait_seconds_sum", (("model", "m"),))] == pytest.approx(0.2)
+    assert found[("cq_batch_size_bucket", (("le", "2.0"), ("model", "m")))] == 1
+    assert found[("cq_tokens_per_second", (("model", "m"),))] == 40
+    assert found[("cq_completion_tokens_total", (("model", "m"),))] == 10
+    assert found[("cq_jobs_in_status", (("status", "queued"),))] == 3
+    assert b"cq_jobs_total{" not in other.expose()
