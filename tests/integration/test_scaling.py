@@ -103,12 +103,16 @@ def test_high_priority_job_overtakes_queued_normal_ones(
     assert sum(start > urgent_done.started_at for start in starts) >= 2 * batch - 1
 
 
-def _cq_prune(database_url: str, *args: str) -> str:
+def run_prune(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CQ_DATABASE_URL": database_url}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "producer.cli", "prune", *args],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+def _cq_prune(database_url: str, *args: str) -> str:
+    done = run_prune(database_url, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -169,9 +173,7 @@ def test_prune_removes_old_finished_jobs_only(database_url: str) -> None:
 
 
 def test_prune_refuses_a_bad_duration_or_an_unfinished_status(database_url: str) -> None:
-    env = {**os.environ, "CQ_DATABASE_URL": database_url}
     for args, message in ((["--older-than", "7 days"], "is not a duration"),
                           (["--older-than", "7d", "--status", "queued"], "queued")):  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "producer.cli", "prune", *args],
-                              env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        done = run_prune(database_url, *args)
         assert done.returncode == 2 and message in done.stderr

@@ -97,3 +97,9 @@ def test_metrics_use_prometheus_names_in_their_own_registry() -> None:
     assert found[("cq_completion_tokens_total", (("model", "m"),))] == 10
     assert found[("cq_jobs_in_status", (("status", "queued"),))] == 3
     assert b"cq_jobs_total{" not in other.expose()
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [f for f in Settings.model_fields if f"`CQ_{f.upper()}`" not in readme]
+    assert not missing, f"README.md's table lacks {missing}"
