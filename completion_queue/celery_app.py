@@ -58,6 +58,11 @@ def queue_depth(client: Any, queue: str) -> int:
         return sum(int(n) for n in pipe.execute())
 
 
+def prefetch_count(settings: Settings) -> int:
+    """Return how many messages a worker reserves: a full batch plus the next one forming."""
+    return max(1, 2 * settings.batch_size)
+
+
 def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
     """Return a Celery app configured for completion-queue on ``broker_url``."""
     url = broker_url or resolve_broker_url(settings)
@@ -85,7 +90,7 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # Enough prefetch for a full batch plus the next one forming.
-        worker_prefetch_multiplier=max(1, 2 * settings.batch_size),
+        worker_prefetch_multiplier=prefetch_count(settings),
         # Task events, so Flower shows every job: sent by the producer, then
         # received, started, succeeded or failed by the worker (workers/events.py).
         worker_send_task_events=True,

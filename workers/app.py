@@ -14,7 +14,7 @@ import redis
 from celery import Celery, bootsteps, signals
 from celery_batches import Batches, SimpleRequest
 
-from completion_queue.celery_app import create_app, resolve_broker_url
+from completion_queue.celery_app import create_app, prefetch_count, resolve_broker_url
 from completion_queue.constants import (
     TASK_GENERATE,
     TINY_MODEL_NAME,
@@ -107,7 +107,9 @@ class WorkerState:
         metrics.set_model_load(
             model=settings.model, device=str(runtime.device), seconds=self.model_load_s
         )
-        metrics.worker_info.info({k: str(v) for k, v in self.describe().items()})
+        static = ("model", "queue", "device", "dtype", "batch_size", "batch_wait_ms", "prefetch")
+        described = self.describe()
+        metrics.worker_info.info({key: str(described[key]) for key in static})
         broker = redis.Redis.from_url(self.broker_url, socket_timeout=5)
         metrics.registry.register(QueueDepthCollector(broker, lambda: [settings.model]))
         if settings.metrics_port:
@@ -124,7 +126,7 @@ class WorkerState:
             "dtype": str(runtime.dtype).removeprefix("torch.") if runtime else settings.dtype,
             "batch_size": settings.batch_size,
             "batch_wait_ms": settings.batch_wait_ms,
-            "prefetch": 2 * settings.batch_size,
+            "prefetch": prefetch_count(settings),
             "model_load_s": round(self.model_load_s, 3) if self.model_load_s else None,
             "ready": runtime is not None,
             "batches": self.counts.batches,

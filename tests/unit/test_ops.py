@@ -103,3 +103,54 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [f for f in Settings.model_fields if f"`CQ_{f.upper()}`" not in readme]
     assert not missing, f"README.md's table lacks {missing}"
+
+
+class FakeDispatcher:
+    """Records events as the worker's dispatcher would send them."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, object]]] = []
+        self.flushes = 0
+
+    def send(self, kind: str, **fields: object) -> None:
+        self.sent.append((kind, fields))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_job_events_per_job_state() -> None:
+    import uuid
+
+    from db.jobs import Choice, Job, Outcome, utcnow
+    from db.models import JobStatus
+    from workers.events import JobEvents
+
+    events, dispatcher = JobEvents(), FakeDispatcher()
+    events.claimed([], skipped=[uuid.uuid4()], worker="w")  # no dispatcher yet: nothing, no error
+    events.dispatcher = dispatcher
+    ran, gone = uuid.uuid4(), uuid.uuid4()
+    job = Job(id=ran, status=JobStatus.RUNNING, model="m", prompt="p", params={}, choices=[],
+              prompt_tokens=None, completion_tokens=None, error=None, attempts=1, worker="w",
+              priority=0, idempotency_key=None, batch_id=None, created_at=utcnow(),
+              started_at=utcnow(), finished_at=None)  # fmt: skip
+    events.claimed([job], skipped=[gone], worker="w")
+    events.finished(
+        [job, job],
+        [Outcome(job_id=ran, attempt=1, status=JobStatus.SUCCEEDED,
+                 choices=[Choice("hi", "length", 2)]),
+         Outcome(job_id=gone, attempt=1, status=JobStatus.FAILED,
+                 error={"type": "ModelError", "message": "boom"})],
+        generation_s=0.5,
+    )  # fmt: skip
+    kinds = [(kind, fields["uuid"]) for kind, fields in dispatcher.sent]
+    assert kinds == [("task-started", str(ran)), ("task-revoked", str(gone)),
+                     ("task-succeeded", str(ran)), ("task-failed", str(gone))]  # fmt: skip
+    assert dispatcher.sent[2][1]["runtime"] == 0.5
+    assert dispatcher.sent[3][1]["exception"] == "ModelError: boom"
+    assert dispatcher.flushes == 2
+    dispatcher.enabled = False  # `celery control disable_events`
+    events.claimed([job], skipped=[], worker="w")
+    assert len(dispatcher.sent) == 4
