@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -37,12 +39,31 @@ log = logging.getLogger(__name__)
 
 
 class JobCounts:
-    """How many batches and jobs this worker finished (shown by Flower and `cq workers`)."""
+    """How many batches and jobs this worker finished (shown by Flower and `cq workers`).
+
+    The counts live in shared memory made before any pool process forks, so the
+    main process, which answers Flower's inspect calls, sees what a pool process ran.
+    """
 
     def __init__(self) -> None:
-        self.batches = 0
-        self.succeeded = 0
-        self.failed = 0
+        self._batches = multiprocessing.Value("q", 0)
+        self._succeeded = multiprocessing.Value("q", 0)
+        self._failed = multiprocessing.Value("q", 0)
+
+    @property
+    def batches(self) -> int:
+        """Batches committed."""
+        return int(self._batches.value)
+
+    @property
+    def succeeded(self) -> int:
+        """Jobs that succeeded."""
+        return int(self._succeeded.value)
+
+    @property
+    def failed(self) -> int:
+        """Jobs that failed."""
+        return int(self._failed.value)
 
     def claimed(self, jobs: Sequence[Job], *, skipped: Sequence[uuid.UUID], worker: str) -> None:
         """Nothing to count until the batch is committed."""
@@ -51,25 +72,56 @@ class JobCounts:
         self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
     ) -> None:
         """Count the batch and its outcomes."""
-        self.batches += 1
-        for outcome in outcomes:
-            if outcome.status is JobStatus.SUCCEEDED:
-                self.succeeded += 1
-            else:
-                self.failed += 1
+        ok = sum(outcome.status is JobStatus.SUCCEEDED for outcome in outcomes)
+        with self._batches.get_lock():
+            self._batches.value += 1
+        with self._succeeded.get_lock():
+            self._succeeded.value += ok
+        with self._failed.get_lock():
+            self._failed.value += len(outcomes) - ok
+
+
+class LoadedModel:
+    """Where the model was loaded (device, dtype, seconds), shared like :class:`JobCounts`."""
+
+    def __init__(self) -> None:
+        self._device = multiprocessing.Array(ctypes.c_char, 64)
+        self._dtype = multiprocessing.Array(ctypes.c_char, 32)
+        self._load_s = multiprocessing.Value("d", -1.0)
+
+    def set(self, *, device: str, dtype: str, load_s: float) -> None:
+        """Record the loaded model's device, dtype and load time."""
+        self._device.value = device.encode()[:63]
+        self._dtype.value = dtype.encode()[:31]
+        self._load_s.value = load_s
+
+    @property
+    def device(self) -> str | None:
+        """The device, or None before the model is loaded."""
+        return self._device.value.decode() or None
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype (``float32``, ...), or None before the model is loaded."""
+        return self._dtype.value.decode() or None
+
+    @property
+    def load_s(self) -> float | None:
+        """Seconds to load and warm up, or None before the model is loaded."""
+        return float(self._load_s.value) if self._load_s.value >= 0 else None
 
 
 class WorkerState:
     """What one worker process holds: the resident model, the batch runner, its metrics."""
 
-    def __init__(self, settings: Settings, broker_url: str) -> None:
+    def __init__(self, settings: Settings, broker_url: str, app: Celery | None = None) -> None:
         self.settings = settings
         self.broker_url = broker_url
         self.runner: Any = None
-        self.events = JobEvents()
+        self.events = JobEvents(app)
         self.counts = JobCounts()
+        self.loaded = LoadedModel()
         self.metrics = Metrics()
-        self.model_load_s: float | None = None
 
     def start(self) -> None:
         """Load the model once, warm it up, connect to the database, serve /metrics."""
@@ -84,7 +136,11 @@ class WorkerState:
         started = time.perf_counter()
         runtime = ModelRuntime(path, device=settings.device, dtype=settings.dtype)
         runtime.warm_up()
-        self.model_load_s = time.perf_counter() - started
+        self.loaded.set(
+            device=str(runtime.device),
+            dtype=str(runtime.dtype).removeprefix("torch."),
+            load_s=time.perf_counter() - started,
+        )
         engine = make_engine(settings.resolved_database_url())
         listeners: list[BatchListener] = [
             self.events,
@@ -103,9 +159,8 @@ class WorkerState:
 
     def _start_metrics(self, runtime: Any) -> None:
         settings, metrics = self.settings, self.metrics
-        assert self.model_load_s is not None
         metrics.set_model_load(
-            model=settings.model, device=str(runtime.device), seconds=self.model_load_s
+            model=settings.model, device=str(runtime.device), seconds=self.loaded.load_s or 0.0
         )
         static = ("model", "queue", "device", "dtype", "batch_size", "batch_wait_ms", "prefetch")
         described = self.describe()
@@ -117,18 +172,18 @@ class WorkerState:
 
     def describe(self) -> dict[str, Any]:
         """Return what this worker serves and has done: Flower's and `cq workers`' view."""
-        settings = self.settings
-        runtime = self.runner.runtime if self.runner is not None else None
+        settings, loaded = self.settings, self.loaded
+        load_s = loaded.load_s
         return {
             "model": settings.model,
             "queue": queue_name(settings.model),
-            "device": str(runtime.device) if runtime is not None else settings.device,
-            "dtype": str(runtime.dtype).removeprefix("torch.") if runtime else settings.dtype,
+            "device": loaded.device or settings.device,
+            "dtype": loaded.dtype or settings.dtype,
             "batch_size": settings.batch_size,
             "batch_wait_ms": settings.batch_wait_ms,
             "prefetch": prefetch_count(settings),
-            "model_load_s": round(self.model_load_s, 3) if self.model_load_s else None,
-            "ready": runtime is not None,
+            "model_load_s": round(load_s, 3) if load_s is not None else None,
+            "ready": load_s is not None,
             "batches": self.counts.batches,
             "jobs_succeeded": self.counts.succeeded,
             "jobs_failed": self.counts.failed,
@@ -157,7 +212,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
     # One process holds the model; nothing forks after CUDA starts.
     app.conf.worker_pool = "solo"
     app.conf.worker_concurrency = 1
-    state = WorkerState(settings, url)
+    state = WorkerState(settings, url, app)
     install_job_events(app, state.events)
 
     class DescribeStep(bootsteps.StartStopStep):  # type: ignore[misc]

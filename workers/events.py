@@ -11,6 +11,7 @@ is committed, revoked when the row was finished or cancelled already.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -25,13 +26,37 @@ log = logging.getLogger(__name__)
 
 
 class JobEvents:
-    """Sends one job's task events through the consumer's event dispatcher."""
+    """Sends one job's task events through the consumer's event dispatcher.
 
-    def __init__(self) -> None:
+    In a pool child process (a prefork pool), which must not share the consumer's
+    connection, it sends through a dispatcher of its own, opened on first use.
+    """
+
+    def __init__(self, app: Celery | None = None) -> None:
+        self.app = app
         self.dispatcher: Any = None
+        self.owner_pid = os.getpid()
+        self.hostname = ""
+        self._own: Any = None
+        self._own_pid = 0
+
+    def use(self, dispatcher: Any) -> None:
+        """Send through ``dispatcher`` (the consumer's) from this process."""
+        self.dispatcher, self.owner_pid = dispatcher, os.getpid()
+
+    def _dispatcher(self) -> Any:
+        if self.dispatcher is not None and self.owner_pid == os.getpid():
+            return self.dispatcher
+        if self.app is None or not self.hostname:
+            return None
+        if self._own_pid != os.getpid():
+            connection = self.app.connection_for_write()
+            self._own = self.app.events.Dispatcher(connection, hostname=self.hostname, enabled=True)
+            self._own_pid = os.getpid()
+        return self._own
 
     def _send(self, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        dispatcher = self.dispatcher
+        dispatcher = self._dispatcher()
         if dispatcher is None or not dispatcher.enabled or not events:
             return
         for kind, fields in events:
@@ -61,6 +86,7 @@ class JobEvents:
 
     def claimed(self, jobs: Sequence[Job], *, skipped: Sequence[uuid.UUID], worker: str) -> None:
         """The claimed jobs start; skipped ones (finished or cancelled) count as revoked."""
+        self.hostname = self.hostname or worker
         # The dispatcher adds hostname, pid and timestamp to every event.
         started = [("task-started", {"uuid": str(job.id)}) for job in jobs]
         revoked = [
@@ -107,10 +133,10 @@ def install_job_events(app: Celery, events: JobEvents) -> None:
         requires = ("celery.worker.consumer.events:Events",)
 
         def start(self, consumer: Any) -> None:
-            events.dispatcher = consumer.event_dispatcher
+            events.use(consumer.event_dispatcher)
 
         def stop(self, consumer: Any) -> None:
-            events.dispatcher = None
+            events.use(None)
 
     app.steps["consumer"].add(JobEventsStep)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -122,7 +123,6 @@ class FakeDispatcher:
 
 
 def test_job_events_per_job_state() -> None:
-    import uuid
 
     from db.jobs import Choice, Job, Outcome, utcnow
     from db.models import JobStatus
@@ -154,3 +154,33 @@ def test_job_events_per_job_state() -> None:
     dispatcher.enabled = False  # `celery control disable_events`
     events.claimed([job], skipped=[], worker="w")
     assert len(dispatcher.sent) == 4
+
+
+def test_a_pool_process_sends_through_its_own_dispatcher_and_counts_reach_the_parent() -> None:
+    import multiprocessing
+    import types
+
+    from db.jobs import Outcome
+    from db.models import JobStatus
+    from workers.app import JobCounts
+    from workers.events import JobEvents
+
+    own = FakeDispatcher()
+    app = types.SimpleNamespace(
+        connection_for_write=lambda: "conn",
+        events=types.SimpleNamespace(Dispatcher=lambda conn, hostname, enabled: own),
+    )
+    events, consumer = JobEvents(app), FakeDispatcher()  # type: ignore[arg-type]
+    events.use(consumer)
+    events.owner_pid = -1  # as seen from a forked pool process
+    events.claimed([], skipped=[uuid.uuid4()], worker="cq1@host")
+    assert consumer.sent == [] and [k for k, _ in own.sent] == ["task-revoked"]
+    # Counts made before a fork add up in the parent
+    counts = JobCounts()
+    outcome = Outcome(job_id=uuid.uuid4(), attempt=1, status=JobStatus.SUCCEEDED)
+    child = multiprocessing.get_context("fork").Process(
+        target=counts.finished, args=([], [outcome, outcome]), kwargs={"generation_s": 0.1}
+    )
+    child.start()
+    child.join(30)
+    assert (counts.batches, counts.succeeded, counts.failed) == (1, 2, 0)
