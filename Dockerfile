@@ -1,4 +1,4 @@
-# One image for every service (migrate, worker; api and flower later).
+# One image for every cq service: migrate, api, flower, worker.
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
@@ -13,4 +13,6 @@ COPY workers ./workers
 RUN pip install ".[worker]"
 ENV CQ_DATA_DIR=/data
 VOLUME /data
+# Flower, and the worker's Prometheus /metrics.
+EXPOSE 5555 9100
 CMD ["cq", "--help"]

@@ -7,6 +7,7 @@ It never imports torch, transformers or the database.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 
@@ -16,6 +17,9 @@ from completion_queue.settings import Settings, redact_url
 
 #: Redis priorities: kombu's Redis transport pops lower numbers first.
 PRIORITY_LEVELS = 10
+
+#: How kombu's Redis transport names a queue's list for priority ``n`` > 0: ``queue + SEP + n``.
+PRIORITY_SEPARATOR = "\x06\x16"
 
 
 def broker_url_file(settings: Settings) -> Path:
@@ -39,6 +43,24 @@ def resolve_broker_url(settings: Settings) -> str:
 def celery_priority(priority: int) -> int:
     """Map a job priority (0 normal .. 9 most urgent) to kombu's Redis priority (0 first)."""
     return PRIORITY_LEVELS - 1 - priority
+
+
+def queue_keys(queue: str) -> list[str]:
+    """Return the Redis lists that hold ``queue``'s messages, most urgent first."""
+    return [queue if n == 0 else f"{queue}{PRIORITY_SEPARATOR}{n}" for n in range(PRIORITY_LEVELS)]
+
+
+def queue_depth(client: Any, queue: str) -> int:
+    """Return how many messages wait in ``queue`` (all priorities; prefetched ones not counted)."""
+    with client.pipeline(transaction=False) as pipe:
+        for key in queue_keys(queue):
+            pipe.llen(key)
+        return sum(int(n) for n in pipe.execute())
+
+
+def prefetch_count(settings: Settings) -> int:
+    """Return how many messages a worker reserves: the flush running plus the next one forming."""
+    return 2 * settings.batch_size * settings.batch_lookahead
 
 
 def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
@@ -68,7 +90,11 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # Enough prefetch for the flush running plus the next one forming.
-        worker_prefetch_multiplier=2 * settings.batch_size * settings.batch_lookahead,
+        worker_prefetch_multiplier=prefetch_count(settings),
+        # Task events, so Flower shows every job: sent by the producer, then
+        # received, started, succeeded or failed by the worker (workers/events.py).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         task_default_queue=queue_name(settings.model),
     )
     return app

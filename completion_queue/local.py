@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,11 @@ from types import TracebackType
 
 from completion_queue.constants import WORKER_CONSUMING_LINE, WORKER_READY_LINE
 from completion_queue.errors import CompletionError
+
+
+def default_nodename(pid: int) -> str:
+    """Return the Celery node name a worker takes unless told otherwise: ``cq<pid>@<host>``."""
+    return f"cq{pid}@{socket.gethostname()}"
 
 
 class WorkerProcess:
@@ -32,6 +38,11 @@ class WorkerProcess:
         """The worker's process id."""
         assert self.process is not None
         return self.process.pid
+
+    @property
+    def nodename(self) -> str:
+        """The worker's Celery node name (the ``worker`` column of the jobs it runs)."""
+        return default_nodename(self.pid)
 
     def start(self) -> WorkerProcess:
         """Start the worker process (returns at once; see :meth:`wait_ready`)."""

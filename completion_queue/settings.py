@@ -98,6 +98,22 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Worker's Prometheus /metrics port; 0 turns it off."
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1", description="Address the worker's /metrics listens on."
+    )
+    flower_address: str = Field(default="127.0.0.1", description="Address `cq flower` binds.")
+    flower_port: int = Field(default=5555, ge=1, le=65535, description="Port `cq flower` binds.")
+    flower_basic_auth: str | None = Field(
+        default=None,
+        description="user:password[,user:password]; required when Flower binds non-loopback.",
+    )
+    flower_db: Path | None = Field(
+        default=None, description="File for Flower's persistent state; unset keeps it in memory."
+    )
+
     def resolved_database_url(self) -> str:
         """Return the database URL, defaulting to a SQLite file under ``data_dir``."""
         if self.database_url:

@@ -29,9 +29,11 @@ from db.jobs import (
     get_unfinished_jobs,
     job_states,
     list_jobs,
+    prune_jobs,
 )
 from db.migrate import upgrade
 from db.models import FINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
+from db.stats import FinishedJob, count_by_status, finished_since, queued_models
 from db.webhooks import claim_webhook, due_webhooks, record_webhook
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "Outcome",
     "StoredFile",
     "WebhookStatus",
+    "FinishedJob",
     # engine and schema
     "make_engine",
     "make_session_factory",
@@ -75,4 +78,9 @@ __all__ = [
     "get_file_content",
     "mark_batch_cancelled",
     "new_id",
+    "prune_jobs",
+    # aggregates
+    "count_by_status",
+    "finished_since",
+    "queued_models",
 ]

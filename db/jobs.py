@@ -8,7 +8,7 @@ by the attempt that currently holds the job.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import JobRow, JobStatus, WebhookStatus
+from db.models import FINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
 
 _TABLE = cast(Table, JobRow.__table__)
 _CLAIMABLE = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -266,6 +266,33 @@ def delete_jobs(session: Session, *, job_ids: Iterable[uuid.UUID]) -> None:
     ids = list(job_ids)
     if ids:
         session.execute(delete(JobRow).where(JobRow.id.in_(ids), JobRow.status == JobStatus.QUEUED))
+
+
+def prune_jobs(
+    session: Session,
+    *,
+    finished_before: datetime,
+    statuses: Collection[JobStatus] = FINISHED_STATUSES,
+    limit: int = 10_000,
+) -> int:
+    """Delete up to ``limit`` jobs of ``statuses`` finished before ``finished_before``.
+
+    Returns how many rows went; call again (in a new transaction) until it returns 0,
+    so that a large prune never holds one long lock. Unfinished jobs are never pruned.
+    """
+    unfinished = set(statuses) - FINISHED_STATUSES
+    if unfinished:
+        names = ", ".join(sorted(s.value for s in unfinished))
+        raise ValueError(f"only finished jobs can be pruned, not {names}")
+    oldest = (
+        select(JobRow.id)
+        .where(JobRow.status.in_(list(statuses)), JobRow.finished_at < finished_before)
+        .limit(limit)
+    )
+    result = session.execute(
+        delete(JobRow).where(JobRow.id.in_(oldest)).execution_options(synchronize_session=False)
+    )
+    return max(int(getattr(result, "rowcount", 0) or 0), 0)
 
 
 def get_job(session: Session, *, job_id: uuid.UUID) -> Job | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,24 @@ def worker_env(settings: Settings) -> dict[str, str]:
         elif value is not None:
             env[f"CQ_{name.upper()}"] = str(value)
     return env
+
+
+_DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """A span such as ``90s``, ``30m``, ``12h``, ``7d`` or ``2w``."""
+
+    name = "duration"
+    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = self._PATTERN.match(str(value))
+        if not match:
+            self.fail(f"{value!r} is not a duration such as 90s, 30m, 12h, 7d or 2w", param, ctx)
+        return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS_S[match.group(2)])
 
 
 class _CliGroup(click.Group):
@@ -134,20 +154,29 @@ def up() -> None:
 @click.option(
     "--batch-wait-ms", type=int, help="Longest wait to fill a batch [env CQ_BATCH_WAIT_MS]."
 )
-@click.option("--hostname", help="Celery node name (default cq<pid>@<host>).")
+@click.option(
+    "--metrics-port", type=int, help="Prometheus /metrics port; 0 = off [env CQ_METRICS_PORT]."
+)
+@click.option("--hostname", help="Celery node name (default cq<pid>@<host>; %h = host name).")
 def worker(
     model: str | None,
     device: str | None,
     dtype: str | None,
     batch_size: int | None,
     batch_wait_ms: int | None,
+    metrics_port: int | None,
     hostname: str | None,
 ) -> None:
     """Run one worker process: load the model once, then serve its queue in micro-batches."""
     from workers.main import run_worker
 
     settings = _settings(
-        model=model, device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms
+        model=model,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        batch_wait_ms=batch_wait_ms,
+        metrics_port=metrics_port,
     )
     run_worker(_migrated(settings), hostname=hostname)
 
@@ -199,6 +228,26 @@ def api(host: str, port: int, log_level: str) -> None:
     app = create_api(_migrated(settings))
     click.echo(f"serving the API on http://{host}:{port} (docs: /docs)")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@cli.command()
+@click.option("--address", help="Address to bind [env CQ_FLOWER_ADDRESS, default 127.0.0.1].")
+@click.option("--port", type=int, help="Port to bind [env CQ_FLOWER_PORT, default 5555].")
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep Flower's state in this file across restarts [env CQ_FLOWER_DB].",
+)
+def flower(address: str | None, port: int | None, db_path: Path | None) -> None:
+    """Run Flower (`celery flower`) for the cluster; basic auth from CQ_FLOWER_BASIC_AUTH.
+
+    Bound beyond loopback, Flower refuses to start without basic auth. /metrics
+    (Prometheus) and /healthcheck stay open, as Flower serves them.
+    """
+    from producer.flower import run_flower
+
+    run_flower(_settings(flower_address=address, flower_port=port, flower_db=db_path))
 
 
 # -- jobs -------------------------------------------------------------------------
@@ -343,6 +392,119 @@ def results(batch_id: str, out: Path) -> None:
         counts[job.status.value] = counts.get(job.status.value, 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs"
     click.echo(f"wrote {len(jobs)} jobs to {out} ({summary})")
+
+
+# -- operations ---------------------------------------------------------------------
+
+
+def _control_app(settings: Settings) -> Any:
+    from completion_queue.celery_app import create_app
+
+    return create_app(settings)
+
+
+@cli.command()
+@click.option(
+    "--window",
+    type=Duration(),
+    default="5m",
+    show_default=True,
+    help="Throughput and latency over this last span.",
+)
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for workers.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def stats(window: timedelta, timeout: float, as_json: bool) -> None:
+    """Jobs per status, throughput and p50/p95/p99 latency, queue depth per model, workers."""
+    from rich.console import Console
+
+    from producer.stats import cluster_stats, stats_view
+
+    settings = _migrated(_settings())
+    app = _control_app(settings)
+    try:
+        found = cluster_stats(settings, app, window_s=window.total_seconds(), timeout_s=timeout)
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps(found.to_dict(), indent=2))
+    else:
+        Console().print(stats_view(found))
+
+
+@cli.command()
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for replies.")
+@click.option("--hostname", help="Only this worker; exit 1 if it does not answer (healthchecks).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def workers(timeout: float, hostname: str | None, as_json: bool) -> None:
+    """Live workers: the model each holds, its device, batch settings and jobs done."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from producer.stats import live_workers, workers_table
+
+    app = _control_app(_settings())
+    try:
+        found = live_workers(app, timeout_s=timeout)
+    finally:
+        app.close()
+    if hostname is not None:
+        found = [w for w in found if w.hostname == hostname]
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(w) for w in found], indent=2))
+    else:
+        Console().print(workers_table(found))
+    if hostname is not None and not found:
+        sys.exit(1)
+
+
+_FINISHED = [s.value for s in JobStatus if s.finished]
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    type=Duration(),
+    required=True,
+    help="Remove jobs finished longer ago than this (90s, 30m, 12h, 7d, 2w).",
+)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(_FINISHED),
+    help="Only jobs in this status (repeatable; default: every finished status).",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+def prune(older_than: timedelta, statuses: tuple[str, ...], dry_run: bool) -> None:
+    """Remove old finished jobs (retention). Queued and running jobs are never removed."""
+    from db.engine import make_engine, make_session_factory
+    from db.jobs import prune_jobs, utcnow
+
+    settings = _migrated(_settings())
+    cutoff = utcnow() - older_than
+    chosen = [JobStatus(s) for s in statuses or _FINISHED]
+    engine = make_engine(settings.resolved_database_url())
+    sessions = make_session_factory(engine)
+    removed = 0
+    try:
+        if dry_run:
+            with sessions() as session:
+                removed = prune_jobs(session, finished_before=cutoff, statuses=chosen, limit=2**62)
+                session.rollback()
+        # One transaction per chunk: a large prune never holds one long lock.
+        while not dry_run:
+            with sessions.begin() as session:
+                deleted = prune_jobs(session, finished_before=cutoff, statuses=chosen)
+            removed += deleted
+            if deleted == 0:
+                break
+    finally:
+        engine.dispose()
+    verb = "would remove" if dry_run else "removed"
+    names = ", ".join(s.value for s in chosen)
+    click.echo(f"{verb} {removed} job(s) ({names}) finished before {cutoff.isoformat()}")
 
 
 # -- admin --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import delete
 
 from completion_queue.local import WorkerProcess
-from completion_queue.redis_server import EmbeddedRedis
+from completion_queue.redis_server import EmbeddedRedis, free_port
 from completion_queue.settings import Settings
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
@@ -100,6 +100,7 @@ def stack(
         model=str(tiny_model),
         batch_size=16,
         batch_wait_ms=20,
+        metrics_port=free_port(),
     )
     worker = WorkerProcess(worker_env(settings), tmp / "worker.log").start().wait_ready()
     client = redis.Redis.from_url(broker)

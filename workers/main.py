@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 from completion_queue.celery_app import resolve_broker_url
 from completion_queue.constants import queue_name
+from completion_queue.local import default_nodename
 from completion_queue.settings import Settings
 from workers.app import create_worker_app
 
@@ -15,7 +15,7 @@ def run_worker(settings: Settings, *, hostname: str | None = None) -> None:
     """Run a worker in the foreground until it is stopped (SIGTERM: warm shutdown)."""
     broker_url = resolve_broker_url(settings)
     app = create_worker_app(settings, broker_url)
-    nodename = hostname or f"cq{os.getpid()}@{socket.gethostname()}"
+    nodename = hostname or default_nodename(os.getpid())
     app.worker_main(
         [
             "worker",

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +25,9 @@ from workers.batching import GenerationRequest, plan_groups
 from workers.model import GenerationResult, ModelRuntime
 
 log = logging.getLogger(__name__)
+
+#: What a unit of a flush does with its claimed jobs: their outcomes.
+Work = Callable[[list[Job]], list[Outcome]]
 
 
 def error_dict(exc: BaseException) -> dict[str, str]:
@@ -47,56 +52,89 @@ def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
     )
 
 
+class BatchListener(Protocol):
+    """Watches batches go by (task events, metrics); it must never fail a batch."""
+
+    def claimed(self, jobs: Sequence[Job], *, skipped: Sequence[uuid.UUID], worker: str) -> None:
+        """The ``jobs`` now run; the ``skipped`` ids were finished or cancelled already."""
+
+    def finished(
+        self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
+    ) -> None:
+        """The outcomes of ``jobs`` are committed; generating them took ``generation_s``."""
+
+
 class BatchRunner:
     """Runs flushes of job ids against one resident model and one database."""
 
     def __init__(
-        self, runtime: ModelRuntime, sessions: sessionmaker[Session], *, max_rows: int
+        self,
+        runtime: ModelRuntime,
+        sessions: sessionmaker[Session],
+        *,
+        max_rows: int,
+        listeners: Sequence[BatchListener] = (),
     ) -> None:
         self.runtime = runtime
         self.sessions = sessions
         self.max_rows = max_rows
+        self.listeners = list(listeners)
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
+        ids = [uuid.UUID(i) for i in job_ids]
         with self.sessions() as session:
-            jobs = get_unfinished_jobs(session, job_ids=[uuid.UUID(i) for i in job_ids])
+            jobs = get_unfinished_jobs(session, job_ids=ids)
         if not jobs:
+            self._tell("claimed", [], skipped=ids, worker=worker)
             return []
         requests, rejected = self.plan(jobs)
-        outcomes: list[Outcome] = []
-        if rejected:
-            attempts = self._commit_and_claim([], [job.id for job, _ in rejected], worker)
-            outcomes = [
-                self._failed(job.id, attempts[str(job.id)], exc, None)
-                for job, exc in rejected
-                if str(job.id) in attempts
-            ]
-        written: list[Outcome] = []
+        errors = {job.id: exc for job, exc in rejected}
+        # Each unit is claimed, run, then committed with the next unit's claim. Jobs refused
+        # before generating (too long for the context) come first and fail at once.
+        units: list[tuple[list[uuid.UUID], Work]] = []
+        if errors:
+            units.append((list(errors), partial(self._refuse, errors)))
         for group in plan_groups(requests, max_rows=self.max_rows):
-            started = time.perf_counter()
-            attempts = self._commit_and_claim(outcomes, [uuid.UUID(r.key) for r in group], worker)
-            written += outcomes
+            units.append(([uuid.UUID(r.key) for r in group], partial(self._generate, group)))
+        written: list[Outcome] = []
+        outcomes: list[Outcome] = []
+        running: list[Job] = []
+        generation_s = 0.0
+        for unit_ids, work in [*units, ([], None)]:
+            claimed = self._commit_and_claim(outcomes, unit_ids, worker)
+            if outcomes:
+                self._tell("finished", running, outcomes, generation_s=generation_s)
+                written += outcomes
+            if work is None:
+                break
+            held = {job.id for job in claimed}
             # A job cancelled since the flush began is not claimed, and does not run.
-            live = [r for r in group if r.key in attempts]
-            claimed_at = time.perf_counter()
-            outcomes = self._generate(live, attempts)
-            log.debug(
-                "group of %d jobs (%d rows): database %.1f ms, generate %.1f ms",
-                len(live), sum(r.n for r in live), 1000 * (claimed_at - started),
-                1000 * (time.perf_counter() - claimed_at),
-            )  # fmt: skip
-        self._commit_and_claim(outcomes, [], worker)
-        return written + outcomes
+            skipped = [i for i in unit_ids if i not in held]
+            self._tell("claimed", claimed, skipped=skipped, worker=worker)
+            started = time.perf_counter()
+            outcomes, running = work(claimed), claimed
+            generation_s = time.perf_counter() - started
+            log.debug("%d jobs in %.1f ms", len(claimed), 1000 * generation_s)
+        return written
 
     def _commit_and_claim(
         self, outcomes: Sequence[Outcome], job_ids: Sequence[uuid.UUID], worker: str
-    ) -> dict[str, int]:
-        """Write ``outcomes`` and claim ``job_ids`` in one transaction; return attempts by id."""
+    ) -> list[Job]:
+        """Write ``outcomes`` and claim ``job_ids`` in one transaction; return the claimed jobs."""
+        if not outcomes and not job_ids:
+            return []
         with self.sessions.begin() as session:
             finish_jobs(session, outcomes=outcomes)
-            claimed = claim_jobs(session, job_ids=job_ids, worker=worker) if job_ids else []
-        return {str(job.id): job.attempts for job in claimed}
+            return claim_jobs(session, job_ids=job_ids, worker=worker) if job_ids else []
+
+    def _tell(self, event: str, *args: object, **kwargs: object) -> None:
+        for listener in self.listeners:
+            try:
+                getattr(listener, event)(*args, **kwargs)
+            except Exception:
+                # Monitoring is never a reason to lose or fail a batch.
+                log.exception("batch listener %r failed on %s", listener, event)
 
     def plan(
         self, jobs: Sequence[Job]
@@ -119,9 +157,14 @@ class BatchRunner:
                 requests.append(request)
         return requests, rejected
 
-    def _generate(self, group: list[GenerationRequest], attempts: dict[str, int]) -> list[Outcome]:
+    def _refuse(self, errors: dict[uuid.UUID, Exception], claimed: list[Job]) -> list[Outcome]:
+        return [self._failed(job.id, job.attempts, errors[job.id], None) for job in claimed]
+
+    def _generate(self, group: list[GenerationRequest], claimed: list[Job]) -> list[Outcome]:
+        attempts = {str(job.id): job.attempts for job in claimed}
+        live = [request for request in group if request.key in attempts]
         outcomes = []
-        for request, result in self._run_group(group):
+        for request, result in self._run_group(live):
             job_id, attempt = uuid.UUID(request.key), attempts[request.key]
             if isinstance(result, Exception):
                 outcomes.append(self._failed(job_id, attempt, result, len(request.prompt_ids)))

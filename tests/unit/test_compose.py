@@ -1,15 +1,19 @@
-"""docker-compose.yml, checked statically (no Docker engine runs here)."""
+"""docker-compose.yml and .env.example, checked statically (no Docker engine runs here)."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
+import click
+import pytest
 import yaml
 
 from completion_queue.settings import Settings
 from producer.cli import cli
+from producer.flower import check_auth
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,35 +24,111 @@ def compose() -> dict[str, Any]:
     return data
 
 
+def services() -> dict[str, dict[str, Any]]:
+    found = compose()["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+def cq_services() -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in services().items() if (s.get("command") or [""])[0] == "cq"}
+
+
+def env_example() -> dict[str, str]:
+    pairs = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = re.match(r"^\s*#?\s*([A-Z][A-Z0-9_]*)=(.*)$", line)
+        if match:
+            pairs[match.group(1)] = match.group(2)
+    return pairs
+
+
+def check_cq_command(service: str, words: list[str]) -> None:
+    """Assert ``words`` (after ``cq``) name a real command and only its real options."""
+    group: click.Command = cli
+    args = list(words)
+    while args and isinstance(group, click.Group) and not args[0].startswith("-"):
+        word = args.pop(0)
+        assert word in group.commands, f"{service}: cq has no command {word!r}"
+        group = group.commands[word]
+    assert not isinstance(group, click.Group), f"{service}: cq {' '.join(words)} is a group"
+    ctx = group.make_context("cq", list(args), resilient_parsing=False)
+    assert ctx.command is group
+
+
+def test_compose_parses_and_cq_services_share_one_image() -> None:
+    found = cq_services()
+    assert set(found) == {"migrate", "api", "flower", "worker"}
+    assert {s["build"] for s in found.values()} == {"."}
+    assert {s["image"] for s in found.values()} == {"completion-queue:latest"}
+    assert (ROOT / "Dockerfile").is_file()
+
+
 def test_every_service_runs_a_real_cq_command() -> None:
-    for name, service in compose()["services"].items():
-        command = service.get("command")
-        if command and command[0] == "cq":
-            group: Any = cli
-            for word in command[1:]:
-                if word.startswith("-"):
-                    break
-                assert word in group.commands, f"{name}: cq has no command {word!r}"
-                group = group.commands[word]
+    for name, service in cq_services().items():
+        check_cq_command(name, service["command"][1:])
 
 
-def test_every_cq_variable_is_a_real_setting() -> None:
+def test_healthchecks_and_their_cq_commands_are_real() -> None:
+    found = services()
+    for name in ("redis", "postgres", "flower", "worker"):
+        assert found[name]["healthcheck"]["test"], f"{name} has no healthcheck"
+    test = found["worker"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    words = shlex.split(test[1].replace("$${HOSTNAME}", "host").split(">")[0])
+    assert words[0] == "cq"
+    check_cq_command("worker", words[1:])
+    # The node name it asks for is the one the worker takes (%h = the container's host name)
+    assert found["worker"]["command"][-2:] == ["--hostname", "cq@%h"]
+
+
+def test_every_cq_variable_is_a_real_setting_and_every_setting_is_in_env_example() -> None:
     fields = set(Settings.model_fields)
     text = (ROOT / "docker-compose.yml").read_text() + (ROOT / ".env.example").read_text()
-    names = set(re.findall(r"\bCQ_([A-Z_]+)\b", text))
+    names = {n.lower() for n in re.findall(r"\bCQ_([A-Z_]+)\b", text)}
     assert names, "no CQ_ variables found"
-    assert {n.lower() for n in names} <= fields
+    assert names <= fields, f"not settings: {sorted(names - fields)}"
+    example = {name.removeprefix("CQ_").lower() for name in env_example() if name.startswith("CQ_")}
+    assert fields <= example, f"missing from .env.example: {sorted(fields - example)}"
+    # And every value .env.example sets is one the settings accept
+    values = {k.removeprefix("CQ_").lower(): v for k, v in env_example().items() if k[:3] == "CQ_"}
+    Settings(**values)  # type: ignore[arg-type]
 
 
-def test_worker_reserves_a_gpu_and_redis_persists() -> None:
-    services = compose()["services"]
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["capabilities"] == ["gpu"]
-    assert "--appendonly" in services["redis"]["command"]
-    assert (
-        services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1]
-        == "yes"
-    )
-    assert (
-        services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    )
+def test_every_cq_service_reads_env_and_reaches_redis_and_postgres() -> None:
+    for name, service in cq_services().items():
+        assert service["env_file"] == [".env"], name
+        env = service["environment"]
+        assert env["CQ_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD"), name
+        assert env["CQ_DATABASE_URL"].startswith("postgresql://cq:${POSTGRES_PASSWORD"), name
+
+
+def test_worker_reserves_a_gpu_redis_persists_postgres_keeps_a_volume() -> None:
+    found = services()
+    worker = found["worker"]
+    [device] = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert worker["environment"]["CQ_DEVICE"] == "cuda:0"
+    assert "replicas" not in worker.get("deploy", {}), "scale with --scale worker=N"
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["stop_grace_period"] == "5m"
+    redis_cmd = found["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
+    assert "--requirepass" in redis_cmd
+    assert any(v.endswith(":/data") for v in found["redis"]["volumes"])
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in found["postgres"]["volumes"])
+    assert found["migrate"]["restart"] == "no"
+    assert set(compose()["volumes"]) >= {"redis-data", "pg-data", "flower-data"}
+
+
+def test_flower_is_open_to_the_network_only_with_basic_auth() -> None:
+    flower = services()["flower"]
+    env = flower["environment"]
+    assert env["CQ_FLOWER_ADDRESS"] == "0.0.0.0"
+    assert env["CQ_FLOWER_BASIC_AUTH"].startswith("${CQ_FLOWER_BASIC_AUTH:?")
+    assert env["CQ_FLOWER_DB"].startswith("/data/flower/")
+    check_auth(Settings(flower_address="0.0.0.0", flower_basic_auth="admin:pw"))
+    from completion_queue.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="CQ_FLOWER_BASIC_AUTH"):
+        check_auth(Settings(flower_address="0.0.0.0"))

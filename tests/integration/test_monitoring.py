@@ -1,0 +1,214 @@
+"""Monitoring for real: Flower against the live worker, the worker's /metrics, cq stats/workers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from completion_queue.celery_app import prefetch_count, queue_keys
+from completion_queue.constants import queue_name
+from completion_queue.redis_server import free_port
+from db.models import JobStatus
+from producer.cli import worker_env
+from producer.client import CompletionClient
+from tests.conftest import Stack
+from tests.integration.test_cli import cq
+
+T = TypeVar("T")
+AUTH = "admin:s3cret"
+UNSERVED = "unserved-stats-model"
+SQLITE_ONLY = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+
+
+def http_get(url: str, auth: str | None = AUTH) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def eventually(check: Callable[[], T | None], *, timeout_s: float = 30.0, what: str = "") -> T:
+    """Return the first truthy result of ``check``; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = check()
+        except (OSError, ValueError, KeyError):
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Return every sample of a Prometheus text page, by sample name."""
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+@pytest.fixture
+def flower(stack: Stack, tmp_path: Path) -> Iterator[str]:
+    """`cq flower` for the stack, with basic auth and persistent state; yields its base URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        **worker_env(stack.settings),
+        "CQ_FLOWER_PORT": str(port),
+        "CQ_FLOWER_BASIC_AUTH": AUTH,
+        "CQ_FLOWER_DB": str(tmp_path / "flower.db"),
+    }
+    log = (tmp_path / "flower.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "flower"], env=env, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        eventually(lambda: http_get(url + "/healthcheck")[0] == 200, what="flower to start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+@SQLITE_ONLY
+def test_flower_shows_the_worker_and_every_job(
+    stack: Stack, client: CompletionClient, flower: str
+) -> None:
+    node = stack.worker.nodename
+    # Given Flower sees the worker, with what it serves in its stats
+    assert http_get(flower + "/api/workers", auth=None)[0] == 401
+    assert http_get(flower + "/api/workers", auth="admin:wrong")[0] == 401
+
+    def worker_entry() -> dict[str, Any] | None:
+        status, body = http_get(flower + "/api/workers?refresh=1")
+        return json.loads(body).get(node) if status == 200 else None
+
+    entry = eventually(worker_entry, what="the worker in /api/workers")
+    cq = entry["stats"]["cq"]
+    assert cq["model"] == stack.settings.model
+    assert cq["device"] == "cpu" and cq["dtype"] == "float32"
+    assert (cq["batch_size"], cq["batch_wait_ms"]) == (16, 20)
+    assert cq["prefetch"] == prefetch_count(stack.settings) == 2 * 16 * 8
+    # When jobs run, one succeeding and one failing at run time
+    jobs = client.submit_many([{"prompt": f"job {i}", "max_new_tokens": 3} for i in range(5)])
+    too_long = client.submit("word " * 600, max_new_tokens=4)
+    done = client.wait([*jobs, too_long], timeout=60)
+    assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 5 + [JobStatus.FAILED]
+
+    # Then Flower shows every job, each with its final state and its worker
+    def tasks() -> dict[str, Any] | None:
+        found = json.loads(http_get(flower + "/api/tasks")[1])
+        final = {tid: t for tid, t in found.items() if t["state"] in ("SUCCESS", "FAILURE")}
+        return found if len(final) >= 6 else None
+
+    found = eventually(tasks, what="six finished tasks in /api/tasks")
+    for job in done:
+        task = found[str(job.id)]
+        assert task["name"] == "cq.generate"
+        assert task["worker"] == node
+        assert task["state"] == ("SUCCESS" if job.status is JobStatus.SUCCEEDED else "FAILURE")
+        assert task["received"] and task["started"]
+    assert "ContextLengthExceeded" in found[str(too_long.id)]["exception"]
+    # And its Prometheus page counts the events
+    status, body = http_get(flower + "/metrics")
+    assert status == 200
+    events = {
+        labels["type"]: value
+        for labels, value in samples(body.decode())["flower_events_total"]
+        if labels.get("worker") == node
+    }
+    assert events["task-succeeded"] >= 5 and events["task-failed"] >= 1
+    assert events["task-received"] >= 6 and events["task-started"] >= 6
+
+
+def test_worker_serves_prometheus_metrics(stack: Stack, client: CompletionClient) -> None:
+    model = stack.settings.model
+    url = f"http://127.0.0.1:{stack.settings.metrics_port}/metrics"
+    before = samples(http_get(url, auth=None)[1].decode())
+
+    def succeeded(found: dict[str, list[tuple[dict[str, str], float]]]) -> float:
+        return sum(
+            value
+            for labels, value in found.get("cq_jobs_total", [])
+            if labels == {"model": model, "status": "succeeded"}
+        )
+
+    jobs = client.wait(client.submit_many([{"prompt": "m", "max_new_tokens": 4}] * 8), timeout=60)
+    assert {j.status for j in jobs} == {JobStatus.SUCCEEDED}
+    status, body = http_get(url, auth=None)
+    assert status == 200
+    after = samples(body.decode())
+    assert succeeded(after) - succeeded(before) == 8
+    for histogram in ("cq_generation_seconds", "cq_job_latency_seconds", "cq_queue_wait_seconds",
+                      "cq_batch_size"):  # fmt: skip
+        assert any(labels.get("le") == "+Inf" for labels, _ in after[histogram + "_bucket"])
+        assert after[histogram + "_count"][0][1] > 0
+    assert after["cq_completion_tokens_total"][0][1] >= 32
+    assert after["cq_tokens_per_second"][0][1] > 0
+    [(load_labels, load_s)] = after["cq_model_load_seconds"]
+    assert load_labels == {"model": model, "device": "cpu"} and load_s > 0
+    [(queue_labels, depth)] = after["cq_queue_depth"]
+    assert queue_labels["model"] == model and depth == 0
+    [(info, _)] = after["cq_worker_info"]
+    assert info["model"] == model and info["batch_size"] == "16"
+
+
+@SQLITE_ONLY
+def test_cq_workers_and_cq_stats(stack: Stack, client: CompletionClient) -> None:
+    jobs = client.submit_many([{"prompt": f"s {i}", "max_new_tokens": 3} for i in range(6)])
+    client.wait(jobs, timeout=60)
+    client.cancel(client.submit("never", model=UNSERVED))
+    client.submit("waits", model=UNSERVED)
+    try:
+        check_workers_and_stats(stack)
+    finally:
+        stack.redis.delete(*queue_keys(queue_name(UNSERVED)))
+
+
+def check_workers_and_stats(stack: Stack) -> None:
+    # cq workers: the live worker, what it holds and what it did
+    [worker] = json.loads(cq(stack, "workers", "--json").stdout)
+    assert worker["hostname"] == stack.worker.nodename
+    assert (worker["model"], worker["device"], worker["batch_size"]) == (
+        stack.settings.model, "cpu", 16,
+    )  # fmt: skip
+    assert worker["jobs_done"] >= 6
+    assert "cpu" in cq(stack, "workers").stdout
+    assert cq(stack, "workers", "--hostname", "nobody@nowhere", check=False).returncode == 1
+    # cq stats: statuses, recent throughput and latency, queue depths, workers
+    stats = json.loads(cq(stack, "stats", "--json", "--window", "10m").stdout)
+    assert stats["statuses"] == {
+        "queued": 1, "running": 0, "succeeded": 6, "failed": 0, "cancelled": 1,
+    }  # fmt: skip
+    assert stats["finished"] == 6 and stats["window_s"] == 600
+    assert stats["jobs_per_s"] == pytest.approx(6 / 600)
+    assert stats["tokens_per_s"] == pytest.approx(18 / 600)
+    latency = stats["latency_s"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] < 60
+    # The cancelled job's message waits too, until a worker consumes and skips it
+    assert stats["queues"] == {stack.settings.model: 0, UNSERVED: 2}
+    assert [w["hostname"] for w in stats["workers"]] == [stack.worker.nodename]
+    table = cq(stack, "stats").stdout
+    assert "p50" in table and UNSERVED in table
