@@ -98,6 +98,10 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    task_sent_events: bool = Field(
+        default=False,
+        description="Producers send task-sent events, so Flower lists jobs still queued.",
+    )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Worker's Prometheus /metrics port; 0 turns it off."
     )

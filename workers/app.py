@@ -145,19 +145,29 @@ class WorkerState:
             dtype=str(runtime.dtype).removeprefix("torch."),
             load_s=time.perf_counter() - started,
         )
-        engine = make_engine(settings.resolved_database_url())
+        engine: Any = runtime
+        max_rows = settings.batch_size
+        if settings.engine == "continuous":
+            from workers.continuous import ContinuousRuntime
+
+            engine = ContinuousRuntime(runtime, max_new_tokens=settings.max_new_tokens_limit)
+            engine.warm_up()
+            # The manager schedules rows itself: hand it the whole flush.
+            max_rows = settings.batch_size * settings.batch_lookahead
+        database = make_engine(settings.resolved_database_url())
         listeners: list[BatchListener] = [
             self.events,
             self.counts,
             WorkerMetrics(self.metrics, model=settings.model),
         ]
         self.runner = BatchRunner(
-            runtime, make_session_factory(engine), max_rows=settings.batch_size, listeners=listeners
+            engine, make_session_factory(database), max_rows=max_rows, listeners=listeners
         )
         self._start_metrics(runtime)
         log.info(
-            "serving model %s on %s, batch size %d, batch wait %d ms, database %s",
-            settings.model, runtime.device, settings.batch_size, settings.batch_wait_ms,
+            "serving model %s on %s (%s engine), batch size %d, batch wait %d ms, database %s",
+            settings.model, runtime.device, settings.engine, settings.batch_size,
+            settings.batch_wait_ms,
             redact_url(settings.resolved_database_url()),
         )  # fmt: skip
 
@@ -248,6 +258,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
         flush_interval=max(settings.batch_wait_ms, 1) / 1000,
         acks_late=True,
         ignore_result=True,
+        on_flush=state.events.received,
     )
     def generate(requests: list[SimpleRequest]) -> None:
         state.run(requests)

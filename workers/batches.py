@@ -16,7 +16,7 @@ it fit a worker whose one pool process holds the model:
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from celery.worker.request import Request
@@ -31,6 +31,9 @@ class ModelBatches(Batches):  # type: ignore[misc]
 
     abstract = True
 
+    #: Called with the requests of each flush before they go to the pool (task events).
+    on_flush: Callable[[list[Request]], None] | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self._running = 0
@@ -44,6 +47,11 @@ class ModelBatches(Batches):  # type: ignore[misc]
         """Send ``requests`` to the pool as one call; ack after it returns, requeue if it dies."""
         requests = list(requests)
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
+        if self.on_flush is not None:
+            try:
+                self.on_flush(requests)
+            except Exception:
+                log.exception("on_flush failed; the batch runs anyway")
         self._running += 1
 
         def on_return(_result: Any) -> None:

@@ -3,9 +3,10 @@
 celery-batches buffers messages and runs them as one call, so Celery never sends
 the per-task ``task-received``, ``task-started`` and ``task-succeeded`` events
 of its default strategy. :class:`JobEvents` sends them per job (task id = job
-id) from the worker's own event dispatcher: received when a message is
-buffered, started when the job is claimed, succeeded or failed when its result
-is committed, revoked when the row was finished or cancelled already.
+id) from the worker's own event dispatcher: received when a flush of messages
+goes to the model process (one round trip per flush), started when the job is
+claimed, succeeded or failed when its result is committed, revoked when the row
+was finished or cancelled already.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from celery import Celery, bootsteps, signals
-from celery_batches import Batches
+from celery import Celery, bootsteps
 
 from db.jobs import Job, Outcome
 from db.models import JobStatus
@@ -59,14 +59,16 @@ class JobEvents:
         dispatcher = self._dispatcher()
         if dispatcher is None or not dispatcher.enabled or not events:
             return
-        for kind, fields in events:
-            dispatcher.send(kind, **fields)
-        # Task events are buffered until an event loop flushes them; the model
-        # process has none, so send them now.
-        dispatcher.flush()
+        # One pipelined round trip for the whole group, not one PUBLISH per event.
+        with dispatcher.producer.batch(max_size=1000):
+            for kind, fields in events:
+                dispatcher.send(kind, **fields)
+            # Task events are buffered until an event loop flushes them; the model
+            # process has none, so send them now.
+            dispatcher.flush()
 
-    def received(self, request: Any) -> None:
-        """A message of a batched task was buffered by the worker."""
+    def received(self, requests: Sequence[Any]) -> None:
+        """The messages of one flush were handed to the model process (one round trip)."""
         self._send(
             [
                 (
@@ -81,6 +83,7 @@ class JobEvents:
                         "retries": request.request_dict.get("retries", 0),
                     },
                 )
+                for request in requests
             ]
         )
 
@@ -139,10 +142,3 @@ def install_job_events(app: Celery, events: JobEvents) -> None:
             events.use(None)
 
     app.steps["consumer"].add(JobEventsStep)
-
-    def _received(request: Any = None, **_: Any) -> None:
-        # Celery's default strategy sends task-received itself; only batched tasks need it.
-        if request is not None and isinstance(request.task, Batches) and request.task.app is app:
-            events.received(request)
-
-    signals.task_received.connect(_received, weak=False)

@@ -238,7 +238,6 @@ class ModelRuntime:
         if not requests:
             return []
         rows = [r for r in requests for _ in range(r.n)]
-        generators = [self._generator(r.seed, choice) for r in requests for choice in range(r.n)]
         prompt_len = max(len(r.prompt_ids) for r in rows)
         input_ids = torch.full((len(rows), prompt_len), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), prompt_len), dtype=torch.long)
@@ -256,25 +255,30 @@ class ModelRuntime:
             eos_token_id=self.eos_id,
             use_cache=True,
         )
+        # Plain greedy rows with one budget and no stops need neither hook: generate's
+        # own arg-max and max_new_tokens do exactly that, a little faster per step.
+        processors = LogitsProcessorList()
+        if not all(r.greedy and r.repetition_penalty == 1.0 for r in rows):
+            generators = [self._generator(r.seed, c) for r in requests for c in range(r.n)]
+            processors.append(RowSampler(rows, generators, starts.to(self.device), self.device))
+        criteria = StoppingCriteriaList()
+        if any(r.stop or r.max_new_tokens != max_new for r in rows):
+            criteria.append(RowStops(rows, prompt_len, self.tokenizer, self.device))
         try:
             with torch.inference_mode():
                 output = self.model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention.to(self.device),
                     generation_config=config,
-                    logits_processor=LogitsProcessorList(
-                        [RowSampler(rows, generators, starts.to(self.device), self.device)]
-                    ),
-                    stopping_criteria=StoppingCriteriaList(
-                        [RowStops(rows, prompt_len, self.tokenizer, self.device)]
-                    ),
+                    logits_processor=processors,
+                    stopping_criteria=criteria,
                 )
         except RuntimeError as exc:
             if "CUDA error" in str(exc):
                 raise FatalModelError(f"CUDA failure in generate: {exc}") from exc
             raise ModelError(f"generate failed: {exc}") from exc
         generated = output[:, prompt_len:].tolist()
-        choices = [self._choice(row, tokens) for row, tokens in zip(rows, generated, strict=True)]
+        choices = [self.choice(row, tokens) for row, tokens in zip(rows, generated, strict=True)]
         results: list[GenerationResult] = []
         offset = 0
         for request in requests:
@@ -296,7 +300,8 @@ class ModelRuntime:
             generator.manual_seed((seed * 1_000_003 + choice) % (2**63))
         return generator
 
-    def _choice(self, row: GenerationRequest, tokens: list[int]) -> Choice:
+    def choice(self, row: GenerationRequest, tokens: list[int]) -> Choice:
+        """Turn a row's generated tokens into a choice: cut at EOS, budget and stops."""
         tokens = tokens[: row.max_new_tokens]
         finish = "length"
         for i, token in enumerate(tokens):

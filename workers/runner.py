@@ -22,7 +22,7 @@ from completion_queue.errors import ContextLengthExceeded, FatalModelError
 from db.jobs import Job, Outcome, claim_jobs, finish_jobs, get_unfinished_jobs
 from db.models import JobStatus
 from workers.batching import GenerationRequest, plan_groups
-from workers.model import GenerationResult, ModelRuntime
+from workers.model import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,18 @@ def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
     )
 
 
+class Engine(Protocol):
+    """What runs generation: the static :class:`ModelRuntime` or the continuous engine."""
+
+    context_length: int
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Return the token ids of each prompt."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Return one result per request, in order."""
+
+
 class BatchListener(Protocol):
     """Watches batches go by (task events, metrics); it must never fail a batch."""
 
@@ -69,7 +81,7 @@ class BatchRunner:
 
     def __init__(
         self,
-        runtime: ModelRuntime,
+        runtime: Engine,
         sessions: sessionmaker[Session],
         *,
         max_rows: int,

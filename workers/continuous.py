@@ -1,0 +1,117 @@
+"""The continuous engine: transformers' own continuous batching, kept running in the worker.
+
+A persistent ``ContinuousBatchingManager`` (``model.init_continuous_batching``,
+paged KV cache, ``sdpa`` attention) schedules rows token by token: a row that
+finishes frees its slot for the next one at once, so short jobs never wait for
+the longest job of their batch. That wins on GPUs with mixed lengths; on a few
+CPU cores its per-step scheduling costs more than it saves (see
+docs/benchmarks.md).
+
+It runs greedy rows. Rows whose exact semantics it cannot promise (sampling with
+a per-job seed, repetition penalty, or any sampling at all, whose draws the
+manager shares across requests) go to the static engine of the same process,
+so every job means the same under either engine. Stop sequences are cut from
+the text afterwards, and EOS ends a row, as in the static engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import GenerationConfig
+
+from completion_queue.errors import FatalModelError, ModelError
+from workers.batching import GenerationRequest
+from workers.model import GenerationResult, ModelRuntime
+
+log = logging.getLogger(__name__)
+
+#: Longest wait for the manager's next result before it counts as stalled.
+RESULT_TIMEOUT_S = 600.0
+
+
+class ContinuousRuntime:
+    """Continuous batching for greedy rows, on the model a :class:`ModelRuntime` loaded."""
+
+    def __init__(self, static: ModelRuntime, *, max_new_tokens: int) -> None:
+        self.static = static
+        self.context_length = static.context_length
+        model = static.model
+        model.set_attn_implementation("sdpa")
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=static.eos_id,
+            pad_token_id=static.pad_id,
+        )
+        self.manager = model.init_continuous_batching(generation_config=config)
+        self.manager.start()
+        self._counter = 0
+
+    @property
+    def ready(self) -> bool:
+        """True while the manager's generation thread runs."""
+        return bool(self.manager.is_running())
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Return the token ids of each prompt."""
+        return self.static.encode(prompts)
+
+    def warm_up(self) -> None:
+        """Run one request through the manager so the first real flush pays no start-up."""
+        ids = self.encode(["Hello, world"])[0] or [self.static.pad_id]
+        self.generate([GenerationRequest(key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2,
+                                         temperature=0.0)])  # fmt: skip
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run ``requests``; greedy ones through the manager, the rest statically."""
+        greedy = [r for r in requests if r.greedy and r.repetition_penalty == 1.0]
+        other = [r for r in requests if not (r.greedy and r.repetition_penalty == 1.0)]
+        results: dict[str, GenerationResult] = {}
+        if other:
+            results.update(zip((r.key for r in other), self.static.generate(other), strict=True))
+        if greedy:
+            results.update(self._continuous(greedy))
+        return [results[r.key] for r in requests]
+
+    def _continuous(self, requests: Sequence[GenerationRequest]) -> dict[str, GenerationResult]:
+        ids: dict[str, tuple[GenerationRequest, int]] = {}
+        for request in requests:
+            for choice in range(request.n):
+                self._counter += 1
+                request_id = f"{self._counter}:{choice}"
+                self.manager.add_request(
+                    list(request.prompt_ids),
+                    request_id=request_id,
+                    max_new_tokens=request.max_new_tokens,
+                )
+                ids[request_id] = (request, choice)
+        tokens: dict[str, list[int]] = {}
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        while len(tokens) < len(ids):
+            output: Any = self.manager.get_result(timeout=1.0)
+            if output is None:
+                if not self.manager.is_running():
+                    raise FatalModelError("the continuous batching manager stopped")
+                if time.monotonic() > deadline:
+                    raise ModelError("continuous batching produced no result in time")
+                continue
+            if output.request_id not in ids or not output.is_finished():
+                continue
+            if output.error:
+                raise ModelError(f"continuous batching failed: {output.error}")
+            tokens[output.request_id] = list(output.generated_tokens)
+        choices: dict[str, list[Any]] = {r.key: [None] * r.n for r in requests}
+        for request_id, (request, choice) in ids.items():
+            choices[request.key][choice] = self.static.choice(request, tokens[request_id])
+        return {
+            r.key: GenerationResult(choices=choices[r.key], prompt_tokens=len(r.prompt_ids))
+            for r in requests
+        }
+
+    def close(self) -> None:
+        """Stop the manager's generation thread."""
+        self.manager.stop(block=True, timeout=10)
