@@ -150,7 +150,9 @@ class WorkerState:
         if settings.engine == "continuous":
             from workers.continuous import ContinuousRuntime
 
-            engine = ContinuousRuntime(runtime, max_new_tokens=settings.max_new_tokens_limit)
+            engine = ContinuousRuntime(
+                runtime, max_new_tokens=settings.max_new_tokens_limit, max_rows=settings.batch_size
+            )
             engine.warm_up()
             # The manager schedules rows itself: hand it the whole flush.
             max_rows = settings.batch_size * settings.batch_lookahead

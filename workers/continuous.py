@@ -17,11 +17,12 @@ the text afterwards, and EOS ends a row, as in the static engine.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import GenerationConfig
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from completion_queue.errors import FatalModelError, ModelError
 from workers.batching import GenerationRequest
@@ -36,7 +37,7 @@ RESULT_TIMEOUT_S = 600.0
 class ContinuousRuntime:
     """Continuous batching for greedy rows, on the model a :class:`ModelRuntime` loaded."""
 
-    def __init__(self, static: ModelRuntime, *, max_new_tokens: int) -> None:
+    def __init__(self, static: ModelRuntime, *, max_new_tokens: int, max_rows: int) -> None:
         self.static = static
         self.context_length = static.context_length
         model = static.model
@@ -47,7 +48,18 @@ class ContinuousRuntime:
             eos_token_id=static.eos_id,
             pad_token_id=static.pad_id,
         )
-        self.manager = model.init_continuous_batching(generation_config=config)
+        # At most max_rows rows per step. On CPU the paged cache would otherwise take most
+        # of the host's free memory: size it for max_rows rows of full context.
+        page_size = 256
+        num_blocks = None
+        if static.device.type == "cpu":
+            num_blocks = math.ceil(max_rows * self.context_length / page_size)
+        cb_config = ContinuousBatchingConfig(
+            page_size=page_size, num_blocks=num_blocks, max_requests_per_batch=max_rows
+        )
+        self.manager = model.init_continuous_batching(
+            generation_config=config, continuous_batching_config=cb_config
+        )
         self.manager.start()
         self._counter = 0
 
