@@ -57,9 +57,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 def job_table(jobs: Sequence[Job]) -> _Printable:
     """Return a table of jobs: id, status, tokens, latency, start of the completion."""
     table = Table(show_lines=False)
-    for column in ("job id", "status", "tokens", "latency ms"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("completion", no_wrap=True, overflow="ellipsis", max_width=48)
+    for column, width in (("job id", 8), ("status", 9), ("tokens", 6), ("latency ms", 10)):
+        table.add_column(column, no_wrap=True, min_width=width)
+    table.add_column("completion", no_wrap=True, overflow="ellipsis", max_width=30)
     for job in jobs:
         latency = f"{job.latency_s * 1000:.0f}" if job.latency_s is not None else "-"
         text = job.text if job.text is not None else (job.error or {}).get("message", "")
