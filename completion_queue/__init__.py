@@ -10,6 +10,7 @@ from completion_queue.errors import (
     JobNotFound,
     JobTimeout,
     ModelError,
+    QueueFull,
     ValidationError,
 )
 from completion_queue.settings import Settings, redact_url
@@ -28,5 +29,6 @@ __all__ = [
     "JobNotFound",
     "JobTimeout",
     "ModelError",
+    "QueueFull",
     "ValidationError",
 ]

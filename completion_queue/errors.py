@@ -19,6 +19,10 @@ class ValidationError(CompletionError, ValueError):
         self.field = field
 
 
+class QueueFull(CompletionError):
+    """Raised when CQ_MAX_QUEUED_JOBS jobs are queued already; nothing was written, retry later."""
+
+
 class JobNotFound(CompletionError, LookupError):
     """Raised when a job id does not exist in the database."""
 

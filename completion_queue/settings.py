@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=32_000, ge=1, description="Longest accepted prompt.")
     max_new_tokens_limit: int = Field(default=1024, ge=1, description="Largest max_new_tokens.")
     max_n: int = Field(default=8, ge=1, description="Largest n (choices per job).")
+    max_queued_jobs: int = Field(
+        default=0,
+        ge=0,
+        description="Most jobs queued at once; a submit beyond it is refused (0: no limit).",
+    )
     max_batch_requests: int = Field(
         default=10_000, ge=1, description="Most requests per submit_many."
     )

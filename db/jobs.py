@@ -338,6 +338,11 @@ def cancel_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
     return max(int(result.rowcount), 0)  # type: ignore[attr-defined]
 
 
+def count_queued(session: Session) -> int:
+    """Return how many jobs are queued, over every model."""
+    return int(session.scalar(select(func.count()).where(JobRow.status == JobStatus.QUEUED)) or 0)
+
+
 def count_unfinished(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
     """Return how many of ``job_ids`` are still queued or running."""
     stmt = select(func.count()).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))

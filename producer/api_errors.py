@@ -16,6 +16,7 @@ from completion_queue.errors import (
     ConfigError,
     JobNotFound,
     JobTimeout,
+    QueueFull,
     ValidationError,
 )
 from completion_queue.settings import redact_url
@@ -51,6 +52,8 @@ def completion_error_info(exc: CompletionError) -> ErrorInfo:
         return ErrorInfo(400, message, param=exc.field, code="invalid_value")
     if isinstance(exc, JobNotFound):
         return ErrorInfo(404, message, param="id", code="not_found")
+    if isinstance(exc, QueueFull):
+        return ErrorInfo(429, message, "rate_limit_error", code="queue_full")
     if isinstance(exc, JobTimeout):
         return ErrorInfo(503, message, "server_error", code="timeout")
     if isinstance(exc, BrokerUnavailable | ConfigError):

@@ -15,13 +15,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue.celery_app import celery_priority, create_app
 from completion_queue.constants import TASK_GENERATE, queue_name
-from completion_queue.errors import BrokerUnavailable, JobNotFound, JobTimeout, ValidationError
+from completion_queue.errors import (
+    BrokerUnavailable,
+    JobNotFound,
+    JobTimeout,
+    QueueFull,
+    ValidationError,
+)
 from completion_queue.settings import Settings, redact_url
 from db.engine import make_engine, make_session_factory
 from db.jobs import (
     Job,
     NewJob,
     cancel_job,
+    count_queued,
     count_unfinished,
     create_jobs,
     delete_jobs,
@@ -123,6 +130,7 @@ class CompletionClient:
     ) -> builtins.list[Job]:
         if not validated:
             return []
+        self._check_capacity(len(validated))
         new_jobs = [
             NewJob(
                 model=req.model or self.settings.model,
@@ -148,6 +156,19 @@ class CompletionClient:
                 f"{type(exc).__name__}: {redact_url(str(exc))}"
             ) from None
         return [job for job, _ in created]
+
+    def _check_capacity(self, count: int) -> None:
+        """Refuse ``count`` more jobs when the queue is at ``max_queued_jobs`` (backpressure)."""
+        limit = self.settings.max_queued_jobs
+        if not limit:
+            return
+        with self._sessions() as session:
+            queued = count_queued(session)
+        if queued + count > limit:
+            raise QueueFull(
+                f"the queue holds {queued} jobs and max_queued_jobs is {limit}: "
+                f"{count} more would not fit; retry later"
+            )
 
     def _send(self, jobs: Sequence[Job]) -> None:
         if not jobs:

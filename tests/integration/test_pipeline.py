@@ -8,7 +8,7 @@ import pytest
 
 from completion_queue.celery_app import create_app
 from completion_queue.constants import queue_name
-from completion_queue.errors import JobNotFound, JobTimeout, ValidationError
+from completion_queue.errors import JobNotFound, JobTimeout, QueueFull, ValidationError
 from db.models import JobStatus
 from producer.client import CompletionClient
 from tests.conftest import Stack
@@ -196,3 +196,22 @@ def test_reading_jobs(client: CompletionClient) -> None:
     stuck = client.submit("nobody runs me", model="nobody-serves-this")
     with pytest.raises(JobTimeout, match="1 of 1 job"):
         client.wait(stuck, timeout=0.3)
+
+
+def test_a_full_queue_refuses_more_jobs_and_writes_nothing(
+    stack: Stack, client: CompletionClient
+) -> None:
+    model = "queue-full-test-model"  # no worker serves it: its jobs stay queued
+    limited = CompletionClient(settings=stack.settings.model_copy(update={"max_queued_jobs": 3}))
+    try:
+        limited.submit_many([{"prompt": f"p{i}", "model": model} for i in range(2)])
+        with pytest.raises(QueueFull, match="holds 2 jobs and max_queued_jobs is 3"):
+            limited.submit_many([{"prompt": f"q{i}", "model": model} for i in range(2)])
+        limited.submit("fits", model=model)
+        with pytest.raises(QueueFull):
+            limited.submit("one too many", model=model)
+        assert sorted(j.prompt for j in client.list()) == ["fits", "p0", "p1"]
+    finally:
+        limited.close()
+        for key in stack.redis.keys(queue_name(model) + "*"):
+            stack.redis.delete(key)

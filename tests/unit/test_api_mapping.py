@@ -10,10 +10,11 @@ from datetime import UTC, datetime
 import pytest
 from click.testing import CliRunner
 
-from completion_queue.errors import ValidationError
+from completion_queue.errors import QueueFull, ValidationError
 from db.jobs import Choice, Job
 from db.models import JobStatus
 from producer.api import is_loopback
+from producer.api_errors import completion_error_info
 from producer.cli import cli
 from producer.jobs_api import decode_cursor, encode_cursor
 from producer.openai_api import completion_requests, in_openai_names
@@ -123,3 +124,11 @@ def test_api_refuses_a_public_address_without_a_key(monkeypatch: pytest.MonkeyPa
     result = CliRunner().invoke(cli, ["api", "--host", "0.0.0.0"])
     assert result.exit_code == 2
     assert "refusing to bind 0.0.0.0 without an API key" in result.output
+
+
+def test_a_full_queue_is_a_429_in_openai_shape() -> None:
+    info = completion_error_info(QueueFull("the queue holds 5 jobs and max_queued_jobs is 5"))
+    assert info.status == 429
+    body = info.body()["error"]
+    assert body["code"] == "queue_full" and body["type"] == "rate_limit_error"
+    assert "max_queued_jobs is 5" in body["message"]
