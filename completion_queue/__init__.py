@@ -1,15 +1,19 @@
 """What producers and workers share: settings, errors, names and the Celery app."""
 
 from completion_queue.errors import (
+    AttemptsExceeded,
     BrokerUnavailable,
     CompletionError,
     ConfigError,
     ContextLengthExceeded,
     EmbeddedRedisError,
     FatalModelError,
+    GenerationTimeout,
     JobNotFound,
     JobTimeout,
     ModelError,
+    OutOfMemory,
+    QueueTimeout,
     ValidationError,
 )
 from completion_queue.settings import Settings, redact_url
@@ -19,14 +23,18 @@ __all__ = [
     "Settings",
     "redact_url",
     # errors
+    "AttemptsExceeded",
     "BrokerUnavailable",
     "CompletionError",
     "ConfigError",
     "ContextLengthExceeded",
     "EmbeddedRedisError",
     "FatalModelError",
+    "GenerationTimeout",
     "JobNotFound",
     "JobTimeout",
     "ModelError",
+    "OutOfMemory",
+    "QueueTimeout",
     "ValidationError",
 ]
