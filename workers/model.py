@@ -125,7 +125,9 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
 
     def _sample(self, scores: torch.Tensor) -> torch.Tensor:
         vocab = scores.shape[-1]
-        logits = scores / self.temperature[:, None]
+        # Shift the best logit to 0 first: a tiny temperature then sends the others to
+        # -inf, never the best one to +inf (which would make softmax NaN).
+        logits = (scores - scores.amax(dim=-1, keepdim=True)) / self.temperature[:, None]
         sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=scores.device)
         top_k = torch.where(self.top_k > 0, self.top_k, vocab)
@@ -140,7 +142,7 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
             )
             * cdf[:, -1]
         )
-        last_kept = (probs > 0).sum(dim=-1) - 1
+        last_kept = ((probs > 0).sum(dim=-1) - 1).clamp(min=0)
         index = torch.minimum((cdf < uniform[:, None]).sum(dim=-1), last_kept)
         return sorted_ids.gather(1, index[:, None]).squeeze(1)
 

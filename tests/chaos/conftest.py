@@ -107,6 +107,21 @@ class Chaos:
 
 
 @pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[..., EmbeddedRedis]]:
+    """Start redis-servers of this test's own (``EmbeddedRedis`` options); stopped at the end."""
+    servers: list[EmbeddedRedis] = []
+
+    def start(**options: Any) -> EmbeddedRedis:
+        server = EmbeddedRedis(tmp_path / f"own-redis-{len(servers)}", **options).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
 def chaos(
     request: pytest.FixtureRequest, redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
 ) -> Iterator[Chaos]:
