@@ -6,12 +6,14 @@ It never imports torch, transformers or the database.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery
 
-from completion_queue.constants import queue_name
+from completion_queue.constants import TASK_GENERATE, queue_name
 from completion_queue.errors import ConfigError
 from completion_queue.settings import Settings, redact_url
 
@@ -63,6 +65,34 @@ def prefetch_count(settings: Settings) -> int:
     return 2 * settings.batch_size * settings.batch_lookahead
 
 
+class Sendable(Protocol):
+    """What a message needs from a job: its id (the task id), model (the queue) and priority."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+
+
+def send_jobs(app: Celery, jobs: Iterable[Sendable]) -> int:
+    """Send one ``cq.generate`` message per job (task id = job id); return how many."""
+    sent = 0
+    # kombu's publish batch sends the LPUSHes in pipelines, not one round trip each.
+    with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
+        for job in jobs:
+            app.send_task(
+                TASK_GENERATE,
+                task_id=str(job.id),
+                queue=queue_name(job.model),
+                priority=celery_priority(job.priority),
+                producer=producer,
+            )
+            sent += 1
+    return sent
+
+
 def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
     """Return a Celery app configured for completion-queue on ``broker_url``."""
     url = broker_url or resolve_broker_url(settings)
@@ -75,6 +105,10 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         broker_transport_options={
             # Unacked messages come back after this long; it must outlast any job.
             "visibility_timeout": settings.visibility_timeout_s,
+            # How often each worker sweeps for unacked messages past that timeout
+            # (kombu's default is every ~100 s): a quarter of it, between 1 and 10 s.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(PRIORITY_LEVELS)),
         },

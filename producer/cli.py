@@ -524,6 +524,34 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"database at {redact_url(settings.resolved_database_url())} is at {revision}")
 
 
+@cli.command()
+def reap() -> None:
+    """Requeue jobs stuck running, and expire jobs queued too long (one reaper pass).
+
+    A job running longer than CQ_REAP_RUNNING_AFTER_S goes back to the queue with
+    a new message (a late result of its old attempt is discarded); one claimed
+    CQ_MAX_ATTEMPTS times fails with AttemptsExceeded; one queued longer than
+    CQ_QUEUE_TIMEOUT_S fails with QueueTimeout. Workers run the same pass every
+    CQ_REAP_INTERVAL_S.
+    """
+    from completion_queue.celery_app import create_app
+    from completion_queue.reaper import reap as reap_once
+    from db.engine import make_engine, make_session_factory
+
+    settings = _migrated(_settings())
+    app = create_app(settings)
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        report = reap_once(settings, app, make_session_factory(engine))
+    finally:
+        engine.dispose()
+        app.close()
+    click.echo(
+        f"requeued {report.requeued} stuck job(s), failed {report.failed}, "
+        f"expired {report.expired} queued job(s), resent {report.resent} lost message(s)"
+    )
+
+
 @cli.group()
 def model() -> None:
     """Model commands."""

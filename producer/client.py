@@ -13,8 +13,7 @@ from typing import Any, overload
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from completion_queue.celery_app import celery_priority, create_app
-from completion_queue.constants import TASK_GENERATE, queue_name
+from completion_queue.celery_app import create_app, send_jobs
 from completion_queue.errors import (
     BrokerUnavailable,
     JobNotFound,
@@ -171,19 +170,8 @@ class CompletionClient:
             )
 
     def _send(self, jobs: Sequence[Job]) -> None:
-        if not jobs:
-            return
-        app = self.app
-        # kombu's publish batch sends the LPUSHes in pipelines, not one round trip each.
-        with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
-            for job in jobs:
-                app.send_task(
-                    TASK_GENERATE,
-                    task_id=str(job.id),
-                    queue=queue_name(job.model),
-                    priority=celery_priority(job.priority),
-                    producer=producer,
-                )
+        if jobs:
+            send_jobs(self.app, jobs)
 
     # -- reading ----------------------------------------------------------------
 

@@ -56,6 +56,14 @@ class PostgresCluster:
             shutil.chown(self.base, "postgres", "postgres")
             os.chmod(self.base, 0o700)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
+        return self.resume()
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data: clients get connection errors until :meth:`resume`."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> PostgresCluster:
+        """Start the server on its port and data; return when it accepts connections."""
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.base / "pg.log"),
                   "-w", "start")  # fmt: skip

@@ -163,7 +163,13 @@ class WorkerState:
             WorkerMetrics(self.metrics, model=settings.model),
         ]
         self.runner = BatchRunner(
-            engine, make_session_factory(database), max_rows=max_rows, listeners=listeners
+            engine,
+            make_session_factory(database),
+            max_rows=max_rows,
+            listeners=listeners,
+            job_timeout_s=settings.job_timeout_s,
+            max_attempts=settings.max_attempts,
+            db_retry_s=settings.db_retry_s,
         )
         self._start_metrics(runtime)
         log.info(
@@ -207,18 +213,60 @@ class WorkerState:
             "metrics_port": settings.metrics_port or None,
         }
 
-    def run(self, requests: list[SimpleRequest]) -> None:
-        """Run one micro-batch of task requests (task id = job id)."""
+    def run(self, requests: list[SimpleRequest]) -> bool:
+        """Run one micro-batch of task requests (task id = job id); True once committed.
+
+        Anything else (an exception, which celery-batches logs and turns into
+        None) sends the batch's messages back to the queue: see ModelBatches.
+        """
         if self.runner is None:
             raise RuntimeError("worker model is not loaded (worker_process_init did not run)")
         try:
             self.runner.run([r.id for r in requests], worker=requests[0].hostname or "")
+            return True
         except FatalModelError:
             # The model is unusable: exit without acking, so the messages are redelivered
             # and the supervisor starts a fresh process.
             log.critical("fatal model error; exiting", exc_info=True)
             sys.stderr.flush()
             os._exit(70)
+
+
+class ReaperStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Run the reaper every ``CQ_REAP_INTERVAL_S`` on the timer of the worker's main process."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.tref: Any = None
+        self.sessions: Any = None
+
+    def start(self, worker: Any) -> None:
+        """Schedule the reaper (never when the interval is 0)."""
+        settings: Settings = worker.app.cq_state.settings
+        if settings.reap_interval_s > 0:
+            self.tref = worker.timer.call_repeatedly(
+                settings.reap_interval_s, self.reap, (worker.app,), priority=10
+            )
+
+    def stop(self, worker: Any) -> None:
+        """Cancel the schedule."""
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def reap(self, app: Celery) -> None:
+        """One pass; a failure is logged and the next pass tries again."""
+        from completion_queue.reaper import reap
+
+        settings: Settings = app.cq_state.settings
+        try:
+            if self.sessions is None:
+                self.sessions = make_session_factory(make_engine(settings.resolved_database_url()))
+            reap(settings, app, self.sessions)
+        except Exception as exc:
+            log.warning("reaper pass failed: %s", redact_url(str(exc)))
 
 
 def create_worker_app(settings: Settings, broker_url: str | None = None) -> Celery:
@@ -262,8 +310,9 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
         ignore_result=True,
         on_flush=state.events.received,
     )
-    def generate(requests: list[SimpleRequest]) -> None:
-        state.run(requests)
+    def generate(requests: list[SimpleRequest]) -> bool:
+        return state.run(requests)
 
+    app.steps["worker"].add(ReaperStep)
     app.cq_state = state
     return app

@@ -11,6 +11,9 @@ it fit a worker whose one pool process holds the model:
   running batch returns, whatever is buffered is flushed straight away.
 - If the pool process dies mid-batch (SIGKILL, OOM killer), the batch's messages
   are requeued at once, instead of waiting for Redis' visibility timeout.
+- The messages are acknowledged only when the task returns True (its results
+  are committed). celery-batches logs an exception and returns None; then the
+  messages are requeued too (e.g. the database stayed away past CQ_DB_RETRY_S).
 """
 
 from __future__ import annotations
@@ -54,10 +57,15 @@ class ModelBatches(Batches):  # type: ignore[misc]
                 log.exception("on_flush failed; the batch runs anyway")
         self._running += 1
 
-        def on_return(_result: Any) -> None:
+        def on_return(result: Any) -> None:
             self._running -= 1
+            if result is not True:
+                log.error("batch of %d not committed; requeueing its messages", len(requests))
             for request in requests:
-                request.acknowledge()
+                if result is True:
+                    request.acknowledge()
+                else:
+                    request.reject(requeue=True)
             if not self._buffer.empty():
                 self._do_flush()
 

@@ -78,13 +78,20 @@ class ContinuousRuntime:
         self.generate([GenerationRequest(key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2,
                                          temperature=0.0)])  # fmt: skip
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Run ``requests``; greedy ones through the manager, the rest statically."""
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, timeout_s: float | None = None
+    ) -> list[GenerationResult | Exception]:
+        """Run ``requests``; greedy ones through the manager, the rest statically.
+
+        ``timeout_s`` bounds the static rows per job; the manager's rows are bounded
+        by their token budgets only.
+        """
         greedy = [r for r in requests if r.greedy and r.repetition_penalty == 1.0]
         other = [r for r in requests if not (r.greedy and r.repetition_penalty == 1.0)]
-        results: dict[str, GenerationResult] = {}
+        results: dict[str, GenerationResult | Exception] = {}
         if other:
-            results.update(zip((r.key for r in other), self.static.generate(other), strict=True))
+            static = self.static.generate(other, timeout_s=timeout_s)
+            results.update(zip((r.key for r in other), static, strict=True))
         if greedy:
             results.update(self._continuous(greedy))
         return [results[r.key] for r in requests]

@@ -28,7 +28,13 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from completion_queue.errors import ConfigError, FatalModelError, ModelError
+from completion_queue.errors import (
+    ConfigError,
+    FatalModelError,
+    GenerationTimeout,
+    ModelError,
+    OutOfMemory,
+)
 from db.jobs import Choice
 from workers.batching import GenerationRequest, cut_at_stop
 
@@ -119,7 +125,9 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
 
     def _sample(self, scores: torch.Tensor) -> torch.Tensor:
         vocab = scores.shape[-1]
-        logits = scores / self.temperature[:, None]
+        # Shift the best logit to 0 first: a tiny temperature then sends the others to
+        # -inf, never the best one to +inf (which would make softmax NaN).
+        logits = (scores - scores.amax(dim=-1, keepdim=True)) / self.temperature[:, None]
         sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=scores.device)
         top_k = torch.where(self.top_k > 0, self.top_k, vocab)
@@ -134,13 +142,18 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
             )
             * cdf[:, -1]
         )
-        last_kept = (probs > 0).sum(dim=-1) - 1
+        last_kept = ((probs > 0).sum(dim=-1) - 1).clamp(min=0)
         index = torch.minimum((cdf < uniform[:, None]).sum(dim=-1), last_kept)
         return sorted_ids.gather(1, index[:, None]).squeeze(1)
 
 
 class RowStops(StoppingCriteria):  # type: ignore[misc]
-    """Mark a row done when it used its own token budget or produced one of its stops."""
+    """Mark a row done at its own token budget or stop string, and every row at the deadline.
+
+    The deadline (``time.monotonic()`` seconds) is checked between decoding steps,
+    so a job that outlasts its time limit ends within one step and the worker
+    goes on serving; :attr:`timed_out` tells the caller which call it cut short.
+    """
 
     def __init__(
         self,
@@ -148,7 +161,10 @@ class RowStops(StoppingCriteria):  # type: ignore[misc]
         prompt_len: int,
         tokenizer: Any,
         device: torch.device,
+        deadline: float | None = None,
     ) -> None:
+        self.deadline = deadline
+        self.timed_out = False
         self.prompt_len = prompt_len
         self.budgets = torch.tensor([r.max_new_tokens for r in rows], device=device)
         self.tokenizer = tokenizer
@@ -162,6 +178,9 @@ class RowStops(StoppingCriteria):  # type: ignore[misc]
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
     ) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self.prompt_len
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.timed_out = True
+            return torch.ones_like(self.budgets, dtype=torch.bool)  # type: ignore[return-value]
         done = self.budgets <= generated
         if self.stop_rows:
             start = max(self.prompt_len, input_ids.shape[1] - self.window)
@@ -233,8 +252,19 @@ class ModelRuntime:
         self.generate([GenerationRequest(key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2)])
         self._ready = True
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Run ``requests`` in one left-padded ``generate`` call; results in the same order."""
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, timeout_s: float | None = None
+    ) -> list[GenerationResult | GenerationTimeout]:
+        """Run ``requests`` in one left-padded ``generate`` call; results in the same order.
+
+        A request still generating ``timeout_s`` seconds after the call began gets a
+        :class:`GenerationTimeout` in place of its result; the others keep theirs.
+
+        Raises:
+            OutOfMemory: the accelerator ran out of memory (a smaller batch may fit).
+            FatalModelError: the CUDA context is unusable; the process must exit.
+            ModelError: ``generate`` failed for another reason.
+        """
         if not requests:
             return []
         rows = [r for r in requests for _ in range(r.n)]
@@ -255,41 +285,60 @@ class ModelRuntime:
             eos_token_id=self.eos_id,
             use_cache=True,
         )
-        # Plain greedy rows with one budget and no stops need neither hook: generate's
-        # own arg-max and max_new_tokens do exactly that, a little faster per step.
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        # Plain greedy rows need no sampler: generate's own arg-max does exactly that,
+        # a little faster per step.
         processors = LogitsProcessorList()
         if not all(r.greedy and r.repetition_penalty == 1.0 for r in rows):
             generators = [self._generator(r.seed, c) for r in requests for c in range(r.n)]
             processors.append(RowSampler(rows, generators, starts.to(self.device), self.device))
+        stops = RowStops(rows, prompt_len, self.tokenizer, self.device, deadline)
         criteria = StoppingCriteriaList()
-        if any(r.stop or r.max_new_tokens != max_new for r in rows):
-            criteria.append(RowStops(rows, prompt_len, self.tokenizer, self.device))
+        if deadline is not None or any(r.stop or r.max_new_tokens != max_new for r in rows):
+            criteria.append(stops)
         try:
             with torch.inference_mode():
-                output = self.model.generate(
+                output = self._run_model(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention.to(self.device),
                     generation_config=config,
                     logits_processor=processors,
                     stopping_criteria=criteria,
                 )
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of memory generating {len(rows)} rows: {exc}") from exc
         except RuntimeError as exc:
             if "CUDA error" in str(exc):
                 raise FatalModelError(f"CUDA failure in generate: {exc}") from exc
             raise ModelError(f"generate failed: {exc}") from exc
         generated = output[:, prompt_len:].tolist()
         choices = [self.choice(row, tokens) for row, tokens in zip(rows, generated, strict=True)]
-        results: list[GenerationResult] = []
+        results: list[GenerationResult | GenerationTimeout] = []
         offset = 0
         for request in requests:
-            results.append(
-                GenerationResult(
-                    choices=choices[offset : offset + request.n],
-                    prompt_tokens=len(request.prompt_ids),
-                )
-            )
+            mine = choices[offset : offset + request.n]
             offset += request.n
+            if stops.timed_out and any(
+                c.finish_reason == "length" and c.completion_tokens < request.max_new_tokens
+                for c in mine
+            ):
+                results.append(
+                    GenerationTimeout(
+                        f"generation exceeded the job time limit of {timeout_s:g}s "
+                        f"(CQ_JOB_TIMEOUT_S) after {max(c.completion_tokens for c in mine)} tokens"
+                    )
+                )
+            else:
+                results.append(
+                    GenerationResult(choices=mine, prompt_tokens=len(request.prompt_ids))
+                )
         return results
+
+    def _run_model(self, **kwargs: Any) -> Any:
+        """Call the model's ``generate``; the one place generation touches the model."""
+        return self.model.generate(**kwargs)
 
     def _generator(self, seed: int | None, choice: int) -> torch.Generator:
         generator = torch.Generator(device=self.device)

@@ -5,6 +5,19 @@ ordered by token budget and prompt length, and cut into groups of at most
 ``batch_size`` rows. Each group is claimed (marked running) just before it runs,
 and its results are committed in the same transaction that claims the next
 group: one transaction per group.
+
+Faults the runner absorbs, each without losing or doubling a job:
+
+- An unreachable database (connection refused, SQLite file locked or read-only)
+  is retried with doubling backoff for up to ``CQ_DB_RETRY_S``; only then does
+  the batch give up, and its messages go back to the queue. The results of a
+  finished group are held in memory meanwhile and committed when the database
+  returns, before the messages are acknowledged.
+- Out of memory in ``generate`` splits the group in halves, down to single
+  jobs, before any job fails; any other error reruns the group job by job.
+- A job past ``CQ_JOB_TIMEOUT_S`` fails with ``GenerationTimeout``.
+- A job claimed ``CQ_MAX_ATTEMPTS`` times (its worker died each time) fails with
+  ``AttemptsExceeded`` instead of running again.
 """
 
 from __future__ import annotations
@@ -14,13 +27,21 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from completion_queue.errors import ContextLengthExceeded, FatalModelError
+from completion_queue.errors import (
+    AttemptsExceeded,
+    ContextLengthExceeded,
+    FatalModelError,
+    OutOfMemory,
+)
+from completion_queue.settings import redact_url
 from db.jobs import Job, Outcome, claim_jobs, finish_jobs, get_unfinished_jobs
 from db.models import JobStatus
+from db.recovery import fail_attempts
 from workers.batching import GenerationRequest, plan_groups
 from workers.model import GenerationResult
 
@@ -28,6 +49,18 @@ log = logging.getLogger(__name__)
 
 #: What a unit of a flush does with its claimed jobs: their outcomes.
 Work = Callable[[list[Job]], list[Outcome]]
+
+T = TypeVar("T")
+
+#: Backoff between database retries: first delay and longest delay, in seconds.
+DB_RETRY_FIRST_S, DB_RETRY_MAX_S = 0.1, 5.0
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """True for errors that mean "try the database again later", not "this write is wrong"."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def error_dict(exc: BaseException) -> dict[str, str]:
@@ -60,8 +93,10 @@ class Engine(Protocol):
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Return the token ids of each prompt."""
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Return one result per request, in order."""
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, timeout_s: float | None = None
+    ) -> list[GenerationResult | Exception]:
+        """Return one result per request, in order (an exception for a job past timeout_s)."""
 
 
 class BatchListener(Protocol):
@@ -86,20 +121,33 @@ class BatchRunner:
         *,
         max_rows: int,
         listeners: Sequence[BatchListener] = (),
+        job_timeout_s: float | None = None,
+        max_attempts: int = 5,
+        db_retry_s: float = 0.0,
     ) -> None:
         self.runtime = runtime
         self.sessions = sessions
         self.max_rows = max_rows
         self.listeners = list(listeners)
+        self.job_timeout_s = job_timeout_s
+        self.max_attempts = max_attempts
+        self.db_retry_s = db_retry_s
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
         ids = [uuid.UUID(i) for i in job_ids]
-        with self.sessions() as session:
-            jobs = get_unfinished_jobs(session, job_ids=ids)
+        jobs = self._with_database(lambda: self._read(ids))
         if not jobs:
             self._tell("claimed", [], skipped=ids, worker=worker)
             return []
+        exhausted = [job for job in jobs if job.attempts >= self.max_attempts]
+        if exhausted:
+            self._with_database(lambda: self._give_up(exhausted))
+            jobs = [job for job in jobs if job.attempts < self.max_attempts]
+        exhausted = [job for job in jobs if job.attempts >= self.max_attempts]
+        if exhausted:
+            self._with_database(lambda: self._give_up(exhausted))
+            jobs = [job for job in jobs if job.attempts < self.max_attempts]
         requests, rejected = self.plan(jobs)
         errors = {job.id: exc for job, exc in rejected}
         # Each unit is claimed, run, then committed with the next unit's claim. Jobs refused
@@ -130,15 +178,56 @@ class BatchRunner:
             log.debug("%d jobs in %.1f ms", len(claimed), 1000 * generation_s)
         return written
 
+    def _read(self, job_ids: Sequence[uuid.UUID]) -> list[Job]:
+        with self.sessions() as session:
+            return get_unfinished_jobs(session, job_ids=job_ids)
+
+    def _give_up(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            log.warning(
+                "job %s claimed %d times without finishing; failing it", job.id, job.attempts
+            )
+        error = error_dict(
+            AttemptsExceeded(
+                f"job was claimed {self.max_attempts} times (CQ_MAX_ATTEMPTS) without "
+                "finishing: its worker was lost each time"
+            )
+        )
+        with self.sessions.begin() as session:
+            fail_attempts(session, jobs=[(job.id, job.attempts) for job in jobs], error=error)
+
     def _commit_and_claim(
         self, outcomes: Sequence[Outcome], job_ids: Sequence[uuid.UUID], worker: str
     ) -> list[Job]:
         """Write ``outcomes`` and claim ``job_ids`` in one transaction; return the claimed jobs."""
         if not outcomes and not job_ids:
             return []
-        with self.sessions.begin() as session:
-            finish_jobs(session, outcomes=outcomes)
-            return claim_jobs(session, job_ids=job_ids, worker=worker) if job_ids else []
+
+        def transaction() -> list[Job]:
+            with self.sessions.begin() as session:
+                finish_jobs(session, outcomes=outcomes)
+                return claim_jobs(session, job_ids=job_ids, worker=worker) if job_ids else []
+
+        return self._with_database(transaction)
+
+    def _with_database(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (one transaction), retrying with backoff while the database is away."""
+        deadline = time.monotonic() + self.db_retry_s
+        delay = DB_RETRY_FIRST_S
+        while True:
+            try:
+                return work()
+            except Exception as exc:
+                remaining = deadline - time.monotonic()
+                if not database_unreachable(exc) or remaining <= 0:
+                    raise
+                log.warning(
+                    "database unavailable (%s); retrying in %.1fs",
+                    redact_url(str(exc).splitlines()[0] if str(exc) else repr(exc)),
+                    min(delay, remaining),
+                )
+                time.sleep(min(delay, remaining))
+                delay = min(2 * delay, DB_RETRY_MAX_S)
 
     def _tell(self, event: str, *args: object, **kwargs: object) -> None:
         for listener in self.listeners:
@@ -198,13 +287,19 @@ class BatchRunner:
         if not group:
             return []
         try:
-            return list(zip(group, self.runtime.generate(group), strict=True))
+            results = self.runtime.generate(group, timeout_s=self.job_timeout_s)
+            return list(zip(group, results, strict=True))
         except FatalModelError:
             raise
         except Exception as exc:
             if len(group) == 1:
                 log.warning("job %s failed: %s", group[0].key, exc)
                 return [(group[0], exc)]
+            if isinstance(exc, OutOfMemory):
+                # A smaller batch may fit: halve it, down to single jobs, before anyone fails.
+                half = len(group) // 2
+                log.warning("group of %d ran out of memory; retrying it in halves", len(group))
+                return self._run_group(group[:half]) + self._run_group(group[half:])
             # One bad job must not fail its batch-mates: find it by running them alone.
             log.warning("group of %d failed (%s); retrying its jobs one by one", len(group), exc)
             return [pair for request in group for pair in self._run_group([request])]

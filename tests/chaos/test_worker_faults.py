@@ -4,65 +4,25 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from completion_queue.local import WorkerProcess
-from completion_queue.redis_server import EmbeddedRedis
-from completion_queue.settings import Settings
+from completion_queue.celery_app import create_app, send_jobs
+from completion_queue.constants import queue_name
 from db.models import JobStatus
-from producer.cli import worker_env
-from producer.client import CompletionClient
-from tests.conftest import new_database
+from tests.chaos.conftest import Chaos, kill_worker, node_name, wait_for
 
 
-@pytest.fixture
-def own_worker(
-    request: pytest.FixtureRequest,
-    redis_server: EmbeddedRedis,
-    tiny_model: Path,
-    tmp_path: Path,
-) -> Iterator[tuple[Settings, WorkerProcess]]:
-    """A worker of this test's own, on its own Redis db and SQLite database."""
-    settings = Settings(
-        broker_url=f"redis://127.0.0.1:{redis_server.port}/5",
-        database_url=new_database("sqlite", request, tmp_path),
-        data_dir=tmp_path,
-        model=str(tiny_model),
-        batch_size=8,
-        batch_lookahead=1,
-        batch_wait_ms=20,
-    )
-    worker = WorkerProcess(worker_env(settings), tmp_path / "worker.log").start().wait_ready()
-    yield settings, worker
-    worker.stop()
+def long_jobs(count: int, tokens: int = 400) -> list[dict[str, object]]:
+    return [
+        {"prompt": f"story {i}", "max_new_tokens": tokens, "temperature": 0} for i in range(count)
+    ]
 
 
-def wait_for(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def test_sigkill_of_the_model_process_mid_batch_loses_no_job(
-    own_worker: tuple[Settings, WorkerProcess],
-) -> None:
-    settings, worker = own_worker
-    with CompletionClient(settings=settings) as client:
+def test_sigkill_of_the_model_process_mid_batch_loses_no_job(chaos: Chaos) -> None:
+    worker = chaos.start_worker()
+    with chaos.client() as client:
         # Given a batch of long jobs running in the worker's model process
-        jobs = client.submit_many(
-            [{"prompt": f"story {i}", "max_new_tokens": 400, "temperature": 0} for i in range(8)]
-        )
-        wait_for(
-            lambda: any(j.status is JobStatus.RUNNING for j in client.list(status="running")),
-            60,
-            "the batch to start",
-        )
+        jobs = client.submit_many(long_jobs(8))
+        wait_for(lambda: client.list(status="running"), 60, "the batch to start")
         victim = worker.pool_pids()[0]
         # When that process is killed mid-batch
         os.kill(victim, signal.SIGKILL)
@@ -72,3 +32,104 @@ def test_sigkill_of_the_model_process_mid_batch_loses_no_job(
     assert all(j.attempts == 2 for j in done)
     assert all(j.completion_tokens and j.completion_tokens > 0 for j in done)
     assert worker.alive() and victim not in worker.pool_pids()
+
+
+def test_sigkill_of_the_whole_worker_comes_back_through_the_visibility_timeout(
+    chaos: Chaos,
+) -> None:
+    # Given a worker whose unacked messages Redis gives back after 2 s
+    worker = chaos.start_worker(visibility_timeout_s=2)
+    with chaos.client() as client:
+        jobs = client.submit_many(long_jobs(8))
+        wait_for(lambda: client.list(status="running"), 60, "the batch to start")
+        # When the whole worker (main and model process) dies mid-batch, and is restarted
+        kill_worker(worker)
+        assert chaos.unacked_messages() == 8
+        chaos.start_worker(visibility_timeout_s=2)
+        # Then Redis redelivers every message and every job completes once
+        done = client.wait(jobs, timeout=240)
+    assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 8
+    assert all(j.attempts == 2 for j in done)
+    wait_for(lambda: chaos.unacked_messages() == 0, 30, "every message to be acked")
+
+
+def test_sigterm_mid_batch_finishes_the_batch_and_returns_the_rest(chaos: Chaos) -> None:
+    worker = chaos.start_worker()
+    with chaos.client() as client:
+        # Given one batch running and a second one waiting in the worker's buffer
+        jobs = client.submit_many(long_jobs(16, tokens=200))
+        wait_for(lambda: client.list(status="running"), 60, "the first batch to start")
+        # When the worker gets SIGTERM (warm shutdown)
+        assert worker.stop(timeout_s=120) is not None
+        # Then the running batch was finished and committed, and nothing else ran
+        after_stop = [client.get(j.id) for j in jobs]
+        finished = [j for j in after_stop if j.status is JobStatus.SUCCEEDED]
+        assert len(finished) >= 8
+        assert all(j.status in (JobStatus.SUCCEEDED, JobStatus.QUEUED) for j in after_stop)
+        # and the messages of the rest are back in the queue: a new worker runs them
+        chaos.start_worker()
+        done = client.wait(jobs, timeout=240)
+    assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 16
+    assert all(j.attempts == 1 for j in done)
+    by_id = {j.id: j for j in done}
+    assert all(by_id[j.id] == j for j in finished)
+
+
+def test_a_duplicate_of_a_finished_job_changes_nothing(chaos: Chaos) -> None:
+    chaos.start_worker()
+    app = create_app(chaos.settings)
+    with chaos.client() as client:
+        # Given a finished job
+        job = client.wait(client.submit("Once upon a time", max_new_tokens=8), timeout=60)
+        assert job.status is JobStatus.SUCCEEDED
+        # When its message is delivered again, and a later job has run after it
+        send_jobs(app, [job, job])
+        sentinel = client.wait(client.submit("after", max_new_tokens=2), timeout=60)
+        assert sentinel.status is JobStatus.SUCCEEDED
+        wait_for(lambda: chaos.queued_messages() + chaos.unacked_messages() == 0, 30, "drain")
+        # Then the job's row is exactly as it was
+        assert client.get(job.id) == job
+    app.close()
+
+
+def test_a_duplicate_of_a_running_job_gives_one_result(chaos: Chaos) -> None:
+    first, second = chaos.start_worker(), chaos.start_worker()
+    app = create_app(chaos.settings)
+    queue = queue_name(chaos.settings.model)
+    with chaos.client() as client:
+        # Given a long job running on one worker, which then stops taking messages
+        job = client.submit("story", max_new_tokens=400, n=8, temperature=0)
+        wait_for(lambda: client.get(job.id).status is JobStatus.RUNNING, 60, "the job to start")
+        running_on = client.get(job.id).worker
+        holder, other = (first, second) if running_on == node_name(first) else (second, first)
+        assert running_on == node_name(holder)
+        assert app.control.cancel_consumer(queue, destination=[node_name(holder)], reply=True)
+        # When a duplicate of its message reaches the other worker while it runs
+        send_jobs(app, [job])
+        wait_for(lambda: client.get(job.id).attempts == 2, 60, "the duplicate to be claimed")
+        done = client.wait(job, timeout=240)
+        wait_for(lambda: chaos.unacked_messages() == 0, 240, "both deliveries to be acked")
+        # Then only the later claim's result is written; the first run's is discarded
+        final = client.get(job.id)
+    assert final.status is JobStatus.SUCCEEDED and final == done
+    assert final.attempts == 2 and final.worker == node_name(other)
+    assert len(final.choices) == 8
+    app.close()
+
+
+def test_cancelling_a_running_job_leaves_its_batch_mates_alone(chaos: Chaos) -> None:
+    chaos.start_worker()
+    with chaos.client() as client:
+        # Given a batch of eight long jobs running
+        jobs = client.submit_many(long_jobs(8, tokens=300))
+        wait_for(lambda: len(client.list(status="running")) == 8, 60, "the batch to start")
+        # When one of them is cancelled mid-batch
+        cancelled = client.cancel(jobs[3].id)
+        done = client.wait(jobs, timeout=240)
+    # Then it produces no result, and the seven others succeed on their first attempt
+    assert cancelled.status is JobStatus.CANCELLED
+    assert done[3].status is JobStatus.CANCELLED and done[3].choices == []
+    assert done[3].completion_tokens is None
+    others = done[:3] + done[4:]
+    assert [j.status for j in others] == [JobStatus.SUCCEEDED] * 7
+    assert all(j.attempts == 1 and j.choices for j in others)

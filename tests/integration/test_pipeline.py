@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -215,3 +216,26 @@ def test_a_full_queue_refuses_more_jobs_and_writes_nothing(
         limited.close()
         for key in stack.redis.keys(queue_name(model) + "*"):
             stack.redis.delete(key)
+
+
+def test_reaper_resends_a_queued_job_whose_message_was_lost(
+    stack: Stack, client: CompletionClient
+) -> None:
+    from completion_queue.reaper import reap
+    from db.engine import make_engine, make_session_factory
+    from db.jobs import NewJob, create_jobs
+
+    # Given a queued job whose message never reached Redis (as when a worker dies
+    # between Redis's BRPOP and kombu's unacked record)
+    sessions = make_session_factory(make_engine(stack.settings.resolved_database_url()))
+    job = NewJob(model=stack.settings.model, prompt="lost", params={"max_new_tokens": 3})
+    with sessions.begin() as session:
+        create_jobs(session, jobs=[job])
+    time.sleep(0.05)  # older than the (tiny) threshold below
+    # When the reaper runs while the queue is empty and nothing is unacked
+    settings = stack.settings.model_copy(update={"reap_queued_after_s": 0.01})
+    report = reap(settings, create_app(settings), sessions)
+    # Then it sends the job again, and the job runs once
+    assert report.resent == 1
+    done = client.wait(job.id, timeout=60)
+    assert done.status is JobStatus.SUCCEEDED and done.attempts == 1

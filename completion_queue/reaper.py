@@ -1,0 +1,133 @@
+"""The reaper: recovers jobs whose messages will never come back, and expires unserved jobs.
+
+Redis gives an unacknowledged message back after the visibility timeout, so a
+worker that dies loses no job, as long as Redis keeps the message. The reaper
+covers what Redis cannot: a job left ``running`` past ``CQ_REAP_RUNNING_AFTER_S``
+(its message was lost with a Redis that had no persistence, or was deleted) is
+put back to ``queued`` and sent a new message, in one transaction; a job queued
+past ``CQ_QUEUE_TIMEOUT_S`` (no worker serves its model) fails with
+``QueueTimeout``. Every change is fenced on the row's status and attempt, so a
+late result of the old attempt is discarded and two reapers never double a job.
+
+It runs as ``cq reap`` and, every ``CQ_REAP_INTERVAL_S``, on the timer of each
+worker's main process (:class:`workers.app.ReaperStep`). It lives here, beside
+the Celery app, because it needs the database and the broker but not the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import redis
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from completion_queue.celery_app import queue_depth, send_jobs
+from completion_queue.constants import queue_name
+from completion_queue.errors import AttemptsExceeded, QueueTimeout
+from completion_queue.settings import Settings
+from db.jobs import utcnow
+from db.recovery import (
+    expire_queued_jobs,
+    fail_attempts,
+    old_queued_jobs,
+    requeue_jobs,
+    stuck_jobs,
+)
+
+log = logging.getLogger(__name__)
+
+#: Most stuck jobs one reaper pass takes on; the next pass takes the rest.
+REAP_LIMIT = 1000
+
+#: The Redis hash where kombu keeps delivered, unacknowledged messages.
+UNACKED_KEY = "unacked"
+
+
+@dataclass(frozen=True, slots=True)
+class ReapReport:
+    """What one reaper pass changed."""
+
+    requeued: int
+    failed: int
+    expired: int
+    resent: int = 0
+
+
+def _error(exc: Exception) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> ReapReport:
+    """Run one reaper pass: expire unserved queued jobs, requeue (or fail) stuck running ones."""
+    now = utcnow()
+    expired_error = _error(
+        QueueTimeout(
+            f"no worker took the job within {settings.queue_timeout_s:g}s (CQ_QUEUE_TIMEOUT_S); "
+            "is a worker serving its model?"
+        )
+    )
+    with sessions.begin() as session:
+        expired = expire_queued_jobs(
+            session,
+            created_before=now - timedelta(seconds=settings.queue_timeout_s),
+            error=expired_error,
+        )
+    exhausted_error = _error(
+        AttemptsExceeded(
+            f"job was claimed {settings.max_attempts} times (CQ_MAX_ATTEMPTS) without finishing"
+        )
+    )
+    with sessions.begin() as session:
+        stuck = stuck_jobs(
+            session,
+            started_before=now - timedelta(seconds=settings.reap_running_after_s),
+            limit=REAP_LIMIT,
+        )
+        exhausted = [job for job in stuck if job[1] >= settings.max_attempts]
+        failed = fail_attempts(session, jobs=exhausted, error=exhausted_error)
+        requeued = requeue_jobs(
+            session, jobs=[job for job in stuck if job[1] < settings.max_attempts]
+        )
+        # Sent inside the transaction: if the broker is down, the jobs stay running
+        # and the next pass tries again.
+        send_jobs(app, requeued)
+    resent = _resend_lost(settings, app, sessions, now)
+    report = ReapReport(requeued=len(requeued), failed=failed, expired=len(expired), resent=resent)
+    if report.requeued or report.failed or report.expired or report.resent:
+        log.warning(
+            "reaper: requeued %d stuck job(s), failed %d, expired %d, resent %d queued job(s)",
+            report.requeued, report.failed, report.expired, report.resent,
+        )  # fmt: skip
+    return report
+
+
+def _resend_lost(
+    settings: Settings, app: Celery, sessions: sessionmaker[Session], now: datetime
+) -> int:
+    """Send again the old queued jobs whose messages are provably gone; return how many.
+
+    A worker killed between Redis's BRPOP and kombu's record of the unacked message
+    loses that message: the job stays queued with nothing left to deliver it. When a
+    job is queued past ``CQ_REAP_QUEUED_AFTER_S`` while its model's queue is empty and
+    no message is unacknowledged anywhere, its message is gone; a new one is sent. (A
+    duplicate would be harmless: the second delivery of a finished job changes nothing.)
+    """
+    with sessions() as session:
+        old = old_queued_jobs(
+            session,
+            created_before=now - timedelta(seconds=settings.reap_queued_after_s),
+            limit=REAP_LIMIT,
+        )
+    if not old:
+        return 0
+    broker = redis.Redis.from_url(app.conf.broker_url, socket_timeout=10)
+    with contextlib.closing(broker):
+        if broker.hlen(UNACKED_KEY):
+            return 0
+        idle = {m for m in {j.model for j in old} if queue_depth(broker, queue_name(m)) == 0}
+    lost = [job for job in old if job.model in idle]
+    return send_jobs(app, lost) if lost else 0

@@ -1,0 +1,114 @@
+"""Transitions for jobs that lost their way: retried too often, stuck running, queued too long.
+
+Each is one fenced statement, like those of :mod:`db.jobs`: a row changes only
+in the state it was read in (status and attempt), so a worker that finishes the
+job meanwhile, or another reaper, wins or loses cleanly and nothing is doubled.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import cast
+
+from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.orm import Session
+
+from db.jobs import utcnow
+from db.models import JobRow, JobStatus
+
+_TABLE = cast(Table, JobRow.__table__)
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    """A job the reaper put back in the queue: what a new message needs."""
+
+    id: uuid.UUID
+    model: str
+    priority: int
+
+
+def fail_attempts(
+    session: Session, *, jobs: Sequence[tuple[uuid.UUID, int]], error: dict[str, str]
+) -> int:
+    """Fail unfinished jobs still at the given ``(id, attempts)``; return how many changed."""
+    if not jobs:
+        return 0
+    stmt = (
+        update(_TABLE)
+        .where(
+            _TABLE.c.id == bindparam("b_id"),
+            _TABLE.c.attempts == bindparam("b_attempt"),
+            _TABLE.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        )
+        .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
+    )
+    result = session.connection().execute(
+        stmt, [{"b_id": job_id, "b_attempt": attempt} for job_id, attempt in jobs]
+    )
+    return max(result.rowcount, 0)
+
+
+def stuck_jobs(
+    session: Session, *, started_before: datetime, limit: int
+) -> list[tuple[uuid.UUID, int]]:
+    """Return ``(id, attempts)`` of up to ``limit`` jobs running since before ``started_before``."""
+    stmt = (
+        select(JobRow.id, JobRow.attempts)
+        .where(JobRow.status == JobStatus.RUNNING, JobRow.started_at < started_before)
+        .order_by(JobRow.started_at)
+        .limit(limit)
+    )
+    return [(job_id, attempts) for job_id, attempts in session.execute(stmt)]
+
+
+def requeue_jobs(session: Session, *, jobs: Sequence[tuple[uuid.UUID, int]]) -> list[Requeued]:
+    """Put running jobs still at the given ``(id, attempts)`` back to queued; return them.
+
+    The caller sends each returned job a new message in the same transaction; a
+    late result of the old attempt is then discarded by :func:`db.jobs.finish_jobs`.
+    """
+    requeued: list[Requeued] = []
+    for job_id, attempt in jobs:
+        row = session.execute(
+            update(JobRow)
+            .where(
+                JobRow.id == job_id,
+                JobRow.attempts == attempt,
+                JobRow.status == JobStatus.RUNNING,
+            )
+            .values(status=JobStatus.QUEUED, started_at=None)
+            .returning(JobRow.id, JobRow.model, JobRow.priority)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if row is not None:
+            requeued.append(Requeued(id=row.id, model=row.model, priority=row.priority))
+    return requeued
+
+
+def old_queued_jobs(session: Session, *, created_before: datetime, limit: int) -> list[Requeued]:
+    """Return up to ``limit`` jobs still queued that were submitted before ``created_before``."""
+    stmt = (
+        select(JobRow.id, JobRow.model, JobRow.priority)
+        .where(JobRow.status == JobStatus.QUEUED, JobRow.created_at < created_before)
+        .order_by(JobRow.created_at)
+        .limit(limit)
+    )
+    return [Requeued(id=i, model=m, priority=p) for i, m, p in session.execute(stmt)]
+
+
+def expire_queued_jobs(
+    session: Session, *, created_before: datetime, error: dict[str, str]
+) -> list[uuid.UUID]:
+    """Fail the jobs still queued that were submitted before ``created_before``; return ids."""
+    stmt = (
+        update(JobRow)
+        .where(JobRow.status == JobStatus.QUEUED, JobRow.created_at < created_before)
+        .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
+        .returning(JobRow.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(session.scalars(stmt))

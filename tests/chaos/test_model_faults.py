@@ -1,0 +1,72 @@
+"""Faults inside generation, made real in the worker's model process (tests/faults/)."""
+
+from __future__ import annotations
+
+from db.models import JobStatus
+from tests.chaos.conftest import Chaos
+from tests.reference import Reference
+
+PROMPTS = ["Once upon a time", "The weather", "def add(a, b):", "Dear team,", "x", "Redis is",
+           "The river runs", "She opened the door,"]  # fmt: skip
+
+
+def test_a_poison_job_fails_alone_and_the_worker_keeps_serving(chaos: Chaos) -> None:
+    # Given a worker whose model raises on every batch that holds a poisoned prompt
+    chaos.start_worker(faults={"poison": "POISON-PILL"})
+    requests = [{"prompt": p, "max_new_tokens": 8, "temperature": 0} for p in PROMPTS[:7]]
+    requests.insert(3, {"prompt": "eat the POISON-PILL", "max_new_tokens": 8})
+    with chaos.client() as client:
+        # When it is in one batch with seven good jobs
+        done = client.wait(client.submit_many(requests), timeout=120)
+        # Then it fails on its first attempt with the error stored, and only it
+        poison = done.pop(3)
+        assert poison.status is JobStatus.FAILED and poison.attempts == 1
+        assert poison.error is not None and poison.error["type"] == "ModelError"
+        assert "POISON-PILL" in poison.error["message"] and poison.choices == []
+        assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 7
+        assert all(j.attempts == 1 for j in done)
+        # and the worker goes on serving
+        after = client.wait(client.submit("after", max_new_tokens=4), timeout=60)
+        assert after.status is JobStatus.SUCCEEDED
+
+
+def test_out_of_memory_splits_the_batch_in_halves_before_any_job_fails(
+    chaos: Chaos, reference: Reference
+) -> None:
+    # Given a worker whose model runs out of memory above two rows
+    worker = chaos.start_worker(faults={"oom_above_rows": 2})
+    requests = [{"prompt": p, "max_new_tokens": 6, "temperature": 0} for p in PROMPTS]
+    with chaos.client() as client:
+        # When eight jobs come in one batch, and one job needs three rows alone
+        done = client.wait(client.submit_many(requests), timeout=120)
+        too_big = client.wait(client.submit("Hello", n=3, max_new_tokens=4), timeout=60)
+    # Then the batch is retried in halves and every job succeeds, with the same text
+    for request, job in zip(requests, done, strict=True):
+        assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
+        assert job.text == reference.greedy(request["prompt"], 6)[0]  # type: ignore[arg-type]
+    assert "ran out of memory; retrying it in halves" in worker.log_text()
+    # and only a job that does not fit alone fails, with the out-of-memory error
+    assert too_big.status is JobStatus.FAILED
+    assert too_big.error is not None and too_big.error["type"] == "OutOfMemory"
+
+
+def test_a_job_over_its_time_limit_fails_and_the_worker_keeps_serving(chaos: Chaos) -> None:
+    # Given a worker whose jobs may run half a second
+    chaos.start_worker(job_timeout_s=0.5)
+    with chaos.client() as client:
+        # When a long job and a short one share a batch
+        slow, quick = client.submit_many(
+            [
+                {"prompt": "story", "max_new_tokens": 480, "n": 8, "seed": 1},
+                {"prompt": "Hello", "max_new_tokens": 2, "temperature": 0},
+            ]
+        )
+        slow, quick = client.wait([slow, quick], timeout=60)
+        # Then the long one fails with a timeout error, the short one succeeds
+        assert slow.status is JobStatus.FAILED and slow.choices == []
+        assert slow.error is not None and slow.error["type"] == "GenerationTimeout"
+        assert "CQ_JOB_TIMEOUT_S" in slow.error["message"]
+        assert quick.status is JobStatus.SUCCEEDED
+        # and the worker goes on serving
+        after = client.wait(client.submit("after", max_new_tokens=4), timeout=60)
+        assert after.status is JobStatus.SUCCEEDED

@@ -1,0 +1,47 @@
+"""Test-only faults inside a worker's model process, switched on by ``CQ_TEST_FAULTS``.
+
+The chaos tests start a worker with this directory on ``PYTHONPATH`` and a JSON
+object in ``CQ_TEST_FAULTS``; Python imports this module at start-up, and it
+wraps ``ModelRuntime._run_model`` (the one call into the model) when the model
+process starts. Production code knows nothing of it. Keys:
+
+- ``poison``: a string; a batch holding a prompt that contains it raises, every time.
+- ``oom_above_rows``: a batch of more rows than this raises ``torch.OutOfMemoryError``,
+  as CUDA does when a batch does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+_FAULTS = json.loads(os.environ.get("CQ_TEST_FAULTS") or "{}")
+
+
+def _install(**_: Any) -> None:
+    import torch
+
+    from workers.model import ModelRuntime
+
+    original = ModelRuntime._run_model
+
+    def faulty(self: ModelRuntime, **kwargs: Any) -> Any:
+        input_ids = kwargs["input_ids"]
+        rows = int(input_ids.shape[0])
+        if "oom_above_rows" in _FAULTS and rows > int(_FAULTS["oom_above_rows"]):
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated for {rows} rows)")
+        poison = _FAULTS.get("poison")
+        if poison:
+            prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+            if any(poison in prompt for prompt in prompts):
+                raise RuntimeError(f"poisoned prompt {poison!r} (simulated model failure)")
+        return original(self, **kwargs)
+
+    ModelRuntime._run_model = faulty  # type: ignore[method-assign]
+
+
+if _FAULTS:
+    from celery import signals
+
+    signals.worker_process_init.connect(_install, weak=False)
