@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -70,16 +69,6 @@ def require_api_key(
             ErrorInfo(401, "missing or invalid API key", code="invalid_api_key"),
             headers={"WWW-Authenticate": "Bearer"},
         )
-
-
-def is_loopback(host: str) -> bool:
-    """True if ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class BodyLimit:

@@ -218,7 +218,8 @@ def api(host: str, port: int, log_level: str) -> None:
     """
     import uvicorn
 
-    from producer.api import create_api, is_loopback
+    from completion_queue.settings import is_loopback
+    from producer.api import create_api
 
     settings = _settings()
     if not settings.api_keys and not is_loopback(host):

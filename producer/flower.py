@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 
 from completion_queue.celery_app import resolve_broker_url
 from completion_queue.errors import ConfigError
-from completion_queue.settings import Settings
+from completion_queue.settings import Settings, is_loopback
 
 #: The importable app Flower is started with (see completion_queue/flower_app.py).
 FLOWER_APP = "completion_queue.flower_app"
 
 #: Flower saves its persistent state this often (ms), so a crash loses at most this much.
 STATE_SAVE_INTERVAL_MS = 60_000
-
-
-def is_loopback(address: str) -> bool:
-    """True when ``address`` reaches this machine only (``""`` and ``0.0.0.0`` do not)."""
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def check_auth(settings: Settings) -> None:

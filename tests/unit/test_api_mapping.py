@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from completion_queue.errors import QueueFull, ValidationError
+from completion_queue.settings import is_loopback
 from db.jobs import Choice, Job
 from db.models import JobStatus
-from producer.api import is_loopback
 from producer.api_errors import completion_error_info
 from producer.cli import cli
 from producer.jobs_api import decode_cursor, encode_cursor
