@@ -64,13 +64,13 @@ class _Direct:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from workers.model import resolve_device, resolve_dtype
+        from workers.model import model_threads, resolve_device, resolve_dtype
 
         self.torch = torch
         self.device = resolve_device(device)
         if self.device.type == "cpu":
-            # The same threads as a worker's pool process (all cores but one).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+            # The same threads as a worker's model process.
+            torch.set_num_threads(model_threads())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

@@ -65,6 +65,15 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def model_threads() -> int:
+    """Torch CPU threads for a model process: all cores but one.
+
+    The other core is left to the worker's main process, which receives and acks
+    messages meanwhile: OpenMP threads that wait for a busy core stall.
+    """
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Return the dtype: ``auto`` is bf16 (or fp16) on CUDA and fp32 on CPU."""
     if dtype == "auto":
@@ -210,9 +219,7 @@ class ModelRuntime:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if threads or self.device.type == "cpu":
-            # On CPU, leave a core to the worker's main process (it receives and acks
-            # messages meanwhile): OpenMP threads that wait for a busy core stall.
-            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
+            torch.set_num_threads(threads or model_threads())
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
         self.model.to(self.device).eval()
