@@ -68,7 +68,10 @@ class Settings(BaseSettings):
         default=5,
         ge=1,
         le=100,
-        description="Most times a job is claimed; a job lost with its worker this often fails.",
+        description=(
+            "Most times a job is claimed; a job lost with its worker this often fails "
+            "(keep it 3 or more: from the third claim, such jobs run alone)."
+        ),
     )
     db_retry_s: float = Field(
         default=600.0,

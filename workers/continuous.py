@@ -11,7 +11,9 @@ It runs greedy rows. Rows whose exact semantics it cannot promise (sampling with
 a per-job seed, repetition penalty, or any sampling at all, whose draws the
 manager shares across requests) go to the static engine of the same process,
 so every job means the same under either engine. Stop sequences are cut from
-the text afterwards, and EOS ends a row, as in the static engine.
+the text afterwards, and EOS ends a row, as in the static engine. A job still
+generating ``CQ_JOB_TIMEOUT_S`` after its rows were added is cancelled in the
+manager and fails with ``GenerationTimeout``, as in the static engine.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from completion_queue.errors import FatalModelError, ModelError
+from completion_queue.errors import FatalModelError, GenerationTimeout, ModelError
 from workers.batching import GenerationRequest
 from workers.model import GenerationResult, ModelRuntime
 
@@ -83,8 +85,8 @@ class ContinuousRuntime:
     ) -> list[GenerationResult | Exception]:
         """Run ``requests``; greedy ones through the manager, the rest statically.
 
-        ``timeout_s`` bounds the static rows per job; the manager's rows are bounded
-        by their token budgets only.
+        A job still generating ``timeout_s`` seconds after it started gets a
+        :class:`GenerationTimeout` in place of its result, under either engine.
         """
         greedy = [r for r in requests if r.greedy and r.repetition_penalty == 1.0]
         other = [r for r in requests if not (r.greedy and r.repetition_penalty == 1.0)]
@@ -93,10 +95,13 @@ class ContinuousRuntime:
             static = self.static.generate(other, timeout_s=timeout_s)
             results.update(zip((r.key for r in other), static, strict=True))
         if greedy:
-            results.update(self._continuous(greedy))
+            results.update(self._continuous(greedy, timeout_s))
         return [results[r.key] for r in requests]
 
-    def _continuous(self, requests: Sequence[GenerationRequest]) -> dict[str, GenerationResult]:
+    def _continuous(
+        self, requests: Sequence[GenerationRequest], timeout_s: float | None
+    ) -> dict[str, GenerationResult | Exception]:
+        started = time.monotonic()
         ids: dict[str, tuple[GenerationRequest, int]] = {}
         for request in requests:
             for choice in range(request.n):
@@ -109,13 +114,17 @@ class ContinuousRuntime:
                 )
                 ids[request_id] = (request, choice)
         tokens: dict[str, list[int]] = {}
-        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        stalled_at = started + RESULT_TIMEOUT_S
+        job_deadline = started + timeout_s if timeout_s is not None else math.inf
         while len(tokens) < len(ids):
-            output: Any = self.manager.get_result(timeout=1.0)
+            if time.monotonic() >= job_deadline:
+                break
+            wait_s = min(1.0, max(0.01, job_deadline - time.monotonic()))
+            output: Any = self.manager.get_result(timeout=wait_s)
             if output is None:
                 if not self.manager.is_running():
                     raise FatalModelError("the continuous batching manager stopped")
-                if time.monotonic() > deadline:
+                if time.monotonic() > stalled_at:
                     raise ModelError("continuous batching produced no result in time")
                 continue
             if output.request_id not in ids or not output.is_finished():
@@ -123,11 +132,20 @@ class ContinuousRuntime:
             if output.error:
                 raise ModelError(f"continuous batching failed: {output.error}")
             tokens[output.request_id] = list(output.generated_tokens)
+        late = {ids[i][0].key for i in ids if i not in tokens}
+        for request_id in ids.keys() - tokens.keys():
+            # Free its slot; a result it still delivers has an id no later call waits for.
+            self.manager.cancel_request(request_id)
         choices: dict[str, list[Any]] = {r.key: [None] * r.n for r in requests}
         for request_id, (request, choice) in ids.items():
-            choices[request.key][choice] = self.static.choice(request, tokens[request_id])
+            if request.key not in late:
+                choices[request.key][choice] = self.static.choice(request, tokens[request_id])
         return {
-            r.key: GenerationResult(choices=choices[r.key], prompt_tokens=len(r.prompt_ids))
+            r.key: GenerationTimeout(
+                f"generation exceeded the job time limit of {timeout_s:g}s (CQ_JOB_TIMEOUT_S)"
+            )
+            if r.key in late
+            else GenerationResult(choices=choices[r.key], prompt_tokens=len(r.prompt_ids))
             for r in requests
         }
 

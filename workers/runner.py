@@ -16,8 +16,10 @@ Faults the runner absorbs, each without losing or doubling a job:
 - Out of memory in ``generate`` splits the group in halves, down to single
   jobs, before any job fails; any other error reruns the group job by job.
 - A job past ``CQ_JOB_TIMEOUT_S`` fails with ``GenerationTimeout``.
-- A job claimed ``CQ_MAX_ATTEMPTS`` times (its worker died each time) fails with
-  ``AttemptsExceeded`` instead of running again.
+- A job claimed twice without finishing runs alone, after the rest of its flush;
+  claimed ``CQ_MAX_ATTEMPTS`` times (its worker died each time), it fails with
+  ``AttemptsExceeded`` instead of running again. A job that kills its worker every
+  time so fails alone, and its batch-mates succeed on their third attempt.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ log = logging.getLogger(__name__)
 Work = Callable[[list[Job]], list[Outcome]]
 
 T = TypeVar("T")
+
+#: A job claimed this many times without finishing (its worker died under it each time)
+#: runs alone: one crash may be bad luck, but a job that crashes its worker every time
+#: must not take its batch-mates to ``CQ_MAX_ATTEMPTS`` with it.
+SUSPECT_AFTER_ATTEMPTS = 2
 
 #: Backoff between database retries: first delay and longest delay, in seconds.
 DB_RETRY_FIRST_S, DB_RETRY_MAX_S = 0.1, 5.0
@@ -144,10 +151,6 @@ class BatchRunner:
         if exhausted:
             self._with_database(lambda: self._give_up(exhausted))
             jobs = [job for job in jobs if job.attempts < self.max_attempts]
-        exhausted = [job for job in jobs if job.attempts >= self.max_attempts]
-        if exhausted:
-            self._with_database(lambda: self._give_up(exhausted))
-            jobs = [job for job in jobs if job.attempts < self.max_attempts]
         requests, rejected = self.plan(jobs)
         errors = {job.id: exc for job, exc in rejected}
         # Each unit is claimed, run, then committed with the next unit's claim. Jobs refused
@@ -155,8 +158,15 @@ class BatchRunner:
         units: list[tuple[list[uuid.UUID], Work]] = []
         if errors:
             units.append((list(errors), partial(self._refuse, errors)))
-        for group in plan_groups(requests, max_rows=self.max_rows):
+        attempts = {str(job.id): job.attempts for job in jobs}
+        trusted = [r for r in requests if attempts[r.key] < SUSPECT_AFTER_ATTEMPTS]
+        for group in plan_groups(trusted, max_rows=self.max_rows):
             units.append(([uuid.UUID(r.key) for r in group], partial(self._generate, group)))
+        # A job whose workers died under it twice may be what kills them: it runs alone, after
+        # the rest, fewest deaths first, so another crash takes no batch-mate with it.
+        suspects = [r for r in requests if attempts[r.key] >= SUSPECT_AFTER_ATTEMPTS]
+        for request in sorted(suspects, key=lambda r: attempts[r.key]):
+            units.append(([uuid.UUID(request.key)], partial(self._generate, [request])))
         written: list[Outcome] = []
         outcomes: list[Outcome] = []
         running: list[Job] = []

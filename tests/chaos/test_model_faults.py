@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from db.models import JobStatus
 from tests.chaos.conftest import Chaos
 from tests.reference import Reference
@@ -10,11 +14,19 @@ PROMPTS = ["Once upon a time", "The weather", "def add(a, b):", "Dear team,", "x
            "The river runs", "She opened the door,"]  # fmt: skip
 
 
+def seven_good_and(bad_prompt: str) -> list[dict[str, Any]]:
+    """Eight greedy requests: seven good ones and ``bad_prompt`` fourth."""
+    requests: list[dict[str, Any]] = [
+        {"prompt": p, "max_new_tokens": 8, "temperature": 0} for p in PROMPTS[:7]
+    ]
+    requests.insert(3, {"prompt": bad_prompt, "max_new_tokens": 8})
+    return requests
+
+
 def test_a_poison_job_fails_alone_and_the_worker_keeps_serving(chaos: Chaos) -> None:
     # Given a worker whose model raises on every batch that holds a poisoned prompt
     chaos.start_worker(faults={"poison": "POISON-PILL"})
-    requests = [{"prompt": p, "max_new_tokens": 8, "temperature": 0} for p in PROMPTS[:7]]
-    requests.insert(3, {"prompt": "eat the POISON-PILL", "max_new_tokens": 8})
+    requests = seven_good_and("eat the POISON-PILL")
     with chaos.client() as client:
         # When it is in one batch with seven good jobs
         done = client.wait(client.submit_many(requests), timeout=120)
@@ -28,6 +40,30 @@ def test_a_poison_job_fails_alone_and_the_worker_keeps_serving(chaos: Chaos) -> 
         # and the worker goes on serving
         after = client.wait(client.submit("after", max_new_tokens=4), timeout=60)
         assert after.status is JobStatus.SUCCEEDED
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_alone_after_max_attempts(
+    chaos: Chaos,
+) -> None:
+    # Given a worker whose model process dies on every batch that holds a crashing prompt
+    worker = chaos.start_worker(faults={"crash": "CRASH-PILL"}, max_attempts=4)
+    requests = seven_good_and("eat the CRASH-PILL")
+    with chaos.client() as client:
+        # When it is in one batch with seven good jobs
+        done = client.wait(client.submit_many(requests), timeout=180)
+        # Then it fails after CQ_MAX_ATTEMPTS claims, with the reason stored
+        crasher = done.pop(3)
+        assert crasher.status is JobStatus.FAILED and crasher.attempts == 4
+        assert crasher.error is not None and crasher.error["type"] == "AttemptsExceeded"
+        assert "CQ_MAX_ATTEMPTS" in crasher.error["message"] and crasher.choices == []
+        # and its batch-mates succeed once each: two crashes beside it, then alone
+        assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 7
+        assert [j.attempts for j in done] == [3] * 7
+        assert all(len(j.choices) == 1 for j in done)
+        # and the worker, whose model process was replaced each time, goes on serving
+        after = client.wait(client.submit("after", max_new_tokens=4), timeout=60)
+        assert after.status is JobStatus.SUCCEEDED and after.attempts == 1
+    assert worker.alive()
 
 
 def test_out_of_memory_splits_the_batch_in_halves_before_any_job_fails(
@@ -50,14 +86,19 @@ def test_out_of_memory_splits_the_batch_in_halves_before_any_job_fails(
     assert too_big.error is not None and too_big.error["type"] == "OutOfMemory"
 
 
-def test_a_job_over_its_time_limit_fails_and_the_worker_keeps_serving(chaos: Chaos) -> None:
+@pytest.mark.parametrize("engine", ["static", "continuous"])
+def test_a_job_over_its_time_limit_fails_and_the_worker_keeps_serving(
+    chaos: Chaos, engine: str
+) -> None:
     # Given a worker whose jobs may run half a second
-    chaos.start_worker(job_timeout_s=0.5)
+    chaos.start_worker(job_timeout_s=0.5, engine=engine)
+    # (the continuous engine runs greedy rows; sampled ones go to its static engine)
+    sampling: dict[str, Any] = {"seed": 1} if engine == "static" else {"temperature": 0}
     with chaos.client() as client:
         # When a long job and a short one share a batch
         slow, quick = client.submit_many(
             [
-                {"prompt": "story", "max_new_tokens": 480, "n": 8, "seed": 1},
+                {"prompt": "story", "max_new_tokens": 480, "n": 8, **sampling},
                 {"prompt": "Hello", "max_new_tokens": 2, "temperature": 0},
             ]
         )

@@ -6,6 +6,8 @@ wraps ``ModelRuntime._run_model`` (the one call into the model) when the model
 process starts. Production code knows nothing of it. Keys:
 
 - ``poison``: a string; a batch holding a prompt that contains it raises, every time.
+- ``crash``: a string; a batch holding a prompt that contains it SIGKILLs the model
+  process, every time (as a segfault in a kernel would).
 - ``oom_above_rows``: a batch of more rows than this raises ``torch.OutOfMemoryError``,
   as CUDA does when a batch does not fit.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any
 
 _FAULTS = json.loads(os.environ.get("CQ_TEST_FAULTS") or "{}")
@@ -31,11 +34,13 @@ def _install(**_: Any) -> None:
         rows = int(input_ids.shape[0])
         if "oom_above_rows" in _FAULTS and rows > int(_FAULTS["oom_above_rows"]):
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated for {rows} rows)")
+        prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        crash = _FAULTS.get("crash")
+        if crash and any(crash in prompt for prompt in prompts):
+            os.kill(os.getpid(), signal.SIGKILL)
         poison = _FAULTS.get("poison")
-        if poison:
-            prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-            if any(poison in prompt for prompt in prompts):
-                raise RuntimeError(f"poisoned prompt {poison!r} (simulated model failure)")
+        if poison and any(poison in prompt for prompt in prompts):
+            raise RuntimeError(f"poisoned prompt {poison!r} (simulated model failure)")
         return original(self, **kwargs)
 
     ModelRuntime._run_model = faulty  # type: ignore[method-assign]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from db.engine import make_engine, make_session_factory
-from db.jobs import NewJob, claim_jobs, create_jobs, get_job
+from db.jobs import NewJob, claim_jobs, create_jobs, get_job, get_jobs
 from db.models import JobStatus
 from tests.conftest import new_database
 from workers.batching import GenerationRequest
@@ -24,12 +24,14 @@ class CountingRuntime:
 
     def __init__(self) -> None:
         self.ran: list[str] = []
+        self.groups: list[list[str]] = []
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return [[1, 2] for _ in prompts]
 
     def generate(self, group: Sequence[GenerationRequest], **_: Any) -> list[GenerationResult]:
         self.ran += [r.key for r in group]
+        self.groups.append([r.key for r in group])
         return [GenerationResult(choices=[], prompt_tokens=2) for _ in group]
 
 
@@ -60,3 +62,31 @@ def test_a_job_claimed_max_attempts_times_fails_without_running(
     assert failed.error is not None and failed.error["type"] == "AttemptsExceeded"
     assert ran is not None and ran.status is JobStatus.SUCCEEDED
     assert runtime.ran == [str(fresh.id)]
+
+
+def test_a_job_whose_worker_died_under_it_twice_runs_alone_and_last(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    sessions = make_session_factory(make_engine(new_database("sqlite", request, tmp_path)))
+    with sessions.begin() as session:
+        created = create_jobs(
+            session,
+            jobs=[NewJob(model="m", prompt=str(i), params={}) for i in range(6)],
+        )
+        jobs = [job for job, _ in created]
+        # Given two jobs claimed twice and one three times without finishing (crashes)
+        for job, deaths in zip(jobs[:3], (3, 2, 2), strict=True):
+            for _ in range(deaths):
+                claim_jobs(session, job_ids=[job.id], worker="lost")
+    runtime = CountingRuntime()
+    runner = BatchRunner(runtime, sessions, max_rows=8, max_attempts=5)  # type: ignore[arg-type]
+    # When they come in one flush with three fresh jobs
+    runner.run([str(job.id) for job in jobs], worker="w")
+    # Then the fresh jobs run together first, then each suspect alone, fewest deaths first
+    keys = [str(job.id) for job in jobs]
+    assert runtime.groups[0] == keys[3:]
+    assert runtime.groups[1:] == [[keys[1]], [keys[2]], [keys[0]]]
+    with sessions() as session:
+        done = get_jobs(session, job_ids=[job.id for job in jobs]).values()
+    assert {job.status for job in done} == {JobStatus.SUCCEEDED}
+    assert sorted(job.attempts for job in done) == [1, 1, 1, 3, 3, 4]
