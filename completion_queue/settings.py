@@ -183,11 +183,9 @@ def redact_url(url: str | None) -> str:
         return "<unparseable url>"
     if parts.password is None:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # The host part as written: brackets of an IPv6 address kept, case unchanged.
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def is_loopback(address: str) -> bool:

@@ -278,7 +278,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
     # pool forks before CUDA starts.
     app.conf.worker_pool = "prefork"
     app.conf.worker_concurrency = 1
-    state = WorkerState(settings, url, app)
+    state = WorkerState(settings, app.conf.broker_url, app)
     install_job_events(app, state.events)
 
     class DescribeStep(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import redis
 
 from completion_queue.constants import queue_name
 from completion_queue.local import WorkerProcess
-from completion_queue.redis_server import EmbeddedRedis
+from completion_queue.redis_server import EmbeddedRedis, RedisTLS
 from completion_queue.settings import Settings
 from producer.cli import worker_env
 from producer.client import CompletionClient
@@ -104,6 +105,55 @@ class Chaos:
                 worker.stop(timeout_s=20)
         self.redis.flushdb()
         self.redis.close()
+
+
+# X.509 extensions strict enough for Python's VERIFY_X509_STRICT (the default from 3.13).
+CERT_EXTENSIONS = """
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[leaf]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+def make_certificates(directory: Path) -> RedisTLS:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client one (``openssl``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "extensions.cnf"
+    config.write_text(CERT_EXTENSIONS)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", *key, "-days", "2", "-subj", "/CN=cq-test-ca", "-config", str(config),
+            "-extensions", "ca", "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    for name in ("server", "client"):
+        openssl("req", "-new", *key, "-subj", f"/CN={name}", "-config", str(config),
+                "-keyout", f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", str(config), "-extensions", "leaf",
+                "-out", f"{name}.crt")  # fmt: skip
+    return RedisTLS(
+        ca_file=directory / "ca.crt",
+        cert_file=directory / "server.crt",
+        key_file=directory / "server.key",
+        client_cert_file=directory / "client.crt",
+        client_key_file=directory / "client.key",
+    )
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> RedisTLS:
+    """TLS files for a redis-server on 127.0.0.1, with a client certificate (mutual TLS)."""
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

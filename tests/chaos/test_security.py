@@ -1,18 +1,24 @@
-"""JSON only on the wire, and passwords never in a log line or an error."""
+"""JSON only on the wire, passwords never in a log line or an error, TLS that verifies."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+import redis
+from flower.utils.broker import Broker
 from kombu import Connection
 
 from completion_queue.constants import TASK_GENERATE, queue_name
-from completion_queue.redis_server import EmbeddedRedis
+from completion_queue.errors import BrokerUnavailable
+from completion_queue.redis_server import EmbeddedRedis, RedisTLS
 from db.models import JobStatus
 from producer.cli import worker_env
 from tests.chaos.conftest import Chaos, wait_for
@@ -79,3 +85,64 @@ def test_redis_passwords_work_and_never_reach_logs_or_errors(
     assert failed.returncode != 0
     assert "could not queue" in failed.stderr and ":***@" in failed.stderr
     assert PASSWORD not in failed.stderr + failed.stdout
+
+
+def test_tls_only_redis_serves_workers_and_refuses_clients_that_do_not_trust_it(
+    own_redis: Callable[..., EmbeddedRedis], certificates: RedisTLS, chaos: Chaos
+) -> None:
+    # Given a redis-server that speaks TLS only (no plain port) and requires a password
+    tls = replace(certificates, client_cert_file=None, client_key_file=None)
+    server = own_redis(password=PASSWORD, tls=tls)
+    assert server.url.startswith(f"rediss://:{PASSWORD}@127.0.0.1:{server.port}/0?ssl_ca_certs=")
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host="127.0.0.1", port=server.port, password=PASSWORD, socket_timeout=5).ping()
+    # When a real worker and a client use it through CQ_BROKER_URL=rediss://...?ssl_ca_certs=
+    chaos.use_broker(server.url)
+    worker = chaos.start_worker()
+    with chaos.client() as client:
+        jobs = client.submit_many([{"prompt": f"Hello {i}", "max_new_tokens": 4} for i in range(6)])
+        done = client.wait(jobs, timeout=60)
+        # Then every job succeeds, and the worker's log never holds the password
+        assert [job.status for job in done] == [JobStatus.SUCCEEDED] * 6
+        assert "Connected to rediss://:**@127.0.0.1" in worker.log_text()
+        assert PASSWORD not in worker.log_text()
+        # and a client that does not trust the server's CA (system CAs only) is refused
+        untrusted = f"rediss://:{PASSWORD}@127.0.0.1:{server.port}/0"
+        with (
+            chaos.client(broker_url=untrusted) as stranger,
+            pytest.raises(BrokerUnavailable, match="certificate verify failed") as refused,
+        ):
+            stranger.submit("Hello", max_new_tokens=4)
+        assert PASSWORD not in str(refused.value) and ":***@" in str(refused.value)
+        # with no job row left behind and nothing queued
+        assert len(client.list(limit=100)) == 6
+    assert chaos.queued_messages() + chaos.unacked_messages() == 0
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate(
+    own_redis: Callable[..., EmbeddedRedis], certificates: RedisTLS, chaos: Chaos
+) -> None:
+    # Given a TLS-only redis-server that requires client certificates
+    server = own_redis(tls=certificates)
+    assert "ssl_certfile=" in server.url and "ssl_keyfile=" in server.url
+    chaos.use_broker(server.url)
+    # When a client that trusts the CA but has no certificate submits, it is refused
+    anonymous = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={certificates.ca_file}"
+    with chaos.client(broker_url=anonymous) as anonymous_client, pytest.raises(BrokerUnavailable):
+        anonymous_client.submit("Hello", max_new_tokens=4)
+    # Then only the client with its certificate gets its job stored and queued
+    with chaos.client() as client:
+        job = client.submit("Hello", max_new_tokens=4)
+        assert [row.id for row in client.list(limit=100)] == [job.id]
+        assert client.get(job.id).status is JobStatus.QUEUED
+        # and Flower's broker view (which reads TLS options from the app, not the URL) sees it
+        app = client.app
+        with app.connection() as conn:
+            flower_broker = Broker(
+                conn.as_uri(include_password=True),
+                broker_options=app.conf.broker_transport_options,
+                broker_use_ssl=app.conf.broker_use_ssl,
+            )
+        queue = queue_name(chaos.settings.model)
+        assert asyncio.run(flower_broker.queues([queue])) == [{"name": queue, "messages": 1}]
+    assert chaos.queued_messages() == 1

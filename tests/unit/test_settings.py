@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import redis
+from kombu import Connection
 
 from completion_queue.celery_app import celery_priority, create_app, resolve_broker_url
 from completion_queue.constants import queue_name
@@ -42,6 +45,10 @@ def test_settings_come_from_cq_variables(monkeypatch: pytest.MonkeyPatch) -> Non
         ("rediss://user:s3cret@host/0", "rediss://user:***@host/0"),
         ("postgresql+psycopg://cq:pw@db:5432/cq", "postgresql+psycopg://cq:***@db:5432/cq"),
         ("redis://host:6379/0", "redis://host:6379/0"),
+        (
+            "rediss://:s3cret@[::1]:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required",
+            "rediss://:***@[::1]:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required",
+        ),
         (None, ""),
     ],
 )
@@ -58,6 +65,61 @@ def test_celery_app_accepts_json_only_and_acks_late() -> None:
     assert conf.broker_transport_options["visibility_timeout"] > Settings().job_timeout_s
     with pytest.raises(ConfigError, match="broker_url must be a redis"):
         create_app(Settings(), "amqp://guest@localhost//")
+
+
+def tls_of(url: str) -> tuple[object, object]:
+    """The certificate check kombu and redis-py each make of ``url``: (kombu's, redis-py's)."""
+    kombu_ssl = Connection(url).ssl
+    redis_kwargs = redis.ConnectionPool.from_url(url).connection_kwargs
+    return kombu_ssl["ssl_cert_reqs"], redis_kwargs["ssl_cert_reqs"]
+
+
+@pytest.mark.parametrize(
+    ("query", "kombu_reqs", "redis_reqs"),
+    [
+        ("", ssl.CERT_REQUIRED, "required"),
+        ("?ssl_ca_certs=/etc/cq/ca.pem", ssl.CERT_REQUIRED, "required"),
+        ("?ssl_cert_reqs=CERT_OPTIONAL", ssl.CERT_OPTIONAL, "optional"),
+        ("?ssl_cert_reqs=none", ssl.CERT_NONE, "none"),
+    ],
+)
+def test_rediss_urls_verify_the_server_unless_told_not_to(
+    query: str, kombu_reqs: int, redis_reqs: str
+) -> None:
+    # Given a rediss:// URL as a user writes it (a bare one alone makes kombu skip the check)
+    url = create_app(Settings(), f"rediss://:pw@redis-host:6380/0{query}").conf.broker_url
+    # Then kombu (the Celery connection) and redis-py (reaper, stats, metrics) check alike
+    assert tls_of(url) == (kombu_reqs, redis_reqs)
+    assert url.startswith("rediss://:pw@redis-host:6380/0?")
+    if "ssl_ca_certs" in query:
+        assert Connection(url).ssl["ssl_ca_certs"] == "/etc/cq/ca.pem"
+
+
+def test_apps_with_other_tls_options_never_share_connections() -> None:
+    # kombu pools connections process-wide by host, port and password, not TLS options
+    base = "rediss://:pw@redis-host:6380/0"
+    trusting = create_app(Settings(), f"{base}?ssl_ca_certs=/etc/cq/ca.pem")
+    assert create_app(Settings(), base).pool is not trusting.pool
+    assert create_app(Settings(), f"{base}?ssl_ca_certs=/etc/cq/ca.pem").pool is trusting.pool
+
+
+def test_plain_redis_urls_are_left_alone() -> None:
+    url = "redis://:pw@redis-host:6379/0?socket_timeout=5"
+    assert create_app(Settings(), url).conf.broker_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("rediss://h/0?ssl_cert_reqs=maybe", "ssl_cert_reqs must be one of required"),
+        ("rediss://h/0?ssl_check_hostname=perhaps", "ssl_check_hostname must be true or false"),
+        ("redis://:pw@h/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs need a rediss:// broker URL"),
+    ],
+)
+def test_bad_tls_options_are_refused_naming_the_parameter(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
+        create_app(Settings(), url)
+    assert "pw" not in str(refused.value)
 
 
 def test_broker_url_must_be_known(tmp_path: Path) -> None:
