@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     webhook_poll_ms: int = Field(
         default=500, ge=10, le=60_000, description="How often the API looks for due webhooks."
     )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Allow callback URLs on loopback, private or reserved addresses.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

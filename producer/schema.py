@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from completion_queue.errors import ValidationError
 from completion_queue.settings import Settings
+from producer.callbacks import NonPublicAddress, refuse_literal
 
 MAX_STOP_SEQUENCES = 4
 MAX_URL_CHARS = 2048
@@ -24,6 +25,7 @@ class Limits:
     max_prompt_chars: int = 32_000
     max_new_tokens: int = 1024
     max_n: int = 8
+    allow_private_callbacks: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -32,6 +34,7 @@ class Limits:
             max_prompt_chars=settings.max_prompt_chars,
             max_new_tokens=settings.max_new_tokens_limit,
             max_n=settings.max_n,
+            allow_private_callbacks=settings.webhook_allow_private,
         )
 
 
@@ -212,4 +215,13 @@ def validate_request(
         if value > bound:
             what = f"at most {bound} {unit}".rstrip() if unit else f"<= {bound}"
             raise ValidationError(f"{field} must be {what}, got {value}", field=field)
+    if request.callback_url and not limits.allow_private_callbacks:
+        try:
+            refuse_literal(urlsplit(request.callback_url).hostname or "")
+        except NonPublicAddress as exc:
+            raise ValidationError(
+                f"callback_url must reach a public address: {exc} "
+                "(CQ_WEBHOOK_ALLOW_PRIVATE=true allows callbacks inside your network)",
+                field="callback_url",
+            ) from None
     return request

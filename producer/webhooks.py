@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from completion_queue.settings import Settings
 from db.jobs import Job, utcnow
 from db.webhooks import claim_webhook, due_webhooks, record_webhook
+from producer.callbacks import NonPublicAddress, resolve_public
 from producer.views import job_view
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,23 @@ class WebhookDispatcher:
                 ):
                     continue
             made += 1
-            error = self.deliver(http, job)
-            self._record(job, attempt=job.webhook_attempts + 1, error=error)
+            try:
+                error, final = self.deliver(http, job), False
+            except NonPublicAddress as exc:
+                # Never retried: the address will not become public by waiting.
+                error, final = (
+                    f"callback_url refused: {exc} (CQ_WEBHOOK_ALLOW_PRIVATE allows it)",
+                    True,
+                )
+            self._record(job, attempt=job.webhook_attempts + 1, error=error, final=final)
         return made
 
     def deliver(self, http: httpx.Client, job: Job) -> str | None:
-        """POST ``job`` to its callback URL; return why it failed, or None."""
+        """POST ``job`` to its callback URL; return why it failed, or None.
+
+        Raises :class:`NonPublicAddress` when the URL's host is not public and
+        ``CQ_WEBHOOK_ALLOW_PRIVATE`` is off (see producer/callbacks.py).
+        """
         assert job.callback_url is not None
         body = json.dumps(job_view(job), ensure_ascii=False).encode()
         headers = {
@@ -97,17 +109,29 @@ class WebhookDispatcher:
             SIGNATURE_HEADER: sign(self.secret, body),
             "X-CQ-Job-Id": str(job.id),
         }
+        url = httpx.URL(job.callback_url)
+        extensions = {}
+        if not self.settings.webhook_allow_private:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            try:
+                address = resolve_public(url.host, port)
+            except OSError as exc:
+                return f"cannot resolve {url.host}: {exc}"[:500]
+            # Connect to the address just checked; the name goes in Host and TLS (SNI, cert).
+            headers["Host"] = url.netloc.decode("ascii")
+            extensions["sni_hostname"] = url.host
+            url = url.copy_with(host=address)
         try:
-            response = http.post(job.callback_url, content=body, headers=headers)
+            response = http.post(url, content=body, headers=headers, extensions=extensions)
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:500]
         if response.is_success:
             return None
         return f"HTTP {response.status_code}"
 
-    def _record(self, job: Job, *, attempt: int, error: str | None) -> None:
+    def _record(self, job: Job, *, attempt: int, error: str | None, final: bool = False) -> None:
         retry_at = None
-        if error is not None and attempt < self.settings.webhook_max_attempts:
+        if error is not None and not final and attempt < self.settings.webhook_max_attempts:
             delay = self.settings.webhook_backoff_s * 2 ** (attempt - 1)
             retry_at = utcnow() + timedelta(seconds=delay)
             log.warning("webhook of job %s failed (%s); retry in %.1fs", job.id, error, delay)

@@ -11,11 +11,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from completion_queue.constants import queue_name
 from completion_queue.redis_server import free_port
 from producer.cli import worker_env
 from tests.conftest import Stack
+from tests.integration.conftest import HookServer
 from tests.reference import Reference
 
 KEY = "test-key-1"
@@ -86,7 +85,7 @@ def api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]
     log = tmp_path_factory.mktemp("api") / "api.log"
     process, url = start_api(
         stack, log, CQ_API_KEYS=f"other-key,{KEY}", CQ_WEBHOOK_SECRET=SECRET,
-        CQ_WEBHOOK_BACKOFF_S="0.2", CQ_WEBHOOK_POLL_MS="50",
+        CQ_WEBHOOK_BACKOFF_S="0.2", CQ_WEBHOOK_POLL_MS="50", CQ_WEBHOOK_ALLOW_PRIVATE="true",
         CQ_API_MAX_BODY_BYTES=str(MAX_BODY_BYTES), CQ_API_PAGE_SIZE="2",
     )  # fmt: skip
     http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
@@ -311,35 +310,6 @@ def test_batch_input_errors_and_cancel(api: Api, client: object) -> None:
     assert cancelled.output_file_id is None and cancelled.error_file_id is not None
     error = json.loads(oai.files.content(cancelled.error_file_id).text)
     assert error["response"]["body"]["error"]["code"] == "cancelled"
-
-
-@dataclass
-class HookServer:
-    """A local HTTP endpoint that records webhook POSTs and answers with scripted codes."""
-
-    codes: list[int]
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-
-
-@pytest.fixture
-def hooks() -> Iterator[tuple[HookServer, str]]:
-    state = HookServer(codes=[500, 200])
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            state.received.append((dict(self.headers), body))
-            self.send_response(state.codes.pop(0) if state.codes else 200)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state, f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
 
 
 def test_webhook_is_signed_retried_and_recorded(

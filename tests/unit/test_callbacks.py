@@ -1,0 +1,118 @@
+"""Which callback addresses are public, and the pinned request a webhook makes (pure logic)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from completion_queue.errors import ValidationError
+from completion_queue.settings import Settings
+from db.jobs import Job
+from db.models import JobStatus
+from producer import callbacks, webhooks
+from producer.callbacks import NonPublicAddress, is_public, refuse_literal
+from producer.schema import Limits, validate_request
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("93.184.215.14", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+    ],
+)
+def test_public_addresses(address: str, public: bool) -> None:
+    assert is_public(address) is public
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "LOCALHOST.", "app.localhost", "127.0.0.1", "[::1]", "10.0.0.7"]
+)
+def test_loopback_names_and_private_literals_are_refused(host: str) -> None:
+    with pytest.raises(NonPublicAddress):
+        refuse_literal(host)
+
+
+@pytest.mark.parametrize("host", ["example.com", "93.184.215.14", "[2606:4700:4700::1111]"])
+def test_names_and_public_literals_pass_until_resolved(host: str) -> None:
+    refuse_literal(host)
+
+
+def test_submit_refuses_a_private_callback_naming_the_field() -> None:
+    data = {"prompt": "hi", "callback_url": "http://169.254.169.254/latest/meta-data"}
+    with pytest.raises(ValidationError) as caught:
+        validate_request(data, Limits())
+    assert caught.value.field == "callback_url"
+    assert "public address" in str(caught.value) and "CQ_WEBHOOK_ALLOW_PRIVATE" in str(caught.value)
+    allowed = validate_request(data, Limits(allow_private_callbacks=True))
+    assert allowed.callback_url == data["callback_url"]
+    assert validate_request({**data, "callback_url": "https://hooks.example.com/x"}, Limits())
+
+
+def test_delivery_connects_to_the_checked_address_with_the_name_in_host_and_sni(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a name that resolves to a public address (the resolver is the stand-in here)
+    resolved: list[tuple[str, int]] = []
+
+    def resolve(host: str, port: int) -> str:
+        resolved.append((host, port))
+        return "93.184.215.14"
+
+    monkeypatch.setattr(webhooks, "resolve_public", resolve)
+    sent: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(204)
+
+    settings = Settings(webhook_secret="s")
+    dispatcher = webhooks.WebhookDispatcher(settings, sessions=None)  # type: ignore[arg-type]
+    job = job_with_callback("https://hooks.example.com:8443/cq?x=1")
+    # When the webhook is delivered
+    with httpx.Client(transport=httpx.MockTransport(endpoint)) as http:
+        assert dispatcher.deliver(http, job) is None
+    # Then the connection goes to the checked address; the name is in Host and TLS
+    assert resolved == [("hooks.example.com", 8443)]
+    (request,) = sent
+    assert request.url.host == "93.184.215.14" and request.url.port == 8443
+    assert request.url.path == "/cq" and request.url.query == b"x=1"
+    assert request.headers["Host"] == "hooks.example.com:8443"
+    assert request.extensions["sni_hostname"] == "hooks.example.com"
+    assert json.loads(request.content)["id"] == str(job.id)
+
+
+def test_a_private_resolution_raises_before_any_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        callbacks.socket, "getaddrinfo", lambda *a, **k: [(2, 1, 6, "", ("10.0.0.5", 80))]
+    )
+    with pytest.raises(NonPublicAddress, match=r"resolves to 10\.0\.0\.5"):
+        callbacks.resolve_public("hooks.example.com", 80)
+
+
+def job_with_callback(url: str) -> Job:
+    """A finished job as the dispatcher reads it."""
+    now = datetime.now(UTC)
+    fields: dict[str, Any] = {name: None for name in Job.__dataclass_fields__}
+    fields.update(id=uuid.uuid4(), status=JobStatus.CANCELLED, model="m", prompt="p",
+                  params={}, priority=0, attempts=0, choices=[], created_at=now,
+                  callback_url=url, webhook_attempts=0)  # fmt: skip
+    return Job(**fields)
