@@ -129,6 +129,7 @@ class CompletionClient:
     ) -> builtins.list[Job]:
         if not validated:
             return []
+        app = self.app  # a broker URL that is wrong (ConfigError) is refused before any write
         self._check_capacity(len(validated))
         new_jobs = [
             NewJob(
@@ -146,12 +147,13 @@ class CompletionClient:
             created = create_jobs(session, jobs=new_jobs)
         to_send = [job for job, is_new in created if is_new]
         try:
-            self._send(to_send)
+            if to_send:
+                send_jobs(app, to_send)
         except Exception as exc:
             with self._sessions.begin() as session:
                 delete_jobs(session, job_ids=[job.id for job in to_send])
             raise BrokerUnavailable(
-                f"could not queue {len(to_send)} job(s) on {redact_url(self.app.conf.broker_url)}: "
+                f"could not queue {len(to_send)} job(s) on {redact_url(app.conf.broker_url)}: "
                 f"{type(exc).__name__}: {redact_url(str(exc))}"
             ) from None
         return [job for job, _ in created]
@@ -168,10 +170,6 @@ class CompletionClient:
                 f"the queue holds {queued} jobs and max_queued_jobs is {limit}: "
                 f"{count} more would not fit; retry later"
             )
-
-    def _send(self, jobs: Sequence[Job]) -> None:
-        if jobs:
-            send_jobs(self.app, jobs)
 
     # -- reading ----------------------------------------------------------------
 

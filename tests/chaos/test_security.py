@@ -17,7 +17,7 @@ from flower.utils.broker import Broker
 from kombu import Connection
 
 from completion_queue.constants import TASK_GENERATE, queue_name
-from completion_queue.errors import BrokerUnavailable
+from completion_queue.errors import BrokerUnavailable, ConfigError
 from completion_queue.redis_server import EmbeddedRedis, RedisTLS
 from db.models import JobStatus
 from producer.cli import worker_env
@@ -114,6 +114,13 @@ def test_tls_only_redis_serves_workers_and_refuses_clients_that_do_not_trust_it(
         ):
             stranger.submit("Hello", max_new_tokens=4)
         assert PASSWORD not in str(refused.value) and ":***@" in str(refused.value)
+        # and a client whose TLS options are wrong is told which, before any row is written
+        wrong = f"{untrusted}?ssl_cert_reqs=maybe"
+        with (
+            chaos.client(broker_url=wrong) as confused,
+            pytest.raises(ConfigError, match="ssl_cert_reqs must be one of"),
+        ):
+            confused.submit("Hello", max_new_tokens=4)
         # with no job row left behind and nothing queued
         assert len(client.list(limit=100)) == 6
     assert chaos.queued_messages() + chaos.unacked_messages() == 0
