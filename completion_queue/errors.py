@@ -59,6 +59,10 @@ class QueueTimeout(CompletionError):
     """Raised when no worker took a queued job within ``CQ_QUEUE_TIMEOUT_S``."""
 
 
+class BatchExpired(CompletionError):
+    """Raised for a batch's job not finished within the batch's 24 h completion window."""
+
+
 class FatalModelError(ModelError):
     """Raised when the model runtime is unusable (e.g. corrupted CUDA context); the worker exits."""
 

@@ -6,8 +6,10 @@ covers what Redis cannot: a job left ``running`` past ``CQ_REAP_RUNNING_AFTER_S`
 (its message was lost with a Redis that had no persistence, or was deleted) is
 put back to ``queued`` and sent a new message, in one transaction; a job queued
 past ``CQ_QUEUE_TIMEOUT_S`` (no worker serves its model) fails with
-``QueueTimeout``. Every change is fenced on the row's status and attempt, so a
-late result of the old attempt is discarded and two reapers never double a job.
+``QueueTimeout``; a job of an OpenAI-style batch past its 24 h completion window
+fails with ``BatchExpired`` (the batch then reads as ``expired``). Every change is
+fenced on the row's status and attempt, so a late result of the old attempt is
+discarded and two reapers never double a job.
 
 It runs as ``cq reap`` and, every ``CQ_REAP_INTERVAL_S``, on the timer of each
 worker's main process (:class:`workers.app.ReaperStep`). It lives here, beside
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime, timedelta
 
 import redis
@@ -27,10 +29,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue.celery_app import queue_depth, send_jobs
 from completion_queue.constants import queue_name
-from completion_queue.errors import AttemptsExceeded, QueueTimeout
+from completion_queue.errors import AttemptsExceeded, BatchExpired, QueueTimeout
 from completion_queue.settings import Settings
+from db.batches import BATCH_WINDOW
 from db.jobs import utcnow
 from db.recovery import (
+    expire_batch_jobs,
     expire_queued_jobs,
     fail_attempts,
     old_queued_jobs,
@@ -55,6 +59,7 @@ class ReapReport:
     failed: int
     expired: int
     resent: int = 0
+    batch_expired: int = 0
 
 
 def _error(exc: Exception) -> dict[str, str]:
@@ -64,6 +69,16 @@ def _error(exc: Exception) -> dict[str, str]:
 def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> ReapReport:
     """Run one reaper pass: expire unserved queued jobs, requeue (or fail) stuck running ones."""
     now = utcnow()
+    window_error = _error(
+        BatchExpired(
+            "This request could not be executed before the completion window expired "
+            f"({BATCH_WINDOW.total_seconds() / 3600:g}h after its batch was created)."
+        )
+    )
+    with sessions.begin() as session:
+        batch_expired = expire_batch_jobs(
+            session, created_before=now - BATCH_WINDOW, error=window_error
+        )
     expired_error = _error(
         QueueTimeout(
             f"no worker took the job within {settings.queue_timeout_s:g}s (CQ_QUEUE_TIMEOUT_S); "
@@ -96,12 +111,14 @@ def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> Re
         # and the next pass tries again.
         send_jobs(app, requeued)
     resent = _resend_lost(settings, app, sessions, now)
-    report = ReapReport(requeued=len(requeued), failed=failed, expired=len(expired), resent=resent)
-    if report.requeued or report.failed or report.expired or report.resent:
+    report = ReapReport(requeued=len(requeued), failed=failed, expired=len(expired), resent=resent,
+                        batch_expired=len(batch_expired))  # fmt: skip
+    if any(astuple(report)):
         log.warning(
-            "reaper: requeued %d stuck job(s), failed %d, expired %d, resent %d queued job(s)",
-            report.requeued, report.failed, report.expired, report.resent,
-        )  # fmt: skip
+            "reaper: requeued %d stuck job(s), failed %d, expired %d, resent %d queued job(s), "
+            "expired %d job(s) of batches past their window",
+            *astuple(report),
+        )
     return report
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -95,6 +95,10 @@ def get_file_content(session: Session, *, file_id: str) -> bytes | None:
     """Return a stored file's bytes, or None if there is no such id."""
     row = session.get(FileRow, file_id)
     return bytes(row.content) if row is not None else None
+
+
+#: How long a batch may take (OpenAI's only ``completion_window``, "24h"); then it expires.
+BATCH_WINDOW = timedelta(hours=24)
 
 
 def create_batch(

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -316,14 +316,22 @@ def get_unfinished_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> li
     return [by_id[i] for i in job_ids if i in by_id]
 
 
-def job_states(
-    session: Session, *, batch_id: str
-) -> dict[uuid.UUID, tuple[JobStatus, datetime | None]]:
-    """Return the status and finish time of every job of ``batch_id``, by id."""
-    stmt = select(JobRow.id, JobRow.status, JobRow.finished_at).where(JobRow.batch_id == batch_id)
+class JobState(NamedTuple):
+    """Where a job of a batch stands: what a batch's status is computed from."""
+
+    status: JobStatus
+    finished_at: datetime | None
+    error_type: str | None
+
+
+def job_states(session: Session, *, batch_id: str) -> dict[uuid.UUID, JobState]:
+    """Return the status, finish time and error type of every job of ``batch_id``, by id."""
+    stmt = select(JobRow.id, JobRow.status, JobRow.finished_at, JobRow.error).where(
+        JobRow.batch_id == batch_id
+    )
     return {
-        job_id: (JobStatus(status), aware(finished))
-        for job_id, status, finished in session.execute(stmt)
+        job_id: JobState(JobStatus(status), aware(finished), (error or {}).get("type"))
+        for job_id, status, finished, error in session.execute(stmt)
     }
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from db.jobs import utcnow
-from db.models import JobRow, JobStatus
+from db.models import BatchRow, JobRow, JobStatus
 
 _TABLE = cast(Table, JobRow.__table__)
 
@@ -98,6 +98,27 @@ def old_queued_jobs(session: Session, *, created_before: datetime, limit: int) -
         .limit(limit)
     )
     return [Requeued(id=i, model=m, priority=p) for i, m, p in session.execute(stmt)]
+
+
+def expire_batch_jobs(
+    session: Session, *, created_before: datetime, error: dict[str, str]
+) -> list[uuid.UUID]:
+    """Fail the unfinished jobs of batches created before ``created_before``; return ids.
+
+    A running job's late result is then discarded, like a cancelled one's.
+    """
+    batches = select(BatchRow.id).where(BatchRow.created_at < created_before)
+    stmt = (
+        update(JobRow)
+        .where(
+            JobRow.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+            JobRow.batch_id.in_(batches),
+        )
+        .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
+        .returning(JobRow.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(session.scalars(stmt))
 
 
 def expire_queued_jobs(

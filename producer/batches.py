@@ -8,7 +8,6 @@ the jobs; its output and error files are written from the jobs when read.
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, UploadFile
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from completion_queue.errors import ValidationError
 from db.batches import (
+    BATCH_WINDOW,
     Batch,
     StoredFile,
     create_batch,
@@ -154,12 +154,15 @@ def _batch_or_404(state: APIState, batch_id: str) -> Batch:
 
 
 def batch_view(state: APIState, batch: Batch) -> dict[str, Any]:
-    """Return a batch in OpenAI's ``batch`` shape, its status and counts read from its jobs."""
+    """Return a batch in OpenAI's ``batch`` shape, its status and counts read from its jobs.
+
+    A batch whose jobs the reaper failed at the end of its window is ``expired``.
+    """
     with state.client.sessions() as session:
         states = job_states(session, batch_id=batch.id)
     completed = failed = 0
     for _, ids in batch.requests:
-        statuses = [states[i][0] if i in states else JobStatus.CANCELLED for i in ids]
+        statuses = [states[i].status if i in states else JobStatus.CANCELLED for i in ids]
         if any(s not in FINISHED_STATUSES for s in statuses):
             continue
         if all(s is JobStatus.SUCCEEDED for s in statuses):
@@ -168,14 +171,14 @@ def batch_view(state: APIState, batch: Batch) -> dict[str, Any]:
             failed += 1
     total = len(batch.requests)
     finished = completed + failed == total
-    times = [t for _, t in states.values() if t is not None]
+    times = [s.finished_at for s in states.values() if s.finished_at is not None]
     done_at = int(max(times).timestamp()) if finished and times else None
     cancelled = batch.cancelled_at is not None
-    status = (
-        ("cancelled" if cancelled else "completed")
-        if finished
-        else ("cancelling" if cancelled else "in_progress")
-    )
+    expired = finished and any(s.error_type == "BatchExpired" for s in states.values())
+    if not finished:
+        status = "cancelling" if cancelled else "in_progress"
+    else:
+        status = "cancelled" if cancelled else "expired" if expired else "completed"
     created = int(batch.created_at.timestamp())
     cancel_at = int(batch.cancelled_at.timestamp()) if batch.cancelled_at else None
     return {
@@ -185,9 +188,9 @@ def batch_view(state: APIState, batch: Batch) -> dict[str, Any]:
         "output_file_id": output_file_id(batch.id, OUTPUT) if finished and completed else None,
         "error_file_id": output_file_id(batch.id, ERRORS) if finished and failed else None,
         "created_at": created, "in_progress_at": created,
-        "expires_at": int((batch.created_at + timedelta(hours=24)).timestamp()),
-        "finalizing_at": done_at, "completed_at": None if cancelled else done_at,
-        "failed_at": None, "expired_at": None, "cancelling_at": cancel_at,
+        "expires_at": int((batch.created_at + BATCH_WINDOW).timestamp()),
+        "finalizing_at": done_at, "completed_at": done_at if status == "completed" else None,
+        "failed_at": None, "expired_at": done_at if expired else None, "cancelling_at": cancel_at,
         "cancelled_at": done_at if cancelled else None,
         "request_counts": {"total": total, "completed": completed, "failed": failed},
         "metadata": batch.metadata,
@@ -205,8 +208,10 @@ def cancel_batch(batch_id: str, state: State) -> dict[str, Any]:
     """Cancel a batch's unfinished jobs (running ones' results are discarded)."""
     batch = _batch_or_404(state, batch_id)
     view = batch_view(state, batch)
-    if view["status"] == "completed":
-        raise APIError(ErrorInfo(409, f"batch {batch_id} is already completed", code="batch_done"))
+    if view["status"] in ("completed", "expired"):
+        raise APIError(
+            ErrorInfo(409, f"batch {batch_id} is already {view['status']}", code="batch_done")
+        )
     with state.client.sessions.begin() as session:
         mark_batch_cancelled(session, batch_id=batch_id)
         ids = batch.job_ids
@@ -239,6 +244,10 @@ def output_lines(state: APIState, batch: Batch, kind: str) -> list[dict[str, Any
             body = completion_view(line_jobs, model=line_jobs[0].model)
             entry["response"] = {"status_code": 200, "request_id": request_id, "body": body}
             entry["error"] = None
+        elif failure is not None and failure.code == "batch_expired" and kind == ERRORS:
+            # OpenAI's line for a request the window closed on: no response, an error.
+            entry["response"] = None
+            entry["error"] = {"code": failure.code, "message": failure.message}
         elif failure is not None and kind == ERRORS:
             entry["response"] = {
                 "status_code": failure.status, "request_id": request_id, "body": failure.body(),

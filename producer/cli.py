@@ -532,8 +532,9 @@ def reap() -> None:
     A job running longer than CQ_REAP_RUNNING_AFTER_S goes back to the queue with
     a new message (a late result of its old attempt is discarded); one claimed
     CQ_MAX_ATTEMPTS times fails with AttemptsExceeded; one queued longer than
-    CQ_QUEUE_TIMEOUT_S fails with QueueTimeout. Workers run the same pass every
-    CQ_REAP_INTERVAL_S.
+    CQ_QUEUE_TIMEOUT_S fails with QueueTimeout; an unfinished job of a batch
+    (POST /v1/batches) 24 h old fails with BatchExpired. Workers run the same
+    pass every CQ_REAP_INTERVAL_S.
     """
     from completion_queue.celery_app import create_app
     from completion_queue.reaper import reap as reap_once
@@ -549,7 +550,8 @@ def reap() -> None:
         app.close()
     click.echo(
         f"requeued {report.requeued} stuck job(s), failed {report.failed}, "
-        f"expired {report.expired} queued job(s), resent {report.resent} lost message(s)"
+        f"expired {report.expired} queued job(s), resent {report.resent} lost message(s), "
+        f"expired {report.batch_expired} job(s) of batches past their window"
     )
 
 

@@ -72,6 +72,8 @@ def job_failure(job: Job) -> ErrorInfo | None:
     kind, message = error.get("type", "ModelError"), error.get("message", "generation failed")
     if kind == "ContextLengthExceeded":
         return ErrorInfo(400, message, param="prompt", code="context_length_exceeded")
+    if kind == "BatchExpired":
+        return ErrorInfo(408, message, code="batch_expired")
     return ErrorInfo(500, f"generation failed: {message}", "server_error", code=kind)
 
 

@@ -14,15 +14,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from sqlalchemy import update
 
 from completion_queue.constants import queue_name
 from completion_queue.redis_server import free_port
+from db.models import BatchRow
 from producer.cli import worker_env
 from tests.conftest import Stack
 from tests.integration.conftest import HookServer
@@ -329,3 +332,50 @@ def test_webhook_is_signed_retried_and_recorded(
         expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
         assert headers["X-CQ-Signature"] == expected
         assert json.loads(body)["id"] == job_id and json.loads(body)["status"] == "succeeded"
+
+
+@pytest.mark.usefixtures("unserved_queue")
+def test_a_batch_past_its_window_expires_keeping_what_completed(
+    api: Api, stack: Stack, reference: Reference
+) -> None:
+    oai = api.openai()
+    # Given a batch with one request a worker runs and one for a model no worker serves
+    lines = [{"custom_id": "served", "method": "POST", "url": "/v1/completions",
+              "body": {"model": api.model, "prompt": "The weather", "max_tokens": 4,
+                       "temperature": 0}},
+             {"custom_id": "unserved", "method": "POST", "url": "/v1/completions",
+              "body": {"model": NO_WORKER, "prompt": "x"}}]  # fmt: skip
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    uploaded = oai.files.create(file=("input.jsonl", data), purpose="batch")
+    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                               completion_window="24h")  # fmt: skip
+    until(lambda: oai.batches.retrieve(batch.id).request_counts.completed == 1)  # type: ignore[union-attr]
+    # When its 24 h window has passed (its clock set back) and a reaper pass runs
+    with stack.client().sessions.begin() as session:
+        session.execute(
+            update(BatchRow).where(BatchRow.id == batch.id)
+            .values(created_at=datetime.now(UTC) - timedelta(hours=25))
+        )  # fmt: skip
+    assert oai.batches.retrieve(batch.id).status == "in_progress"
+    env = {**os.environ, **worker_env(stack.settings)}
+    reaped = subprocess.run([sys.executable, "-m", "producer.cli", "reap"], env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert reaped.returncode == 0, reaped.stderr
+    assert "expired 1 job(s) of batches past their window" in reaped.stdout
+    # Then the batch is expired: the completed request is in the output file,
+    expired = oai.batches.retrieve(batch.id)
+    assert expired.status == "expired" and expired.expired_at is not None
+    assert expired.completed_at is None
+    assert expired.request_counts.completed == 1 and expired.request_counts.failed == 1  # type: ignore[union-attr]
+    assert expired.output_file_id is not None and expired.error_file_id is not None
+    (output,) = [json.loads(x) for x in oai.files.content(expired.output_file_id).text.splitlines()]
+    assert output["custom_id"] == "served"
+    assert output["response"]["body"]["choices"][0]["text"] == reference.greedy("The weather", 4)[0]
+    # and the other is in the error file as OpenAI writes expired requests
+    (error,) = [json.loads(x) for x in oai.files.content(expired.error_file_id).text.splitlines()]
+    assert error["custom_id"] == "unserved" and error["response"] is None
+    assert error["error"]["code"] == "batch_expired"
+    assert "completion window expired" in error["error"]["message"]
+    # and it cannot be cancelled any more
+    with pytest.raises(openai.ConflictError):
+        oai.batches.cancel(batch.id)
