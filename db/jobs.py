@@ -82,6 +82,7 @@ class Job:
     webhook_attempts: int = 0
     webhook_error: str | None = None
     webhook_delivered_at: datetime | None = None
+    truncated_prompt_tokens: int | None = None
 
     @property
     def text(self) -> str | None:
@@ -123,6 +124,7 @@ class Job:
             webhook_attempts=row.webhook_attempts or 0,
             webhook_error=row.webhook_error,
             webhook_delivered_at=aware(row.webhook_delivered_at),
+            truncated_prompt_tokens=row.truncated_prompt_tokens,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +137,7 @@ class Job:
             "params": self.params,
             "choices": [c.to_dict() for c in self.choices],
             "prompt_tokens": self.prompt_tokens,
+            "truncated_prompt_tokens": self.truncated_prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "error": self.error,
             "attempts": self.attempts,
@@ -177,6 +180,8 @@ class Outcome:
     choices: list[Choice] = field(default_factory=list)
     prompt_tokens: int | None = None
     error: dict[str, str] | None = None
+    #: Prompt tokens dropped to fit the context (the request asked for ``truncate``).
+    truncated_prompt_tokens: int | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -424,6 +429,7 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
             status=bindparam("b_status"),
             choices=bindparam("b_choices"),
             prompt_tokens=bindparam("b_prompt_tokens"),
+            truncated_prompt_tokens=bindparam("b_truncated_prompt_tokens"),
             completion_tokens=bindparam("b_completion_tokens"),
             error=bindparam("b_error"),
             finished_at=now,
@@ -438,6 +444,7 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
                 "b_status": o.status,
                 "b_choices": [c.to_dict() for c in o.choices] if o.choices else None,
                 "b_prompt_tokens": o.prompt_tokens,
+                "b_truncated_prompt_tokens": o.truncated_prompt_tokens,
                 "b_completion_tokens": o.completion_tokens if o.choices else None,
                 "b_error": o.error,
             }

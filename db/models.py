@@ -73,6 +73,8 @@ class JobRow(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Prompt tokens dropped from the start to fit the context; null when none were.
+    truncated_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[dict[str, str] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

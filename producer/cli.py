@@ -274,6 +274,13 @@ def flower(address: str | None, port: int | None, db_path: Path | None) -> None:
 @click.option("--idempotency-key")
 @click.option("--priority", type=int, help="0 (normal) to 9 (most urgent).")
 @click.option(
+    "--truncate",
+    is_flag=True,
+    default=None,
+    help="Keep the prompt's last tokens when it is too long for the model's context "
+    "(else the job fails).",
+)
+@click.option(
     "--wait",
     "wait_s",
     is_flag=False,

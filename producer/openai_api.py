@@ -5,6 +5,9 @@ OpenAI's parameters map onto our :class:`CompletionRequest` (``max_tokens`` →
 A parameter we do not support is refused with a 400, never ignored; one sent
 with its neutral value (``stream: false``, ``echo: false``, ``logprobs: null``,
 zero penalties, ``best_of: 1``) asks for nothing we do not do, so it is accepted.
+Prompt truncation (vLLM's ``truncate_prompt_tokens``) is refused here too: a
+too-long prompt fails with ``context_length_exceeded``; the native ``POST
+/v1/jobs`` takes ``truncate: true``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logit_bias": (None, {}),
 }
 _RENAMED = {"max_tokens": "max_new_tokens"}
+_TRUNCATE_HINT = "use POST /v1/jobs with truncate: true to keep a too-long prompt's last tokens"
+#: Parameters other servers take (vLLM's ``truncate_prompt_tokens``), and what to use instead.
+INSTEAD = {"truncate_prompt_tokens": _TRUNCATE_HINT, "truncate": _TRUNCATE_HINT}
 
 
 def to_openai_name(field: str | None) -> str | None:
@@ -99,7 +105,8 @@ def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
                 continue
             allowed = " or ".join(repr(v) for v in NEUTRAL[name]).replace("None", "null")
             raise ValidationError(f"{name} is not supported (only {allowed})", field=name)
-        raise ValidationError(f"{name} is not a supported parameter", field=name)
+        hint = f" ({INSTEAD[name]})" if name in INSTEAD else ""
+        raise ValidationError(f"{name} is not a supported parameter{hint}", field=name)
     if "prompt" not in body:
         raise ValidationError("prompt is required", field="prompt")
     prompt = body["prompt"]

@@ -56,6 +56,7 @@ class CompletionRequest(BaseModel):
     idempotency_key: str | None = Field(default=None, strict=True, min_length=1, max_length=255)
     priority: int = Field(default=0, strict=True, ge=0, le=9)
     callback_url: str | None = Field(default=None, strict=True, max_length=MAX_URL_CHARS)
+    truncate: bool = Field(default=False, strict=True)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -110,13 +111,20 @@ class CompletionRequest(BaseModel):
         return value
 
     def params(self) -> dict[str, Any]:
-        """Return the generation parameters stored in ``jobs.params``."""
-        return self.model_dump(
+        """Return the generation parameters stored in ``jobs.params``.
+
+        ``truncate`` is stored only when true, so a job stored before the field
+        existed still equals its idempotent resubmit.
+        """
+        params = self.model_dump(
             include={
                 "max_new_tokens", "temperature", "top_p", "top_k",
                 "repetition_penalty", "n", "stop", "seed",
             }
         )  # fmt: skip
+        if self.truncate:
+            params["truncate"] = True
+        return params
 
 
 def _check_text(value: str) -> None:
@@ -143,6 +151,7 @@ _TYPES = {
     "string_type": "a string",
     "list_type": "a list of strings",
     "finite_number": "a finite number",
+    "bool_type": "a boolean",
 }
 
 

@@ -15,9 +15,17 @@ class Reference:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path).eval()
 
+    def encode(self, prompt: str) -> list[int]:
+        """Return the token ids of ``prompt``, as the worker tokenizes it."""
+        return list(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+
     def greedy(self, prompt: str, max_new_tokens: int) -> tuple[str, int]:
         """Return the greedy completion of ``prompt`` and how many tokens it has."""
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        return self.greedy_ids(self.encode(prompt), max_new_tokens)
+
+    def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+        """Return the greedy completion of the prompt ``prompt_ids`` and how many tokens it has."""
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
         with torch.inference_mode():
             out = self.model.generate(
                 ids,

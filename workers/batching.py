@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from completion_queue.errors import ContextLengthExceeded
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
@@ -26,11 +28,46 @@ class GenerationRequest:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: Prompt tokens dropped from the start so the prompt fits the context (``truncate``).
+    truncated_prompt_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
         """True when decoding is greedy (temperature 0, as in OpenAI's API)."""
         return self.temperature == 0.0
+
+
+def fit_context(
+    prompt_ids: Sequence[int], *, max_new_tokens: int, context_length: int, truncate: bool
+) -> tuple[tuple[int, ...], int]:
+    """Return the prompt ids that leave room for ``max_new_tokens``, and how many were dropped.
+
+    A prompt that fits is kept whole. One that does not is refused, or, when the
+    request asks for ``truncate``, cut to its last tokens: the completion goes on
+    from the end of the prompt, as it would have.
+
+    Raises:
+        ContextLengthExceeded: the prompt does not fit and ``truncate`` is off, or
+            ``max_new_tokens`` alone leaves no room for any prompt token.
+    """
+    room = context_length - max_new_tokens
+    if len(prompt_ids) <= room:
+        return tuple(prompt_ids), 0
+    needed = len(prompt_ids) + max_new_tokens
+    problem = (
+        f"prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: "
+        f"{needed} exceeds the model's context of {context_length} tokens"
+    )
+    if room < 1:
+        raise ContextLengthExceeded(
+            f"{problem}; max_new_tokens must be below {context_length} to leave room for "
+            "a prompt, even a truncated one"
+        )
+    if not truncate:
+        raise ContextLengthExceeded(
+            f"{problem} (truncate: true would keep the prompt's last {room} tokens)"
+        )
+    return tuple(prompt_ids[-room:]), len(prompt_ids) - room
 
 
 def plan_groups(

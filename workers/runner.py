@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -44,7 +45,7 @@ from completion_queue.settings import redact_url
 from db.jobs import Job, Outcome, claim_jobs, finish_jobs, get_unfinished_jobs
 from db.models import JobStatus
 from db.recovery import fail_attempts
-from workers.batching import GenerationRequest, plan_groups
+from workers.batching import GenerationRequest, fit_context, plan_groups
 from workers.model import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -250,22 +251,27 @@ class BatchRunner:
     def plan(
         self, jobs: Sequence[Job]
     ) -> tuple[list[GenerationRequest], list[tuple[Job, Exception]]]:
-        """Tokenize ``jobs``; return their requests, and the jobs refused before generating."""
+        """Tokenize ``jobs``; return their requests, and the jobs refused before generating.
+
+        A prompt too long for the context is refused, or cut to its last tokens when
+        its job asks for ``truncate`` (see :func:`workers.batching.fit_context`).
+        """
         requests: list[GenerationRequest] = []
         rejected: list[tuple[Job, Exception]] = []
         encoded = self.runtime.encode([job.prompt for job in jobs])
         for job, prompt_ids in zip(jobs, encoded, strict=True):
             request = to_request(job, prompt_ids)
-            needed = len(prompt_ids) + request.max_new_tokens
-            if needed > self.runtime.context_length:
-                exc = ContextLengthExceeded(
-                    f"prompt has {len(prompt_ids)} tokens and max_new_tokens is "
-                    f"{request.max_new_tokens}: {needed} exceeds the model's context of "
-                    f"{self.runtime.context_length} tokens"
+            try:
+                kept, dropped = fit_context(
+                    prompt_ids,
+                    max_new_tokens=request.max_new_tokens,
+                    context_length=self.runtime.context_length,
+                    truncate=bool(job.params.get("truncate", False)),
                 )
+            except ContextLengthExceeded as exc:
                 rejected.append((job, exc))
             else:
-                requests.append(request)
+                requests.append(replace(request, prompt_ids=kept, truncated_prompt_tokens=dropped))
         return requests, rejected
 
     def _refuse(self, errors: dict[uuid.UUID, Exception], claimed: list[Job]) -> list[Outcome]:
@@ -287,6 +293,7 @@ class BatchRunner:
                         status=JobStatus.SUCCEEDED,
                         choices=result.choices,
                         prompt_tokens=result.prompt_tokens,
+                        truncated_prompt_tokens=request.truncated_prompt_tokens or None,
                     )
                 )
         return outcomes

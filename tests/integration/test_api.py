@@ -207,6 +207,30 @@ def test_idempotency_key_header(api: Api, client: object) -> None:
     assert_error(other, 409, "idempotency_key", "used for a different request")
     job = api.http.get(f"/v1/jobs/{first.json()['ids'][0]}").json()
     assert job["idempotency_key"] == "k-1" and job["prompt"] == "Once upon a time"
+    # truncate is part of the request: the same key with it is another request
+    truncated = api.http.post("/v1/jobs", json={**request, "truncate": True},
+                              headers={"Idempotency-Key": "k-1"})  # fmt: skip
+    assert_error(truncated, 409, "idempotency_key", "used for a different request")
+
+
+def test_native_truncate_is_shown_on_the_job(
+    api: Api, client: object, reference: Reference
+) -> None:
+    # Given a prompt far longer than the tiny model's context of 512 tokens
+    prompt = "Once upon a time " * 200
+    long = {"prompt": prompt, "max_new_tokens": 4, "temperature": 0}
+    cut = api.http.post("/v1/jobs", json={**long, "truncate": True}).json()["ids"][0]
+    refused = api.http.post("/v1/jobs", json=long).json()["ids"][0]
+    # Then the job that asked for truncation ran on its last 508 tokens and says what it dropped
+    job = wait_job(api, cut)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["params"]["truncate"] is True
+    assert (job["prompt_tokens"], job["usage"]["prompt_tokens"]) == (508, 508)
+    assert job["truncated_prompt_tokens"] == len(reference.encode(prompt)) - 508
+    # And the other failed, pointing at truncate
+    failed = wait_job(api, refused)
+    assert failed["status"] == "failed" and failed["truncated_prompt_tokens"] is None
+    assert "truncate: true would keep" in failed["error"]["message"]
 
 
 def test_openai_completions_equal_direct_generate(
@@ -246,6 +270,12 @@ def test_openai_unsupported_and_invalid_parameters(api: Api, client: object) -> 
         oai.completions.create(model=api.model, prompt="hi", max_tokens=0)
     assert tokens.value.body["param"] == "max_tokens"  # type: ignore[index]
     assert "max_tokens must be >= 1, got 0" in tokens.value.body["message"]  # type: ignore[index]
+    # vLLM's truncation extension is refused by name, pointing at the native API's truncate
+    with pytest.raises(openai.BadRequestError) as truncate:
+        oai.completions.create(model=api.model, prompt="hi",
+                               extra_body={"truncate_prompt_tokens": 100})  # fmt: skip
+    assert truncate.value.body["param"] == "truncate_prompt_tokens"  # type: ignore[index]
+    assert "truncate: true" in truncate.value.body["message"]  # type: ignore[index]
     # neutral values ask for nothing we do not do: accepted
     ok = api.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "echo": False,
                                                 "presence_penalty": 0, "logprobs": None})  # fmt: skip

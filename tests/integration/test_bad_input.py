@@ -12,6 +12,8 @@ from db.models import JobStatus
 from producer.client import CompletionClient
 from producer.schema import CompletionRequest, Limits, validate_request
 from tests.conftest import Stack
+from tests.integration.test_pipeline import PROMPTS
+from tests.reference import Reference
 
 SMALL = Limits(max_prompt_chars=200, max_new_tokens=24, max_n=2)
 
@@ -27,6 +29,7 @@ fuzzed = st.fixed_dictionaries(
         "stop": st.one_of(st.lists(st.text(max_size=4), max_size=6), st.text(max_size=4)),
         "seed": st.one_of(st.integers(-3, 2**64), st.floats()),
         "priority": st.integers(-2, 12),
+        "truncate": st.one_of(st.booleans(), st.integers(0, 1), st.none()),
         "unknown": st.integers(),
     },
 )
@@ -40,9 +43,53 @@ def test_a_prompt_longer_than_the_context_fails_with_a_clear_error(
     assert job.status is JobStatus.FAILED and job.choices == []
     assert job.error is not None and job.error["type"] == "ContextLengthExceeded"
     assert "exceeds the model's context of 512 tokens" in job.error["message"]
+    assert "truncate: true would keep the prompt's last 504 tokens" in job.error["message"]
+    assert job.truncated_prompt_tokens is None
     # and a prompt that fits, beside it, still runs
     fits = client.wait(client.submit("word " * 100, max_new_tokens=8), timeout=60)
     assert fits.status is JobStatus.SUCCEEDED
+
+
+def test_a_too_long_prompt_asking_for_truncation_continues_its_last_tokens(
+    client: CompletionClient, reference: Reference
+) -> None:
+    # Given a prompt of 756 tokens, more than the tiny model's context of 512 less 8 new
+    # (its greedy text differs whether 503, 504 or 505 of its last tokens are kept)
+    prompt = " ".join(PROMPTS * 8) + " Once upon a time"
+    ids = reference.encode(prompt)
+    assert len(ids) > 512 - 8
+    # When it is submitted with truncate, and without it
+    cut, refused = client.wait(
+        client.submit_many(
+            [
+                {"prompt": prompt, "max_new_tokens": 8, "temperature": 0, "truncate": True},
+                {"prompt": prompt, "max_new_tokens": 8, "temperature": 0},
+            ]
+        ),
+        timeout=60,
+    )
+    # Then the first runs on its last 504 tokens, as a direct generate on them does
+    assert cut.status is JobStatus.SUCCEEDED, cut.error
+    assert cut.params["truncate"] is True
+    assert cut.prompt_tokens == 512 - 8
+    assert cut.truncated_prompt_tokens == len(ids) - (512 - 8)
+    text, n_tokens = reference.greedy_ids(ids[-(512 - 8) :], 8)
+    assert (cut.text, cut.completion_tokens) == (text, n_tokens)
+    # and the second fails, saying what truncate would have done
+    assert refused.status is JobStatus.FAILED and refused.error is not None
+    assert refused.error["type"] == "ContextLengthExceeded"
+    assert "truncate: true would keep the prompt's last 504 tokens" in refused.error["message"]
+
+
+def test_truncation_cannot_make_room_for_max_new_tokens_beyond_the_context(
+    client: CompletionClient,
+) -> None:
+    job = client.wait(
+        client.submit("Once upon a time", max_new_tokens=600, truncate=True), timeout=60
+    )
+    assert job.status is JobStatus.FAILED and job.error is not None
+    assert job.error["type"] == "ContextLengthExceeded"
+    assert "max_new_tokens must be below 512" in job.error["message"]
 
 
 def test_every_accepted_fuzzed_request_runs(stack: Stack, client: CompletionClient) -> None:

@@ -47,6 +47,17 @@ def test_submit_wait_status_list_cancel(stack: Stack, client: object) -> None:
     assert cancelled["status"] == "succeeded"  # finished jobs stay as they are
 
 
+def test_submit_truncate_keeps_a_too_long_prompt_running(stack: Stack, client: object) -> None:
+    # 1,000 tokens against the tiny model's context of 512
+    long = "Once upon a time " * 200
+    done = json.loads(cq(stack, "submit", long, "--max-new-tokens", "4", "--truncate",
+                         "--wait").stdout)  # fmt: skip
+    assert done["status"] == "succeeded", done["error"]
+    assert done["prompt_tokens"] == 508 and done["truncated_prompt_tokens"] > 0
+    refused = json.loads(cq(stack, "submit", long, "--max-new-tokens", "4", "--wait").stdout)
+    assert refused["status"] == "failed" and "truncate: true" in refused["error"]["message"]
+
+
 def test_bad_parameter_is_refused_with_its_name(stack: Stack, client: object) -> None:
     done = cq(stack, "submit", "hi", "--top-p", "2", check=False)
     assert done.returncode == 2

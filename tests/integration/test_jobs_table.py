@@ -26,7 +26,7 @@ def test_schema_comes_from_migrations(database_url: str) -> None:
     assert columns >= {
         "id", "status", "model", "prompt", "params", "choices", "prompt_tokens",
         "completion_tokens", "error", "attempts", "worker", "priority", "idempotency_key",
-        "batch_id", "created_at", "started_at", "finished_at",
+        "batch_id", "created_at", "started_at", "finished_at", "truncated_prompt_tokens",
     }  # fmt: skip
     assert "alembic_version" in inspect(engine).get_table_names()
     if database_url.startswith("sqlite"):

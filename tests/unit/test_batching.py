@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.batching import GenerationRequest, cut_at_stop, plan_groups
+from completion_queue.errors import ContextLengthExceeded
+from workers.batching import GenerationRequest, cut_at_stop, fit_context, plan_groups
 
 
 def request(key: str, prompt_len: int, new: int, n: int = 1) -> GenerationRequest:
@@ -66,3 +67,51 @@ def test_cut_at_stop_takes_the_earliest(
     text: str, stops: list[str], expected: tuple[str, bool]
 ) -> None:
     assert cut_at_stop(text, stops) == expected
+
+
+def test_a_prompt_that_fits_is_kept_whole_even_at_the_bound() -> None:
+    ids = tuple(range(12))
+    # 12 prompt tokens + 4 new = 16, exactly the context
+    assert fit_context(ids, max_new_tokens=4, context_length=16, truncate=False) == (ids, 0)
+    assert fit_context(ids, max_new_tokens=4, context_length=16, truncate=True) == (ids, 0)
+
+
+def test_a_prompt_too_long_is_refused_without_truncate() -> None:
+    with pytest.raises(ContextLengthExceeded) as refused:
+        fit_context(range(13), max_new_tokens=4, context_length=16, truncate=False)
+    assert str(refused.value) == (
+        "prompt has 13 tokens and max_new_tokens is 4: 17 exceeds the model's context of "
+        "16 tokens (truncate: true would keep the prompt's last 12 tokens)"
+    )
+
+
+def test_truncate_keeps_the_last_tokens_that_leave_room() -> None:
+    kept, dropped = fit_context(list(range(30)), max_new_tokens=4, context_length=16, truncate=True)
+    assert kept == tuple(range(18, 30))
+    assert dropped == 18
+    assert len(kept) + 4 == 16
+
+
+@pytest.mark.parametrize("new", [16, 20])
+def test_truncate_cannot_help_when_max_new_tokens_fills_the_context(new: int) -> None:
+    with pytest.raises(ContextLengthExceeded) as refused:
+        fit_context(range(3), max_new_tokens=new, context_length=16, truncate=True)
+    assert "max_new_tokens must be below 16" in str(refused.value)
+    assert "truncate: true" not in str(refused.value)
+
+
+@given(
+    st.integers(0, 80), st.integers(1, 40), st.integers(1, 64), st.booleans()
+)  # fmt: skip
+def test_fitted_prompts_always_fit_and_end_as_the_prompt_ends(
+    length: int, new: int, context: int, truncate: bool
+) -> None:
+    ids = tuple(range(length))
+    try:
+        kept, dropped = fit_context(ids, max_new_tokens=new, context_length=context,
+                                    truncate=truncate)  # fmt: skip
+    except ContextLengthExceeded:
+        assert length + new > context
+        return
+    assert len(kept) + new <= context and kept == ids[dropped:]
+    assert dropped == 0 or (truncate and len(kept) + new == context)

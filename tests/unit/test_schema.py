@@ -63,6 +63,8 @@ def refused(data: object) -> ValidationError:
         ({"prompt": "x", "priority": 10}, "priority", "priority must be <= 9, got 10"),
         ({"prompt": "x", "idempotency_key": ""}, "idempotency_key", "at least 1 characters"),
         ({"prompt": "x", "logprobs": 5}, "logprobs", "logprobs is not a known parameter"),
+        ({"prompt": "x", "truncate": "yes"}, "truncate", "truncate must be a boolean, got str"),
+        ({"prompt": "x", "truncate": 1}, "truncate", "truncate must be a boolean, got int 1"),
     ],
 )
 def test_each_invalid_field_is_named(data: dict[str, object], field: str, message: str) -> None:
@@ -85,6 +87,15 @@ def test_defaults_follow_openai() -> None:
     }  # fmt: skip
 
 
+def test_truncate_is_stored_only_when_asked_for() -> None:
+    # Jobs stored before the field existed must still equal their idempotent resubmits
+    plain = validate_request({"prompt": "hi"}, LIMITS)
+    assert plain.truncate is False and "truncate" not in plain.params()
+    asked = validate_request({"prompt": "hi", "truncate": True}, LIMITS)
+    assert asked.params() == {**plain.params(), "truncate": True}
+    assert validate_request({"prompt": "hi", "truncate": False}, LIMITS).params() == plain.params()
+
+
 def test_a_validated_request_passes_through() -> None:
     request = CompletionRequest(prompt="hi", temperature=0)
     assert validate_request(request, LIMITS) is request
@@ -94,7 +105,8 @@ def test_a_validated_request_passes_through() -> None:
 @given(
     st.dictionaries(
         st.sampled_from(["prompt", "max_new_tokens", "temperature", "top_p", "top_k", "n",
-                         "stop", "seed", "priority", "repetition_penalty", "extra"]),
+                         "stop", "seed", "priority", "repetition_penalty", "truncate",
+                         "extra"]),
         st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(),
                   st.binary(max_size=8), st.lists(st.text(max_size=3), max_size=6)),
     )
