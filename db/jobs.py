@@ -17,10 +17,9 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import FINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
+from db.models import FINISHED_STATUSES, UNFINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
 
 _TABLE = cast(Table, JobRow.__table__)
-_CLAIMABLE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def utcnow() -> datetime:
@@ -315,7 +314,7 @@ def get_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUI
 def get_unfinished_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> list[Job]:
     """Return the queued or running jobs among ``job_ids``, in the order given."""
     rows = session.scalars(
-        select(JobRow).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
+        select(JobRow).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES))
     )
     by_id = {row.id: Job.from_row(row) for row in rows}
     return [by_id[i] for i in job_ids if i in by_id]
@@ -344,7 +343,7 @@ def cancel_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
     """Cancel the queued or running jobs among ``job_ids``; return how many changed."""
     result = session.execute(
         update(JobRow)
-        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
+        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES))
         .values(status=JobStatus.CANCELLED, finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -358,7 +357,9 @@ def count_queued(session: Session) -> int:
 
 def count_unfinished(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
     """Return how many of ``job_ids`` are still queued or running."""
-    stmt = select(func.count()).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
+    stmt = select(func.count()).where(
+        JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES)
+    )
     return int(session.scalar(stmt) or 0)
 
 
@@ -396,7 +397,7 @@ def claim_jobs(session: Session, *, job_ids: Sequence[uuid.UUID], worker: str) -
     """
     stmt = (
         update(JobRow)
-        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(_CLAIMABLE))
+        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES))
         .values(
             status=JobStatus.RUNNING,
             attempts=JobRow.attempts + 1,

@@ -41,6 +41,8 @@ class WebhookStatus(str, enum.Enum):
 
 
 FINISHED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+#: A job in one of these may still run (claimed, cancelled, failed by the reaper).
+UNFINISHED_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def _status_column(statuses: type[enum.Enum], name: str) -> Enum:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from db.jobs import utcnow
-from db.models import BatchRow, JobRow, JobStatus
+from db.models import UNFINISHED_STATUSES, BatchRow, JobRow, JobStatus
 
 _TABLE = cast(Table, JobRow.__table__)
 
@@ -108,26 +108,30 @@ def expire_batch_jobs(
     A running job's late result is then discarded, like a cancelled one's.
     """
     batches = select(BatchRow.id).where(BatchRow.created_at < created_before)
-    stmt = (
-        update(JobRow)
-        .where(
-            JobRow.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
-            JobRow.batch_id.in_(batches),
-        )
-        .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
-        .returning(JobRow.id)
-        .execution_options(synchronize_session=False)
+    return _fail_where(
+        session,
+        error,
+        JobRow.status.in_(UNFINISHED_STATUSES),
+        JobRow.batch_id.in_(batches),
     )
-    return list(session.scalars(stmt))
 
 
 def expire_queued_jobs(
     session: Session, *, created_before: datetime, error: dict[str, str]
 ) -> list[uuid.UUID]:
     """Fail the jobs still queued that were submitted before ``created_before``; return ids."""
+    return _fail_where(
+        session, error, JobRow.status == JobStatus.QUEUED, JobRow.created_at < created_before
+    )
+
+
+def _fail_where(
+    session: Session, error: dict[str, str], *where: ColumnElement[bool]
+) -> list[uuid.UUID]:
+    """Fail every job matching ``where`` with ``error``; return their ids."""
     stmt = (
         update(JobRow)
-        .where(JobRow.status == JobStatus.QUEUED, JobRow.created_at < created_before)
+        .where(*where)
         .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
         .returning(JobRow.id)
         .execution_options(synchronize_session=False)
