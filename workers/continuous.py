@@ -132,10 +132,11 @@ class ContinuousRuntime:
             if output.error:
                 raise ModelError(f"continuous batching failed: {output.error}")
             tokens[output.request_id] = list(output.generated_tokens)
-        late = {ids[i][0].key for i in ids if i not in tokens}
-        for request_id in ids.keys() - tokens.keys():
+        unfinished = ids.keys() - tokens.keys()
+        for request_id in unfinished:
             # Free its slot; a result it still delivers has an id no later call waits for.
             self.manager.cancel_request(request_id)
+        late = {ids[i][0].key for i in unfinished}
         choices: dict[str, list[Any]] = {r.key: [None] * r.n for r in requests}
         for request_id, (request, choice) in ids.items():
             if request.key not in late:
