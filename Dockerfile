@@ -8,8 +8,11 @@ RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY completion_queue ./completion_queue
 COPY db ./db
-COPY producer ./producer
 COPY workers ./workers
+COPY producer ./producer
+COPY api ./api
+COPY bench ./bench
+COPY cli ./cli
 RUN pip install ".[worker]"
 ENV CQ_DATA_DIR=/data
 VOLUME /data

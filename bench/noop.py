@@ -10,8 +10,7 @@ from typing import Any
 import redis
 
 from bench.run import COUNTER_KEY, NOOP_TASK
-from completion_queue.celery_app import create_app
-from completion_queue.settings import Settings
+from completion_queue import Settings, create_app
 
 _settings = Settings()
 app = create_app(_settings)

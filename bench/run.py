@@ -21,16 +21,17 @@ from typing import Any, Literal
 import redis
 
 from bench.workloads import Item, mixed, uniform
-from completion_queue.constants import TINY_MODEL_NAME
-from completion_queue.local import WorkerProcess, rss_mb
-from completion_queue.redis_server import EmbeddedRedis
-from completion_queue.settings import Settings
-from db.jobs import Job
-from db.migrate import upgrade
-from db.models import JobStatus
-from producer.cli import worker_env
-from producer.client import CompletionClient
-from producer.demo import percentile
+from completion_queue import (
+    TINY_MODEL_NAME,
+    EmbeddedRedis,
+    Settings,
+    WorkerProcess,
+    rss_mb,
+    worker_env,
+)
+from db import Job, JobStatus, upgrade
+from producer import CompletionClient
+from producer.stats import percentile
 
 NOOP_TASK = "cq.bench.noop"
 NOOP_QUEUE = "cq.bench.noop"
@@ -176,7 +177,7 @@ def _pipeline(client: CompletionClient, items: Sequence[Item]) -> tuple[int, flo
 
 def _celery_noop_rate(cluster: _Cluster, count: int) -> float:
     """Tasks per second of a bare Celery no-op on the same Redis and worker settings."""
-    from completion_queue.celery_app import create_app
+    from completion_queue import create_app
 
     settings = cluster.settings(1)
     env = {**os.environ, **worker_env(settings)}

@@ -1,7 +1,31 @@
-"""What producers and workers share: settings, errors, names and the Celery app."""
+"""What every side shares: settings, errors, names, the Celery app, local processes, the reaper.
 
+Other packages import from here; the modules below are internal. The start edge
+``completion_queue.flower_app`` is not imported here: it reads settings at import.
+"""
+
+from completion_queue.celery_app import (
+    broker_url_file,
+    celery_priority,
+    create_app,
+    prefetch_count,
+    queue_depth,
+    queue_keys,
+    resolve_broker_url,
+    send_jobs,
+)
+from completion_queue.constants import (
+    DEFAULT_DATA_DIR,
+    QUEUE_PREFIX,
+    TASK_GENERATE,
+    TINY_MODEL_NAME,
+    WORKER_CONSUMING_LINE,
+    WORKER_READY_LINE,
+    queue_name,
+)
 from completion_queue.errors import (
     AttemptsExceeded,
+    BatchExpired,
     BrokerUnavailable,
     CompletionError,
     ConfigError,
@@ -17,14 +41,28 @@ from completion_queue.errors import (
     QueueTimeout,
     ValidationError,
 )
-from completion_queue.settings import Settings, redact_url
+from completion_queue.flower import check_auth, flower_command, run_flower
+from completion_queue.local import (
+    WorkerProcess,
+    child_pids,
+    default_nodename,
+    embedded_broker,
+    rss_mb,
+    worker_env,
+)
+from completion_queue.metrics import JobStatusCollector, Metrics, QueueDepthCollector
+from completion_queue.reaper import ReapReport, reap
+from completion_queue.redis_server import EmbeddedRedis, RedisTLS, find_redis_server, free_port
+from completion_queue.settings import Settings, is_loopback, redact_url
 
 __all__ = [
     # settings
     "Settings",
+    "is_loopback",
     "redact_url",
     # errors
     "AttemptsExceeded",
+    "BatchExpired",
     "BrokerUnavailable",
     "CompletionError",
     "ConfigError",
@@ -36,7 +74,44 @@ __all__ = [
     "JobTimeout",
     "ModelError",
     "OutOfMemory",
-    "QueueTimeout",
     "QueueFull",
+    "QueueTimeout",
     "ValidationError",
+    # names
+    "DEFAULT_DATA_DIR",
+    "QUEUE_PREFIX",
+    "TASK_GENERATE",
+    "TINY_MODEL_NAME",
+    "WORKER_CONSUMING_LINE",
+    "WORKER_READY_LINE",
+    "queue_name",
+    # the Celery app and its queues
+    "broker_url_file",
+    "celery_priority",
+    "create_app",
+    "prefetch_count",
+    "queue_depth",
+    "queue_keys",
+    "resolve_broker_url",
+    "send_jobs",
+    # local processes
+    "EmbeddedRedis",
+    "RedisTLS",
+    "WorkerProcess",
+    "child_pids",
+    "default_nodename",
+    "embedded_broker",
+    "find_redis_server",
+    "free_port",
+    "rss_mb",
+    "worker_env",
+    # operations
+    "JobStatusCollector",
+    "Metrics",
+    "QueueDepthCollector",
+    "ReapReport",
+    "check_auth",
+    "flower_command",
+    "reap",
+    "run_flower",
 ]

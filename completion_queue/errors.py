@@ -54,6 +54,12 @@ class GenerationTimeout(ModelError):
 class AttemptsExceeded(CompletionError):
     """Raised when a job was claimed ``CQ_MAX_ATTEMPTS`` times without finishing."""
 
+    def __init__(self, max_attempts: int) -> None:
+        super().__init__(
+            f"job was claimed {max_attempts} times (CQ_MAX_ATTEMPTS) without finishing: "
+            "its worker was lost each time"
+        )
+
 
 class QueueTimeout(CompletionError):
     """Raised when no worker took a queued job within ``CQ_QUEUE_TIMEOUT_S``."""

@@ -1,23 +1,60 @@
-"""Local processes for one machine: a worker child process that the CLI and tests start.
+"""Local processes for one machine: the embedded broker and worker child processes.
 
-Workers run in their own processes (``python -m workers``) configured by ``CQ_*``
+The CLI (``cq up``, ``cq demo``), the benchmark and the tests start them. Workers
+run in their own processes (``python -m workers``) configured by ``CQ_*``
 variables, exactly as on a real deployment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
+import psutil
+
+from completion_queue.celery_app import broker_url_file
 from completion_queue.constants import WORKER_CONSUMING_LINE, WORKER_READY_LINE
 from completion_queue.errors import CompletionError
+from completion_queue.redis_server import EmbeddedRedis
+from completion_queue.settings import Settings
+
+
+@contextlib.contextmanager
+def embedded_broker(settings: Settings) -> Iterator[Settings]:
+    """Yield settings with a broker: ``CQ_BROKER_URL``, else an embedded redis-server.
+
+    The embedded server's URL is published in the data directory while it runs,
+    so other ``cq`` commands on this machine find it.
+    """
+    if settings.broker_url:
+        yield settings
+        return
+    with EmbeddedRedis(settings.data_dir / "redis") as server:
+        published = broker_url_file(settings)
+        published.write_text(server.url)
+        try:
+            yield settings.model_copy(update={"broker_url": server.url})
+        finally:
+            published.unlink(missing_ok=True)
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """Return the ``CQ_*`` variables that give a child worker these settings."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if isinstance(value, list):
+            env[f"CQ_{name.upper()}"] = ",".join(map(str, value))
+        elif value is not None:
+            env[f"CQ_{name.upper()}"] = str(value)
+    return env
 
 
 def default_nodename(pid: int) -> str:
@@ -83,7 +120,7 @@ class WorkerProcess:
         )
 
     def pool_pids(self) -> list[int]:
-        """The worker's pool processes: the one that holds the model (Linux /proc)."""
+        """The worker's pool processes: the one that holds the model."""
         return child_pids(self.pid)
 
     def alive(self) -> bool:
@@ -116,17 +153,19 @@ class WorkerProcess:
 
 
 def child_pids(pid: int) -> list[int]:
-    """Return the ids of the child processes of ``pid`` (Linux /proc)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in children.read_text().split()] if children.exists() else []
+    """Return the ids of the child processes of ``pid`` (none once it has exited)."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def rss_mb(pid: int) -> float:
-    """Return the resident memory of process ``pid`` in MB (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Return the resident memory of process ``pid`` in MB (NaN once it has exited)."""
+    try:
+        return float(psutil.Process(pid).memory_info().rss) / 2**20
+    except psutil.NoSuchProcess:
+        return float("nan")
 
 
 def _tail(text: str, lines: int = 20) -> str:

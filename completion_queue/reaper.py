@@ -31,15 +31,16 @@ from completion_queue.celery_app import queue_depth, send_jobs
 from completion_queue.constants import queue_name
 from completion_queue.errors import AttemptsExceeded, BatchExpired, QueueTimeout
 from completion_queue.settings import Settings
-from db.batches import BATCH_WINDOW
-from db.jobs import utcnow
-from db.recovery import (
+from db import (
+    BATCH_WINDOW,
+    error_dict,
     expire_batch_jobs,
     expire_queued_jobs,
     fail_attempts,
     old_queued_jobs,
     requeue_jobs,
     stuck_jobs,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,10 @@ class ReapReport:
     batch_expired: int = 0
 
 
-def _error(exc: Exception) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
 def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> ReapReport:
     """Run one reaper pass: expire unserved queued jobs, requeue (or fail) stuck running ones."""
     now = utcnow()
-    window_error = _error(
+    window_error = error_dict(
         BatchExpired(
             "This request could not be executed before the completion window expired "
             f"({BATCH_WINDOW.total_seconds() / 3600:g}h after its batch was created)."
@@ -79,7 +76,7 @@ def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> Re
         batch_expired = expire_batch_jobs(
             session, created_before=now - BATCH_WINDOW, error=window_error
         )
-    expired_error = _error(
+    expired_error = error_dict(
         QueueTimeout(
             f"no worker took the job within {settings.queue_timeout_s:g}s (CQ_QUEUE_TIMEOUT_S); "
             "is a worker serving its model?"
@@ -91,11 +88,7 @@ def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> Re
             created_before=now - timedelta(seconds=settings.queue_timeout_s),
             error=expired_error,
         )
-    exhausted_error = _error(
-        AttemptsExceeded(
-            f"job was claimed {settings.max_attempts} times (CQ_MAX_ATTEMPTS) without finishing"
-        )
-    )
+    exhausted_error = error_dict(AttemptsExceeded(settings.max_attempts))
     with sessions.begin() as session:
         stuck = stuck_jobs(
             session,

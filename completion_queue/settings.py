@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from completion_queue.constants import DEFAULT_DATA_DIR, TINY_MODEL_NAME
@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         default=3600,
         ge=1,
-        description="Redis redelivery delay for unacked messages; > job_timeout_s.",
+        description="Redis redelivery delay for unacked messages; above job_timeout_s.",
     )
     log_level: str = Field(default="INFO", description="Log level for workers and the CLI.")
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -162,6 +162,24 @@ class Settings(BaseSettings):
     flower_db: Path | None = Field(
         default=None, description="File for Flower's persistent state; unset keeps it in memory."
     )
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> Settings:
+        # A message must stay invisible while its job may still run, and the reaper must
+        # wait for Redis to redeliver before it resends a running job itself.
+        if self.visibility_timeout_s <= self.job_timeout_s:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s:g}) must be above "
+                f"job_timeout_s ({self.job_timeout_s:g}): Redis would hand a job that is "
+                "still running to another worker"
+            )
+        if self.reap_running_after_s <= self.visibility_timeout_s:
+            raise ValueError(
+                f"reap_running_after_s ({self.reap_running_after_s:g}) must be above "
+                f"visibility_timeout_s ({self.visibility_timeout_s:g}): the reaper would "
+                "requeue jobs that Redis is about to redeliver"
+            )
+        return self
 
     def resolved_database_url(self) -> str:
         """Return the database URL, defaulting to a SQLite file under ``data_dir``."""

@@ -1,6 +1,10 @@
-"""The tables, their engine and their state transitions. Imports neither Celery nor torch."""
+"""The tables, their engine and their state transitions. Imports neither Celery nor torch.
 
-from db.batches import (
+Other packages import from here; the modules below are internal.
+"""
+
+from db.batch_store import (
+    BATCH_WINDOW,
     Batch,
     StoredFile,
     create_batch,
@@ -13,10 +17,6 @@ from db.batches import (
 )
 from db.engine import make_engine, make_session_factory
 from db.jobs import (
-    Choice,
-    Job,
-    NewJob,
-    Outcome,
     cancel_job,
     cancel_jobs,
     claim_jobs,
@@ -33,28 +33,42 @@ from db.jobs import (
     prune_jobs,
 )
 from db.migrate import upgrade
-from db.models import FINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
+from db.models import FINISHED_STATUSES, BatchRow, FileRow, JobRow, JobStatus, WebhookStatus
+from db.recovery import (
+    Requeued,
+    expire_batch_jobs,
+    expire_queued_jobs,
+    fail_attempts,
+    old_queued_jobs,
+    requeue_jobs,
+    stuck_jobs,
+)
+from db.snapshots import Choice, Job, JobState, NewJob, Outcome, aware, error_dict, utcnow
 from db.stats import FinishedJob, count_by_status, finished_since, queued_models
 from db.webhooks import claim_webhook, due_webhooks, record_webhook
 
 __all__ = [
-    # rows and snapshots
+    # tables
+    "BatchRow",
+    "FileRow",
+    "JobRow",
     "FINISHED_STATUSES",
-    "Batch",
+    "JobStatus",
+    "WebhookStatus",
+    # snapshots
     "Choice",
     "Job",
-    "JobRow",
-    "JobStatus",
+    "JobState",
     "NewJob",
     "Outcome",
-    "StoredFile",
-    "WebhookStatus",
-    "FinishedJob",
+    "aware",
+    "error_dict",
+    "utcnow",
     # engine and schema
     "make_engine",
     "make_session_factory",
     "upgrade",
-    # state transitions
+    # job transitions and reads
     "cancel_job",
     "cancel_jobs",
     "claim_jobs",
@@ -68,11 +82,23 @@ __all__ = [
     "get_unfinished_jobs",
     "job_states",
     "list_jobs",
+    "prune_jobs",
+    # recovery (the reaper's transitions)
+    "Requeued",
+    "expire_batch_jobs",
+    "expire_queued_jobs",
+    "fail_attempts",
+    "old_queued_jobs",
+    "requeue_jobs",
+    "stuck_jobs",
     # webhooks
     "claim_webhook",
     "due_webhooks",
     "record_webhook",
     # files and batches
+    "BATCH_WINDOW",
+    "Batch",
+    "StoredFile",
     "create_batch",
     "create_file",
     "get_batch",
@@ -80,8 +106,8 @@ __all__ = [
     "get_file_content",
     "mark_batch_cancelled",
     "new_id",
-    "prune_jobs",
     # aggregates
+    "FinishedJob",
     "count_by_status",
     "finished_since",
     "queued_models",

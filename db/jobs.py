@@ -1,4 +1,4 @@
-"""Jobs as read by everyone, and the few state transitions that change them.
+"""The state transitions of jobs, and the reads that clients and workers make.
 
 Every transition is one statement (or one executemany) guarded by the status it
 expects, so a late or duplicate writer changes nothing: a result is written only
@@ -9,183 +9,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, cast
+from datetime import datetime, timedelta
+from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import FINISHED_STATUSES, UNFINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
+from db.snapshots import Job, JobState, NewJob, Outcome, aware, utcnow
 
 _TABLE = cast(Table, JobRow.__table__)
-
-
-def utcnow() -> datetime:
-    """Return the current time, timezone-aware, in UTC."""
-    return datetime.now(UTC)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; every time we store is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    """One generated completion of a job."""
-
-    text: str
-    finish_reason: str
-    completion_tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form stored in ``jobs.choices``."""
-        return {
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "completion_tokens": self.completion_tokens,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A snapshot of one job's row."""
-
-    id: uuid.UUID
-    status: JobStatus
-    model: str
-    prompt: str
-    params: dict[str, Any]
-    choices: list[Choice]
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    error: dict[str, str] | None
-    attempts: int
-    worker: str | None
-    priority: int
-    idempotency_key: str | None
-    batch_id: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    callback_url: str | None = None
-    webhook_status: WebhookStatus | None = None
-    webhook_attempts: int = 0
-    webhook_error: str | None = None
-    webhook_delivered_at: datetime | None = None
-    truncated_prompt_tokens: int | None = None
-
-    @property
-    def text(self) -> str | None:
-        """The first choice's text, or None before the job succeeded."""
-        return self.choices[0].text if self.choices else None
-
-    @property
-    def latency_s(self) -> float | None:
-        """Seconds from submit to the finished row, or None while unfinished."""
-        if self.finished_at is None:
-            return None
-        return (self.finished_at - self.created_at).total_seconds()
-
-    @classmethod
-    def from_row(cls, row: JobRow) -> Job:
-        """Build a snapshot from an ORM row."""
-        created = aware(row.created_at)
-        assert created is not None
-        return cls(
-            id=row.id,
-            status=JobStatus(row.status),
-            model=row.model,
-            prompt=row.prompt,
-            params=dict(row.params or {}),
-            choices=[Choice(**c) for c in row.choices or []],
-            prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.completion_tokens,
-            error=row.error,
-            attempts=row.attempts,
-            worker=row.worker,
-            priority=row.priority,
-            idempotency_key=row.idempotency_key,
-            batch_id=row.batch_id,
-            created_at=created,
-            started_at=aware(row.started_at),
-            finished_at=aware(row.finished_at),
-            callback_url=row.callback_url,
-            webhook_status=WebhookStatus(row.webhook_status) if row.webhook_status else None,
-            webhook_attempts=row.webhook_attempts or 0,
-            webhook_error=row.webhook_error,
-            webhook_delivered_at=aware(row.webhook_delivered_at),
-            truncated_prompt_tokens=row.truncated_prompt_tokens,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict of every column."""
-        return {
-            "id": str(self.id),
-            "status": self.status.value,
-            "model": self.model,
-            "prompt": self.prompt,
-            "params": self.params,
-            "choices": [c.to_dict() for c in self.choices],
-            "prompt_tokens": self.prompt_tokens,
-            "truncated_prompt_tokens": self.truncated_prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "error": self.error,
-            "attempts": self.attempts,
-            "worker": self.worker,
-            "priority": self.priority,
-            "idempotency_key": self.idempotency_key,
-            "batch_id": self.batch_id,
-            "created_at": self.created_at.isoformat(),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-            "callback_url": self.callback_url,
-            "webhook_status": self.webhook_status.value if self.webhook_status else None,
-            "webhook_attempts": self.webhook_attempts,
-            "webhook_error": self.webhook_error,
-            "webhook_delivered_at": _iso(self.webhook_delivered_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class NewJob:
-    """What a producer inserts: a validated request, not yet queued."""
-
-    model: str
-    prompt: str
-    params: dict[str, Any]
-    priority: int = 0
-    idempotency_key: str | None = None
-    batch_id: str | None = None
-    callback_url: str | None = None
-    id: uuid.UUID = field(default_factory=uuid.uuid4)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a worker writes back for one claimed job."""
-
-    job_id: uuid.UUID
-    attempt: int
-    status: JobStatus
-    choices: list[Choice] = field(default_factory=list)
-    prompt_tokens: int | None = None
-    error: dict[str, str] | None = None
-    #: Prompt tokens dropped to fit the context (the request asked for ``truncate``).
-    truncated_prompt_tokens: int | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        """Tokens generated over all choices."""
-        return sum(c.completion_tokens for c in self.choices)
 
 
 def _insert_ignoring_duplicate_keys(session: Session) -> Any:
@@ -318,14 +152,6 @@ def get_unfinished_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> li
     )
     by_id = {row.id: Job.from_row(row) for row in rows}
     return [by_id[i] for i in job_ids if i in by_id]
-
-
-class JobState(NamedTuple):
-    """Where a job of a batch stands: what a batch's status is computed from."""
-
-    status: JobStatus
-    finished_at: datetime | None
-    error_type: str | None
 
 
 def job_states(session: Session, *, batch_id: str) -> dict[uuid.UUID, JobState]:

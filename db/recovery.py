@@ -16,8 +16,8 @@ from typing import cast
 from sqlalchemy import ColumnElement, Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from db.jobs import utcnow
 from db.models import UNFINISHED_STATUSES, BatchRow, JobRow, JobStatus
+from db.snapshots import utcnow
 
 _TABLE = cast(Table, JobRow.__table__)
 

@@ -8,8 +8,8 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.jobs import aware
 from db.models import FINISHED_STATUSES, JobRow, JobStatus
+from db.snapshots import aware
 
 
 @dataclass(frozen=True, slots=True)

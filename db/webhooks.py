@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from db.jobs import Job, utcnow
 from db.models import FINISHED_STATUSES, JobRow, WebhookStatus
+from db.snapshots import Job, utcnow
 
 
 def due_webhooks(session: Session, *, now: datetime, limit: int = 50) -> list[Job]:

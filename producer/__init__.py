@@ -1,14 +1,13 @@
 """What other services use: the client, the request schema and the CLI. Never imports torch."""
 
-from completion_queue.errors import (
+from completion_queue import (
     BrokerUnavailable,
     CompletionError,
     JobNotFound,
     JobTimeout,
     ValidationError,
 )
-from db.jobs import Choice, Job
-from db.models import JobStatus
+from db import Choice, Job, JobStatus
 from producer.client import CompletionClient
 from producer.schema import CompletionRequest, Limits, validate_request
 

@@ -13,18 +13,20 @@ from typing import Any, overload
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from completion_queue.celery_app import create_app, send_jobs
-from completion_queue.errors import (
+from completion_queue import (
     BrokerUnavailable,
     JobNotFound,
     JobTimeout,
     QueueFull,
+    Settings,
     ValidationError,
+    create_app,
+    redact_url,
+    send_jobs,
 )
-from completion_queue.settings import Settings, redact_url
-from db.engine import make_engine, make_session_factory
-from db.jobs import (
+from db import (
     Job,
+    JobStatus,
     NewJob,
     cancel_job,
     count_queued,
@@ -34,8 +36,9 @@ from db.jobs import (
     get_job,
     get_jobs,
     list_jobs,
+    make_engine,
+    make_session_factory,
 )
-from db.models import JobStatus
 from producer.schema import CompletionRequest, Limits, validate_request
 
 #: Polling backoff for wait(): first interval, growth factor, longest interval.

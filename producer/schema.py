@@ -10,8 +10,7 @@ from urllib.parse import urlsplit
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from completion_queue.errors import ValidationError
-from completion_queue.settings import Settings
+from completion_queue import Settings, ValidationError
 from producer.callbacks import NonPublicAddress, refuse_literal
 
 MAX_STOP_SEQUENCES = 4

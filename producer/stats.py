@@ -1,4 +1,5 @@
-"""`cq stats` and `cq workers`: the cluster as the database, Redis and the live workers see it."""
+"""The cluster as the database, Redis and the live workers see it: `cq stats`, `cq workers`,
+``GET /v1/models``."""
 
 from __future__ import annotations
 
@@ -10,20 +11,31 @@ from typing import Any
 
 import redis
 from celery import Celery
-from rich.console import Group
-from rich.table import Table
 
-from completion_queue.celery_app import queue_depth
-from completion_queue.constants import queue_name
-from completion_queue.settings import Settings
-from db.engine import make_engine, make_session_factory
-from db.jobs import utcnow
-from db.models import JobStatus
-from db.stats import count_by_status, finished_since, queued_models
-from producer.demo import percentile
+from completion_queue import QUEUE_PREFIX, Settings, queue_depth, queue_name
+from db import (
+    JobStatus,
+    count_by_status,
+    finished_since,
+    make_engine,
+    make_session_factory,
+    queued_models,
+    utcnow,
+)
 
 #: The latency percentiles `cq stats` reports.
 PERCENTILES = (50, 95, 99)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Return the ``q``-th percentile (0-100) of ``values`` by linear interpolation."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,43 +139,14 @@ def cluster_stats(
     )
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.0f} ms"
-
-
-def workers_table(workers: Sequence[WorkerInfo]) -> Table:
-    """Return a table of live workers: model, device, batch settings, jobs done."""
-    table = Table(title=f"{len(workers)} live worker(s)")
-    table.add_column("worker", overflow="fold")
-    table.add_column("model", overflow="fold")
-    for column in ("device", "batch", "wait ms", "jobs done", "failed", "up s"):
-        table.add_column(column, no_wrap=True)
-    for w in workers:
-        table.add_row(
-            w.hostname, w.model or "?", w.device or "?", str(w.batch_size or "?"),
-            str(w.batch_wait_ms if w.batch_wait_ms is not None else "?"),
-            str(w.jobs_done), str(w.jobs_failed), str(w.uptime_s or "?"),
-        )  # fmt: skip
-    return table
-
-
-def stats_view(stats: ClusterStats) -> Group:
-    """Return what `cq stats` prints: statuses, recent throughput and latency, queues, workers."""
-    jobs = Table(title="jobs")
-    for status in stats.statuses:
-        jobs.add_column(status, justify="right")
-    jobs.add_row(*(str(n) for n in stats.statuses.values()))
-    recent = Table(title=f"last {stats.window_s:.0f} s")
-    for column in ("finished", "jobs/s", "tokens/s", "latency p50 / p95 / p99", "queue wait p50"):
-        recent.add_column(column, justify="right")
-    recent.add_row(
-        str(stats.finished), f"{stats.jobs_per_s:.2f}", f"{stats.tokens_per_s:.1f}",
-        " / ".join(_ms(v) for v in stats.latency_s.values()), _ms(stats.queue_wait_s["p50"]),
-    )  # fmt: skip
-    queues = Table(title="queues")
-    queues.add_column("model", overflow="fold")
-    queues.add_column("queue", overflow="fold")
-    queues.add_column("waiting", justify="right")
-    for model, depth in stats.queues.items():
-        queues.add_row(model, queue_name(model), str(depth))
-    return Group(jobs, recent, queues, workers_table(stats.workers))
+def live_models(app: Celery, *, timeout_s: float = 1.0) -> dict[str, int]:
+    """Return the models that live workers consume, with how many workers serve each."""
+    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    served: dict[str, int] = {}
+    for queues in replies.values():
+        for queue in queues or []:
+            name = str(queue.get("name", ""))
+            if name.startswith(QUEUE_PREFIX):
+                model = name.removeprefix(QUEUE_PREFIX)
+                served[model] = served.get(model, 0) + 1
+    return served

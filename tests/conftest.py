@@ -12,13 +12,8 @@ import pytest
 import redis
 from sqlalchemy import delete
 
-from completion_queue.local import WorkerProcess
-from completion_queue.redis_server import EmbeddedRedis, free_port
-from completion_queue.settings import Settings
-from db.engine import make_engine, make_session_factory
-from db.migrate import upgrade
-from db.models import JobRow
-from producer.cli import worker_env
+from completion_queue import EmbeddedRedis, Settings, WorkerProcess, free_port, worker_env
+from db import JobRow, make_engine, make_session_factory, upgrade
 from producer.client import CompletionClient
 from tests.services import PostgresCluster
 

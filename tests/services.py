@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from completion_queue.redis_server import free_port
+from completion_queue import free_port
 
 
 def find_pg_bin() -> Path:

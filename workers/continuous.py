@@ -26,9 +26,9 @@ from typing import Any
 
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from completion_queue.errors import FatalModelError, GenerationTimeout, ModelError
-from workers.batching import GenerationRequest
-from workers.model import GenerationResult, ModelRuntime
+from completion_queue import FatalModelError, GenerationTimeout, ModelError
+from workers.model import ModelRuntime
+from workers.planner import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,6 @@ class ContinuousRuntime:
         self.manager.start()
         self._counter = 0
 
-    @property
-    def ready(self) -> bool:
-        """True while the manager's generation thread runs."""
-        return bool(self.manager.is_running())
-
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Return the token ids of each prompt."""
         return self.static.encode(prompts)
@@ -88,8 +83,8 @@ class ContinuousRuntime:
         A job still generating ``timeout_s`` seconds after it started gets a
         :class:`GenerationTimeout` in place of its result, under either engine.
         """
-        greedy = [r for r in requests if r.greedy and r.repetition_penalty == 1.0]
-        other = [r for r in requests if not (r.greedy and r.repetition_penalty == 1.0)]
+        greedy = [r for r in requests if r.plain_greedy]
+        other = [r for r in requests if not r.plain_greedy]
         results: dict[str, GenerationResult | Exception] = {}
         if other:
             static = self.static.generate(other, timeout_s=timeout_s)

@@ -19,13 +19,13 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from db.jobs import Job, Outcome
-from db.models import JobStatus
+from db import Job, JobStatus, Outcome
+from workers.listeners import BatchListener
 
 log = logging.getLogger(__name__)
 
 
-class JobEvents:
+class JobEvents(BatchListener):
     """Sends one job's task events through the consumer's event dispatcher.
 
     In a pool child process (a prefork pool), which must not share the consumer's

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 
-from completion_queue.celery_app import resolve_broker_url
-from completion_queue.constants import queue_name
-from completion_queue.local import default_nodename
-from completion_queue.settings import Settings
+from completion_queue import Settings, default_nodename, queue_name, resolve_broker_url
 from workers.app import create_worker_app
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from completion_queue.metrics import Metrics
-from db.jobs import Job, Outcome, utcnow
+from completion_queue import Metrics
+from db import Job, Outcome, utcnow
+from workers.listeners import BatchListener
 
 
-class WorkerMetrics:
+class WorkerMetrics(BatchListener):
     """Observes every batch a worker runs: queue wait, generation, latency, tokens."""
 
     def __init__(self, metrics: Metrics, *, model: str) -> None:

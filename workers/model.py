@@ -14,7 +14,6 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,28 +27,20 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from completion_queue.errors import (
+from completion_queue import (
     ConfigError,
     FatalModelError,
     GenerationTimeout,
     ModelError,
     OutOfMemory,
 )
-from db.jobs import Choice
-from workers.batching import GenerationRequest, cut_at_stop
+from db import Choice
+from workers.planner import GenerationRequest, GenerationResult, cut_at_stop
 
 log = logging.getLogger(__name__)
 
 #: How many times a model was loaded in this process (the tests assert it stays 1).
 LOAD_COUNT = 0
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationResult:
-    """What one request produced: its choices and its prompt's token count."""
-
-    choices: list[Choice]
-    prompt_tokens: int
 
 
 def resolve_device(device: str) -> torch.device:
@@ -235,18 +226,12 @@ class ModelRuntime:
             or getattr(config, "n_positions", None)
             or self.tokenizer.model_max_length
         )
-        self._ready = False
         LOAD_COUNT += 1
         self.load_s = time.perf_counter() - started
         log.info(
             "loaded model %s on %s (%s) in %.2fs [load #%d in pid %d]",
             model, self.device, self.dtype, self.load_s, LOAD_COUNT, os.getpid(),
         )  # fmt: skip
-
-    @property
-    def ready(self) -> bool:
-        """True once the model has been warmed up and can serve."""
-        return self._ready
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Return the token ids of each prompt."""
@@ -257,11 +242,13 @@ class ModelRuntime:
         """Run one small generation so the first real batch pays no start-up cost."""
         ids = self.encode(["Hello, world"])[0] or [self.pad_id]
         self.generate([GenerationRequest(key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2)])
-        self._ready = True
+
+    def close(self) -> None:
+        """Nothing runs in the background; the model is freed with the process."""
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, timeout_s: float | None = None
-    ) -> list[GenerationResult | GenerationTimeout]:
+    ) -> list[GenerationResult | Exception]:
         """Run ``requests`` in one left-padded ``generate`` call; results in the same order.
 
         A request still generating ``timeout_s`` seconds after the call began gets a
@@ -296,7 +283,7 @@ class ModelRuntime:
         # Plain greedy rows need no sampler: generate's own arg-max does exactly that,
         # a little faster per step.
         processors = LogitsProcessorList()
-        if not all(r.greedy and r.repetition_penalty == 1.0 for r in rows):
+        if not all(r.plain_greedy for r in rows):
             generators = [self._generator(r.seed, c) for r in requests for c in range(r.n)]
             processors.append(RowSampler(rows, generators, starts.to(self.device), self.device))
         stops = RowStops(rows, prompt_len, self.tokenizer, self.device, deadline)
@@ -322,7 +309,7 @@ class ModelRuntime:
             raise ModelError(f"generate failed: {exc}") from exc
         generated = output[:, prompt_len:].tolist()
         choices = [self.choice(row, tokens) for row, tokens in zip(rows, generated, strict=True)]
-        results: list[GenerationResult | GenerationTimeout] = []
+        results: list[GenerationResult | Exception] = []
         offset = 0
         for request in requests:
             mine = choices[offset : offset + request.n]

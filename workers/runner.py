@@ -9,7 +9,7 @@ group: one transaction per group.
 Faults the runner absorbs, each without losing or doubling a job:
 
 - An unreachable database (connection refused, SQLite file locked or read-only)
-  is retried with doubling backoff for up to ``CQ_DB_RETRY_S``; only then does
+  is retried with doubling backoff (tenacity) for up to ``CQ_DB_RETRY_S``; only then does
   the batch give up, and its messages go back to the queue. The results of a
   finished group are held in memory meanwhile and committed when the database
   returns, before the messages are acknowledged.
@@ -34,19 +34,33 @@ from typing import Protocol, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_before_delay,
+    wait_exponential,
+)
 
-from completion_queue.errors import (
+from completion_queue import (
     AttemptsExceeded,
     ContextLengthExceeded,
     FatalModelError,
     OutOfMemory,
+    redact_url,
 )
-from completion_queue.settings import redact_url
-from db.jobs import Job, Outcome, claim_jobs, finish_jobs, get_unfinished_jobs
-from db.models import JobStatus
-from db.recovery import fail_attempts
-from workers.batching import GenerationRequest, fit_context, plan_groups
-from workers.model import GenerationResult
+from db import (
+    Job,
+    JobStatus,
+    Outcome,
+    claim_jobs,
+    error_dict,
+    fail_attempts,
+    finish_jobs,
+    get_unfinished_jobs,
+)
+from workers.listeners import BatchListener
+from workers.planner import GenerationRequest, GenerationResult, fit_context, plan_groups
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +85,27 @@ def database_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
-def error_dict(exc: BaseException) -> dict[str, str]:
-    """Return the stored form of an error: its type and message."""
-    return {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    message = str(exc).splitlines()[0] if str(exc) else repr(exc)
+    delay = state.next_action.sleep if state.next_action else 0.0
+    log.warning("database unavailable (%s); retrying in %.1fs", redact_url(message), delay)
+
+
+def retry_database(work: Callable[[], T], *, within_s: float) -> T:
+    """Run ``work`` (one transaction), retrying with doubling backoff while the database is away.
+
+    Only errors that mean "try again later" (:func:`database_unreachable`) are
+    retried, and none is begun past ``within_s`` seconds; then the last one is raised.
+    """
+    retrying = Retrying(
+        retry=retry_if_exception(database_unreachable),
+        stop=stop_before_delay(within_s),
+        wait=wait_exponential(multiplier=DB_RETRY_FIRST_S, max=DB_RETRY_MAX_S),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+    return retrying(work)
 
 
 def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
@@ -106,17 +138,8 @@ class Engine(Protocol):
     ) -> list[GenerationResult | Exception]:
         """Return one result per request, in order (an exception for a job past timeout_s)."""
 
-
-class BatchListener(Protocol):
-    """Watches batches go by (task events, metrics); it must never fail a batch."""
-
-    def claimed(self, jobs: Sequence[Job], *, skipped: Sequence[uuid.UUID], worker: str) -> None:
-        """The ``jobs`` now run; the ``skipped`` ids were finished or cancelled already."""
-
-    def finished(
-        self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
-    ) -> None:
-        """The outcomes of ``jobs`` are committed; generating them took ``generation_s``."""
+    def close(self) -> None:
+        """Stop any background work (the worker process is shutting down)."""
 
 
 class BatchRunner:
@@ -198,12 +221,7 @@ class BatchRunner:
             log.warning(
                 "job %s claimed %d times without finishing; failing it", job.id, job.attempts
             )
-        error = error_dict(
-            AttemptsExceeded(
-                f"job was claimed {self.max_attempts} times (CQ_MAX_ATTEMPTS) without "
-                "finishing: its worker was lost each time"
-            )
-        )
+        error = error_dict(AttemptsExceeded(self.max_attempts))
         with self.sessions.begin() as session:
             fail_attempts(session, jobs=[(job.id, job.attempts) for job in jobs], error=error)
 
@@ -222,23 +240,7 @@ class BatchRunner:
         return self._with_database(transaction)
 
     def _with_database(self, work: Callable[[], T]) -> T:
-        """Run ``work`` (one transaction), retrying with backoff while the database is away."""
-        deadline = time.monotonic() + self.db_retry_s
-        delay = DB_RETRY_FIRST_S
-        while True:
-            try:
-                return work()
-            except Exception as exc:
-                remaining = deadline - time.monotonic()
-                if not database_unreachable(exc) or remaining <= 0:
-                    raise
-                log.warning(
-                    "database unavailable (%s); retrying in %.1fs",
-                    redact_url(str(exc).splitlines()[0] if str(exc) else repr(exc)),
-                    min(delay, remaining),
-                )
-                time.sleep(min(delay, remaining))
-                delay = min(2 * delay, DB_RETRY_MAX_S)
+        return retry_database(work, within_s=self.db_retry_s)
 
     def _tell(self, event: str, *args: object, **kwargs: object) -> None:
         for listener in self.listeners:
@@ -254,7 +256,7 @@ class BatchRunner:
         """Tokenize ``jobs``; return their requests, and the jobs refused before generating.
 
         A prompt too long for the context is refused, or cut to its last tokens when
-        its job asks for ``truncate`` (see :func:`workers.batching.fit_context`).
+        its job asks for ``truncate`` (see :func:`workers.planner.fit_context`).
         """
         requests: list[GenerationRequest] = []
         rejected: list[tuple[Job, Exception]] = []
@@ -281,7 +283,7 @@ class BatchRunner:
         attempts = {str(job.id): job.attempts for job in claimed}
         live = [request for request in group if request.key in attempts]
         outcomes = []
-        for request, result in self._run_group(live):
+        for request, result in self.generate_group(live):
             job_id, attempt = uuid.UUID(request.key), attempts[request.key]
             if isinstance(result, Exception):
                 outcomes.append(self._failed(job_id, attempt, result, len(request.prompt_ids)))
@@ -298,9 +300,15 @@ class BatchRunner:
                 )
         return outcomes
 
-    def _run_group(
+    def generate_group(
         self, group: list[GenerationRequest]
     ) -> list[tuple[GenerationRequest, GenerationResult | Exception]]:
+        """Generate ``group``; each request gets its result, or the error that fails it alone.
+
+        Out of memory halves the group, down to single jobs, before any job fails;
+        another error reruns the group job by job, so one bad job fails alone. A
+        fatal model error is raised.
+        """
         if not group:
             return []
         try:
@@ -316,10 +324,10 @@ class BatchRunner:
                 # A smaller batch may fit: halve it, down to single jobs, before anyone fails.
                 half = len(group) // 2
                 log.warning("group of %d ran out of memory; retrying it in halves", len(group))
-                return self._run_group(group[:half]) + self._run_group(group[half:])
+                return self.generate_group(group[:half]) + self.generate_group(group[half:])
             # One bad job must not fail its batch-mates: find it by running them alone.
             log.warning("group of %d failed (%s); retrying its jobs one by one", len(group), exc)
-            return [pair for request in group for pair in self._run_group([request])]
+            return [pair for request in group for pair in self.generate_group([request])]
 
     @staticmethod
     def _failed(

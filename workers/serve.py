@@ -5,7 +5,7 @@ Settings are read from ``CQ_*`` here, once, because this module is the edge.
 
 from __future__ import annotations
 
-from completion_queue.settings import Settings
+from completion_queue import Settings
 from workers.app import create_worker_app
 
 app = create_worker_app(Settings())

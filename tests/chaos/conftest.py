@@ -19,11 +19,14 @@ from typing import Any
 import pytest
 import redis
 
-from completion_queue.constants import queue_name
-from completion_queue.local import WorkerProcess
-from completion_queue.redis_server import EmbeddedRedis, RedisTLS
-from completion_queue.settings import Settings
-from producer.cli import worker_env
+from completion_queue import (
+    EmbeddedRedis,
+    RedisTLS,
+    Settings,
+    WorkerProcess,
+    queue_name,
+    worker_env,
+)
 from producer.client import CompletionClient
 from tests.conftest import new_database
 

@@ -6,9 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from completion_queue.errors import BrokerUnavailable
-from completion_queue.redis_server import EmbeddedRedis
-from db.models import JobStatus
+from completion_queue import BrokerUnavailable, EmbeddedRedis
+from db import JobStatus
 from tests.chaos.conftest import Chaos, wait_for
 
 
@@ -17,7 +16,7 @@ def test_a_redis_restart_loses_no_job_and_refuses_producers_meanwhile(
 ) -> None:
     server = own_redis(appendonly=True)
     chaos.use_broker(server.url)
-    chaos.start_worker(visibility_timeout_s=4)
+    chaos.start_worker(visibility_timeout_s=4, job_timeout_s=3)
     with chaos.client() as client:
         # Given one batch running and another one's messages held by the worker
         jobs = client.submit_many(

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from db.migrate import upgrade
-from db.models import JobStatus
+from db import JobStatus, upgrade
 from tests.chaos.conftest import Chaos, wait_for
 from tests.services import PostgresCluster
 

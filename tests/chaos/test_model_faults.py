@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from db.models import JobStatus
+from db import JobStatus
 from tests.chaos.conftest import Chaos
 from tests.reference import Reference
 

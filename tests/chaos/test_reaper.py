@@ -5,23 +5,33 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from datetime import timedelta
 
-from completion_queue.celery_app import create_app
-from completion_queue.constants import queue_name
-from db.jobs import Outcome, claim_jobs, finish_jobs
-from db.models import JobStatus
-from producer.cli import worker_env
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from completion_queue import Settings, create_app, queue_name, worker_env
+from db import JobRow, JobStatus, Outcome, claim_jobs, finish_jobs, utcnow
 from tests.chaos.conftest import Chaos, wait_for
 
 
 def cq_reap(chaos: Chaos, **overrides: object) -> str:
     env = {**os.environ, **worker_env(chaos.settings.model_copy(update=overrides))}
     done = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "reap"],
+        [sys.executable, "-m", "cli", "reap"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def claimed_long_ago(session: Session, job_id: uuid.UUID, *, times: int = 1) -> None:
+    """Claim a job ``times`` as a worker that died would have, past CQ_REAP_RUNNING_AFTER_S."""
+    for _ in range(times):
+        claim_jobs(session, job_ids=[job_id], worker="lost-worker")
+    long_ago = utcnow() - timedelta(seconds=Settings().reap_running_after_s + 60)
+    session.execute(update(JobRow).where(JobRow.id == job_id).values(started_at=long_ago))
 
 
 def test_cq_reap_requeues_a_stuck_job_once_and_fences_its_old_attempt(chaos: Chaos) -> None:
@@ -30,10 +40,10 @@ def test_cq_reap_requeues_a_stuck_job_once_and_fences_its_old_attempt(chaos: Cha
         job = client.submit("Once upon a time", max_new_tokens=4)
         chaos.redis.flushdb()
         with client.sessions.begin() as session:
-            claim_jobs(session, job_ids=[job.id], worker="lost-worker")
-        # When the reaper runs twice
-        first = cq_reap(chaos, reap_running_after_s=0.001)
-        second = cq_reap(chaos, reap_running_after_s=0.001)
+            claimed_long_ago(session, job.id)
+        # When the reaper runs twice, at the default settings
+        first = cq_reap(chaos)
+        second = cq_reap(chaos)
         # Then the job is queued again with exactly one new message
         assert "requeued 1 stuck job(s)" in first and "requeued 0 stuck job(s)" in second
         assert client.get(job.id).status is JobStatus.QUEUED
@@ -49,9 +59,8 @@ def test_cq_reap_fails_a_job_claimed_too_often(chaos: Chaos) -> None:
     with chaos.client() as client:
         job = client.submit("Once upon a time", max_new_tokens=4)
         with client.sessions.begin() as session:
-            for _ in range(2):
-                claim_jobs(session, job_ids=[job.id], worker="lost-worker")
-        assert "failed 1" in cq_reap(chaos, reap_running_after_s=0.001, max_attempts=2)
+            claimed_long_ago(session, job.id, times=2)
+        assert "failed 1" in cq_reap(chaos, max_attempts=2)
         failed = client.get(job.id)
     assert failed.status is JobStatus.FAILED and failed.error is not None
     assert failed.error["type"] == "AttemptsExceeded"
@@ -59,7 +68,13 @@ def test_cq_reap_fails_a_job_claimed_too_often(chaos: Chaos) -> None:
 
 def test_workers_reap_lost_jobs_and_expire_unserved_ones(chaos: Chaos) -> None:
     # Given a worker that reaps every half second
-    worker = chaos.start_worker(reap_interval_s=0.5, reap_running_after_s=3, queue_timeout_s=3)
+    worker = chaos.start_worker(
+        reap_interval_s=0.5,
+        reap_running_after_s=3,
+        visibility_timeout_s=2,
+        job_timeout_s=1,
+        queue_timeout_s=3,
+    )
     queue = queue_name(chaos.settings.model)
     control = create_app(chaos.settings).control
     with chaos.client() as client:

@@ -16,11 +16,16 @@ import redis
 from flower.utils.broker import Broker
 from kombu import Connection
 
-from completion_queue.constants import TASK_GENERATE, queue_name
-from completion_queue.errors import BrokerUnavailable, ConfigError
-from completion_queue.redis_server import EmbeddedRedis, RedisTLS
-from db.models import JobStatus
-from producer.cli import worker_env
+from completion_queue import (
+    TASK_GENERATE,
+    BrokerUnavailable,
+    ConfigError,
+    EmbeddedRedis,
+    RedisTLS,
+    queue_name,
+    worker_env,
+)
+from db import JobStatus
 from tests.chaos.conftest import Chaos, wait_for
 
 PASSWORD = "s3cret-Pa55-word"
@@ -79,7 +84,7 @@ def test_redis_passwords_work_and_never_reach_logs_or_errors(
     unreachable = f"redis://:{PASSWORD}@127.0.0.1:1/0"
     env = {**os.environ, **worker_env(chaos.settings), "CQ_BROKER_URL": unreachable}
     failed = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "submit", "Hello"],
+        [sys.executable, "-m", "cli", "submit", "Hello"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert failed.returncode != 0

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from completion_queue.errors import JobTimeout
-from db.models import JobStatus
+from completion_queue import JobTimeout
+from db import JobStatus
 from tests.chaos.conftest import Chaos, kill_worker
 
 JOBS = 5_000
@@ -27,6 +27,7 @@ def test_soak_no_job_lost_none_doubled_under_repeated_kills(
         "batch_size": 32,
         "batch_lookahead": 2,
         "visibility_timeout_s": 10,
+        "job_timeout_s": 9,
         "reap_interval_s": 2,
         "reap_queued_after_s": 15,
     }

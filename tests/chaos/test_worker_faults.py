@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
-from completion_queue.celery_app import create_app, send_jobs
-from completion_queue.constants import queue_name
-from db.models import JobStatus
+from completion_queue import create_app, queue_name, send_jobs
+from db import JobStatus
 from tests.chaos.conftest import Chaos, kill_worker, node_name, wait_for
 
 
@@ -37,15 +36,15 @@ def test_sigkill_of_the_model_process_mid_batch_loses_no_job(chaos: Chaos) -> No
 def test_sigkill_of_the_whole_worker_comes_back_through_the_visibility_timeout(
     chaos: Chaos,
 ) -> None:
-    # Given a worker whose unacked messages Redis gives back after 2 s
-    worker = chaos.start_worker(visibility_timeout_s=2)
+    # Given a worker whose unacked messages Redis gives back after 6 s (jobs run at most 5 s)
+    worker = chaos.start_worker(visibility_timeout_s=6, job_timeout_s=5)
     with chaos.client() as client:
         jobs = client.submit_many(long_jobs(8))
         wait_for(lambda: client.list(status="running"), 60, "the batch to start")
         # When the whole worker (main and model process) dies mid-batch, and is restarted
         kill_worker(worker)
         assert chaos.unacked_messages() == 8
-        chaos.start_worker(visibility_timeout_s=2)
+        chaos.start_worker(visibility_timeout_s=6, job_timeout_s=5)
         # Then Redis redelivers every message and every job completes once
         done = client.wait(jobs, timeout=240)
     assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 8

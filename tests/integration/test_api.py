@@ -23,10 +23,8 @@ import openai
 import pytest
 from sqlalchemy import update
 
-from completion_queue.constants import queue_name
-from completion_queue.redis_server import free_port
-from db.models import BatchRow
-from producer.cli import worker_env
+from completion_queue import free_port, queue_name, worker_env
+from db import BatchRow
 from tests.conftest import Stack
 from tests.integration.conftest import HookServer
 from tests.reference import Reference
@@ -56,7 +54,7 @@ def start_api(stack: Stack, log: Path, **env: str) -> tuple[subprocess.Popen[byt
     url = f"http://127.0.0.1:{port}"
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
+            [sys.executable, "-m", "cli", "api", "--port", str(port)],
             env={**os.environ, **worker_env(stack.settings), **env},
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -388,7 +386,7 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
         )  # fmt: skip
     assert oai.batches.retrieve(batch.id).status == "in_progress"
     env = {**os.environ, **worker_env(stack.settings)}
-    reaped = subprocess.run([sys.executable, "-m", "producer.cli", "reap"], env=env,
+    reaped = subprocess.run([sys.executable, "-m", "cli", "reap"], env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert reaped.returncode == 0, reaped.stderr
     assert "expired 1 job(s) of batches past their window" in reaped.stdout

@@ -9,7 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from completion_queue.constants import QUEUE_PREFIX, queue_name
+from completion_queue import QUEUE_PREFIX, queue_name
 from tests.conftest import Stack
 from tests.integration.test_api import KEY, start_api
 

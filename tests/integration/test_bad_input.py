@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from completion_queue.errors import ValidationError
-from db.models import JobStatus
+from completion_queue import ValidationError
+from db import JobStatus
 from producer.client import CompletionClient
 from producer.schema import CompletionRequest, Limits, validate_request
 from tests.conftest import Stack

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli import cli, worker_env
+from cli import cli
+from completion_queue import worker_env
 from tests.conftest import Stack
 
 
 def cq(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **worker_env(stack.settings)}
     done = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     if check:

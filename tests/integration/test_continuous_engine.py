@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from completion_queue.local import WorkerProcess
-from completion_queue.redis_server import EmbeddedRedis
-from completion_queue.settings import Settings
-from db.models import JobStatus
-from producer.cli import worker_env
+from completion_queue import EmbeddedRedis, Settings, WorkerProcess, worker_env
+from db import JobStatus
 from producer.client import CompletionClient
 from tests.conftest import new_database
 from tests.reference import Reference

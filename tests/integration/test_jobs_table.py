@@ -6,9 +6,9 @@ import uuid
 
 from sqlalchemy import inspect
 
-from db.engine import make_engine, make_session_factory
-from db.jobs import (
+from db import (
     Choice,
+    JobStatus,
     NewJob,
     Outcome,
     cancel_job,
@@ -16,8 +16,9 @@ from db.jobs import (
     create_jobs,
     finish_jobs,
     get_job,
+    make_engine,
+    make_session_factory,
 )
-from db.models import JobStatus
 
 
 def test_schema_comes_from_migrations(database_url: str) -> None:

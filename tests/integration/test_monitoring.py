@@ -17,11 +17,8 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from completion_queue.celery_app import prefetch_count, queue_keys
-from completion_queue.constants import queue_name
-from completion_queue.redis_server import free_port
-from db.models import JobStatus
-from producer.cli import worker_env
+from completion_queue import free_port, prefetch_count, queue_keys, queue_name, worker_env
+from db import JobStatus
 from producer.client import CompletionClient
 from tests.conftest import Stack
 from tests.integration.test_cli import cq
@@ -80,7 +77,7 @@ def flower(stack: Stack, tmp_path: Path) -> Iterator[str]:
     }
     log = (tmp_path / "flower.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "flower"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "cli", "flower"], env=env, stdout=log, stderr=log
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -7,10 +7,15 @@ import time
 
 import pytest
 
-from completion_queue.celery_app import create_app
-from completion_queue.constants import queue_name
-from completion_queue.errors import JobNotFound, JobTimeout, QueueFull, ValidationError
-from db.models import JobStatus
+from completion_queue import (
+    JobNotFound,
+    JobTimeout,
+    QueueFull,
+    ValidationError,
+    create_app,
+    queue_name,
+)
+from db import JobStatus
 from producer.client import CompletionClient
 from tests.conftest import Stack
 from tests.reference import Reference
@@ -221,9 +226,8 @@ def test_a_full_queue_refuses_more_jobs_and_writes_nothing(
 def test_reaper_resends_a_queued_job_whose_message_was_lost(
     stack: Stack, client: CompletionClient
 ) -> None:
-    from completion_queue.reaper import reap
-    from db.engine import make_engine, make_session_factory
-    from db.jobs import NewJob, create_jobs
+    from completion_queue import reap
+    from db import NewJob, create_jobs, make_engine, make_session_factory
 
     # Given a queued job whose message never reached Redis (as when a worker dies
     # between Redis's BRPOP and kombu's unacked record)

@@ -8,12 +8,19 @@ from typing import Any
 
 import pytest
 
-from db.engine import make_engine, make_session_factory
-from db.jobs import NewJob, claim_jobs, create_jobs, get_job, get_jobs
-from db.models import JobStatus
+from db import (
+    JobStatus,
+    NewJob,
+    claim_jobs,
+    create_jobs,
+    get_job,
+    get_jobs,
+    make_engine,
+    make_session_factory,
+)
 from tests.conftest import new_database
-from workers.batching import GenerationRequest
 from workers.model import GenerationResult
+from workers.planner import GenerationRequest
 from workers.runner import BatchRunner
 
 

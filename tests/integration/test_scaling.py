@@ -12,13 +12,20 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from completion_queue.celery_app import create_app
-from completion_queue.constants import queue_name
-from completion_queue.local import WorkerProcess
-from db.engine import make_engine, make_session_factory
-from db.jobs import Choice, NewJob, Outcome, claim_jobs, create_jobs, finish_jobs, utcnow
-from db.models import JobRow, JobStatus
-from producer.cli import worker_env
+from completion_queue import WorkerProcess, create_app, queue_name, worker_env
+from db import (
+    Choice,
+    JobRow,
+    JobStatus,
+    NewJob,
+    Outcome,
+    claim_jobs,
+    create_jobs,
+    finish_jobs,
+    make_engine,
+    make_session_factory,
+    utcnow,
+)
 from producer.client import CompletionClient
 from tests.conftest import Stack
 from tests.reference import Reference
@@ -106,7 +113,7 @@ def test_high_priority_job_overtakes_queued_normal_ones(
 def run_prune(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CQ_DATABASE_URL": database_url}
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", "prune", *args],
+        [sys.executable, "-m", "cli", "prune", *args],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

@@ -9,11 +9,17 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from completion_queue.settings import Settings
-from db.engine import make_engine, make_session_factory
-from db.jobs import NewJob, cancel_job, create_jobs, get_job
-from db.models import WebhookStatus
-from producer.webhooks import WebhookDispatcher
+from api.webhooks import WebhookDispatcher
+from completion_queue import Settings
+from db import (
+    NewJob,
+    WebhookStatus,
+    cancel_job,
+    create_jobs,
+    get_job,
+    make_engine,
+    make_session_factory,
+)
 from tests.conftest import new_database
 from tests.integration.conftest import HookServer
 

@@ -4,34 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import uuid
 from datetime import UTC, datetime
 
 import pytest
 from click.testing import CliRunner
 
-from completion_queue.errors import QueueFull, ValidationError
-from completion_queue.settings import is_loopback
-from db.jobs import Choice, Job
-from db.models import JobStatus
-from producer.api_errors import completion_error_info
-from producer.cli import cli
-from producer.jobs_api import decode_cursor, encode_cursor
-from producer.openai_api import completion_requests, in_openai_names
-from producer.views import completion_view, job_failure
-from producer.webhooks import sign
+from api.errors import completion_error_info
+from api.openai import completion_requests, in_openai_names
+from api.routes.jobs import decode_cursor, encode_cursor
+from api.views import completion_view, job_failure
+from api.webhooks import sign
+from cli import cli
+from completion_queue import QueueFull, ValidationError, is_loopback
+from db import Choice, Job, JobStatus
+from tests.factories import make_job
 
 
 def job(status: JobStatus = JobStatus.SUCCEEDED, **overrides: object) -> Job:
-    values: dict[str, object] = dict(
-        id=uuid.uuid4(), status=status, model="m", prompt="p", params={},
-        choices=[Choice("a", "stop", 1), Choice("b", "length", 2)], prompt_tokens=3,
-        completion_tokens=3, error=None, attempts=1, worker="w", priority=0,
-        idempotency_key=None, batch_id=None, created_at=datetime(2026, 1, 1, tzinfo=UTC),
-        started_at=None, finished_at=None,
-    )  # fmt: skip
-    values.update(overrides)
-    return Job(**values)  # type: ignore[arg-type]
+    values: dict[str, object] = {
+        "status": status, "choices": [Choice("a", "stop", 1), Choice("b", "length", 2)],
+        "prompt_tokens": 3, "completion_tokens": 3,
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC), "started_at": None,
+    }  # fmt: skip
+    return make_job("p", **{**values, **overrides})
 
 
 def test_openai_parameters_map_to_one_request_per_prompt() -> None:

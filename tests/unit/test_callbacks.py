@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import uuid
-from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 import pytest
 
-from completion_queue.errors import ValidationError
-from completion_queue.settings import Settings
-from db.jobs import Job
-from db.models import JobStatus
-from producer import callbacks, webhooks
+from api import webhooks
+from completion_queue import Settings, ValidationError
+from db import Job, JobStatus, utcnow
+from producer import callbacks
 from producer.callbacks import NonPublicAddress, is_public, refuse_literal
 from producer.schema import Limits, validate_request
+from tests.factories import make_job
 
 
 @pytest.mark.parametrize(
@@ -110,9 +107,7 @@ def test_a_private_resolution_raises_before_any_request(monkeypatch: pytest.Monk
 
 def job_with_callback(url: str) -> Job:
     """A finished job as the dispatcher reads it."""
-    now = datetime.now(UTC)
-    fields: dict[str, Any] = {name: None for name in Job.__dataclass_fields__}
-    fields.update(id=uuid.uuid4(), status=JobStatus.CANCELLED, model="m", prompt="p",
-                  params={}, priority=0, attempts=0, choices=[], created_at=now,
-                  callback_url=url, webhook_attempts=0)  # fmt: skip
-    return Job(**fields)
+    return make_job(
+        "p", status=JobStatus.CANCELLED, attempts=0, worker=None, started_at=None,
+        finished_at=utcnow(), callback_url=url,
+    )  # fmt: skip

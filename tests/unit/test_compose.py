@@ -11,9 +11,8 @@ import click
 import pytest
 import yaml
 
-from completion_queue.settings import Settings
-from producer.cli import cli
-from producer.flower import check_auth
+from cli import cli
+from completion_queue import Settings, check_auth
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +61,13 @@ def test_compose_parses_and_cq_services_share_one_image() -> None:
     assert {s["build"] for s in found.values()} == {"."}
     assert {s["image"] for s in found.values()} == {"completion-queue:latest"}
     assert (ROOT / "Dockerfile").is_file()
+
+
+def test_the_image_holds_every_package() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    packages = ["db", "completion_queue", "workers", "producer", "api", "bench", "cli"]
+    missing = [p for p in packages if f"COPY {p} ./{p}" not in dockerfile]
+    assert not missing, f"the Dockerfile does not copy {missing}"
 
 
 def test_every_service_runs_a_real_cq_command() -> None:
@@ -128,7 +134,7 @@ def test_flower_is_open_to_the_network_only_with_basic_auth() -> None:
     assert env["CQ_FLOWER_BASIC_AUTH"].startswith("${CQ_FLOWER_BASIC_AUTH:?")
     assert env["CQ_FLOWER_DB"].startswith("/data/flower/")
     check_auth(Settings(flower_address="0.0.0.0", flower_basic_auth="admin:pw"))
-    from completion_queue.errors import ConfigError
+    from completion_queue import ConfigError
 
     with pytest.raises(ConfigError, match="CQ_FLOWER_BASIC_AUTH"):
         check_auth(Settings(flower_address="0.0.0.0"))

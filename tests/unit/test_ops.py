@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import types
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -12,12 +14,22 @@ import click
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from completion_queue.celery_app import create_app, queue_keys
-from completion_queue.errors import ConfigError
-from completion_queue.metrics import JobStatusCollector, Metrics
-from completion_queue.settings import Settings
-from producer.cli import Duration
-from producer.flower import check_auth, flower_command, is_loopback
+from cli.group import Duration
+from completion_queue import (
+    ConfigError,
+    JobStatusCollector,
+    Metrics,
+    Settings,
+    check_auth,
+    create_app,
+    flower_command,
+    is_loopback,
+    queue_keys,
+)
+from db import Choice, JobStatus, Outcome
+from tests.factories import make_job
+from workers.events import JobEvents
+from workers.state import JobCounts
 
 
 @pytest.mark.parametrize(
@@ -134,18 +146,11 @@ class FakeDispatcher:
 
 def test_job_events_per_job_state() -> None:
 
-    from db.jobs import Choice, Job, Outcome, utcnow
-    from db.models import JobStatus
-    from workers.events import JobEvents
-
     events, dispatcher = JobEvents(), FakeDispatcher()
     events.claimed([], skipped=[uuid.uuid4()], worker="w")  # no dispatcher yet: nothing, no error
     events.dispatcher = dispatcher
     ran, gone = uuid.uuid4(), uuid.uuid4()
-    job = Job(id=ran, status=JobStatus.RUNNING, model="m", prompt="p", params={}, choices=[],
-              prompt_tokens=None, completion_tokens=None, error=None, attempts=1, worker="w",
-              priority=0, idempotency_key=None, batch_id=None, created_at=utcnow(),
-              started_at=utcnow(), finished_at=None)  # fmt: skip
+    job = make_job(id=ran)
     events.claimed([job], skipped=[gone], worker="w")
     events.finished(
         [job, job],
@@ -167,13 +172,6 @@ def test_job_events_per_job_state() -> None:
 
 
 def test_a_pool_process_sends_through_its_own_dispatcher_and_counts_reach_the_parent() -> None:
-    import multiprocessing
-    import types
-
-    from db.jobs import Outcome
-    from db.models import JobStatus
-    from workers.app import JobCounts
-    from workers.events import JobEvents
 
     own = FakeDispatcher()
     app = types.SimpleNamespace(

@@ -1,22 +1,30 @@
 """The runner's logic against a stand-in runtime: context fitting, out-of-memory halving,
-DB retries."""
+DB retries; the rows are real, in SQLite."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from completion_queue.errors import ContextLengthExceeded, ModelError, OutOfMemory
-from db.jobs import Choice, Job
-from db.models import JobStatus
-from workers.batching import GenerationRequest
-from workers.model import GenerationResult
-from workers.runner import BatchRunner
+from completion_queue import ContextLengthExceeded, ModelError, OutOfMemory
+from db import (
+    Choice,
+    Job,
+    JobStatus,
+    NewJob,
+    create_jobs,
+    get_job,
+    make_engine,
+    make_session_factory,
+    upgrade,
+)
+from tests.factories import make_job
+from workers.planner import GenerationRequest, GenerationResult
+from workers.runner import BatchRunner, retry_database
 
 
 class FittingRuntime:
@@ -46,7 +54,7 @@ def runner(runtime: object, **kwargs: Any) -> BatchRunner:
 
 def test_out_of_memory_halves_the_group_down_to_what_fits() -> None:
     runtime = FittingRuntime(fits=2)
-    results = runner(runtime)._run_group(requests(8))
+    results = runner(runtime).generate_group(requests(8))
     assert [result for _, result in results] == [str(i) for i in range(8)]
     assert runtime.calls == [8, 4, 2, 2, 4, 2, 2]
 
@@ -54,7 +62,7 @@ def test_out_of_memory_halves_the_group_down_to_what_fits() -> None:
 def test_out_of_memory_fails_only_a_job_that_does_not_fit_alone() -> None:
     runtime = FittingRuntime(fits=2)
     group = [*requests(2), GenerationRequest(key="big", prompt_ids=(1,), max_new_tokens=4, n=3)]
-    results = dict((r.key, result) for r, result in runner(runtime)._run_group(group))
+    results = dict((r.key, result) for r, result in runner(runtime).generate_group(group))
     assert results["0"] == "0" and results["1"] == "1"
     assert isinstance(results["big"], OutOfMemory)
 
@@ -68,7 +76,7 @@ def test_other_errors_rerun_the_group_job_by_job() -> None:
             return [r.key for r in group]
 
     runtime = Poisoned(fits=99)
-    results = runner(runtime)._run_group(requests(4))
+    results = runner(runtime).generate_group(requests(4))
     assert runtime.calls == [4, 1, 1, 1, 1]
     assert [isinstance(result, ModelError) for _, result in results] == [False, False, True, False]
 
@@ -82,14 +90,15 @@ def test_database_errors_are_retried_until_the_deadline() -> None:
             raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
         return "committed"
 
-    assert runner(None, db_retry_s=30)._with_database(flaky) == "committed"
+    assert retry_database(flaky, within_s=30) == "committed"
     assert len(attempts) == 3
     with pytest.raises(OperationalError):
-        runner(None, db_retry_s=0)._with_database(
-            lambda: (_ for _ in ()).throw(OperationalError("x", {}, Exception("down")))
+        retry_database(
+            lambda: (_ for _ in ()).throw(OperationalError("x", {}, Exception("down"))),
+            within_s=0,
         )
     with pytest.raises(ValueError):
-        runner(None, db_retry_s=30)._with_database(lambda: int("not a number"))
+        retry_database(lambda: int("not a number"), within_s=30)
 
 
 class WordRuntime:
@@ -108,12 +117,7 @@ class WordRuntime:
 
 
 def job(prompt: str, **params: object) -> Job:
-    return Job(
-        id=uuid.uuid4(), status=JobStatus.RUNNING, model="m", prompt=prompt, params=params,
-        choices=[], prompt_tokens=None, completion_tokens=None, error=None, attempts=1,
-        worker="w", priority=0, idempotency_key=None, batch_id=None,
-        created_at=datetime(2026, 1, 1, tzinfo=UTC), started_at=None, finished_at=None,
-    )  # fmt: skip
+    return make_job(prompt, params=params)
 
 
 def test_plan_truncates_only_the_jobs_that_ask_for_it() -> None:
@@ -135,14 +139,24 @@ def test_plan_truncates_only_the_jobs_that_ask_for_it() -> None:
     assert "truncate: true would keep the prompt's last 12 tokens" in str(rejected[0][1])
 
 
-def test_a_truncated_job_records_what_was_dropped() -> None:
+def test_a_truncated_job_records_what_was_dropped(tmp_path: Path) -> None:
+    # Given a job too long for the context that asks for truncation, and a short one
+    url = f"sqlite:///{tmp_path / 'runner.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     long = " ".join(["word"] * 30)
-    jobs = [job(long, max_new_tokens=4, truncate=True), job("short", max_new_tokens=4)]
-    batch = runner(WordRuntime())
-    requests, _ = batch.plan(jobs)
-    outcomes = {o.job_id: o for o in batch._generate(requests, jobs)}
-    recorded = [
-        (outcomes[j.id].prompt_tokens, outcomes[j.id].truncated_prompt_tokens) for j in jobs
+    new = [
+        NewJob(model="m", prompt=long, params={"max_new_tokens": 4, "truncate": True}),
+        NewJob(model="m", prompt="short", params={"max_new_tokens": 4}),
     ]
-    # 30 tokens for a context of 16 with 4 new: 12 kept, 18 dropped; the short one untouched
-    assert recorded == [(12, 18), (1, None)]
+    with sessions.begin() as session:
+        create_jobs(session, jobs=new)
+    # When a runner runs them
+    BatchRunner(WordRuntime(), sessions, max_rows=64).run([str(j.id) for j in new], worker="w")
+    # Then 30 tokens for a context of 16 with 4 new: 12 kept, 18 dropped; the short one untouched
+    with sessions() as session:
+        rows = [get_job(session, job_id=j.id) for j in new]
+    engine.dispose()
+    recorded = [(r.status, r.prompt_tokens, r.truncated_prompt_tokens) for r in rows if r]
+    assert recorded == [(JobStatus.SUCCEEDED, 12, 18), (JobStatus.SUCCEEDED, 1, None)]

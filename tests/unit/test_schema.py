@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from completion_queue.errors import ValidationError
+from completion_queue import ValidationError
 from producer.schema import CompletionRequest, Limits, validate_request
 
 LIMITS = Limits(max_prompt_chars=100, max_new_tokens=64, max_n=4)

@@ -7,14 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
 import pytest
 import redis
 from kombu import Connection
 
-from completion_queue.celery_app import celery_priority, create_app, resolve_broker_url
-from completion_queue.constants import queue_name
-from completion_queue.errors import ConfigError
-from completion_queue.settings import Settings, redact_url
+from completion_queue import (
+    ConfigError,
+    Settings,
+    celery_priority,
+    create_app,
+    queue_name,
+    redact_url,
+    resolve_broker_url,
+)
 
 
 def test_defaults_run_on_one_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,11 +139,29 @@ def test_queue_names_and_priorities() -> None:
     assert celery_priority(9) == 0 and celery_priority(0) == 9
 
 
-def test_producer_imports_without_torch() -> None:
+def test_producer_api_cli_and_a_workers_main_process_import_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import producer, producer.cli, producer.client, db, completion_queue.celery_app\n"
+        "import producer, producer.client, db, completion_queue, api, cli, workers.app\n"
         "print('ok')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"job_timeout_s": 3600}, r"visibility_timeout_s \(3600\) must be above job_timeout_s"),
+        ({"visibility_timeout_s": 30, "job_timeout_s": 60}, "still running to another worker"),
+        ({"reap_running_after_s": 3600}, r"reap_running_after_s \(3600\) must be above"),
+    ],
+)
+def test_settings_refuse_timeouts_out_of_order(values: dict[str, float], message: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=message):
+        Settings(**values)
+
+
+def test_the_default_timeouts_are_in_order() -> None:
+    settings = Settings()
+    assert settings.job_timeout_s < settings.visibility_timeout_s < settings.reap_running_after_s

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from db.jobs import aware, utcnow
 from db.models import BatchRow, FileRow
+from db.snapshots import aware, utcnow
 
 
 def new_id(prefix: str) -> str:

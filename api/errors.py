@@ -10,7 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from completion_queue.errors import (
+from api.views import ErrorInfo
+from completion_queue import (
     BrokerUnavailable,
     CompletionError,
     ConfigError,
@@ -18,10 +19,9 @@ from completion_queue.errors import (
     JobTimeout,
     QueueFull,
     ValidationError,
+    redact_url,
 )
-from completion_queue.settings import redact_url
 from producer.schema import describe_errors
-from producer.views import ErrorInfo
 
 log = logging.getLogger(__name__)
 

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from completion_queue.constants import TINY_MODEL_NAME
-from completion_queue.settings import Settings, redact_url
-from db.jobs import Job
-from db.models import JobStatus
+from cli.render import job_table, wait_with_progress
+from completion_queue import (
+    TINY_MODEL_NAME,
+    Settings,
+    WorkerProcess,
+    embedded_broker,
+    redact_url,
+    worker_env,
+)
+from db import Job, JobStatus
+from producer import CompletionClient
+from producer.stats import percentile
+from workers.tiny import ensure_tiny_model
 
 PROMPTS = [
     "The queue takes a job and",
@@ -33,58 +39,6 @@ PROMPTS = [
     "In 1969 people",
     "The worker takes a batch",
 ]
-
-
-class _Printable:
-    def __init__(self, table: Table) -> None:
-        self.table = table
-
-    def print(self) -> None:
-        Console().print(self.table)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Return the ``q``-th percentile (0-100) of ``values`` by linear interpolation."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def job_table(jobs: Sequence[Job]) -> _Printable:
-    """Return a table of jobs: id, status, tokens, latency, start of the completion."""
-    table = Table(show_lines=False)
-    for column, width in (("job id", 8), ("status", 9), ("tokens", 6), ("latency ms", 10)):
-        table.add_column(column, no_wrap=True, min_width=width)
-    table.add_column("completion", no_wrap=True, overflow="ellipsis", max_width=30)
-    for job in jobs:
-        latency = f"{job.latency_s * 1000:.0f}" if job.latency_s is not None else "-"
-        text = job.text if job.text is not None else (job.error or {}).get("message", "")
-        table.add_row(
-            str(job.id)[:8],
-            job.status.value,
-            str(job.completion_tokens or 0),
-            latency,
-            repr(text[:40]),
-        )
-    return _Printable(table)
-
-
-def wait_with_progress(client: Any, ids: Sequence[uuid.UUID], *, timeout: float) -> list[Job]:
-    """Wait for ``ids`` while a progress bar shows how many are finished."""
-    columns = (
-        TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-    )  # fmt: skip
-    with Progress(*columns) as progress:
-        task = progress.add_task("jobs", total=len(ids))
-
-        def show(finished: int, total: int) -> None:
-            progress.update(task, completed=finished)
-
-        return client.wait(list(ids), timeout=timeout, on_progress=show)  # type: ignore[no-any-return]
 
 
 def summarize(jobs: Sequence[Job]) -> str:
@@ -125,14 +79,8 @@ def demo_requests(n_jobs: int, new_tokens: int) -> list[dict[str, Any]]:
 
 def run_demo(settings: Settings, *, n_jobs: int, new_tokens: int, timeout: float) -> int:
     """Run the demo; return 0 only if every job succeeded."""
-    from completion_queue.local import WorkerProcess
-    from producer.cli import embedded_broker, worker_env
-    from producer.client import CompletionClient
-
     console = Console()
     if settings.model == TINY_MODEL_NAME:
-        from workers.tiny import ensure_tiny_model
-
         path = ensure_tiny_model(settings.model_path())
         console.print(f"model: tiny local GPT-2 in {path}")
     with embedded_broker(settings) as live:
@@ -147,6 +95,6 @@ def run_demo(settings: Settings, *, n_jobs: int, new_tokens: int, timeout: float
                 jobs = client.submit_many(demo_requests(n_jobs, new_tokens))
                 console.print(f"submitted {len(jobs)} jobs")
                 done = wait_with_progress(client, [j.id for j in jobs], timeout=timeout)
-    job_table(done).print()
+    console.print(job_table(done))
     console.print(summarize(done))
     return 0 if all(j.status is JobStatus.SUCCEEDED for j in done) else 1

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: ``POST /v1/completions`` and ``GET /v1/models``.
+"""OpenAI's completion parameters mapped onto our requests, shared by completions and batches.
 
 OpenAI's parameters map onto our :class:`CompletionRequest` (``max_tokens`` →
 ``max_new_tokens``) and go through the same validation as the Python client.
@@ -12,31 +12,16 @@ too-long prompt fails with ``context_length_exceeded``; the native ``POST
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from completion_queue.constants import QUEUE_PREFIX
-from completion_queue.errors import JobTimeout, ValidationError
-from db.jobs import Job
-from producer.api import State
-from producer.api_errors import APIError
-from producer.client import CompletionClient
-from producer.jobs_api import read_json
-from producer.schema import Limits, validate_request
-from producer.views import ErrorInfo, completion_view, job_failure
-
-log = logging.getLogger(__name__)
-
-router = APIRouter(prefix="/v1", tags=["openai"])
-
-#: How long GET /v1/models waits for live workers to answer.
-INSPECT_TIMEOUT_S = 1.0
+from api.errors import APIError
+from api.views import ErrorInfo
+from completion_queue import JobTimeout, ValidationError
+from db import Job
+from producer import CompletionClient, Limits, validate_request
 
 
 class CompletionsBody(BaseModel):
@@ -175,59 +160,3 @@ def finished_completion(client: CompletionClient, jobs: list[Job], timeout_s: fl
             ),
             headers={"Retry-After": "1"},
         ) from None
-
-
-@router.post(
-    "/completions",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": CompletionsBody.model_json_schema()}},
-        }
-    },
-)
-async def create_completion(request: Request, state: State) -> dict[str, Any]:
-    """Queue the prompts, wait for the jobs, answer in OpenAI's ``text_completion`` shape."""
-    body = await read_json(request)
-    client = state.client
-    requests = completion_requests(body, client.settings.max_batch_requests)
-
-    def run() -> list[Job]:
-        jobs = submit_completions(client, requests)
-        if isinstance(body, Mapping) and body.get("user") is not None:
-            log.info("completion for user %r: jobs %s", body["user"], [str(j.id) for j in jobs])
-        return finished_completion(client, jobs, state.settings.api_wait_timeout_s)
-
-    jobs = await run_in_threadpool(run)
-    for job in jobs:
-        failure = job_failure(job)
-        if failure is not None:
-            raise APIError(failure)
-    return completion_view(jobs, model=jobs[0].model)
-
-
-def live_models(client: CompletionClient, timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, int]:
-    """Return the models that live workers consume, with how many workers serve each."""
-    replies = client.app.control.inspect(timeout=timeout_s).active_queues() or {}
-    served: dict[str, int] = {}
-    for queues in replies.values():
-        for queue in queues or []:
-            name = str(queue.get("name", ""))
-            if name.startswith(QUEUE_PREFIX):
-                model = name.removeprefix(QUEUE_PREFIX)
-                served[model] = served.get(model, 0) + 1
-    return served
-
-
-@router.get("/models")
-def list_models(state: State) -> dict[str, Any]:
-    """The models that live workers serve now (asked over the broker, ~1 s)."""
-    now = int(time.time())
-    return {
-        "object": "list",
-        "data": [
-            {"id": model, "object": "model", "created": now, "owned_by": "completion-queue",
-             "workers": workers}
-            for model, workers in sorted(live_models(state.client).items())
-        ],
-    }  # fmt: skip

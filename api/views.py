@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from db.jobs import Job
-from db.models import JobStatus
+from db import Job, JobStatus
 
 
 @dataclass(frozen=True, slots=True)

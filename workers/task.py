@@ -19,12 +19,14 @@ it fit a worker whose one pool process holds the model:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
+
+from workers.listeners import BatchListener
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,8 @@ class ModelBatches(Batches):  # type: ignore[misc]
 
     abstract = True
 
-    #: Called with the requests of each flush before they go to the pool (task events).
-    on_flush: Callable[[list[Request]], None] | None = None
+    #: Told of each flush's requests before they go to the pool (task events).
+    listeners: Sequence[BatchListener] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,11 +52,11 @@ class ModelBatches(Batches):  # type: ignore[misc]
         """Send ``requests`` to the pool as one call; ack after it returns, requeue if it dies."""
         requests = list(requests)
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
-        if self.on_flush is not None:
+        for listener in self.listeners:
             try:
-                self.on_flush(requests)
+                listener.received(requests)
             except Exception:
-                log.exception("on_flush failed; the batch runs anyway")
+                log.exception("batch listener %r failed; the batch runs anyway", listener)
         self._running += 1
 
         def on_return(result: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
@@ -13,14 +12,14 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from completion_queue.errors import ValidationError
-from db.jobs import Job
-from db.models import JobStatus
-from producer.api import State
-from producer.api_errors import APIError, not_found
+from api.errors import APIError, not_found
+from api.requests import read_json
+from api.state import State
+from api.views import ErrorInfo, job_view
+from completion_queue import ValidationError
+from db import Job, JobStatus
 from producer.client import CompletionClient
 from producer.schema import CompletionRequest, validate_request
-from producer.views import ErrorInfo, job_view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -33,17 +32,6 @@ _JOBS_BODY = {
         }
     },
 }
-
-
-async def read_json(request: Request) -> Any:
-    """Return the request's JSON body; a body that is not JSON gets 422."""
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(
-            ErrorInfo(422, f"request body must be JSON: {exc}", code="invalid_json")
-        ) from None
 
 
 def job_id_or_404(value: str) -> uuid.UUID:

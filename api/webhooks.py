@@ -21,11 +21,10 @@ from datetime import timedelta
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
-from completion_queue.settings import Settings
-from db.jobs import Job, utcnow
-from db.webhooks import claim_webhook, due_webhooks, record_webhook
+from api.views import job_view
+from completion_queue import Settings
+from db import Job, claim_webhook, due_webhooks, record_webhook, utcnow
 from producer.callbacks import NonPublicAddress, resolve_public
-from producer.views import job_view
 
 log = logging.getLogger(__name__)
 

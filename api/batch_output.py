@@ -1,4 +1,4 @@
-"""OpenAI's Batch API: upload a JSONL file, run it as a batch of jobs, read the output files.
+"""OpenAI's Batch API over our jobs: input files parsed, status and output files read from jobs.
 
 A batch is one row (its input file, each input line's custom id and job ids)
 plus its jobs, which carry the batch id. Its status and counts are read from
@@ -8,51 +8,33 @@ the jobs; its output and error files are written from the jobs when read.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session, sessionmaker
 
-from completion_queue.errors import ValidationError
-from db.batches import (
+from api.errors import not_found
+from api.openai import check_requests, completion_requests
+from api.views import ErrorInfo, completion_view, job_failure
+from completion_queue import ValidationError
+from db import (
     BATCH_WINDOW,
+    FINISHED_STATUSES,
     Batch,
+    Job,
+    JobStatus,
     StoredFile,
-    create_batch,
-    create_file,
     get_batch,
-    get_file,
-    get_file_content,
-    mark_batch_cancelled,
-    new_id,
+    get_jobs,
+    job_states,
 )
-from db.jobs import Job, cancel_jobs, get_jobs, job_states
-from db.models import FINISHED_STATUSES, JobStatus
-from producer.api import APIState, State
-from producer.api_errors import APIError, not_found
-from producer.openai_api import check_requests, completion_requests, submit_completions
-from producer.schema import Limits
-from producer.views import ErrorInfo, completion_view, job_failure
-
-router = APIRouter(prefix="/v1", tags=["batches"])
+from producer import Limits
 
 ENDPOINT = "/v1/completions"
 WINDOW = "24h"
 OUTPUT, ERRORS = "output", "errors"
 _FILE_KEYS = {OUTPUT: "output_file_id", ERRORS: "error_file_id"}
-_CHUNK = 500
-
-
-class BatchBody(BaseModel):
-    """``POST /v1/batches``: run every line of an uploaded JSONL file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    input_file_id: str = Field(max_length=64)
-    endpoint: str = Field(description=f"Only {ENDPOINT}.")
-    completion_window: str = Field(description=f"Only {WINDOW}.")
-    metadata: dict[str, str] | None = None
+#: Most ids in one ``IN (...)`` list.
+CHUNK = 500
 
 
 def file_view(stored: StoredFile) -> dict[str, Any]:
@@ -62,22 +44,6 @@ def file_view(stored: StoredFile) -> dict[str, Any]:
         "created_at": int(stored.created_at.timestamp()), "filename": stored.filename,
         "purpose": stored.purpose, "status": "processed",
     }  # fmt: skip
-
-
-@router.post("/files")
-async def upload_file(
-    state: State,
-    file: Annotated[UploadFile, File(description="JSONL, one request per line.")],
-    purpose: Annotated[Literal["batch"], Form(description="Only batch.")],
-) -> dict[str, Any]:
-    """Store a batch input file."""
-    content = await file.read()
-    with state.client.sessions.begin() as session:
-        stored = create_file(
-            session, purpose=purpose, filename=(file.filename or "input.jsonl")[:255],
-            content=content,
-        )  # fmt: skip
-    return file_view(stored)
 
 
 def parse_input(
@@ -115,50 +81,21 @@ def parse_input(
     return lines
 
 
-@router.post("/batches")
-def create_batch_route(body: BatchBody, state: State) -> dict[str, Any]:
-    """Validate every line of the input file, queue them all as one batch."""
-    if body.endpoint != ENDPOINT:
-        raise ValidationError(
-            f"endpoint must be {ENDPOINT}, got {body.endpoint!r}", field="endpoint"
-        )
-    if body.completion_window != WINDOW:
-        raise ValidationError(
-            f"completion_window must be {WINDOW}, got {body.completion_window!r}",
-            field="completion_window",
-        )
-    client = state.client
-    with client.sessions() as session:
-        content = get_file_content(session, file_id=body.input_file_id)
-    if content is None:
-        raise not_found("file", body.input_file_id)
-    lines = parse_input(content, client.limits, client.settings.max_batch_requests)
-    batch_id = new_id("batch_")
-    requests = [request for _, line in lines for request in line]
-    jobs = iter(submit_completions(client, requests, batch_id=batch_id))
-    grouped = [(custom_id, [next(jobs).id for _ in line]) for custom_id, line in lines]
-    with client.sessions.begin() as session:
-        batch = create_batch(
-            session, batch_id=batch_id, input_file_id=body.input_file_id, endpoint=ENDPOINT,
-            completion_window=WINDOW, metadata=body.metadata, requests=grouped,
-        )  # fmt: skip
-    return batch_view(state, batch)
-
-
-def _batch_or_404(state: APIState, batch_id: str) -> Batch:
-    with state.client.sessions() as session:
+def batch_or_404(sessions: sessionmaker[Session], batch_id: str) -> Batch:
+    """Return the batch; an unknown id is a 404."""
+    with sessions() as session:
         batch = get_batch(session, batch_id=batch_id)
     if batch is None:
         raise not_found("batch", batch_id)
     return batch
 
 
-def batch_view(state: APIState, batch: Batch) -> dict[str, Any]:
+def batch_view(sessions: sessionmaker[Session], batch: Batch) -> dict[str, Any]:
     """Return a batch in OpenAI's ``batch`` shape, its status and counts read from its jobs.
 
     A batch whose jobs the reaper failed at the end of its window is ``expired``.
     """
-    with state.client.sessions() as session:
+    with sessions() as session:
         states = job_states(session, batch_id=batch.id)
     completed = failed = 0
     for _, ids in batch.requests:
@@ -197,41 +134,18 @@ def batch_view(state: APIState, batch: Batch) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@router.get("/batches/{batch_id}")
-def retrieve_batch(batch_id: str, state: State) -> dict[str, Any]:
-    """A batch: status, request counts and, once done, its output and error files."""
-    return batch_view(state, _batch_or_404(state, batch_id))
-
-
-@router.post("/batches/{batch_id}/cancel")
-def cancel_batch(batch_id: str, state: State) -> dict[str, Any]:
-    """Cancel a batch's unfinished jobs (running ones' results are discarded)."""
-    batch = _batch_or_404(state, batch_id)
-    view = batch_view(state, batch)
-    if view["status"] in ("completed", "expired"):
-        raise APIError(
-            ErrorInfo(409, f"batch {batch_id} is already {view['status']}", code="batch_done")
-        )
-    with state.client.sessions.begin() as session:
-        mark_batch_cancelled(session, batch_id=batch_id)
-        ids = batch.job_ids
-        for start in range(0, len(ids), _CHUNK):
-            cancel_jobs(session, job_ids=ids[start : start + _CHUNK])
-    return batch_view(state, _batch_or_404(state, batch_id))
-
-
 def output_file_id(batch_id: str, kind: str) -> str:
     """Return the id of a batch's output or error file."""
     return f"file-{batch_id}-{kind}"
 
 
-def output_lines(state: APIState, batch: Batch, kind: str) -> list[dict[str, Any]]:
+def output_lines(sessions: sessionmaker[Session], batch: Batch, kind: str) -> list[dict[str, Any]]:
     """Return the output (succeeded requests) or error (the rest) lines of a finished batch."""
     jobs: dict[Any, Job] = {}
     ids = batch.job_ids
-    with state.client.sessions() as session:
-        for start in range(0, len(ids), _CHUNK):
-            jobs.update(get_jobs(session, job_ids=ids[start : start + _CHUNK]))
+    with sessions() as session:
+        for start in range(0, len(ids), CHUNK):
+            jobs.update(get_jobs(session, job_ids=ids[start : start + CHUNK]))
     lines = []
     for custom_id, line_ids in batch.requests:
         line_jobs = [jobs[i] for i in line_ids if i in jobs]
@@ -259,49 +173,19 @@ def output_lines(state: APIState, batch: Batch, kind: str) -> list[dict[str, Any
     return lines
 
 
-def _output_or_none(state: APIState, file_id: str) -> tuple[Batch, str] | None:
+def find_output(sessions: sessionmaker[Session], file_id: str) -> tuple[Batch, str] | None:
+    """Return the finished batch and kind (output or errors) of an output file id, or None."""
     for kind in (OUTPUT, ERRORS):
         suffix = f"-{kind}"
         if file_id.startswith("file-batch_") and file_id.endswith(suffix):
             batch_id = file_id.removeprefix("file-").removesuffix(suffix)
-            with state.client.sessions() as session:
+            with sessions() as session:
                 batch = get_batch(session, batch_id=batch_id)
-            if batch is not None and batch_view(state, batch)[_FILE_KEYS[kind]] == file_id:
+            if batch is not None and batch_view(sessions, batch)[_FILE_KEYS[kind]] == file_id:
                 return batch, kind
     return None
 
 
-@router.get("/files/{file_id}")
-def retrieve_file(file_id: str, state: State) -> dict[str, Any]:
-    """A file's metadata: an upload, or a finished batch's output or error file."""
-    output = _output_or_none(state, file_id)
-    if output is not None:
-        batch, kind = output
-        content = _jsonl(output_lines(state, batch, kind))
-        stored = StoredFile(
-            file_id, f"batch_{kind}", f"{batch.id}_{kind}.jsonl", len(content), batch.created_at
-        )
-        return file_view(stored)
-    with state.client.sessions() as session:
-        stored_file = get_file(session, file_id=file_id)
-    if stored_file is None:
-        raise not_found("file", file_id)
-    return file_view(stored_file)
-
-
-def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    """Return ``lines`` as JSON Lines bytes."""
     return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
-
-
-@router.get("/files/{file_id}/content", response_class=Response)
-def file_content(file_id: str, state: State) -> Response:
-    """A file's bytes: an upload, or a finished batch's output or error JSONL."""
-    output = _output_or_none(state, file_id)
-    if output is not None:
-        batch, kind = output
-        return Response(_jsonl(output_lines(state, batch, kind)), media_type="application/jsonl")
-    with state.client.sessions() as session:
-        content = get_file_content(session, file_id=file_id)
-    if content is None:
-        raise not_found("file", file_id)
-    return Response(content, media_type="application/jsonl")

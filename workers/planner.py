@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from completion_queue.errors import ContextLengthExceeded
+from completion_queue import ContextLengthExceeded
+from db import Choice
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """What one request produced: its choices and its prompt's token count."""
+
+    choices: list[Choice]
+    prompt_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +44,11 @@ class GenerationRequest:
     def greedy(self) -> bool:
         """True when decoding is greedy (temperature 0, as in OpenAI's API)."""
         return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """True when ``generate``'s own arg-max decodes this row exactly: greedy, no penalty."""
+        return self.greedy and self.repetition_penalty == 1.0
 
 
 def fit_context(

@@ -1,0 +1,22 @@
+"""Reading request bodies the way every route does: JSON, or a 422 that says why not."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+
+from api.errors import APIError
+from api.views import ErrorInfo
+
+
+async def read_json(request: Request) -> Any:
+    """Return the request's JSON body; a body that is not JSON gets 422."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(
+            ErrorInfo(422, f"request body must be JSON: {exc}", code="invalid_json")
+        ) from None

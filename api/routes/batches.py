@@ -1,0 +1,82 @@
+"""``/v1/batches``: run every line of an uploaded file as one batch of jobs; read or cancel it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.batch_output import CHUNK, ENDPOINT, WINDOW, batch_or_404, batch_view, parse_input
+from api.errors import APIError, not_found
+from api.openai import submit_completions
+from api.state import State
+from api.views import ErrorInfo
+from completion_queue import ValidationError
+from db import cancel_jobs, create_batch, get_file_content, mark_batch_cancelled, new_id
+
+router = APIRouter(prefix="/v1", tags=["batches"])
+
+
+class BatchBody(BaseModel):
+    """``POST /v1/batches``: run every line of an uploaded JSONL file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=64)
+    endpoint: str = Field(description=f"Only {ENDPOINT}.")
+    completion_window: str = Field(description=f"Only {WINDOW}.")
+    metadata: dict[str, str] | None = None
+
+
+@router.post("/batches")
+def create_batch_route(body: BatchBody, state: State) -> dict[str, Any]:
+    """Validate every line of the input file, queue them all as one batch."""
+    if body.endpoint != ENDPOINT:
+        raise ValidationError(
+            f"endpoint must be {ENDPOINT}, got {body.endpoint!r}", field="endpoint"
+        )
+    if body.completion_window != WINDOW:
+        raise ValidationError(
+            f"completion_window must be {WINDOW}, got {body.completion_window!r}",
+            field="completion_window",
+        )
+    client = state.client
+    with client.sessions() as session:
+        content = get_file_content(session, file_id=body.input_file_id)
+    if content is None:
+        raise not_found("file", body.input_file_id)
+    lines = parse_input(content, client.limits, client.settings.max_batch_requests)
+    batch_id = new_id("batch_")
+    requests = [request for _, line in lines for request in line]
+    jobs = iter(submit_completions(client, requests, batch_id=batch_id))
+    grouped = [(custom_id, [next(jobs).id for _ in line]) for custom_id, line in lines]
+    with client.sessions.begin() as session:
+        batch = create_batch(
+            session, batch_id=batch_id, input_file_id=body.input_file_id, endpoint=ENDPOINT,
+            completion_window=WINDOW, metadata=body.metadata, requests=grouped,
+        )  # fmt: skip
+    return batch_view(state.client.sessions, batch)
+
+
+@router.get("/batches/{batch_id}")
+def retrieve_batch(batch_id: str, state: State) -> dict[str, Any]:
+    """A batch: status, request counts and, once done, its output and error files."""
+    return batch_view(state.client.sessions, batch_or_404(state.client.sessions, batch_id))
+
+
+@router.post("/batches/{batch_id}/cancel")
+def cancel_batch(batch_id: str, state: State) -> dict[str, Any]:
+    """Cancel a batch's unfinished jobs (running ones' results are discarded)."""
+    batch = batch_or_404(state.client.sessions, batch_id)
+    view = batch_view(state.client.sessions, batch)
+    if view["status"] in ("completed", "expired"):
+        raise APIError(
+            ErrorInfo(409, f"batch {batch_id} is already {view['status']}", code="batch_done")
+        )
+    with state.client.sessions.begin() as session:
+        mark_batch_cancelled(session, batch_id=batch_id)
+        ids = batch.job_ids
+        for start in range(0, len(ids), CHUNK):
+            cancel_jobs(session, job_ids=ids[start : start + CHUNK])
+    return batch_view(state.client.sessions, batch_or_404(state.client.sessions, batch_id))

@@ -1,0 +1,50 @@
+"""``POST /v1/completions``: OpenAI's legacy completions, answered once the jobs finish."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from api.errors import APIError
+from api.openai import CompletionsBody, completion_requests, finished_completion, submit_completions
+from api.requests import read_json
+from api.state import State
+from api.views import completion_view, job_failure
+from db import Job
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post(
+    "/completions",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": CompletionsBody.model_json_schema()}},
+        }
+    },
+)
+async def create_completion(request: Request, state: State) -> dict[str, Any]:
+    """Queue the prompts, wait for the jobs, answer in OpenAI's ``text_completion`` shape."""
+    body = await read_json(request)
+    client = state.client
+    requests = completion_requests(body, client.settings.max_batch_requests)
+
+    def run() -> list[Job]:
+        jobs = submit_completions(client, requests)
+        if isinstance(body, Mapping) and body.get("user") is not None:
+            log.info("completion for user %r: jobs %s", body["user"], [str(j.id) for j in jobs])
+        return finished_completion(client, jobs, state.settings.api_wait_timeout_s)
+
+    jobs = await run_in_threadpool(run)
+    for job in jobs:
+        failure = job_failure(job)
+        if failure is not None:
+            raise APIError(failure)
+    return completion_view(jobs, model=jobs[0].model)

@@ -1,0 +1,5 @@
+"""``python -m cli``: the same as the ``cq`` console script."""
+
+from cli import main
+
+main()

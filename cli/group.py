@@ -1,0 +1,77 @@
+"""The ``cq`` click group: settings from the environment, and errors shown as one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from completion_queue import CompletionError, Settings, redact_url
+from db import Job, upgrade
+from producer import CompletionClient
+
+
+def settings_from_env(**overrides: Any) -> Settings:
+    """Return the settings from ``CQ_*``, with the options given on the command line."""
+    values = {key: value for key, value in overrides.items() if value is not None}
+    return Settings(**values)
+
+
+def migrated(settings: Settings) -> Settings:
+    """Create or upgrade the embedded SQLite database (configured databases use `cq db upgrade`)."""
+    if not settings.database_url:
+        upgrade(settings.resolved_database_url())
+    return settings
+
+
+def client_for(settings: Settings) -> CompletionClient:
+    """Return a client on ``settings``, the embedded database migrated first."""
+    return CompletionClient(settings=migrated(settings))
+
+
+def echo_job(job: Job) -> None:
+    """Print one job's row as indented JSON."""
+    click.echo(json.dumps(job.to_dict(), indent=2, ensure_ascii=False))
+
+
+_DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """A span such as ``90s``, ``30m``, ``12h``, ``7d`` or ``2w``."""
+
+    name = "duration"
+    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = self._PATTERN.match(str(value))
+        if not match:
+            self.fail(f"{value!r} is not a duration such as 90s, 30m, 12h, 7d or 2w", param, ctx)
+        return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS_S[match.group(2)])
+
+
+class _CliGroup(click.Group):
+    """Shows our errors as one ``error:`` line (exit 2), never as a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CompletionError as exc:
+            click.echo(f"error: {redact_url(str(exc))}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """completion-queue: queue text-completion jobs for GPU workers; results land in SQL.
+
+    Configuration comes from CQ_* environment variables (see README.md). With
+    CQ_BROKER_URL unset, `cq up` and `cq demo` start an embedded redis-server; with
+    CQ_DATABASE_URL unset, jobs live in a SQLite file under ./.cq/.
+    """

@@ -1,0 +1,178 @@
+"""``cq`` commands that run things: up, worker, demo, bench, api, flower, model.
+
+The worker, the API server and the benchmark are imported when their command
+runs, so that every other ``cq`` command starts without loading them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.demo import run_demo
+from cli.group import cli, migrated, settings_from_env
+from completion_queue import (
+    ConfigError,
+    WorkerProcess,
+    embedded_broker,
+    is_loopback,
+    redact_url,
+    run_flower,
+    worker_env,
+)
+from workers.tiny import make_tiny_model
+
+
+@cli.command()
+@click.option("--jobs", "n_jobs", default=32, show_default=True, help="How many prompts to run.")
+@click.option("--new-tokens", default=24, show_default=True, help="max_new_tokens per job.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for all jobs.")
+def demo(n_jobs: int, new_tokens: int, timeout: float) -> None:
+    """Start Redis and one worker, run prompts through the queue, print the results."""
+    sys.exit(
+        run_demo(
+            migrated(settings_from_env()), n_jobs=n_jobs, new_tokens=new_tokens, timeout=timeout
+        )
+    )
+
+
+@cli.command()
+def up() -> None:
+    """Run an embedded broker and one worker in the foreground until Ctrl-C."""
+    settings = migrated(settings_from_env())
+    with embedded_broker(settings) as live:
+        click.echo(f"broker: {redact_url(live.broker_url)}")
+        click.echo(f"database: {redact_url(live.resolved_database_url())}")
+        log_path = live.data_dir / "worker.log"
+        with WorkerProcess(worker_env(live), log_path) as worker:
+            worker.wait_ready()
+            click.echo(f"worker {worker.pid} serving {live.model}; log: {log_path}")
+            click.echo("submit from another shell: cq submit 'Hello' --wait   (Ctrl-C to stop)")
+            with contextlib.suppress(KeyboardInterrupt):
+                while worker.alive():
+                    worker.process.wait()  # type: ignore[union-attr]
+            click.echo("stopping")
+
+
+@cli.command()
+@click.option("--model", help="Hugging Face id or local path to serve [env CQ_MODEL].")
+@click.option("--device", help="auto, cpu or cuda:N [env CQ_DEVICE].")
+@click.option("--dtype", help="auto, float32, float16 or bfloat16 [env CQ_DTYPE].")
+@click.option("--batch-size", type=int, help="Jobs per micro-batch [env CQ_BATCH_SIZE].")
+@click.option(
+    "--batch-wait-ms", type=int, help="Longest wait to fill a batch [env CQ_BATCH_WAIT_MS]."
+)
+@click.option(
+    "--metrics-port", type=int, help="Prometheus /metrics port; 0 = off [env CQ_METRICS_PORT]."
+)
+@click.option("--hostname", help="Celery node name (default cq<pid>@<host>; %h = host name).")
+def worker(
+    model: str | None,
+    device: str | None,
+    dtype: str | None,
+    batch_size: int | None,
+    batch_wait_ms: int | None,
+    metrics_port: int | None,
+    hostname: str | None,
+) -> None:
+    """Run one worker process: load the model once, then serve its queue in micro-batches."""
+    from workers.main import run_worker
+
+    settings = settings_from_env(
+        model=model,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        batch_wait_ms=batch_wait_ms,
+        metrics_port=metrics_port,
+    )
+    run_worker(migrated(settings), hostname=hostname)
+
+
+@cli.command()
+@click.option("--jobs", default=1024, show_default=True, help="Jobs in the uniform workload.")
+@click.option("--new-tokens", default=32, show_default=True, help="max_new_tokens per job.")
+@click.option("--batch-size", default=32, show_default=True, help="Worker (and raw) batch size.")
+@click.option("--model", default=None, help="Model to run [default: CQ_MODEL].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Also run with this many workers.")
+@click.option("--engine", type=click.Choice(["static", "continuous"]), default="static",
+              show_default=True, help="Worker engine.")  # fmt: skip
+@click.option("--mixed-jobs", default=512, show_default=True, help="Jobs in the mixed workload.")
+@click.option("--batch-lookahead", default=8, show_default=True,
+              help="Batches' worth of jobs a worker takes at once.")  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the figures to this JSON file.")  # fmt: skip
+def bench(json_path: Path | None, model: str | None, **options: Any) -> None:
+    """Measure the pipeline against direct generate and bare Celery, in one run."""
+    from bench.report import print_report
+    from bench.run import BenchConfig, run_bench
+
+    config = BenchConfig(model=model or settings_from_env().model, **options)
+    figures = run_bench(config, progress=lambda line: click.echo(f"- {line}", err=True))
+    print_report(figures)
+    if json_path is not None:
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--log-level", default="info", show_default=True, help="uvicorn log level.")
+def api(host: str, port: int, log_level: str) -> None:
+    """Serve the HTTP API (native jobs, OpenAI-compatible completions and batches).
+
+    Without CQ_API_KEYS it binds to loopback only. OpenAPI docs at /docs.
+    """
+    import uvicorn
+
+    from api import create_api
+
+    settings = settings_from_env()
+    if not settings.api_keys and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to bind {host} without an API key: set CQ_API_KEYS, or bind 127.0.0.1"
+        )
+    app = create_api(migrated(settings))
+    click.echo(f"serving the API on http://{host}:{port} (docs: /docs)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@cli.command()
+@click.option("--address", help="Address to bind [env CQ_FLOWER_ADDRESS, default 127.0.0.1].")
+@click.option("--port", type=int, help="Port to bind [env CQ_FLOWER_PORT, default 5555].")
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep Flower's state in this file across restarts [env CQ_FLOWER_DB].",
+)
+def flower(address: str | None, port: int | None, db_path: Path | None) -> None:
+    """Run Flower (`celery flower`) for the cluster; basic auth from CQ_FLOWER_BASIC_AUTH.
+
+    Bound beyond loopback, Flower refuses to start without basic auth. /metrics
+    (Prometheus) and /healthcheck stay open, as Flower serves them.
+    """
+    run_flower(settings_from_env(flower_address=address, flower_port=port, flower_db=db_path))
+
+
+@cli.group()
+def model() -> None:
+    """Model commands."""
+
+
+@model.command("make-tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+def make_tiny(directory: Path, seed: int) -> None:
+    """Build the tiny GPT-2-style model (random weights, local tokenizer) into DIRECTORY."""
+    if directory.exists() and any(directory.iterdir()):
+        raise click.UsageError(f"{directory} exists and is not empty")
+    path = make_tiny_model(directory, seed=seed)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    click.echo(f"built tiny model in {path} ({size:.1f} MB)")
