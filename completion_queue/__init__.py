@@ -8,10 +8,12 @@ from completion_queue.celery_app import (
     broker_url_file,
     celery_priority,
     create_app,
+    heartbeat_interval_s,
     prefetch_count,
     queue_depth,
     queue_keys,
     resolve_broker_url,
+    restore_interval_s,
     send_jobs,
 )
 from completion_queue.constants import (
@@ -89,10 +91,12 @@ __all__ = [
     "broker_url_file",
     "celery_priority",
     "create_app",
+    "heartbeat_interval_s",
     "prefetch_count",
     "queue_depth",
     "queue_keys",
     "resolve_broker_url",
+    "restore_interval_s",
     "send_jobs",
     # local processes
     "EmbeddedRedis",

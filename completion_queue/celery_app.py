@@ -102,6 +102,22 @@ def queue_depth(client: Any, queue: str) -> int:
         return sum(int(n) for n in pipe.execute())
 
 
+#: How long a worker's restore sweep may hold kombu's ``unacked_mutex``. A sweep takes
+#: milliseconds; a worker killed mid-sweep blocks everyone else's sweeps this long at
+#: most (kombu's default, 300 s, would hold every dead worker's messages back that long).
+UNACKED_MUTEX_EXPIRE_S = 10
+
+
+def heartbeat_interval_s(settings: Settings) -> float:
+    """Return how often a worker re-scores the messages it holds: a quarter of the timeout."""
+    return settings.visibility_timeout_s / 4
+
+
+def restore_interval_s(settings: Settings) -> int:
+    """Return how often each worker sweeps for messages past the visibility timeout."""
+    return max(1, min(10, int(settings.visibility_timeout_s // 4)))
+
+
 def prefetch_count(settings: Settings) -> int:
     """Return how many messages a worker reserves: the flush running plus the next one forming."""
     return 2 * settings.batch_size * settings.batch_lookahead
@@ -149,12 +165,14 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         broker_use_ssl=tls_options(url) or None,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            # Unacked messages come back after this long; it must outlast any job.
+            # A held message comes back this long after its worker's last heartbeat
+            # (workers/heartbeat.py re-scores live workers' messages).
             "visibility_timeout": settings.visibility_timeout_s,
-            # How often each worker sweeps for unacked messages past that timeout
-            # (kombu's default is every ~100 s): a quarter of it, between 1 and 10 s.
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+            # How often each worker sweeps for messages past that timeout (kombu's
+            # default is every ~100 s), and how long a dead sweeper can block the others.
+            "unacked_restore_interval": restore_interval_s(settings),
             "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(PRIORITY_LEVELS)),
             # kombu shares pooled connections between apps with the same host, port,

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         description="How long a worker retries an unreachable database before giving up a batch.",
     )
     reap_interval_s: float = Field(
-        default=60.0, ge=0, description="How often each worker runs the reaper (0: never)."
+        default=15.0, ge=0, description="How often each worker runs the reaper (0: never)."
     )
     reap_running_after_s: float = Field(
         default=7200.0,
@@ -87,7 +87,7 @@ class Settings(BaseSettings):
         description="A job running this long without a result is requeued by the reaper.",
     )
     reap_queued_after_s: float = Field(
-        default=600.0,
+        default=30.0,
         gt=0,
         description="A job queued this long while its queue is empty and nothing is unacked "
         "lost its message; the reaper sends it again.",
@@ -98,9 +98,10 @@ class Settings(BaseSettings):
         description="A job queued this long (no worker took it) fails with QueueTimeout.",
     )
     visibility_timeout_s: int = Field(
-        default=3600,
+        default=30,
         ge=1,
-        description="Redis redelivery delay for unacked messages; above job_timeout_s.",
+        description="A message a worker holds goes back to the queue this long after the "
+        "worker's last heartbeat (it died); live workers renew theirs every quarter of it.",
     )
     log_level: str = Field(default="INFO", description="Log level for workers and the CLI.")
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -165,14 +166,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:
-        # A message must stay invisible while its job may still run, and the reaper must
-        # wait for Redis to redeliver before it resends a running job itself.
-        if self.visibility_timeout_s <= self.job_timeout_s:
-            raise ValueError(
-                f"visibility_timeout_s ({self.visibility_timeout_s:g}) must be above "
-                f"job_timeout_s ({self.job_timeout_s:g}): Redis would hand a job that is "
-                "still running to another worker"
-            )
+        # The reaper must wait for Redis to give a dead worker's messages back before it
+        # resends a running job itself.
         if self.reap_running_after_s <= self.visibility_timeout_s:
             raise ValueError(
                 f"reap_running_after_s ({self.reap_running_after_s:g}) must be above "

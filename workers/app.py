@@ -21,6 +21,7 @@ from completion_queue import (
 )
 from db import make_engine, make_session_factory
 from workers.events import install_job_events
+from workers.heartbeat import UnackedHeartbeat
 from workers.state import WorkerState
 from workers.task import ModelBatches
 
@@ -28,24 +29,28 @@ log = logging.getLogger(__name__)
 
 
 class ReaperStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Run the reaper every ``CQ_REAP_INTERVAL_S`` on the timer of the worker's main process."""
+    """Run the reaper every ``CQ_REAP_INTERVAL_S`` on the timer of the worker's main process.
 
-    requires = ("celery.worker.components:Timer",)
+    A consumer step, like the heartbeat: scheduled again after the broker
+    connection comes back (Celery clears its timer when the connection is lost).
+    """
 
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
         self.tref: Any = None
         self.sessions: Any = None
 
-    def start(self, worker: Any) -> None:
+    def start(self, consumer: Any) -> None:
         """Schedule the reaper (never when the interval is 0)."""
-        settings: Settings = worker.app.cq_state.settings
+        settings: Settings = consumer.app.cq_state.settings
         if settings.reap_interval_s > 0:
-            self.tref = worker.timer.call_repeatedly(
-                settings.reap_interval_s, self.reap, (worker.app,), priority=10
+            self.tref = consumer.timer.call_repeatedly(
+                settings.reap_interval_s, self.reap, (consumer.app,), priority=10
             )
 
-    def stop(self, worker: Any) -> None:
+    def stop(self, consumer: Any) -> None:
         """Cancel the schedule."""
         if self.tref is not None:
             self.tref.cancel()
@@ -53,7 +58,6 @@ class ReaperStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def reap(self, app: Celery) -> None:
         """One pass; a failure is logged and the next pass tries again."""
-
         settings: Settings = app.cq_state.settings
         try:
             if self.sessions is None:
@@ -61,6 +65,16 @@ class ReaperStep(bootsteps.StartStopStep):  # type: ignore[misc]
             reap(settings, app, self.sessions)
         except Exception as exc:
             log.warning("reaper pass failed: %s", redact_url(str(exc)))
+
+
+class ForgetBufferStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """On each (re)connection, drop what the batch task buffered from the connection before."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, consumer: Any) -> None:
+        """Reset the batch task's buffer and flush timer (see :class:`ModelBatches`)."""
+        consumer.app.tasks[TASK_GENERATE].forget_buffer()
 
 
 def create_worker_app(settings: Settings, broker_url: str | None = None) -> Celery:
@@ -111,6 +125,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
     def generate(requests: list[SimpleRequest]) -> bool:
         return state.run(requests)
 
-    app.steps["worker"].add(ReaperStep)
+    for step in (ReaperStep, UnackedHeartbeat, ForgetBufferStep):
+        app.steps["consumer"].add(step)
     app.cq_state = state
     return app

@@ -14,10 +14,15 @@ it fit a worker whose one pool process holds the model:
 - The messages are acknowledged only when the task returns True (its results
   are committed). celery-batches logs an exception and returns None; then the
   messages are requeued too (e.g. the database stayed away past CQ_DB_RETRY_S).
+- After the broker connection is lost, Celery clears its timer (the flush timer
+  with it) and kombu gives back every message the old connection held:
+  :meth:`ModelBatches.forget_buffer` drops the buffered requests, which can no
+  longer be acknowledged, and lets the next message arm a new flush timer.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -43,6 +48,24 @@ class ModelBatches(Batches):  # type: ignore[misc]
         super().__init__()
         self._running = 0
 
+    def forget_buffer(self) -> None:
+        """Drop buffered requests of a lost connection, and the flush timer Celery cleared."""
+        dropped = 0
+        for queue in (self._buffer, self._pending):
+            while not queue.empty():
+                queue.get_nowait()
+                dropped += 1
+        self._tref = None
+        self._count = itertools.count(1)
+        if dropped or self._running:
+            log.warning(
+                "broker connection was lost: dropped %d buffered message(s), "
+                "stopped waiting for %d flush(es)",
+                dropped, self._running,
+            )  # fmt: skip
+        # A flush of the old connection may never report back: stop waiting for it.
+        self._running = 0
+
     def _do_flush(self) -> None:
         if self._running and self._buffer.qsize() < self.flush_every:
             return  # the model is busy: let the next batch fill up
@@ -60,7 +83,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
         self._running += 1
 
         def on_return(result: Any) -> None:
-            self._running -= 1
+            self._running = max(0, self._running - 1)
             if result is not True:
                 log.error("batch of %d not committed; requeueing its messages", len(requests))
             for request in requests:
@@ -72,7 +95,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
                 self._do_flush()
 
         def on_error(exc: BaseException) -> None:
-            self._running -= 1
+            self._running = max(0, self._running - 1)
             log.error("batch of %d lost (%r); requeueing its messages", len(requests), exc)
             for request in requests:
                 request.reject(requeue=True)

@@ -16,7 +16,7 @@ def test_a_redis_restart_loses_no_job_and_refuses_producers_meanwhile(
 ) -> None:
     server = own_redis(appendonly=True)
     chaos.use_broker(server.url)
-    chaos.start_worker(visibility_timeout_s=4, job_timeout_s=3)
+    chaos.start_worker()
     with chaos.client() as client:
         # Given one batch running and another one's messages held by the worker
         jobs = client.submit_many(

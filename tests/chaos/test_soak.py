@@ -26,10 +26,6 @@ def test_soak_no_job_lost_none_doubled_under_repeated_kills(
     worker_options = {
         "batch_size": 32,
         "batch_lookahead": 2,
-        "visibility_timeout_s": 10,
-        "job_timeout_s": 9,
-        "reap_interval_s": 2,
-        "reap_queued_after_s": 15,
     }
     chaos.start_worker(**worker_options)
     victim = chaos.start_worker(**worker_options)

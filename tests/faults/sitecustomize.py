@@ -10,6 +10,11 @@ process starts. Production code knows nothing of it. Keys:
   process, every time (as a segfault in a kernel would).
 - ``oom_above_rows``: a batch of more rows than this raises ``torch.OutOfMemoryError``,
   as CUDA does when a batch does not fit.
+- ``slow``: a string; a batch holding a prompt that contains it sleeps ``slow_s``
+  seconds before generating (a long generation on a big model).
+- ``hold_restore_mutex``: the worker's main process, at its first restore sweep,
+  takes kombu's ``unacked_mutex`` as a sweep does, logs ``cq test: holding
+  unacked_mutex`` and stalls there, so a test can kill it mid-sweep.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import time
 from typing import Any
 
 _FAULTS = json.loads(os.environ.get("CQ_TEST_FAULTS") or "{}")
@@ -38,6 +45,9 @@ def _install(**_: Any) -> None:
         crash = _FAULTS.get("crash")
         if crash and any(crash in prompt for prompt in prompts):
             os.kill(os.getpid(), signal.SIGKILL)
+        slow = _FAULTS.get("slow")
+        if slow and any(slow in prompt for prompt in prompts):
+            time.sleep(float(_FAULTS.get("slow_s", 60)))
         poison = _FAULTS.get("poison")
         if poison and any(poison in prompt for prompt in prompts):
             raise RuntimeError(f"poisoned prompt {poison!r} (simulated model failure)")
@@ -46,7 +56,22 @@ def _install(**_: Any) -> None:
     ModelRuntime._run_model = faulty  # type: ignore[method-assign]
 
 
+def _hold_restore_mutex() -> None:
+    from kombu.transport import redis as kombu_redis
+
+    def stalled(self: Any, *args: Any, **kwargs: Any) -> None:
+        with self.channel.conn_or_acquire() as client:
+            lock = client.lock(self.unacked_mutex_key, timeout=self.unacked_mutex_expire)
+            lock.acquire(blocking=True)
+            print("cq test: holding unacked_mutex", file=sys.stderr, flush=True)
+            time.sleep(3600)
+
+    kombu_redis.QoS.restore_visible = stalled
+
+
 if _FAULTS:
     from celery import signals
 
     signals.worker_process_init.connect(_install, weak=False)
+    if _FAULTS.get("hold_restore_mutex"):
+        _hold_restore_mutex()

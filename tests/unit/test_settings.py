@@ -17,6 +17,7 @@ from completion_queue import (
     Settings,
     celery_priority,
     create_app,
+    heartbeat_interval_s,
     queue_name,
     redact_url,
     resolve_broker_url,
@@ -68,7 +69,6 @@ def test_celery_app_accepts_json_only_and_acks_late() -> None:
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 2 * 16 * Settings().batch_lookahead
-    assert conf.broker_transport_options["visibility_timeout"] > Settings().job_timeout_s
     with pytest.raises(ConfigError, match="broker_url must be a redis"):
         create_app(Settings(), "amqp://guest@localhost//")
 
@@ -149,19 +149,22 @@ def test_producer_api_cli_and_a_workers_main_process_import_without_torch() -> N
     assert done.stdout.strip() == "ok", done.stderr
 
 
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({"job_timeout_s": 3600}, r"visibility_timeout_s \(3600\) must be above job_timeout_s"),
-        ({"visibility_timeout_s": 30, "job_timeout_s": 60}, "still running to another worker"),
-        ({"reap_running_after_s": 3600}, r"reap_running_after_s \(3600\) must be above"),
-    ],
-)
-def test_settings_refuse_timeouts_out_of_order(values: dict[str, float], message: str) -> None:
-    with pytest.raises(pydantic.ValidationError, match=message):
-        Settings(**values)
+def test_settings_refuse_a_reap_delay_within_the_visibility_timeout() -> None:
+    with pytest.raises(
+        pydantic.ValidationError, match=r"reap_running_after_s \(30\) must be above"
+    ):
+        Settings(reap_running_after_s=30)
 
 
-def test_the_default_timeouts_are_in_order() -> None:
+def test_the_defaults_recover_a_dead_worker_s_messages_within_a_minute() -> None:
     settings = Settings()
-    assert settings.job_timeout_s < settings.visibility_timeout_s < settings.reap_running_after_s
+    conf = create_app(settings, "redis://127.0.0.1:1/0").conf
+    options = conf.broker_transport_options
+    # a dead worker's messages: one timeout past its last heartbeat, then the next sweep
+    worst_s = options["visibility_timeout"] + options["unacked_restore_interval"]
+    assert worst_s < 60 and options["unacked_restore_throttle"] == 1
+    # a worker killed mid-sweep blocks the others' sweeps no longer than that
+    assert options["unacked_mutex_expire"] <= options["visibility_timeout"]
+    # a live worker renews its messages several times per timeout
+    assert heartbeat_interval_s(settings) <= options["visibility_timeout"] / 3
+    assert settings.reap_running_after_s > settings.visibility_timeout_s
