@@ -47,16 +47,21 @@ def file_view(stored: StoredFile) -> dict[str, Any]:
 
 
 def parse_input(
-    content: bytes, limits: Limits, max_prompts: int
+    content: bytes, limits: Limits, max_requests: int
 ) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Return each input line's custom id and our requests; a bad line is a 400 naming it."""
+    """Return each input line's custom id and our requests; a bad line is a 400 naming it.
+
+    Lines end at ``\n`` only (JSON strings may hold U+2028 and other line breaks),
+    and parsing stops as soon as the file holds more than ``max_requests`` requests.
+    """
     lines: list[tuple[str, list[dict[str, Any]]]] = []
     seen: set[str] = set()
+    total = 0
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise ValidationError("input file must be UTF-8 JSONL", field="input_file_id") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -69,7 +74,13 @@ def parse_input(
             if item.get("method", "POST") != "POST" or url != ENDPOINT:
                 raise ValueError(f"method must be POST and url {ENDPOINT}")
             seen.add(custom_id)
-            requests = completion_requests(body, max_prompts)
+            requests = completion_requests(body, max_requests)
+            total += len(requests)
+            if total > max_requests:
+                raise ValidationError(
+                    f"the file holds more than {max_requests} requests (CQ_MAX_BATCH_REQUESTS)",
+                    field="input_file_id",
+                )
             check_requests(requests, limits)
             lines.append((custom_id, requests))
         except (ValueError, ValidationError) as exc:

@@ -23,6 +23,9 @@ from completion_queue import JobTimeout, ValidationError
 from db import Job
 from producer import CompletionClient, Limits, validate_request
 
+#: Longest ``user`` (an end-user id) we write to the log.
+MAX_USER_CHARS = 256
+
 
 class CompletionsBody(BaseModel):
     """The ``POST /v1/completions`` parameters we support (OpenAI's names)."""
@@ -37,7 +40,9 @@ class CompletionsBody(BaseModel):
     n: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    user: str | None = Field(default=None, description="End-user id, written to the API log.")
+    user: str | None = Field(
+        default=None, max_length=MAX_USER_CHARS, description="End-user id, written to the API log."
+    )
 
 
 SUPPORTED = frozenset(CompletionsBody.model_fields)
@@ -92,6 +97,11 @@ def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
             raise ValidationError(f"{name} is not supported (only {allowed})", field=name)
         hint = f" ({INSTEAD[name]})" if name in INSTEAD else ""
         raise ValidationError(f"{name} is not a supported parameter{hint}", field=name)
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
+        raise ValidationError(
+            f"user must be a string of at most {MAX_USER_CHARS} characters", field="user"
+        )
     if "prompt" not in body:
         raise ValidationError("prompt is required", field="prompt")
     prompt = body["prompt"]

@@ -14,6 +14,10 @@ from completion_queue import Settings, ValidationError
 from producer.callbacks import NonPublicAddress, refuse_literal
 
 MAX_STOP_SEQUENCES = 4
+#: Longest stop string: a stop is matched against the decoded tail at every step.
+MAX_STOP_CHARS = 256
+#: Largest top_k (a token id is a 64-bit integer in the worker; any vocabulary is smaller).
+MAX_TOP_K = 1_000_000
 MAX_URL_CHARS = 2048
 
 
@@ -47,7 +51,7 @@ class CompletionRequest(BaseModel):
     max_new_tokens: int = Field(default=16, strict=True, ge=1)
     temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(default=0, strict=True, ge=0)
+    top_k: int = Field(default=0, strict=True, ge=0, le=MAX_TOP_K)
     repetition_penalty: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     n: int = Field(default=1, strict=True, ge=1)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
@@ -86,6 +90,10 @@ class CompletionRequest(BaseModel):
         for item in value:
             if not item:
                 raise ValueError("must not contain empty strings")
+            if len(item) > MAX_STOP_CHARS:
+                raise ValueError(
+                    f"must hold strings of at most {MAX_STOP_CHARS} characters, got {len(item)}"
+                )
             _check_text(item)
         return value
 

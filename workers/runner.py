@@ -166,7 +166,13 @@ class BatchRunner:
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
-        ids = [uuid.UUID(i) for i in job_ids]
+        ids = []
+        for job_id in job_ids:
+            try:
+                ids.append(uuid.UUID(job_id))
+            except ValueError:
+                # Not a message of ours: it fails alone (acknowledged with its flush).
+                log.error("dropping a message whose task id %r is not a job id", job_id[:80])
         jobs = self._with_database(lambda: self._read(ids))
         if not jobs:
             self._tell("claimed", [], skipped=ids, worker=worker)

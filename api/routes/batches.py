@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.batch_output import CHUNK, ENDPOINT, WINDOW, batch_or_404, batch_view, parse_input
 from api.errors import APIError, not_found
@@ -26,7 +26,24 @@ class BatchBody(BaseModel):
     input_file_id: str = Field(max_length=64)
     endpoint: str = Field(description=f"Only {ENDPOINT}.")
     completion_window: str = Field(description=f"Only {WINDOW}.")
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, str] | None = Field(
+        default=None, description="At most 16 pairs: keys of 64, values of 512 characters."
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        # OpenAI's bounds on metadata.
+        if value is None:
+            return value
+        if len(value) > 16:
+            raise ValueError(f"must have at most 16 pairs, got {len(value)}")
+        for key, item in value.items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError(
+                    f"keys must have at most 64 and values 512 characters ({key[:64]!r})"
+                )
+        return value
 
 
 @router.post("/batches")

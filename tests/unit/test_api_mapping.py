@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from datetime import UTC, datetime
 
+import pydantic
 import pytest
 from click.testing import CliRunner
 
+from api.batch_output import ENDPOINT, parse_input
 from api.errors import completion_error_info
 from api.openai import completion_requests, in_openai_names
+from api.routes.batches import BatchBody
 from api.routes.jobs import decode_cursor, encode_cursor
 from api.views import completion_view, job_failure
 from api.webhooks import sign
 from cli import cli
 from completion_queue import QueueFull, ValidationError, is_loopback
 from db import Choice, Job, JobStatus
+from producer import Limits
 from tests.factories import make_job
 
 
@@ -133,3 +138,38 @@ def test_a_full_queue_is_a_429_in_openai_shape() -> None:
     body = info.body()["error"]
     assert body["code"] == "queue_full" and body["type"] == "rate_limit_error"
     assert "max_queued_jobs is 5" in body["message"]
+
+
+def test_a_long_user_is_refused_naming_it() -> None:
+    with pytest.raises(ValidationError, match="user must be a string of at most 256") as info:
+        completion_requests({"prompt": "a", "user": "u" * 257}, max_prompts=10)
+    assert info.value.field == "user"
+
+
+def batch_line(custom_id: str, prompt: object) -> str:
+    body = {"model": "m", "prompt": prompt, "max_tokens": 4}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body})
+
+
+def test_batch_lines_end_at_newlines_only() -> None:
+    # A JSON string may hold U+2028 (a line break to str.splitlines), escaped or not
+    content = (batch_line("a", "one\u2028two") + "\n" + batch_line("b", "three") + "\r\n").encode()
+    lines = parse_input(content, Limits(), max_requests=10)
+    assert [(cid, [r["prompt"] for r in reqs]) for cid, reqs in lines] == [
+        ("a", ["one\u2028two"]),
+        ("b", ["three"]),
+    ]
+
+
+def test_a_batch_file_over_the_request_cap_is_refused_while_parsing() -> None:
+    lines = [batch_line(f"id-{i}", ["p"] * 4) for i in range(100)]
+    with pytest.raises(ValidationError, match="line 3: the file holds more than 10 requests"):
+        parse_input("\n".join(lines).encode(), Limits(), max_requests=10)
+
+
+def test_batch_metadata_is_bounded_as_openai_bounds_it() -> None:
+    base = {"input_file_id": "file-1", "endpoint": ENDPOINT, "completion_window": "24h"}
+    assert BatchBody(**base, metadata={"k": "v"}).metadata == {"k": "v"}
+    for metadata in ({f"k{i}": "v" for i in range(17)}, {"k": "v" * 513}, {"k" * 65: "v"}):
+        with pytest.raises(pydantic.ValidationError, match="metadata"):
+            BatchBody(**base, metadata=metadata)

@@ -139,12 +139,15 @@ def test_plan_truncates_only_the_jobs_that_ask_for_it() -> None:
     assert "truncate: true would keep the prompt's last 12 tokens" in str(rejected[0][1])
 
 
-def test_a_truncated_job_records_what_was_dropped(tmp_path: Path) -> None:
-    # Given a job too long for the context that asks for truncation, and a short one
+def sqlite_sessions(tmp_path: Path) -> Any:
     url = f"sqlite:///{tmp_path / 'runner.db'}"
     upgrade(url)
-    engine = make_engine(url)
-    sessions = make_session_factory(engine)
+    return make_session_factory(make_engine(url))
+
+
+def test_a_truncated_job_records_what_was_dropped(tmp_path: Path) -> None:
+    # Given a job too long for the context that asks for truncation, and a short one
+    sessions = sqlite_sessions(tmp_path)
     long = " ".join(["word"] * 30)
     new = [
         NewJob(model="m", prompt=long, params={"max_new_tokens": 4, "truncate": True}),
@@ -157,6 +160,19 @@ def test_a_truncated_job_records_what_was_dropped(tmp_path: Path) -> None:
     # Then 30 tokens for a context of 16 with 4 new: 12 kept, 18 dropped; the short one untouched
     with sessions() as session:
         rows = [get_job(session, job_id=j.id) for j in new]
-    engine.dispose()
     recorded = [(r.status, r.prompt_tokens, r.truncated_prompt_tokens) for r in rows if r]
     assert recorded == [(JobStatus.SUCCEEDED, 12, 18), (JobStatus.SUCCEEDED, 1, None)]
+
+
+def test_a_message_that_is_not_a_job_fails_alone(tmp_path: Path) -> None:
+    # Given a flush holding a task id that is not a job id, and a real job
+    sessions = sqlite_sessions(tmp_path)
+    job = NewJob(model="m", prompt="short", params={"max_new_tokens": 4})
+    with sessions.begin() as session:
+        create_jobs(session, jobs=[job])
+    # When the runner runs the flush
+    outcomes = BatchRunner(WordRuntime(), sessions, max_rows=64).run(
+        ["not-a-uuid", str(job.id)], worker="w"
+    )
+    # Then the stray message is dropped and the job succeeds
+    assert [(o.job_id, o.status) for o in outcomes] == [(job.id, JobStatus.SUCCEEDED)]

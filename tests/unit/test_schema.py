@@ -38,6 +38,8 @@ def refused(data: object) -> ValidationError:
             "max_new_tokens must be >= 1, got 0",
         ),
         ({"prompt": "x", "max_new_tokens": 2.0}, "max_new_tokens", "must be an integer, got float"),
+        ({"prompt": "x", "top_k": 10**30}, "top_k", "top_k must be <= 1000000, got"),
+        ({"prompt": "x", "stop": ["s" * 3000]}, "stop", "at most 256 characters, got 3000"),
         ({"prompt": "x", "temperature": -1}, "temperature", "temperature must be >= 0, got -1"),
         (
             {"prompt": "x", "temperature": "hot"},
