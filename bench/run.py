@@ -26,12 +26,14 @@ from completion_queue import (
     EmbeddedRedis,
     Settings,
     WorkerProcess,
+    create_app,
     rss_mb,
     worker_env,
 )
 from db import Job, JobStatus, upgrade
 from producer import CompletionClient
 from producer.stats import percentile
+from workers.tiny import ensure_tiny_model
 
 NOOP_TASK = "cq.bench.noop"
 NOOP_QUEUE = "cq.bench.noop"
@@ -177,8 +179,6 @@ def _pipeline(client: CompletionClient, items: Sequence[Item]) -> tuple[int, flo
 
 def _celery_noop_rate(cluster: _Cluster, count: int) -> float:
     """Tasks per second of a bare Celery no-op on the same Redis and worker settings."""
-    from completion_queue import create_app
-
     settings = cluster.settings(1)
     env = {**os.environ, **worker_env(settings)}
     log = (cluster.base / "noop-worker.log").open("wb")
@@ -214,8 +214,6 @@ def _celery_noop_rate(cluster: _Cluster, count: int) -> float:
 def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     """Run every measurement of ``cq bench`` and return the figures."""
     import torch
-
-    from workers.tiny import ensure_tiny_model
 
     base_settings = Settings(model=config.model)
     path = base_settings.model_path()

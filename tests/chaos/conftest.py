@@ -24,6 +24,7 @@ from completion_queue import (
     RedisTLS,
     Settings,
     WorkerProcess,
+    queue_depth,
     queue_name,
     worker_env,
 )
@@ -93,9 +94,7 @@ class Chaos:
 
     def queued_messages(self) -> int:
         """Messages waiting in the model's queue (every priority step)."""
-        base = queue_name(self.settings.model)
-        keys = [base, *(f"{base}\x06\x16{p}" for p in range(1, 10))]
-        return sum(int(self.redis.llen(k)) for k in keys)  # type: ignore[arg-type]
+        return queue_depth(self.redis, queue_name(self.settings.model))
 
     def unacked_messages(self) -> int:
         """Messages delivered to a worker and not acknowledged yet."""
