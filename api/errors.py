@@ -15,6 +15,7 @@ from completion_queue import (
     BrokerUnavailable,
     CompletionError,
     ConfigError,
+    IdempotencyConflict,
     JobNotFound,
     JobTimeout,
     QueueFull,
@@ -52,6 +53,8 @@ def completion_error_info(exc: CompletionError) -> ErrorInfo:
         return ErrorInfo(400, message, param=exc.field, code="invalid_value")
     if isinstance(exc, JobNotFound):
         return ErrorInfo(404, message, param="id", code="not_found")
+    if isinstance(exc, IdempotencyConflict):
+        return ErrorInfo(409, message, param=exc.field, code="idempotency_key_reused")
     if isinstance(exc, QueueFull):
         return ErrorInfo(429, message, "rate_limit_error", code="queue_full")
     if isinstance(exc, JobTimeout):

@@ -12,10 +12,11 @@ too-long prompt fails with ``context_length_exceeded``; the native ``POST
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
 from api.errors import APIError
 from api.views import ErrorInfo
@@ -125,11 +126,15 @@ def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
 
 
 def submit_completions(
-    client: CompletionClient, requests: list[dict[str, Any]], *, batch_id: str | None = None
+    client: CompletionClient,
+    requests: list[dict[str, Any]],
+    *,
+    batch_id: str | None = None,
+    in_transaction: Callable[[Session, list[Job]], None] | None = None,
 ) -> list[Job]:
     """Validate and queue ``requests``; errors name OpenAI's fields."""
     try:
-        return client.submit_many(requests, batch_id=batch_id)
+        return client.submit_many(requests, batch_id=batch_id, in_transaction=in_transaction)
     except ValidationError as exc:
         raise in_openai_names(exc, single=len(requests) == 1) from None
 

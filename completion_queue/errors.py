@@ -19,6 +19,12 @@ class ValidationError(CompletionError, ValueError):
         self.field = field
 
 
+class IdempotencyConflict(CompletionError):
+    """Raised when an idempotency key was used for a different request; nothing was written."""
+
+    field = "idempotency_key"
+
+
 class QueueFull(CompletionError):
     """Raised when CQ_MAX_QUEUED_JOBS jobs are queued already; nothing was written, retry later."""
 

@@ -127,7 +127,13 @@ class Settings(BaseSettings):
         default=1.0, gt=0, le=3600, description="Delay before the first retry; doubles after."
     )
     webhook_timeout_s: float = Field(
-        default=10.0, gt=0, le=300, description="Timeout of one webhook POST."
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Deadline of one webhook delivery: resolve, connect, send and read the answer.",
+    )
+    webhook_concurrency: int = Field(
+        default=16, ge=1, le=1000, description="Webhook deliveries in flight at once per API."
     )
     webhook_poll_ms: int = Field(
         default=500, ge=10, le=60_000, description="How often the API looks for due webhooks."

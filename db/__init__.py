@@ -9,6 +9,7 @@ from db.batch_store import (
     StoredFile,
     create_batch,
     create_file,
+    delete_batch,
     get_batch,
     get_file,
     get_file_content,
@@ -23,7 +24,6 @@ from db.jobs import (
     count_queued,
     count_unfinished,
     create_jobs,
-    delete_jobs,
     finish_jobs,
     get_job,
     get_jobs,
@@ -31,6 +31,7 @@ from db.jobs import (
     job_states,
     list_jobs,
     prune_jobs,
+    withdraw_jobs,
 )
 from db.migrate import upgrade
 from db.models import FINISHED_STATUSES, BatchRow, FileRow, JobRow, JobStatus, WebhookStatus
@@ -45,7 +46,7 @@ from db.recovery import (
 )
 from db.snapshots import Choice, Job, JobState, NewJob, Outcome, aware, error_dict, utcnow
 from db.stats import FinishedJob, count_by_status, finished_since, queued_models
-from db.webhooks import claim_webhook, due_webhooks, record_webhook
+from db.webhooks import claim_webhook, due_webhooks, give_up_webhook, record_webhook
 
 __all__ = [
     # tables
@@ -75,7 +76,6 @@ __all__ = [
     "count_queued",
     "count_unfinished",
     "create_jobs",
-    "delete_jobs",
     "finish_jobs",
     "get_job",
     "get_jobs",
@@ -83,6 +83,7 @@ __all__ = [
     "job_states",
     "list_jobs",
     "prune_jobs",
+    "withdraw_jobs",
     # recovery (the reaper's transitions)
     "Requeued",
     "expire_batch_jobs",
@@ -94,6 +95,7 @@ __all__ = [
     # webhooks
     "claim_webhook",
     "due_webhooks",
+    "give_up_webhook",
     "record_webhook",
     # files and batches
     "BATCH_WINDOW",
@@ -101,6 +103,7 @@ __all__ = [
     "StoredFile",
     "create_batch",
     "create_file",
+    "delete_batch",
     "get_batch",
     "get_file",
     "get_file_content",

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from db.models import BatchRow, FileRow
@@ -124,6 +124,11 @@ def create_batch(
     session.add(row)
     session.flush()
     return Batch.from_row(row)
+
+
+def delete_batch(session: Session, *, batch_id: str) -> None:
+    """Delete a batch whose jobs could not be queued (they were taken back)."""
+    session.execute(delete(BatchRow).where(BatchRow.id == batch_id))
 
 
 def get_batch(session: Session, *, batch_id: str) -> Batch | None:

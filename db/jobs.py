@@ -99,11 +99,26 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
     return result
 
 
-def delete_jobs(session: Session, *, job_ids: Iterable[uuid.UUID]) -> None:
-    """Delete queued jobs whose messages could not be sent."""
+def withdraw_jobs(session: Session, *, job_ids: Iterable[uuid.UUID], error: dict[str, str]) -> None:
+    """Take back queued jobs whose messages could not be sent.
+
+    A job without an idempotency key was seen by no one but its submitter, who is
+    told it failed: it is deleted. One with a key may have been given meanwhile
+    to a concurrent request with the same key, so it stays, failed with
+    ``error`` (the id that request holds keeps answering), and its key is
+    released so that a retry with it queues the job anew.
+    """
     ids = list(job_ids)
-    if ids:
-        session.execute(delete(JobRow).where(JobRow.id.in_(ids), JobRow.status == JobStatus.QUEUED))
+    if not ids:
+        return
+    queued = (JobRow.id.in_(ids), JobRow.status == JobStatus.QUEUED)
+    session.execute(delete(JobRow).where(*queued, JobRow.idempotency_key.is_(None)))
+    session.execute(
+        update(JobRow)
+        .where(*queued)
+        .values(status=JobStatus.FAILED, error=error, idempotency_key=None, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def prune_jobs(

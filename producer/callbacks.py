@@ -5,8 +5,11 @@ the API would POST wherever it points: to a cloud metadata endpoint, an admin
 port on loopback, a database in the private network (server-side request
 forgery). So a callback host must be a public address:
 
-- at submit, a literal address or ``localhost`` that is not public is refused,
-  naming ``callback_url`` (no DNS lookup: a name may resolve differently later);
+- at submit, the URL is parsed as delivery will parse it (:func:`parse_callback`:
+  httpx's parser, the IDNA form of the host, DNS's limits on names), so a URL
+  that could only fail later is refused then, naming ``callback_url``; and a
+  literal address or ``localhost`` that is not public is refused (no DNS
+  lookup: a name may resolve differently later);
 - at delivery, the host is resolved, every address it resolves to must be
   public, and the POST goes to the address that was checked (the name still
   goes in ``Host`` and in TLS's SNI and certificate check), so a name that
@@ -20,14 +23,64 @@ endpoint cannot bounce a webhook inward either.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+
+import httpx
 
 #: Names that are loopback on every machine, whatever DNS says.
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
+#: The longest DNS name (RFC 1035), and a label of one: ASCII (IDNA-encoded), 1-63 characters.
+MAX_NAME_CHARS = 253
+LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
 class NonPublicAddress(ValueError):
     """A callback host that is, or resolves to, a loopback, private or reserved address."""
+
+
+class InvalidCallback(ValueError):
+    """A callback URL that cannot be delivered to, whatever the network says."""
+
+
+def parse_callback(value: str) -> httpx.URL:
+    """Parse ``value`` exactly as delivery does; raise :class:`InvalidCallback` saying why not.
+
+    httpx parses the URL and IDNA-encodes the host (its ``raw_host``); decoding it
+    back checks the A-labels; every label must then be one DNS and the resolver
+    accept, or ``getaddrinfo`` raises ``UnicodeError`` at delivery.
+    """
+    try:
+        url = httpx.URL(value)
+        url.host  # noqa: B018 - decodes the IDNA form: a bad A-label raises here, not later
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise InvalidCallback(f"is not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise InvalidCallback("must be an http:// or https:// URL with a host")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise InvalidCallback(f"has port {url.port}; a port is 1 to 65535")
+    host = url.raw_host.decode("ascii")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        name = host.removesuffix(".")
+        if len(name) > MAX_NAME_CHARS:
+            raise InvalidCallback(
+                f"has a host name of {len(name)} characters; at most {MAX_NAME_CHARS}"
+            ) from None
+        if not all(LABEL.fullmatch(label) for label in name.split(".")):
+            raise InvalidCallback(
+                f"has host {host!r}: each dot-separated part must be 1 to 63 letters, "
+                "digits, '-' or '_'"
+            ) from None
+    return url
+
+
+def callback_host(url: httpx.URL) -> str:
+    """The host of a parsed callback URL as the resolver takes it (ASCII, no brackets)."""
+    return url.raw_host.decode("ascii")
 
 
 def is_public(address: str) -> bool:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue import (
     BrokerUnavailable,
+    IdempotencyConflict,
     JobNotFound,
     JobTimeout,
     QueueFull,
@@ -32,12 +33,13 @@ from db import (
     count_queued,
     count_unfinished,
     create_jobs,
-    delete_jobs,
+    error_dict,
     get_job,
     get_jobs,
     list_jobs,
     make_engine,
     make_session_factory,
+    withdraw_jobs,
 )
 from producer.schema import CompletionRequest, Limits, validate_request
 
@@ -46,6 +48,13 @@ POLL_FIRST_S, POLL_FACTOR, POLL_MAX_S = 0.02, 1.5, 0.5
 
 JobRef = uuid.UUID | str | Job
 Progress = Callable[[int, int], None]
+
+
+def same_request(new: NewJob, job: Job) -> bool:
+    """True when ``job`` (found under ``new``'s idempotency key) was made by the same request."""
+    return (new.model, new.prompt, new.params, new.priority, new.callback_url) == (
+        job.model, job.prompt, job.params, job.priority, job.callback_url,
+    )  # fmt: skip
 
 
 def _job_id(ref: JobRef) -> uuid.UUID:
@@ -107,12 +116,17 @@ class CompletionClient:
         requests: Iterable[Mapping[str, Any] | CompletionRequest],
         *,
         batch_id: str | None = None,
-    ) -> list[Job]:
+        in_transaction: Callable[[Session, builtins.list[Job]], None] | None = None,
+    ) -> builtins.list[Job]:
         """Validate all requests, store them in one transaction, then queue them.
 
-        Nothing is written or queued unless every request is valid. If the broker
-        cannot be reached, the rows just written are removed and
-        :class:`BrokerUnavailable` is raised.
+        All or nothing: nothing is written or queued unless every request is valid
+        and no idempotency key was used before for a different request
+        (:class:`IdempotencyConflict`). ``in_transaction(session, jobs)`` runs in
+        the transaction that writes the jobs, before anything is queued, to write
+        what belongs with them (raising from it writes nothing). If the broker
+        cannot be reached, the jobs just written are taken back (see
+        :func:`db.withdraw_jobs`) and :class:`BrokerUnavailable` is raised.
         """
         validated: list[CompletionRequest] = []
         for index, data in enumerate(requests):
@@ -125,10 +139,14 @@ class CompletionClient:
                 validated.append(validate_request(data, self.limits))
             except ValidationError as exc:
                 raise ValidationError(f"requests[{index}]: {exc}", field=exc.field) from None
-        return self._store_and_send(validated, batch_id=batch_id)
+        return self._store_and_send(validated, batch_id=batch_id, in_transaction=in_transaction)
 
     def _store_and_send(
-        self, validated: Sequence[CompletionRequest], *, batch_id: str | None
+        self,
+        validated: Sequence[CompletionRequest],
+        *,
+        batch_id: str | None,
+        in_transaction: Callable[[Session, builtins.list[Job]], None] | None = None,
     ) -> builtins.list[Job]:
         if not validated:
             return []
@@ -148,17 +166,28 @@ class CompletionClient:
         ]
         with self._sessions.begin() as session:
             created = create_jobs(session, jobs=new_jobs)
+            for new, (job, is_new) in zip(new_jobs, created, strict=True):
+                if not is_new and not same_request(new, job):
+                    raise IdempotencyConflict(
+                        f"idempotency key {job.idempotency_key!r} was used for a different "
+                        f"request (job {job.id})"
+                    )
+            if in_transaction is not None:
+                in_transaction(session, [job for job, _ in created])
         to_send = [job for job, is_new in created if is_new]
         try:
             if to_send:
                 send_jobs(app, to_send)
         except Exception as exc:
-            with self._sessions.begin() as session:
-                delete_jobs(session, job_ids=[job.id for job in to_send])
-            raise BrokerUnavailable(
+            unavailable = BrokerUnavailable(
                 f"could not queue {len(to_send)} job(s) on {redact_url(app.conf.broker_url)}: "
                 f"{type(exc).__name__}: {redact_url(str(exc))}"
-            ) from None
+            )
+            with self._sessions.begin() as session:
+                withdraw_jobs(
+                    session, job_ids=[job.id for job in to_send], error=error_dict(unavailable)
+                )
+            raise unavailable from None
         return [job for job, _ in created]
 
     def _check_capacity(self, count: int) -> None:

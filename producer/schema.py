@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from completion_queue import Settings, ValidationError
-from producer.callbacks import NonPublicAddress, refuse_literal
+from producer.callbacks import (
+    InvalidCallback,
+    NonPublicAddress,
+    callback_host,
+    parse_callback,
+    refuse_literal,
+)
 
 MAX_STOP_SEQUENCES = 4
 #: Longest stop string: a stop is matched against the decoded tail at every step.
@@ -103,11 +108,9 @@ class CompletionRequest(BaseModel):
         if value is None:
             return value
         try:
-            parts = urlsplit(value)
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
+            parse_callback(value)
+        except InvalidCallback as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
@@ -233,7 +236,7 @@ def validate_request(
             raise ValidationError(f"{field} must be {what}, got {value}", field=field)
     if request.callback_url and not limits.allow_private_callbacks:
         try:
-            refuse_literal(urlsplit(request.callback_url).hostname or "")
+            refuse_literal(callback_host(parse_callback(request.callback_url)))
         except NonPublicAddress as exc:
             raise ValidationError(
                 f"callback_url must reach a public address: {exc} "

@@ -3,10 +3,12 @@ and real worker processes per database backend."""
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -121,3 +123,14 @@ def reference(tiny_model: Path) -> object:
     from tests.reference import Reference
 
     return Reference(tiny_model)
+
+
+def until(condition: Callable[[], Any], timeout_s: float = 60) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout_s}s")

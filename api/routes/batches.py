@@ -6,14 +6,24 @@ from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.orm import Session
 
 from api.batch_output import CHUNK, ENDPOINT, WINDOW, batch_or_404, batch_view, parse_input
 from api.errors import APIError, not_found
 from api.openai import submit_completions
 from api.state import State
 from api.views import ErrorInfo
-from completion_queue import ValidationError
-from db import cancel_jobs, create_batch, get_file_content, mark_batch_cancelled, new_id
+from completion_queue import BrokerUnavailable, ValidationError
+from db import (
+    Batch,
+    Job,
+    cancel_jobs,
+    create_batch,
+    delete_batch,
+    get_file_content,
+    mark_batch_cancelled,
+    new_id,
+)
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
@@ -66,14 +76,30 @@ def create_batch_route(body: BatchBody, state: State) -> dict[str, Any]:
     lines = parse_input(content, client.limits, client.settings.max_batch_requests)
     batch_id = new_id("batch_")
     requests = [request for _, line in lines for request in line]
-    jobs = iter(submit_completions(client, requests, batch_id=batch_id))
-    grouped = [(custom_id, [next(jobs).id for _ in line]) for custom_id, line in lines]
-    with client.sessions.begin() as session:
+    batches: list[Batch] = []
+
+    def store_batch(session: Session, jobs: list[Job]) -> None:
+        # In the jobs' own transaction: the batch and its jobs are written together.
+        each = iter(jobs)
+        grouped = [(custom_id, [next(each).id for _ in line]) for custom_id, line in lines]
         batch = create_batch(
-            session, batch_id=batch_id, input_file_id=body.input_file_id, endpoint=ENDPOINT,
-            completion_window=WINDOW, metadata=body.metadata, requests=grouped,
-        )  # fmt: skip
-    return batch_view(state.client.sessions, batch)
+            session,
+            batch_id=batch_id,
+            input_file_id=body.input_file_id,
+            endpoint=ENDPOINT,
+            completion_window=WINDOW,
+            metadata=body.metadata,
+            requests=grouped,
+        )
+        batches.append(batch)
+
+    try:
+        submit_completions(client, requests, batch_id=batch_id, in_transaction=store_batch)
+    except BrokerUnavailable:
+        with client.sessions.begin() as session:
+            delete_batch(session, batch_id=batch_id)  # its jobs were taken back
+        raise
+    return batch_view(state.client.sessions, batches[0])
 
 
 @router.get("/batches/{batch_id}")

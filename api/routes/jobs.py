@@ -18,8 +18,7 @@ from api.state import State
 from api.views import ErrorInfo, job_view
 from completion_queue import ValidationError
 from db import Job, JobStatus
-from producer.client import CompletionClient
-from producer.schema import CompletionRequest, validate_request
+from producer.schema import CompletionRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -61,30 +60,6 @@ def with_idempotency_key(items: list[Any], key: str | None) -> list[Any]:
     return keyed
 
 
-def check_replays(client: CompletionClient, items: list[Any], jobs: list[Job]) -> None:
-    """Refuse (409) an idempotency key that was used before for a different request."""
-    for item, job in zip(items, jobs, strict=True):
-        if job.idempotency_key is None or not isinstance(item, dict):
-            continue
-        request = validate_request(item, client.limits)
-        same = (
-            job.prompt == request.prompt
-            and job.model == (request.model or client.settings.model)
-            and job.params == request.params()
-            and job.callback_url == request.callback_url
-        )
-        if not same:
-            raise APIError(
-                ErrorInfo(
-                    409,
-                    f"idempotency key {job.idempotency_key!r} was used for a different request "
-                    f"(job {job.id})",
-                    param="idempotency_key",
-                    code="idempotency_key_reused",
-                )
-            )
-
-
 def require_webhook_secret(state: State, items: list[Any]) -> None:
     """Refuse callback URLs when no webhook secret is configured to sign their bodies."""
     if state.settings.webhook_secret:
@@ -110,12 +85,7 @@ async def submit_jobs(
     batch_id = None if single else uuid.uuid4().hex
     client = state.client
 
-    def submit() -> list[Job]:
-        jobs = client.submit_many(items, batch_id=batch_id)
-        check_replays(client, items, jobs)
-        return jobs
-
-    jobs = await run_in_threadpool(submit)
+    jobs = await run_in_threadpool(client.submit_many, items, batch_id=batch_id)
     content = {"object": "list", "ids": [str(job.id) for job in jobs], "batch_id": batch_id}
     headers = {"Location": f"/v1/jobs/{jobs[0].id}"} if single and jobs else None
     return JSONResponse(content, status_code=202, headers=headers)

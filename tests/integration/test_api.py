@@ -11,8 +11,7 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +24,7 @@ from sqlalchemy import update
 
 from completion_queue import free_port, queue_name, worker_env
 from db import BatchRow
-from tests.conftest import Stack
+from tests.conftest import Stack, until
 from tests.integration.conftest import HookServer
 from tests.reference import Reference
 
@@ -68,17 +67,6 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def until(condition: Callable[[], Any], timeout_s: float = 60) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout_s}s")
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +197,11 @@ def test_idempotency_key_header(api: Api, client: object) -> None:
     truncated = api.http.post("/v1/jobs", json={**request, "truncate": True},
                               headers={"Idempotency-Key": "k-1"})  # fmt: skip
     assert_error(truncated, 409, "idempotency_key", "used for a different request")
+    # A list whose one reused key is refused queues none of its other requests
+    mixed = [{"prompt": "queued with a refused one"}, {**request, "idempotency_key": "k-1", "n": 2}]
+    assert_error(api.http.post("/v1/jobs", json=mixed), 409, "idempotency_key", "k-1")
+    listed = api.http.get("/v1/jobs", params={"limit": 1000}).json()["data"]
+    assert "queued with a refused one" not in [job["prompt"] for job in listed]
 
 
 def test_native_truncate_is_shown_on_the_job(

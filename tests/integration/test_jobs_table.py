@@ -18,6 +18,7 @@ from db import (
     get_job,
     make_engine,
     make_session_factory,
+    withdraw_jobs,
 )
 
 
@@ -96,3 +97,33 @@ def test_idempotency_keys_are_unique(database_url: str) -> None:
     with sessions.begin() as s:
         ((existing, is_new),) = create_jobs(s, jobs=[b])
     assert not is_new and existing.id == a.id and existing.prompt == "a"
+
+
+def test_jobs_that_could_not_be_queued_are_taken_back_without_pulling_a_given_id(
+    database_url: str,
+) -> None:
+    sessions = make_session_factory(make_engine(database_url))
+    plain = NewJob(model="m", prompt="a", params={})
+    keyed = NewJob(model="m", prompt="b", params={}, idempotency_key="k")
+    with sessions.begin() as s:
+        create_jobs(s, jobs=[plain, keyed])
+    # Given a concurrent request with the same key, given the keyed job's id meanwhile
+    with sessions.begin() as s:
+        ((given, is_new),) = create_jobs(s, jobs=[NewJob(model="m", prompt="b", params={},
+                                                         idempotency_key="k")])  # fmt: skip
+    assert not is_new and given.id == keyed.id
+    # When the first request's messages could not be sent and its jobs are taken back
+    error = {"type": "BrokerUnavailable", "message": "could not queue 2 job(s)"}
+    with sessions.begin() as s:
+        withdraw_jobs(s, job_ids=[plain.id, keyed.id], error=error)
+    with sessions() as s:
+        gone, kept = get_job(s, job_id=plain.id), get_job(s, job_id=keyed.id)
+    # Then the job nobody else saw is gone; the given one still answers, failed, saying why
+    assert gone is None
+    assert kept is not None and kept.status is JobStatus.FAILED and kept.error == error
+    # and its key is free: a retry with it queues the job anew
+    assert kept.idempotency_key is None
+    retry = NewJob(model="m", prompt="b", params={}, idempotency_key="k")
+    with sessions.begin() as s:
+        ((again, is_new),) = create_jobs(s, jobs=[retry])
+    assert is_new and again.id == retry.id and again.status is JobStatus.QUEUED

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from completion_queue import (
+    IdempotencyConflict,
     JobNotFound,
     JobTimeout,
     QueueFull,
@@ -127,13 +128,25 @@ def test_idempotent_resubmission_returns_the_same_job(client: CompletionClient) 
     first = client.submit("Once upon a time", max_new_tokens=4, idempotency_key="order-17")
     again = client.submit("Once upon a time", max_new_tokens=4, idempotency_key="order-17")
     batch = client.submit_many(
-        [{"prompt": "other", "idempotency_key": "order-17"}, {"prompt": "new", "max_new_tokens": 2}]
+        [
+            {"prompt": "Once upon a time", "max_new_tokens": 4, "idempotency_key": "order-17"},
+            {"prompt": "new", "max_new_tokens": 2},
+        ]
     )
     assert again.id == first.id
     assert batch[0].id == first.id
-    assert batch[0].prompt == "Once upon a time"
+    # The same key for another request is refused, and nothing of that call is written
+    with pytest.raises(
+        IdempotencyConflict, match=f"used for a different request \\(job {first.id}\\)"
+    ):
+        client.submit_many(
+            [
+                {"prompt": "new too", "max_new_tokens": 2},
+                {"prompt": "other", "idempotency_key": "order-17"},
+            ]
+        )
     client.wait([first, batch[1]], timeout=60)
-    assert len(client.list()) == 2
+    assert sorted(job.prompt for job in client.list()) == ["Once upon a time", "new"]
 
 
 INVALID = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -64,6 +65,36 @@ def test_submit_refuses_a_private_callback_naming_the_field() -> None:
     assert validate_request({**data, "callback_url": "https://hooks.example.com/x"}, Limits())
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://" + "a" * 64 + ".com/", "1 to 63"),  # getaddrinfo: UnicodeError
+        ("http://a..b/", "1 to 63"),  # getaddrinfo: UnicodeError
+        ("http://x.example/\n", "non-printable"),  # httpx.InvalidURL
+        ("http://xn--zz.com/", "A-label"),  # idna.IDNAError
+        ("http://exa mple.com/", "1 to 63"),
+        ("http://" + "a." * 127 + "com/", "at most 253"),
+        ("http://x.example:99999/", "port 99999"),
+        ("ftp://x.example/", "http:// or https://"),
+        ("https:///path", "with a host"),
+    ],
+)
+def test_submit_refuses_a_url_that_delivery_could_not_parse(url: str, says: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        validate_request({"prompt": "hi", "callback_url": url}, Limits())
+    assert caught.value.field == "callback_url"
+    assert says in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://b\u00fccher.example/h", "http://[2606:4700:4700::1111]:8080/", "http://a.b_c.com./"],
+)
+def test_international_names_and_literals_parse_as_delivery_sends_them(url: str) -> None:
+    assert validate_request({"prompt": "hi", "callback_url": url}, Limits()).callback_url == url
+    assert callbacks.callback_host(callbacks.parse_callback(url)).isascii()
+
+
 def test_delivery_connects_to_the_checked_address_with_the_name_in_host_and_sni(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -79,14 +110,18 @@ def test_delivery_connects_to_the_checked_address_with_the_name_in_host_and_sni(
 
     def endpoint(request: httpx.Request) -> httpx.Response:
         sent.append(request)
-        return httpx.Response(204)
+        return httpx.Response(204, stream=httpx.ByteStream(b""))  # a body still to read
 
     settings = Settings(webhook_secret="s")
     dispatcher = webhooks.WebhookDispatcher(settings, sessions=None)  # type: ignore[arg-type]
     job = job_with_callback("https://hooks.example.com:8443/cq?x=1")
+
     # When the webhook is delivered
-    with httpx.Client(transport=httpx.MockTransport(endpoint)) as http:
-        assert dispatcher.deliver(http, job) is None
+    async def deliver() -> str | None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(endpoint)) as http:
+            return await dispatcher.deliver(http, job)
+
+    assert asyncio.run(deliver()) is None
     # Then the connection goes to the checked address; the name is in Host and TLS
     assert resolved == [("hooks.example.com", 8443)]
     (request,) = sent
