@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from api.errors import APIError, error_response, install_error_handlers
-from api.routes import batches, completions, files, health, jobs, models
-from api.state import APIState, require_api_key
+from api.routes import batches, completions, files, health, jobs, models, usage
+from api.state import APIState, caller
 from api.views import ErrorInfo
 from api.webhooks import WebhookDispatcher
 from completion_queue import Settings
@@ -90,7 +90,7 @@ def create_api(settings: Settings, *, client: CompletionClient | None = None) ->
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
 
     app.include_router(health.router)
-    auth = [Depends(require_api_key)]
-    for resource in (jobs, completions, models, files, batches):
+    auth = [Depends(caller)]
+    for resource in (jobs, completions, models, files, batches, usage):
         app.include_router(resource.router, dependencies=auth)
     return app

@@ -92,10 +92,12 @@ def parse_input(
     return lines
 
 
-def batch_or_404(sessions: sessionmaker[Session], batch_id: str) -> Batch:
-    """Return the batch; an unknown id is a 404."""
+def batch_or_404(
+    sessions: sessionmaker[Session], batch_id: str, *, tenant: str | None = None
+) -> Batch:
+    """Return the batch (of ``tenant``'s, when given); an unknown id is a 404."""
     with sessions() as session:
-        batch = get_batch(session, batch_id=batch_id)
+        batch = get_batch(session, batch_id=batch_id, tenant=tenant)
     if batch is None:
         raise not_found("batch", batch_id)
     return batch
@@ -184,14 +186,16 @@ def output_lines(sessions: sessionmaker[Session], batch: Batch, kind: str) -> li
     return lines
 
 
-def find_output(sessions: sessionmaker[Session], file_id: str) -> tuple[Batch, str] | None:
-    """Return the finished batch and kind (output or errors) of an output file id, or None."""
+def find_output(
+    sessions: sessionmaker[Session], file_id: str, *, tenant: str | None = None
+) -> tuple[Batch, str] | None:
+    """Return the finished batch (of ``tenant``'s) and kind of an output file id, or None."""
     for kind in (OUTPUT, ERRORS):
         suffix = f"-{kind}"
         if file_id.startswith("file-batch_") and file_id.endswith(suffix):
             batch_id = file_id.removeprefix("file-").removesuffix(suffix)
             with sessions() as session:
-                batch = get_batch(session, batch_id=batch_id)
+                batch = get_batch(session, batch_id=batch_id, tenant=tenant)
             if batch is not None and batch_view(sessions, batch)[_FILE_KEYS[kind]] == file_id:
                 return batch, kind
     return None

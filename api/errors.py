@@ -18,6 +18,7 @@ from completion_queue import (
     IdempotencyConflict,
     JobNotFound,
     JobTimeout,
+    ModelNotAllowed,
     QueueFull,
     ValidationError,
     redact_url,
@@ -25,6 +26,9 @@ from completion_queue import (
 from producer.schema import describe_errors
 
 log = logging.getLogger(__name__)
+
+#: What a client reads when the broker (or its configuration) fails; the log has why.
+UNAVAILABLE = "the queue is unavailable; retry later"
 
 
 class APIError(Exception):
@@ -53,6 +57,8 @@ def completion_error_info(exc: CompletionError) -> ErrorInfo:
         return ErrorInfo(400, message, param=exc.field, code="invalid_value")
     if isinstance(exc, JobNotFound):
         return ErrorInfo(404, message, param="id", code="not_found")
+    if isinstance(exc, ModelNotAllowed):
+        return ErrorInfo(404, message, param=exc.field, code="model_not_found")
     if isinstance(exc, IdempotencyConflict):
         return ErrorInfo(409, message, param=exc.field, code="idempotency_key_reused")
     if isinstance(exc, QueueFull):
@@ -60,7 +66,9 @@ def completion_error_info(exc: CompletionError) -> ErrorInfo:
     if isinstance(exc, JobTimeout):
         return ErrorInfo(503, message, "server_error", code="timeout")
     if isinstance(exc, BrokerUnavailable | ConfigError):
-        return ErrorInfo(503, message, "server_error", code="unavailable")
+        # The detail names the broker's host and port: for the log, not for clients.
+        log.error("queue unavailable: %s", message)
+        return ErrorInfo(503, UNAVAILABLE, "server_error", code="unavailable")
     log.error("request failed: %s", message)
     return ErrorInfo(500, "internal error", "server_error")
 

@@ -1,9 +1,20 @@
-"""What the routes share: the app's state, and the dependencies that read it (auth)."""
+"""What the routes share: the app's state, and who is calling (auth: keys are tenants).
+
+Every ``/v1`` route takes a :class:`Caller`: the tenant whose key came with the
+request, and the client scoped to it (it sees and submits that tenant's jobs
+only). Keys come from the database (``cq keys create``) and from ``CQ_API_KEYS``
+(``name:key`` or a bare key, each its own tenant), and are checked on every
+request, so a revoked key is refused on the next one. With no key anywhere, the
+API answers loopback peers only, without auth, as the operator's own tool.
+"""
 
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+import logging
+import math
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,8 +23,22 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.errors import APIError
 from api.views import ErrorInfo
 from api.webhooks import WebhookDispatcher
-from completion_queue import Settings
+from completion_queue import Settings, is_loopback, redact_url
+from db import Tenant, has_live_tenants, hash_key, tenant_by_key
 from producer import CompletionClient
+
+log = logging.getLogger(__name__)
+
+
+def env_tenants(keys: list[str]) -> dict[str, Tenant]:
+    """The tenants of ``CQ_API_KEYS`` by key hash: ``name:key``, or a key named by its hash."""
+    tenants = {}
+    for entry in keys:
+        name, sep, key = entry.partition(":")
+        if not sep:
+            name, key = f"key-{hash_key(entry)[:8]}", entry
+        tenants[hash_key(key)] = Tenant(name=name)
+    return tenants
 
 
 @dataclass
@@ -23,6 +48,49 @@ class APIState:
     settings: Settings
     client: CompletionClient
     dispatcher: WebhookDispatcher | None
+    env_keys: dict[str, Tenant] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.env_keys = env_tenants(self.settings.api_keys)
+
+    def tenant_for(self, key: str) -> Tenant | None:
+        """The live tenant whose key is ``key``, or None."""
+        hashed = hash_key(key)
+        for known, tenant in self.env_keys.items():
+            if hmac.compare_digest(known, hashed):
+                return tenant
+        with self.client.sessions.begin() as session:
+            return tenant_by_key(session, key=key)
+
+    def wait_for_rate(self, tenant: Tenant) -> float:
+        """Seconds until ``tenant`` may call again, or 0 within its rate (counts this call).
+
+        A fixed window in Redis, shared by every API process: ``rate`` calls per
+        second, or one call per ``1/rate`` seconds for rates under one. Without
+        the broker, nothing is limited (reads go on; submits fail on their own).
+        """
+        if not tenant.rate:
+            return 0.0
+        window = max(1.0, 1.0 / tenant.rate)
+        allowed = max(1, int(tenant.rate * window))
+        now = time.time()
+        slot = int(now // window)
+        key = f"cq.rate.{tenant.name}.{slot}"
+        try:
+            with self.client.app.pool.acquire(block=True, timeout=2) as connection:
+                redis = connection.default_channel.client
+                count, _ = redis.pipeline().incr(key).expire(key, math.ceil(window) + 1).execute()
+        except Exception as exc:  # the broker is down: limit nothing, say so once in a while
+            log.warning("rate limit of %s not checked: %s", tenant.name, redact_url(str(exc)))
+            return 0.0
+        return (slot + 1) * window - now if count > allowed else 0.0
+
+    def keys_exist(self) -> bool:
+        """True when any key is live, in ``CQ_API_KEYS`` or in the database."""
+        if self.env_keys:
+            return True
+        with self.client.sessions() as session:
+            return has_live_tenants(session)
 
 
 def api_state(request: Request) -> APIState:
@@ -33,20 +101,63 @@ def api_state(request: Request) -> APIState:
 
 State = Annotated[APIState, Depends(api_state)]
 
-_bearer = HTTPBearer(auto_error=False, description="An API key from CQ_API_KEYS.")
+_bearer = HTTPBearer(
+    auto_error=False, description="An API key: from `cq keys create`, or one in CQ_API_KEYS."
+)
 
 
-def require_api_key(
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: a tenant, or None when no key exists (a loopback peer)."""
+
+    tenant: Tenant | None
+    #: The client scoped to the tenant: what it submits is theirs, it sees only theirs.
+    client: CompletionClient
+
+    @property
+    def name(self) -> str | None:
+        """The tenant's name; None for the operator (no keys exist)."""
+        return self.tenant.name if self.tenant else None
+
+
+def caller(
+    request: Request,
     state: State,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Refuse a request without a configured bearer key (no keys configured: open)."""
-    keys = state.settings.api_keys
-    if not keys:
-        return
-    given = credentials.credentials.encode() if credentials else b""
-    if not any(hmac.compare_digest(given, key.encode()) for key in keys):
-        raise APIError(
-            ErrorInfo(401, "missing or invalid API key", code="invalid_api_key"),
-            headers={"WWW-Authenticate": "Bearer"},
+) -> Caller:
+    """The tenant whose key came with the request; 401 without a live key."""
+    if credentials is not None:
+        tenant = state.tenant_for(credentials.credentials)
+        if tenant is not None:
+            wait_s = state.wait_for_rate(tenant)
+            if wait_s:
+                raise APIError(
+                    ErrorInfo(
+                        429,
+                        f"tenant {tenant.name} may make {tenant.rate:g} requests per second "
+                        "(its --rate): retry later",
+                        "rate_limit_error",
+                        code="rate_limit_exceeded",
+                    ),
+                    headers={"Retry-After": str(math.ceil(wait_s))},
+                )
+            return Caller(tenant, state.client.as_tenant(tenant))
+    elif not state.keys_exist():
+        peer = request.client.host if request.client else ""
+        if is_loopback(peer):
+            return Caller(None, state.client)
+        raise unauthorized(
+            "this API has no keys yet, so it answers loopback only: "
+            "create one with `cq keys create NAME`"
         )
+    raise unauthorized("missing or invalid API key")
+
+
+def unauthorized(message: str) -> APIError:
+    """A 401 asking for a bearer key."""
+    return APIError(
+        ErrorInfo(401, message, code="invalid_api_key"), headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+CallerDep = Annotated[Caller, Depends(caller)]

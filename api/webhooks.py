@@ -1,5 +1,10 @@
 """Completion webhooks: POST each finished job to its callback URL, signed, with retries.
 
+Each POST is signed twice: ``X-CQ-Signature`` (HMAC-SHA256 of the body), and the
+Standard Webhooks headers (``webhook-id``, the same for every attempt of a job so a
+receiver can drop repeats; ``webhook-timestamp``; ``webhook-signature`` over
+id.timestamp.body), so a receiver can refuse replays with any Standard Webhooks library.
+
 Delivery runs in a dispatcher thread of the API process that reads finished jobs
 from the database, not in the worker: a worker's time belongs to the GPU, and a
 slow or dead callback endpoint must never hold a batch or its acks back. The
@@ -28,12 +33,15 @@ No receiver can hold the others back or exhaust the API:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -55,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: The header that carries ``sha256=<hex HMAC-SHA256 of the body>``.
 SIGNATURE_HEADER = "X-CQ-Signature"
+#: How a secret in the Standard Webhooks format starts: ``whsec_<base64 of the key>``.
+WHSEC_PREFIX = "whsec_"
 #: The most of a receiver's answer that is read (its start goes into ``webhook_error``).
 MAX_ANSWER_BYTES = 4096
 #: How much longer than the deadline an attempt stays claimed by its dispatcher.
@@ -66,6 +76,26 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def signing_key(secret: str) -> bytes:
+    """Return the Standard Webhooks key of ``secret``: base64 after ``whsec_``, else its UTF-8."""
+    if not secret.startswith(WHSEC_PREFIX):
+        return secret.encode()
+    encoded = secret.removeprefix(WHSEC_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"webhook_secret must be base64 after {WHSEC_PREFIX}: {exc}") from None
+    if not key:
+        raise ValueError(f"webhook_secret has no key after {WHSEC_PREFIX}")
+    return key
+
+
+def standard_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """Return the ``webhook-signature`` value: ``v1,`` base64 HMAC-SHA256 of id.timestamp.body."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
 class WebhookDispatcher:
     """A daemon thread that delivers due webhooks, polling every ``webhook_poll_ms``."""
 
@@ -74,6 +104,7 @@ class WebhookDispatcher:
             raise ValueError("webhook_secret is required to sign webhooks")
         self.settings = settings
         self.secret = settings.webhook_secret
+        self.key = signing_key(settings.webhook_secret)
         self.sessions = sessions
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -202,10 +233,14 @@ class WebhookDispatcher:
         assert job.callback_url is not None
         url = parse_callback(job.callback_url)
         body = json.dumps(job_view(job), ensure_ascii=False).encode()
+        msg_id, timestamp = f"msg_{job.id.hex}", int(time.time())
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(self.secret, body),
             "X-CQ-Job-Id": str(job.id),
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": standard_signature(self.key, msg_id, timestamp, body),
         }
         extensions = {}
         if not self.settings.webhook_allow_private:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cli import jobs, ops, run  # noqa: F401  (each registers its commands on the group)
+from cli import jobs, keys, ops, run  # noqa: F401  (each registers its commands on the group)
 from cli.group import cli
 
 __all__ = ["cli", "main"]

@@ -18,6 +18,7 @@ from cli.demo import run_demo
 from cli.group import cli, migrated, settings_from_env
 from completion_queue import (
     ConfigError,
+    Settings,
     WorkerProcess,
     embedded_broker,
     is_loopback,
@@ -25,6 +26,7 @@ from completion_queue import (
     run_flower,
     worker_env,
 )
+from db import has_live_tenants, make_engine, make_session_factory
 from workers.tiny import make_tiny_model
 
 
@@ -127,20 +129,33 @@ def bench(json_path: Path | None, model: str | None, **options: Any) -> None:
 def api(host: str, port: int, log_level: str) -> None:
     """Serve the HTTP API (native jobs, OpenAI-compatible completions and batches).
 
-    Without CQ_API_KEYS it binds to loopback only. OpenAPI docs at /docs.
+    Each API key is a tenant that sees only its own jobs, files and batches
+    (`cq keys create`, or CQ_API_KEYS). With no key at all, it binds to and
+    answers loopback only, without auth. OpenAPI docs at /docs.
     """
     import uvicorn
 
     from api import create_api
 
-    settings = settings_from_env()
-    if not settings.api_keys and not is_loopback(host):
+    settings = migrated(settings_from_env())
+    if not is_loopback(host) and not settings.api_keys and not database_has_keys(settings):
         raise ConfigError(
-            f"refusing to bind {host} without an API key: set CQ_API_KEYS, or bind 127.0.0.1"
+            f"refusing to bind {host} without an API key: create one with `cq keys create "
+            "NAME` (or set CQ_API_KEYS), or bind 127.0.0.1"
         )
-    app = create_api(migrated(settings))
+    app = create_api(settings)
     click.echo(f"serving the API on http://{host}:{port} (docs: /docs)")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def database_has_keys(settings: Settings) -> bool:
+    """True when the database holds a live tenant's key (see `cq keys`)."""
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        with make_session_factory(engine)() as session:
+            return has_live_tenants(session)
+    finally:
+        engine.dispose()
 
 
 @cli.command()

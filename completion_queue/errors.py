@@ -25,6 +25,12 @@ class IdempotencyConflict(CompletionError):
     field = "idempotency_key"
 
 
+class ModelNotAllowed(CompletionError):
+    """Raised when a tenant asks for a model outside its ``--models``; nothing was written."""
+
+    field = "model"
+
+
 class QueueFull(CompletionError):
     """Raised when CQ_MAX_QUEUED_JOBS jobs are queued already; nothing was written, retry later."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -196,19 +197,36 @@ class Settings(BaseSettings):
         return name
 
 
+#: A URL inside free text (an error message), up to the next space or quote.
+URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+#: A query parameter whose value is a secret: ``password``, ``ssl_password``, ``api_key``...
+SECRET_PARAM = re.compile(r"(?i)([^&;=]*(?:pass|passwd|password|pwd|secret|token|key))=[^&;#]*")
+
+
 def redact_url(url: str | None) -> str:
-    """Return ``url`` with any password replaced by ``***``, safe for logs and errors."""
+    """Return ``url`` with its secrets replaced by ``***``, safe for logs and errors.
+
+    The password of ``user:password@`` and the values of secret query parameters
+    (``?password=``, ``ssl_password=``, ``token=``, ``key=``...) are hidden, in every
+    URL of a free text too (an error message that quotes one).
+    """
     if not url:
         return ""
+    return URL_IN_TEXT.sub(lambda found: _redact_one(found.group()), url)
+
+
+def _redact_one(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    netloc, query = parts.netloc, SECRET_PARAM.sub(r"\1=***", parts.query)
+    if parts.password is not None:
+        # The host part as written: brackets of an IPv6 address kept, case unchanged.
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    # The host part as written: brackets of an IPv6 address kept, case unchanged.
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def is_loopback(address: str) -> bool:

@@ -34,7 +34,15 @@ from db.jobs import (
     withdraw_jobs,
 )
 from db.migrate import upgrade
-from db.models import FINISHED_STATUSES, BatchRow, FileRow, JobRow, JobStatus, WebhookStatus
+from db.models import (
+    FINISHED_STATUSES,
+    BatchRow,
+    FileRow,
+    JobRow,
+    JobStatus,
+    TenantRow,
+    WebhookStatus,
+)
 from db.recovery import (
     Requeued,
     expire_batch_jobs,
@@ -46,6 +54,20 @@ from db.recovery import (
 )
 from db.snapshots import Choice, Job, JobState, NewJob, Outcome, aware, error_dict, utcnow
 from db.stats import FinishedJob, count_by_status, finished_since, queued_models
+from db.tenants import (
+    KEY_PREFIX,
+    Tenant,
+    TenantExists,
+    Usage,
+    create_tenant,
+    has_live_tenants,
+    hash_key,
+    list_tenants,
+    new_key,
+    revoke_tenant,
+    tenant_by_key,
+    usage,
+)
 from db.webhooks import claim_webhook, due_webhooks, give_up_webhook, record_webhook
 
 __all__ = [
@@ -53,6 +75,7 @@ __all__ = [
     "BatchRow",
     "FileRow",
     "JobRow",
+    "TenantRow",
     "FINISHED_STATUSES",
     "JobStatus",
     "WebhookStatus",
@@ -92,6 +115,19 @@ __all__ = [
     "old_queued_jobs",
     "requeue_jobs",
     "stuck_jobs",
+    # tenants
+    "KEY_PREFIX",
+    "Tenant",
+    "TenantExists",
+    "Usage",
+    "create_tenant",
+    "has_live_tenants",
+    "hash_key",
+    "list_tenants",
+    "new_key",
+    "revoke_tenant",
+    "tenant_by_key",
+    "usage",
     # webhooks
     "claim_webhook",
     "due_webhooks",

@@ -70,8 +70,10 @@ def _file(row: FileRow) -> StoredFile:
     return StoredFile(row.id, row.purpose, row.filename, row.size_bytes, created)
 
 
-def create_file(session: Session, *, purpose: str, filename: str, content: bytes) -> StoredFile:
-    """Store an uploaded file; return its metadata."""
+def create_file(
+    session: Session, *, purpose: str, filename: str, content: bytes, tenant: str | None = None
+) -> StoredFile:
+    """Store an uploaded file of ``tenant``'s; return its metadata."""
     row = FileRow(
         id=new_id("file-"),
         purpose=purpose,
@@ -79,21 +81,29 @@ def create_file(session: Session, *, purpose: str, filename: str, content: bytes
         size_bytes=len(content),
         content=content,
         created_at=utcnow(),
+        tenant=tenant,
     )
     session.add(row)
     session.flush()
     return _file(row)
 
 
-def get_file(session: Session, *, file_id: str) -> StoredFile | None:
-    """Return a stored file's metadata, or None if there is no such id."""
+def _file_row(session: Session, file_id: str, tenant: str | None) -> FileRow | None:
     row = session.get(FileRow, file_id)
+    if row is None or (tenant is not None and row.tenant != tenant):
+        return None
+    return row
+
+
+def get_file(session: Session, *, file_id: str, tenant: str | None = None) -> StoredFile | None:
+    """Return a stored file's metadata, or None if there is no such id (of ``tenant``'s)."""
+    row = _file_row(session, file_id, tenant)
     return _file(row) if row is not None else None
 
 
-def get_file_content(session: Session, *, file_id: str) -> bytes | None:
-    """Return a stored file's bytes, or None if there is no such id."""
-    row = session.get(FileRow, file_id)
+def get_file_content(session: Session, *, file_id: str, tenant: str | None = None) -> bytes | None:
+    """Return a stored file's bytes, or None if there is no such id (of ``tenant``'s)."""
+    row = _file_row(session, file_id, tenant)
     return bytes(row.content) if row is not None else None
 
 
@@ -110,9 +120,11 @@ def create_batch(
     completion_window: str,
     metadata: dict[str, str] | None,
     requests: list[tuple[str, list[uuid.UUID]]],
+    tenant: str | None = None,
 ) -> Batch:
-    """Store a batch whose jobs were created under ``batch_id``; return it."""
+    """Store a batch of ``tenant``'s whose jobs were created under ``batch_id``; return it."""
     row = BatchRow(
+        tenant=tenant,
         id=batch_id,
         input_file_id=input_file_id,
         endpoint=endpoint,
@@ -131,10 +143,12 @@ def delete_batch(session: Session, *, batch_id: str) -> None:
     session.execute(delete(BatchRow).where(BatchRow.id == batch_id))
 
 
-def get_batch(session: Session, *, batch_id: str) -> Batch | None:
-    """Return the batch, or None if there is no such id."""
+def get_batch(session: Session, *, batch_id: str, tenant: str | None = None) -> Batch | None:
+    """Return the batch, or None if there is no such id (of ``tenant``'s, when given)."""
     row = session.get(BatchRow, batch_id)
-    return Batch.from_row(row) if row is not None else None
+    if row is None or (tenant is not None and row.tenant != tenant):
+        return None
+    return Batch.from_row(row)
 
 
 def mark_batch_cancelled(session: Session, *, batch_id: str) -> None:

@@ -23,19 +23,26 @@ _TABLE = cast(Table, JobRow.__table__)
 
 
 def _insert_ignoring_duplicate_keys(session: Session) -> Any:
+    # No conflict target: the keys are unique by two partial indexes (per tenant, and
+    # without one), and ids are fresh UUIDs, so any conflict is a known key.
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(_TABLE).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        return postgresql.insert(_TABLE).on_conflict_do_nothing()
     if dialect == "sqlite":
-        return sqlite.insert(_TABLE).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        return sqlite.insert(_TABLE).on_conflict_do_nothing()
     return insert(_TABLE)
+
+
+def owned_by(tenant: str | None) -> tuple[Any, ...]:
+    """The filter of a tenant's jobs: none for None (the operator sees every job)."""
+    return () if tenant is None else (JobRow.tenant == tenant,)
 
 
 def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
     """Insert ``jobs`` as queued; return each job and whether it is new.
 
-    A job whose idempotency key already exists is not inserted: the existing job
-    is returned in its place, with ``False``.
+    A job whose idempotency key already exists for its tenant is not inserted:
+    the existing job is returned in its place, with ``False``.
     """
     if not jobs:
         return []
@@ -59,18 +66,20 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
                 "callback_url": job.callback_url,
                 "webhook_status": WebhookStatus.PENDING if job.callback_url else None,
                 "webhook_attempts": 0,
+                "tenant": job.tenant,
             }
             for job, created_at in zip(jobs, times, strict=True)
         ],
     )
     keys = [job.idempotency_key for job in jobs if job.idempotency_key is not None]
-    by_key: dict[str, JobRow] = {}
+    by_key: dict[tuple[str | None, str], JobRow] = {}
     if keys:
         rows = session.scalars(select(JobRow).where(JobRow.idempotency_key.in_(keys)))
-        by_key = {row.idempotency_key: row for row in rows if row.idempotency_key}
+        by_key = {(row.tenant, row.idempotency_key): row for row in rows if row.idempotency_key}
     result: list[tuple[Job, bool]] = []
     for job, created_at in zip(jobs, times, strict=True):
-        existing = by_key.get(job.idempotency_key) if job.idempotency_key else None
+        key = job.idempotency_key
+        existing = by_key.get((job.tenant, key)) if key else None
         if existing is not None and existing.id != job.id:
             result.append((Job.from_row(existing), False))
             continue
@@ -94,6 +103,7 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
             finished_at=None,
             callback_url=job.callback_url,
             webhook_status=WebhookStatus.PENDING if job.callback_url else None,
+            tenant=job.tenant,
         )
         result.append((snapshot, True))
     return result
@@ -148,15 +158,19 @@ def prune_jobs(
     return max(int(getattr(result, "rowcount", 0) or 0), 0)
 
 
-def get_job(session: Session, *, job_id: uuid.UUID) -> Job | None:
-    """Return the job, or None if there is no such id."""
+def get_job(session: Session, *, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
+    """Return the job, or None if there is no such id (of ``tenant``'s, when given)."""
     row = session.get(JobRow, job_id)
-    return Job.from_row(row) if row is not None else None
+    if row is None or (tenant is not None and row.tenant != tenant):
+        return None
+    return Job.from_row(row)
 
 
-def get_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Job]:
-    """Return the jobs that exist among ``job_ids``, by id."""
-    rows = session.scalars(select(JobRow).where(JobRow.id.in_(list(job_ids))))
+def get_jobs(
+    session: Session, *, job_ids: Sequence[uuid.UUID], tenant: str | None = None
+) -> dict[uuid.UUID, Job]:
+    """Return the jobs that exist among ``job_ids`` (of ``tenant``'s, when given), by id."""
+    rows = session.scalars(select(JobRow).where(JobRow.id.in_(list(job_ids)), *owned_by(tenant)))
     return {row.id: Job.from_row(row) for row in rows}
 
 
@@ -180,26 +194,35 @@ def job_states(session: Session, *, batch_id: str) -> dict[uuid.UUID, JobState]:
     }
 
 
-def cancel_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
+def cancel_jobs(
+    session: Session, *, job_ids: Sequence[uuid.UUID], tenant: str | None = None
+) -> int:
     """Cancel the queued or running jobs among ``job_ids``; return how many changed."""
     result = session.execute(
         update(JobRow)
-        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES))
+        .where(
+            JobRow.id.in_(list(job_ids)),
+            JobRow.status.in_(UNFINISHED_STATUSES),
+            *owned_by(tenant),
+        )
         .values(status=JobStatus.CANCELLED, finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     return max(int(result.rowcount), 0)  # type: ignore[attr-defined]
 
 
-def count_queued(session: Session) -> int:
-    """Return how many jobs are queued, over every model."""
-    return int(session.scalar(select(func.count()).where(JobRow.status == JobStatus.QUEUED)) or 0)
+def count_queued(session: Session, *, tenant: str | None = None) -> int:
+    """Return how many jobs are queued, over every model (of ``tenant``'s, when given)."""
+    stmt = select(func.count()).where(JobRow.status == JobStatus.QUEUED, *owned_by(tenant))
+    return int(session.scalar(stmt) or 0)
 
 
-def count_unfinished(session: Session, *, job_ids: Sequence[uuid.UUID]) -> int:
-    """Return how many of ``job_ids`` are still queued or running."""
+def count_unfinished(
+    session: Session, *, job_ids: Sequence[uuid.UUID], tenant: str | None = None
+) -> int:
+    """Return how many of ``job_ids`` (of ``tenant``'s, when given) are still queued or running."""
     stmt = select(func.count()).where(
-        JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES)
+        JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES), *owned_by(tenant)
     )
     return int(session.scalar(stmt) or 0)
 
@@ -209,15 +232,21 @@ def list_jobs(
     *,
     status: JobStatus | None = None,
     batch_id: str | None = None,
+    tenant: str | None = None,
     limit: int = 100,
     after: tuple[datetime, uuid.UUID] | None = None,
 ) -> list[Job]:
-    """Return up to ``limit`` jobs, newest first, filtered by status and batch.
+    """Return up to ``limit`` jobs, newest first, filtered by status, batch and tenant.
 
     ``after`` is the ``(created_at, id)`` of the last job of the previous page:
     the page starts just after it (keyset pagination, stable under inserts).
     """
-    stmt = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)
+    stmt = (
+        select(JobRow)
+        .where(*owned_by(tenant))
+        .order_by(JobRow.created_at.desc(), JobRow.id)
+        .limit(limit)
+    )
     if after is not None:
         created, job_id = after
         stmt = stmt.where(
@@ -296,11 +325,11 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
     return max(result.rowcount, 0)
 
 
-def cancel_job(session: Session, *, job_id: uuid.UUID) -> Job | None:
+def cancel_job(session: Session, *, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
     """Cancel a queued or running job; return its row, or None if there is no such id.
 
     A queued job will never run; a running one keeps running but its result is
     discarded, because :func:`finish_jobs` only writes rows that are running.
     """
-    cancel_jobs(session, job_ids=[job_id])
-    return get_job(session, job_id=job_id)
+    cancel_jobs(session, job_ids=[job_id], tenant=tenant)
+    return get_job(session, job_id=job_id, tenant=tenant)

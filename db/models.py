@@ -1,4 +1,4 @@
-"""The tables: jobs (one row per job, the truth about it), and the API's files and batches."""
+"""The tables: jobs (one row per job, the truth about it), the API's files and batches, tenants."""
 
 from __future__ import annotations
 
@@ -7,7 +7,19 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, Index, Integer, LargeBinary, String, Text, Uuid
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    Uuid,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -82,7 +94,10 @@ class JobRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # Unique per tenant (see the indexes below); null: none given.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # The tenant that submitted the job (tenants.name); null: the trusted, operator side.
+    tenant: Mapped[str | None] = mapped_column(String(64))
     batch_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -101,6 +116,16 @@ class JobRow(Base):
         Index("ix_jobs_batch_id", "batch_id"),
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_webhook_due", "webhook_status", "webhook_next_at"),
+        Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        Index("uq_jobs_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
+        # A null tenant is distinct from every other in the index above: this one covers it.
+        Index(
+            "uq_jobs_idempotency_key_no_tenant",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=text("tenant IS NULL"),
+            postgresql_where=text("tenant IS NULL"),
+        ),
     )
 
 
@@ -115,6 +140,7 @@ class FileRow(Base):
     size_bytes: Mapped[int] = mapped_column("bytes", Integer, nullable=False)
     content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    tenant: Mapped[str | None] = mapped_column(String(64))
 
 
 class BatchRow(Base):
@@ -132,3 +158,22 @@ class BatchRow(Base):
     requests: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tenant: Mapped[str | None] = mapped_column(String(64))
+
+
+class TenantRow(Base):
+    """A tenant of the HTTP API: one API key (only its hash is kept) and its quotas."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # SHA-256 hex of the key: a random 256-bit token needs no slow hash.
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    # The models it may use; null: any.
+    models: Mapped[list[str] | None] = mapped_column(JSON)
+    # Most jobs it may have queued at once, and requests per second; null: no limit.
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    rate: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

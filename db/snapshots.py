@@ -74,6 +74,7 @@ class Job:
     webhook_error: str | None = None
     webhook_delivered_at: datetime | None = None
     truncated_prompt_tokens: int | None = None
+    tenant: str | None = None
 
     @property
     def text(self) -> str | None:
@@ -116,6 +117,7 @@ class Job:
             webhook_error=row.webhook_error,
             webhook_delivered_at=aware(row.webhook_delivered_at),
             truncated_prompt_tokens=row.truncated_prompt_tokens,
+            tenant=row.tenant,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +138,7 @@ class Job:
             "priority": self.priority,
             "idempotency_key": self.idempotency_key,
             "batch_id": self.batch_id,
+            "tenant": self.tenant,
             "created_at": self.created_at.isoformat(),
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
@@ -158,6 +161,7 @@ class NewJob:
     idempotency_key: str | None = None
     batch_id: str | None = None
     callback_url: str | None = None
+    tenant: str | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 

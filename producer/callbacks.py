@@ -3,7 +3,8 @@
 A callback URL comes from a client this service may not trust. Without a guard,
 the API would POST wherever it points: to a cloud metadata endpoint, an admin
 port on loopback, a database in the private network (server-side request
-forgery). So a callback host must be a public address:
+forgery). So a callback host must be a public address (and an IPv6 address that
+carries an IPv4 one, as 6to4, NAT64 or Teredo do, must carry public ones):
 
 - at submit, the URL is parsed as delivery will parse it (:func:`parse_callback`:
   httpx's parser, the IDNA form of the host, DNS's limits on names), so a URL
@@ -35,6 +36,14 @@ LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-lo
 #: The longest DNS name (RFC 1035), and a label of one: ASCII (IDNA-encoded), 1-63 characters.
 MAX_NAME_CHARS = 253
 LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+#: NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 address reached.
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: IPv4-compatible addresses (``::a.b.c.d``, deprecated by RFC 4291).
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+#: Not public, though the ``ipaddress`` of Python 3.11 calls them global: site-local
+#: (deprecated, RFC 3879) and local-use NAT64 (RFC 8215, whose IPv4 may sit anywhere).
+NOT_PUBLIC_V6 = (ipaddress.IPv6Network("fec0::/10"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 
 
 class NonPublicAddress(ValueError):
@@ -83,11 +92,31 @@ def callback_host(url: httpx.URL) -> str:
     return url.raw_host.decode("ascii")
 
 
+def carried_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a packet to ``ip`` may end up at: 6to4, NAT64, IPv4-compatible, Teredo."""
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)  # the server, and the client (un-obfuscated)
+    if ip in NAT64 or (ip in IPV4_COMPATIBLE and int(ip) > 1):  # not :: nor ::1
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return []
+
+
 def is_public(address: str) -> bool:
-    """True when ``address`` (an IP) is reachable on the internet: not private, not reserved."""
+    """True when ``address`` (an IP) is reachable on the internet: not private, not reserved.
+
+    An IPv6 address that carries an IPv4 address reaches it too: an IPv4-mapped one
+    is judged as its IPv4 address, and every one :func:`carried_ipv4` finds must be public.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif any(ip in network for network in NOT_PUBLIC_V6) or not all(
+            is_public(str(carried)) for carried in carried_ipv4(ip)
+        ):
+            return False
     return ip.is_global and not ip.is_multicast
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,6 +19,7 @@ from completion_queue import (
     IdempotencyConflict,
     JobNotFound,
     JobTimeout,
+    ModelNotAllowed,
     QueueFull,
     Settings,
     ValidationError,
@@ -29,6 +31,7 @@ from db import (
     Job,
     JobStatus,
     NewJob,
+    Tenant,
     cancel_job,
     count_queued,
     count_unfinished,
@@ -75,6 +78,9 @@ class CompletionClient:
         broker_url: Redis URL; defaults to ``CQ_BROKER_URL`` (or a running ``cq up``).
         database_url: SQLAlchemy URL; defaults to ``CQ_DATABASE_URL`` (or the local SQLite file).
         settings: the settings to use; read from the environment when omitted.
+        tenant: a tenant's name (see ``cq keys``): what is submitted is theirs, and
+            only their jobs are seen. None (the default): jobs without a tenant are
+            submitted, and every job is seen, as the operator sees them.
     """
 
     def __init__(
@@ -83,14 +89,31 @@ class CompletionClient:
         database_url: str | None = None,
         *,
         settings: Settings | None = None,
+        tenant: str | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.limits = Limits.from_settings(self.settings)
+        self.tenant = tenant
         self._broker_url = broker_url
         self.database_url = database_url or self.settings.resolved_database_url()
         self._engine = make_engine(self.database_url)
         self._sessions = make_session_factory(self._engine)
         self._app: Celery | None = None
+        self._owner: CompletionClient | None = None
+        #: A tenant's quotas, enforced on submit (the API's tenants; see :meth:`as_tenant`).
+        self.quota: Tenant | None = None
+
+    def as_tenant(self, tenant: Tenant | str | None) -> CompletionClient:
+        """This client for ``tenant``, on the same connections (closing it closes nothing).
+
+        Given a :class:`db.Tenant`, its quotas hold on submit: the models it may use
+        (:class:`ModelNotAllowed`) and the most jobs it may have queued (:class:`QueueFull`).
+        """
+        view = copy.copy(self)
+        view.tenant = tenant.name if isinstance(tenant, Tenant) else tenant
+        view.quota = tenant if isinstance(tenant, Tenant) else None
+        view._owner = self._owner or self
+        return view
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -100,6 +123,8 @@ class CompletionClient:
     @property
     def app(self) -> Celery:
         """The Celery app used to send, created on first use."""
+        if self._owner is not None:
+            return self._owner.app
         if self._app is None:
             self._app = create_app(self.settings, self._broker_url)
         return self._app
@@ -151,6 +176,8 @@ class CompletionClient:
         if not validated:
             return []
         app = self.app  # a broker URL that is wrong (ConfigError) is refused before any write
+        models = {req.model or self.settings.model for req in validated}
+        self._check_quota(models, len(validated))
         self._check_capacity(len(validated))
         new_jobs = [
             NewJob(
@@ -161,6 +188,7 @@ class CompletionClient:
                 idempotency_key=req.idempotency_key,
                 batch_id=batch_id,
                 callback_url=req.callback_url,
+                tenant=self.tenant,
             )
             for req in validated
         ]
@@ -190,6 +218,27 @@ class CompletionClient:
             raise unavailable from None
         return [job for job, _ in created]
 
+    def _check_quota(self, models: set[str], count: int) -> None:
+        """Refuse what the tenant's quotas do not allow: another model, too many queued."""
+        quota = self.quota
+        if quota is None:
+            return
+        if quota.models is not None and not models <= set(quota.models):
+            (model, *_) = sorted(models - set(quota.models))
+            raise ModelNotAllowed(
+                f"the model {model!r} does not exist or you do not have access to it; "
+                f"you may use: {', '.join(quota.models)}"
+            )
+        if quota.max_queued is not None:
+            with self._sessions() as session:
+                queued = count_queued(session, tenant=quota.name)
+            if queued + count > quota.max_queued:
+                raise QueueFull(
+                    f"tenant {quota.name} has {queued} jobs queued and may have "
+                    f"{quota.max_queued} (its --max-queued): {count} more would not fit; "
+                    "retry later"
+                )
+
     def _check_capacity(self, count: int) -> None:
         """Refuse ``count`` more jobs when the queue is at ``max_queued_jobs`` (backpressure)."""
         limit = self.settings.max_queued_jobs
@@ -208,7 +257,7 @@ class CompletionClient:
     def get(self, job_id: JobRef) -> Job:
         """Return the job's current row; raise :class:`JobNotFound` for an unknown id."""
         with self._sessions() as session:
-            job = get_job(session, job_id=_job_id(job_id))
+            job = get_job(session, job_id=_job_id(job_id), tenant=self.tenant)
         if job is None:
             raise JobNotFound(f"no job with id {job_id}")
         return job
@@ -250,7 +299,7 @@ class CompletionClient:
         while True:
             with self._sessions() as session:
                 unfinished = sum(
-                    count_unfinished(session, job_ids=ids[i : i + chunk])
+                    count_unfinished(session, job_ids=ids[i : i + chunk], tenant=self.tenant)
                     for i in range(0, len(ids), chunk)
                 )
             if on_progress is not None:
@@ -267,7 +316,7 @@ class CompletionClient:
         jobs: dict[uuid.UUID, Job] = {}
         with self._sessions() as session:
             for i in range(0, len(ids), chunk):
-                jobs.update(get_jobs(session, job_ids=ids[i : i + chunk]))
+                jobs.update(get_jobs(session, job_ids=ids[i : i + chunk], tenant=self.tenant))
         missing = [str(i) for i in ids if i not in jobs]
         if missing:
             raise JobNotFound(f"no job with id {', '.join(missing[:5])}")
@@ -277,7 +326,7 @@ class CompletionClient:
     def cancel(self, job_id: JobRef) -> Job:
         """Cancel a queued or running job; a finished one is returned unchanged."""
         with self._sessions.begin() as session:
-            job = cancel_job(session, job_id=_job_id(job_id))
+            job = cancel_job(session, job_id=_job_id(job_id), tenant=self.tenant)
         if job is None:
             raise JobNotFound(f"no job with id {job_id}")
         return job
@@ -306,6 +355,7 @@ class CompletionClient:
                 session,
                 status=status,
                 batch_id=batch_id,
+                tenant=self.tenant,
                 limit=limit,
                 after=after,
             )
@@ -313,7 +363,9 @@ class CompletionClient:
     # -- lifecycle --------------------------------------------------------------
 
     def close(self) -> None:
-        """Release database and broker connections."""
+        """Release database and broker connections (a tenant's view leaves them open)."""
+        if self._owner is not None:
+            return
         self._engine.dispose()
         if self._app is not None:
             self._app.close()

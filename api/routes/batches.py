@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from api.batch_output import CHUNK, ENDPOINT, WINDOW, batch_or_404, batch_view, parse_input
 from api.errors import APIError, not_found
 from api.openai import submit_completions
-from api.state import State
+from api.state import CallerDep
 from api.views import ErrorInfo
 from completion_queue import BrokerUnavailable, ValidationError
 from db import (
@@ -57,7 +57,7 @@ class BatchBody(BaseModel):
 
 
 @router.post("/batches")
-def create_batch_route(body: BatchBody, state: State) -> dict[str, Any]:
+def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
     """Validate every line of the input file, queue them all as one batch."""
     if body.endpoint != ENDPOINT:
         raise ValidationError(
@@ -68,9 +68,9 @@ def create_batch_route(body: BatchBody, state: State) -> dict[str, Any]:
             f"completion_window must be {WINDOW}, got {body.completion_window!r}",
             field="completion_window",
         )
-    client = state.client
+    client = caller.client
     with client.sessions() as session:
-        content = get_file_content(session, file_id=body.input_file_id)
+        content = get_file_content(session, file_id=body.input_file_id, tenant=caller.name)
     if content is None:
         raise not_found("file", body.input_file_id)
     lines = parse_input(content, client.limits, client.settings.max_batch_requests)
@@ -90,6 +90,7 @@ def create_batch_route(body: BatchBody, state: State) -> dict[str, Any]:
             completion_window=WINDOW,
             metadata=body.metadata,
             requests=grouped,
+            tenant=caller.name,
         )
         batches.append(batch)
 
@@ -99,27 +100,29 @@ def create_batch_route(body: BatchBody, state: State) -> dict[str, Any]:
         with client.sessions.begin() as session:
             delete_batch(session, batch_id=batch_id)  # its jobs were taken back
         raise
-    return batch_view(state.client.sessions, batches[0])
+    return batch_view(client.sessions, batches[0])
 
 
 @router.get("/batches/{batch_id}")
-def retrieve_batch(batch_id: str, state: State) -> dict[str, Any]:
+def retrieve_batch(batch_id: str, caller: CallerDep) -> dict[str, Any]:
     """A batch: status, request counts and, once done, its output and error files."""
-    return batch_view(state.client.sessions, batch_or_404(state.client.sessions, batch_id))
+    sessions = caller.client.sessions
+    return batch_view(sessions, batch_or_404(sessions, batch_id, tenant=caller.name))
 
 
 @router.post("/batches/{batch_id}/cancel")
-def cancel_batch(batch_id: str, state: State) -> dict[str, Any]:
+def cancel_batch(batch_id: str, caller: CallerDep) -> dict[str, Any]:
     """Cancel a batch's unfinished jobs (running ones' results are discarded)."""
-    batch = batch_or_404(state.client.sessions, batch_id)
-    view = batch_view(state.client.sessions, batch)
+    sessions = caller.client.sessions
+    batch = batch_or_404(sessions, batch_id, tenant=caller.name)
+    view = batch_view(sessions, batch)
     if view["status"] in ("completed", "expired"):
         raise APIError(
             ErrorInfo(409, f"batch {batch_id} is already {view['status']}", code="batch_done")
         )
-    with state.client.sessions.begin() as session:
+    with sessions.begin() as session:
         mark_batch_cancelled(session, batch_id=batch_id)
         ids = batch.job_ids
         for start in range(0, len(ids), CHUNK):
-            cancel_jobs(session, job_ids=ids[start : start + CHUNK])
-    return batch_view(state.client.sessions, batch_or_404(state.client.sessions, batch_id))
+            cancel_jobs(session, job_ids=ids[start : start + CHUNK], tenant=caller.name)
+    return batch_view(sessions, batch_or_404(sessions, batch_id, tenant=caller.name))

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from api.errors import APIError
 from api.openai import CompletionsBody, completion_requests, finished_completion, submit_completions
 from api.requests import read_json
-from api.state import State
+from api.state import CallerDep, State
 from api.views import completion_view, job_failure
 from db import Job
 
@@ -30,10 +30,10 @@ router = APIRouter(prefix="/v1", tags=["openai"])
         }
     },
 )
-async def create_completion(request: Request, state: State) -> dict[str, Any]:
+async def create_completion(request: Request, state: State, caller: CallerDep) -> dict[str, Any]:
     """Queue the prompts, wait for the jobs, answer in OpenAI's ``text_completion`` shape."""
     body = await read_json(request)
-    client = state.client
+    client = caller.client
     requests = completion_requests(body, client.settings.max_batch_requests)
 
     def run() -> list[Job]:

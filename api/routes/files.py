@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from api.batch_output import file_view, find_output, jsonl, output_lines
 from api.errors import not_found
-from api.state import State
+from api.state import CallerDep
 from db import StoredFile, create_file, get_file, get_file_content
 
 router = APIRouter(prefix="/v1", tags=["batches"])
@@ -17,48 +17,50 @@ router = APIRouter(prefix="/v1", tags=["batches"])
 
 @router.post("/files")
 async def upload_file(
-    state: State,
+    caller: CallerDep,
     file: Annotated[UploadFile, File(description="JSONL, one request per line.")],
     purpose: Annotated[Literal["batch"], Form(description="Only batch.")],
 ) -> dict[str, Any]:
     """Store a batch input file."""
     content = await file.read()
-    with state.client.sessions.begin() as session:
+    with caller.client.sessions.begin() as session:
         stored = create_file(
             session, purpose=purpose, filename=(file.filename or "input.jsonl")[:255],
-            content=content,
+            content=content, tenant=caller.name,
         )  # fmt: skip
     return file_view(stored)
 
 
 @router.get("/files/{file_id}")
-def retrieve_file(file_id: str, state: State) -> dict[str, Any]:
+def retrieve_file(file_id: str, caller: CallerDep) -> dict[str, Any]:
     """A file's metadata: an upload, or a finished batch's output or error file."""
-    output = find_output(state.client.sessions, file_id)
+    sessions = caller.client.sessions
+    output = find_output(sessions, file_id, tenant=caller.name)
     if output is not None:
         batch, kind = output
-        content = jsonl(output_lines(state.client.sessions, batch, kind))
+        content = jsonl(output_lines(sessions, batch, kind))
         stored = StoredFile(
             file_id, f"batch_{kind}", f"{batch.id}_{kind}.jsonl", len(content), batch.created_at
         )
         return file_view(stored)
-    with state.client.sessions() as session:
-        stored_file = get_file(session, file_id=file_id)
+    with sessions() as session:
+        stored_file = get_file(session, file_id=file_id, tenant=caller.name)
     if stored_file is None:
         raise not_found("file", file_id)
     return file_view(stored_file)
 
 
 @router.get("/files/{file_id}/content", response_class=Response)
-def file_content(file_id: str, state: State) -> Response:
+def file_content(file_id: str, caller: CallerDep) -> Response:
     """A file's bytes: an upload, or a finished batch's output or error JSONL."""
-    output = find_output(state.client.sessions, file_id)
+    sessions = caller.client.sessions
+    output = find_output(sessions, file_id, tenant=caller.name)
     if output is not None:
         batch, kind = output
-        lines = jsonl(output_lines(state.client.sessions, batch, kind))
+        lines = jsonl(output_lines(sessions, batch, kind))
         return Response(lines, media_type="application/jsonl")
-    with state.client.sessions() as session:
-        content = get_file_content(session, file_id=file_id)
+    with sessions() as session:
+        content = get_file_content(session, file_id=file_id, tenant=caller.name)
     if content is None:
         raise not_found("file", file_id)
     return Response(content, media_type="application/jsonl")

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from api.errors import APIError, not_found
 from api.requests import read_json
-from api.state import State
+from api.state import CallerDep, State
 from api.views import ErrorInfo, job_view
 from completion_queue import ValidationError
 from db import Job, JobStatus
@@ -75,6 +75,7 @@ def require_webhook_secret(state: State, items: list[Any]) -> None:
 async def submit_jobs(
     request: Request,
     state: State,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Queue one request, or a list of them (one batch id): 202 with the job ids."""
@@ -83,7 +84,7 @@ async def submit_jobs(
     items = with_idempotency_key([body] if single else body, idempotency_key)
     require_webhook_secret(state, items)
     batch_id = None if single else uuid.uuid4().hex
-    client = state.client
+    client = caller.client
 
     jobs = await run_in_threadpool(client.submit_many, items, batch_id=batch_id)
     content = {"object": "list", "ids": [str(job.id) for job in jobs], "batch_id": batch_id}
@@ -92,9 +93,9 @@ async def submit_jobs(
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, state: State) -> dict[str, Any]:
+def get_job(job_id: str, caller: CallerDep) -> dict[str, Any]:
     """One job: status, choices, usage, error, timings and webhook delivery."""
-    return job_view(state.client.get(job_id_or_404(job_id)))
+    return job_view(caller.client.get(job_id_or_404(job_id)))
 
 
 def encode_cursor(job: Job) -> str:
@@ -118,6 +119,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 @router.get("")
 def list_jobs(
     state: State,
+    caller: CallerDep,
     status: JobStatus | None = None,
     batch_id: Annotated[str | None, Query(max_length=64)] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -126,7 +128,7 @@ def list_jobs(
     """Jobs, newest first, a page at a time: pass ``next_cursor`` back as ``cursor``."""
     page = min(limit or state.settings.api_page_size, state.settings.api_page_size)
     after = decode_cursor(cursor) if cursor else None
-    jobs = state.client.list(status=status, batch_id=batch_id, limit=page + 1, after=after)
+    jobs = caller.client.list(status=status, batch_id=batch_id, limit=page + 1, after=after)
     has_more = len(jobs) > page
     jobs = jobs[:page]
     return {
@@ -138,9 +140,9 @@ def list_jobs(
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, state: State) -> dict[str, Any]:
+def cancel_job(job_id: str, caller: CallerDep) -> dict[str, Any]:
     """Cancel a queued or running job; a job that already succeeded or failed is a 409."""
-    client = state.client
+    client = caller.client
     job = client.get(job_id_or_404(job_id))
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise APIError(

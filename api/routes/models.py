@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.state import State
+from api.state import CallerDep
 from producer.stats import live_models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -17,10 +17,14 @@ INSPECT_TIMEOUT_S = 1.0
 
 
 @router.get("/models")
-def list_models(state: State) -> dict[str, Any]:
-    """The models that live workers serve now (asked over the broker, ~1 s)."""
+def list_models(caller: CallerDep) -> dict[str, Any]:
+    """The models that live workers serve now (asked over the broker, ~1 s), of those the
+    caller may use."""
     now = int(time.time())
-    served = live_models(state.client.app, timeout_s=INSPECT_TIMEOUT_S)
+    served = live_models(caller.client.app, timeout_s=INSPECT_TIMEOUT_S)
+    allowed = caller.tenant.models if caller.tenant else None
+    if allowed is not None:
+        served = {model: n for model, n in served.items() if model in allowed}
     return {
         "object": "list",
         "data": [

@@ -34,7 +34,7 @@ def test_a_redis_restart_loses_no_job_and_refuses_producers_meanwhile(
             client.submit("while Redis is down", max_new_tokens=4)
         assert len(client.list(limit=100)) == 16
         # and a batch over HTTP is refused whole: no batch, no jobs
-        with TestClient(create_api(chaos.settings)) as http:
+        with TestClient(create_api(chaos.settings), client=("127.0.0.1", 50000)) as http:
             line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
                     "body": {"model": chaos.settings.model, "prompt": "x", "max_tokens": 2}}  # fmt: skip
             uploaded = http.post("/v1/files", data={"purpose": "batch"},

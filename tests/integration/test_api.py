@@ -105,12 +105,40 @@ def assert_error(response: httpx.Response, status: int, param: str | None, text:
 
 def test_health_ready_and_keys(api: Api) -> None:
     assert httpx.get(f"{api.url}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{api.url}/readyz").json()["status"] == "ok"
+    ready = {"status": "ok", "database": True, "broker": True}
+    assert httpx.get(f"{api.url}/readyz").json() == ready
     anonymous = httpx.get(f"{api.url}/v1/jobs")
     assert_error(anonymous, 401, None, "API key")
     wrong = httpx.get(f"{api.url}/v1/jobs", headers={"Authorization": "Bearer nope"})
     assert_error(wrong, 401, None, "API key")
     assert httpx.get(f"{api.url}/v1/jobs", headers={"Authorization": "Bearer other-key"}).is_success
+
+
+def test_a_503_tells_the_client_nothing_of_the_broker(stack: Stack, tmp_path: Path) -> None:
+    # Given an API whose broker is down, its URL holding a password, in both places
+    port = free_port()
+    broker = f"redis://:hunter2@127.0.0.1:{port}/0?password=hunter3"
+    log = tmp_path / "api.log"
+    process, url = start_api(stack, log, CQ_API_KEYS=KEY, CQ_BROKER_URL=broker)
+    try:
+        # When a job is submitted, and readiness asked
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            refused = http.post("/v1/jobs", json={"prompt": "hi", "max_new_tokens": 2}, timeout=60)
+            ready = http.get("/readyz", timeout=30)
+    finally:
+        process.terminate()
+        process.wait(30)
+    # Then the client reads a generic 503, and which part is down: no host, port or password
+    assert_error(refused, 503, None, "the queue is unavailable; retry later")
+    assert refused.json()["error"]["code"] == "unavailable"
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "unavailable", "database": True, "broker": False}
+    for body in (refused.text, ready.text):
+        assert "hunter" not in body and "127.0.0.1" not in body and str(port) not in body
+    # and the log has the detail, its passwords redacted
+    logged = log.read_text()
+    assert f"queue unavailable: could not queue 1 job(s) on redis://:***@127.0.0.1:{port}" in logged
+    assert "not ready: broker:" in logged and "hunter" not in logged
 
 
 def test_native_jobs_submit_read_list_cancel(

@@ -1,12 +1,15 @@
-"""Which callback addresses are public, and the pinned request a webhook makes (pure logic)."""
+"""Which callback addresses are public, and the pinned, signed request a webhook makes."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import time
 
 import httpx
 import pytest
+import standardwebhooks
 
 from api import webhooks
 from completion_queue import Settings, ValidationError
@@ -35,6 +38,15 @@ from tests.factories import make_job
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),
         ("::ffff:10.0.0.1", False),
+        ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
+        ("2002:5db8:d70e::", True),  # 6to4 of 93.184.215.14
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("64:ff9b::5db8:d70e", True),  # NAT64 of 93.184.215.14
+        ("64:ff9b:1::5db8:d70e", False),  # local-use NAT64
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("::169.254.169.254", False),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo, client 127.0.0.1
+        ("fec0::1", False),  # site-local
     ],
 )
 def test_public_addresses(address: str, public: bool) -> None:
@@ -130,6 +142,68 @@ def test_delivery_connects_to_the_checked_address_with_the_name_in_host_and_sni(
     assert request.headers["Host"] == "hooks.example.com:8443"
     assert request.extensions["sni_hostname"] == "hooks.example.com"
     assert json.loads(request.content)["id"] == str(job.id)
+
+
+#: A secret in the Standard Webhooks format: ``whsec_`` and the base64 of the key.
+WHSEC = "whsec_" + base64.b64encode(b"k" * 32).decode()
+
+
+@pytest.mark.parametrize(
+    ("secret", "verifier_secret"),
+    [(WHSEC, WHSEC), ("a plain secret", base64.b64encode(b"a plain secret").decode())],
+    ids=["whsec", "plain"],
+)
+def test_a_standard_webhooks_verifier_accepts_deliveries_and_refuses_tampering_and_replays(
+    secret: str, verifier_secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job's webhook delivered twice (a retry) under the secret
+    settings = Settings(webhook_secret=secret, webhook_allow_private=True)
+    job = job_with_callback("https://hooks.example.com/cq")
+    first, retry = delivered(settings, job), delivered(settings, job)
+    verifier = standardwebhooks.Webhook(verifier_secret)
+    # Then a third-party verifier accepts it; the id is the same on every attempt
+    assert verifier.verify(first.content, dict(first.headers))["id"] == str(job.id)
+    assert first.headers["webhook-id"] == retry.headers["webhook-id"] == f"msg_{job.id.hex}"
+    assert first.headers["X-CQ-Signature"] == webhooks.sign(secret, first.content)
+    assert first.headers["X-CQ-Job-Id"] == str(job.id)
+    # But a tampered body is refused
+    tampered = first.content.replace(b'"cancelled"', b'"succeeded"')
+    assert tampered != first.content
+    with pytest.raises(standardwebhooks.WebhookVerificationError, match="signature"):
+        verifier.verify(tampered, dict(first.headers))
+    # and so is a delivery signed 10 minutes ago, replayed now
+    now = time.time()
+    monkeypatch.setattr(webhooks.time, "time", lambda: now - 600)
+    old = delivered(settings, job)
+    monkeypatch.undo()
+    with pytest.raises(standardwebhooks.WebhookVerificationError, match="too old"):
+        verifier.verify(old.content, dict(old.headers))
+
+
+def test_a_whsec_secret_that_is_not_base64_is_refused() -> None:
+    with pytest.raises(ValueError, match="base64 after whsec_"):
+        webhooks.signing_key("whsec_n*t")
+    with pytest.raises(ValueError, match="no key"):
+        webhooks.signing_key("whsec_")
+
+
+def delivered(settings: Settings, job: Job) -> httpx.Request:
+    """Deliver ``job``'s webhook to a stand-in endpoint; return the request it got."""
+    sent: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(204, stream=httpx.ByteStream(b""))
+
+    dispatcher = webhooks.WebhookDispatcher(settings, sessions=None)  # type: ignore[arg-type]
+
+    async def deliver() -> str | None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(endpoint)) as http:
+            return await dispatcher.deliver(http, job)
+
+    assert asyncio.run(deliver()) is None
+    (request,) = sent
+    return request
 
 
 def test_a_private_resolution_raises_before_any_request(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,6 +56,21 @@ def test_settings_come_from_cq_variables(monkeypatch: pytest.MonkeyPatch) -> Non
             "rediss://:s3cret@[::1]:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required",
             "rediss://:***@[::1]:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required",
         ),
+        ("rediss://h:6380/0?password=s3cret", "rediss://h:6380/0?password=***"),
+        (
+            "rediss://h/0?ssl_ca_certs=/ca.pem&ssl_password=pw;token=t&max_tokens=3#api_key",
+            "rediss://h/0?ssl_ca_certs=/ca.pem&ssl_password=***;token=***&max_tokens=3#api_key",
+        ),
+        (
+            "postgresql://db?sslpassword=a&passwd=b&pass=c&client_secret=d&API_KEY=e&n=1",
+            "postgresql://db?sslpassword=***&passwd=***&pass=***&client_secret=***&API_KEY=***&n=1",
+        ),
+        (
+            "could not queue 1 job(s) on redis://:pw@b.internal:6380/0?password=pw2 (refused)",
+            "could not queue 1 job(s) on redis://:***@b.internal:6380/0?password=*** (refused)",
+        ),
+        ("Error 111 connecting to b.internal:6380.", "Error 111 connecting to b.internal:6380."),
+        ("bad 'http://[::1' and http://u:pw@h/", "bad '<unparseable url>' and http://u:***@h/"),
         (None, ""),
     ],
 )
