@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
@@ -158,13 +159,15 @@ def check_requests(requests: list[dict[str, Any]], limits: Limits) -> None:
             raise in_openai_names(exc) from None
 
 
-def finished_completion(client: CompletionClient, jobs: list[Job], timeout_s: float) -> list[Job]:
-    """Wait for ``jobs``; past ``timeout_s`` they are cancelled and the answer is a 503."""
+async def finished_completion(
+    client: CompletionClient, jobs: list[Job], timeout_s: float
+) -> list[Job]:
+    """Wait for ``jobs`` (holding no thread); past ``timeout_s`` they are cancelled: a 503."""
     try:
-        return client.wait(jobs, timeout=timeout_s)
+        return await client.wait_async(jobs, timeout=timeout_s)
     except JobTimeout:
         for job in jobs:
-            client.cancel(job.id)
+            await run_in_threadpool(client.cancel, job.id)
         raise APIError(
             ErrorInfo(
                 503,

@@ -10,10 +10,13 @@ API answers loopback peers only, without auth, as the operator's own tool.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -49,9 +52,35 @@ class APIState:
     client: CompletionClient
     dispatcher: WebhookDispatcher | None
     env_keys: dict[str, Tenant] = field(init=False)
+    #: ``/v1/completions`` calls waiting now, by tenant name ("" without one).
+    waiting: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.env_keys = env_tenants(self.settings.api_keys)
+
+    @contextlib.contextmanager
+    def wait_slot(self, tenant: str | None) -> Iterator[None]:
+        """Hold one of the tenant's ``CQ_API_MAX_WAITS_PER_TENANT`` waits; 429 when none is free.
+
+        Used from the event loop only: taking and giving back a slot never awaits.
+        """
+        name, most = tenant or "", self.settings.api_max_waits_per_tenant
+        if self.waiting[name] >= most:
+            raise APIError(
+                ErrorInfo(
+                    429,
+                    f"{most} completions of this key are waiting already "
+                    "(CQ_API_MAX_WAITS_PER_TENANT): retry later, or use POST /v1/jobs",
+                    "rate_limit_error",
+                    code="too_many_waits",
+                ),
+                headers={"Retry-After": "1"},
+            )
+        self.waiting[name] += 1
+        try:
+            yield
+        finally:
+            self.waiting[name] -= 1
 
     def tenant_for(self, key: str) -> Tenant | None:
         """The live tenant whose key is ``key``, or None."""

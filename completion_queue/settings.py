@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     api_wait_timeout_s: float = Field(
         default=60.0, gt=0, le=3600, description="Longest /v1/completions waits for its jobs."
     )
+    api_max_waits_per_tenant: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="/v1/completions calls a tenant may have waiting.",
+    )
     api_max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Largest request body the API reads."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import copy
 import time
@@ -19,8 +20,6 @@ from completion_queue import (
     IdempotencyConflict,
     JobNotFound,
     JobTimeout,
-    ModelNotAllowed,
-    QueueFull,
     Settings,
     ValidationError,
     create_app,
@@ -33,7 +32,6 @@ from db import (
     NewJob,
     Tenant,
     cancel_job,
-    count_queued,
     count_unfinished,
     create_jobs,
     error_dict,
@@ -44,10 +42,13 @@ from db import (
     make_session_factory,
     withdraw_jobs,
 )
+from producer.quotas import check_quotas
 from producer.schema import CompletionRequest, Limits, validate_request
 
 #: Polling backoff for wait(): first interval, growth factor, longest interval.
 POLL_FIRST_S, POLL_FACTOR, POLL_MAX_S = 0.02, 1.5, 0.5
+#: Job ids per query when many are read at once.
+CHUNK = 500
 
 JobRef = uuid.UUID | str | Job
 Progress = Callable[[int, int], None]
@@ -177,8 +178,8 @@ class CompletionClient:
             return []
         app = self.app  # a broker URL that is wrong (ConfigError) is refused before any write
         models = {req.model or self.settings.model for req in validated}
-        self._check_quota(models, len(validated))
-        self._check_capacity(len(validated))
+        with self._sessions() as session:
+            check_quotas(session, self.settings, self.quota, models, len(validated))
         new_jobs = [
             NewJob(
                 model=req.model or self.settings.model,
@@ -217,40 +218,6 @@ class CompletionClient:
                 )
             raise unavailable from None
         return [job for job, _ in created]
-
-    def _check_quota(self, models: set[str], count: int) -> None:
-        """Refuse what the tenant's quotas do not allow: another model, too many queued."""
-        quota = self.quota
-        if quota is None:
-            return
-        if quota.models is not None and not models <= set(quota.models):
-            (model, *_) = sorted(models - set(quota.models))
-            raise ModelNotAllowed(
-                f"the model {model!r} does not exist or you do not have access to it; "
-                f"you may use: {', '.join(quota.models)}"
-            )
-        if quota.max_queued is not None:
-            with self._sessions() as session:
-                queued = count_queued(session, tenant=quota.name)
-            if queued + count > quota.max_queued:
-                raise QueueFull(
-                    f"tenant {quota.name} has {queued} jobs queued and may have "
-                    f"{quota.max_queued} (its --max-queued): {count} more would not fit; "
-                    "retry later"
-                )
-
-    def _check_capacity(self, count: int) -> None:
-        """Refuse ``count`` more jobs when the queue is at ``max_queued_jobs`` (backpressure)."""
-        limit = self.settings.max_queued_jobs
-        if not limit:
-            return
-        with self._sessions() as session:
-            queued = count_queued(session)
-        if queued + count > limit:
-            raise QueueFull(
-                f"the queue holds {queued} jobs and max_queued_jobs is {limit}: "
-                f"{count} more would not fit; retry later"
-            )
 
     # -- reading ----------------------------------------------------------------
 
@@ -295,33 +262,59 @@ class CompletionClient:
             ids = [_job_id(ref) for ref in job_ids]
         deadline = time.monotonic() + timeout
         interval = POLL_FIRST_S
-        chunk = 500
         while True:
-            with self._sessions() as session:
-                unfinished = sum(
-                    count_unfinished(session, job_ids=ids[i : i + chunk], tenant=self.tenant)
-                    for i in range(0, len(ids), chunk)
-                )
+            unfinished = self._unfinished(ids)
             if on_progress is not None:
                 on_progress(len(ids) - unfinished, len(ids))
             if unfinished == 0:
                 break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise JobTimeout(
-                    f"{unfinished} of {len(ids)} job(s) still queued or running after {timeout}s"
-                )
-            time.sleep(min(interval, remaining))
+            time.sleep(self._next_poll(interval, deadline, unfinished, len(ids), timeout))
             interval = min(interval * POLL_FACTOR, POLL_MAX_S)
+        ordered = self._collect(ids)
+        return ordered[0] if single else ordered
+
+    async def wait_async(
+        self, job_ids: Iterable[JobRef], timeout: float = 60.0
+    ) -> builtins.list[Job]:
+        """:meth:`wait` for asyncio code: no thread is held while it sleeps between polls."""
+        ids = [_job_id(ref) for ref in job_ids]
+        deadline = time.monotonic() + timeout
+        interval = POLL_FIRST_S
+        while unfinished := await asyncio.to_thread(self._unfinished, ids):
+            await asyncio.sleep(self._next_poll(interval, deadline, unfinished, len(ids), timeout))
+            interval = min(interval * POLL_FACTOR, POLL_MAX_S)
+        return await asyncio.to_thread(self._collect, ids)
+
+    @staticmethod
+    def _next_poll(
+        interval: float, deadline: float, unfinished: int, total: int, timeout: float
+    ) -> float:
+        """How long to sleep before the next poll; :class:`JobTimeout` past the deadline."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise JobTimeout(
+                f"{unfinished} of {total} job(s) still queued or running after {timeout}s"
+            )
+        return min(interval, remaining)
+
+    def _unfinished(self, ids: Sequence[uuid.UUID]) -> int:
+        """How many of ``ids`` are still queued or running (in chunks of ``CHUNK``)."""
+        with self._sessions() as session:
+            return sum(
+                count_unfinished(session, job_ids=ids[i : i + CHUNK], tenant=self.tenant)
+                for i in range(0, len(ids), CHUNK)
+            )
+
+    def _collect(self, ids: Sequence[uuid.UUID]) -> builtins.list[Job]:
+        """The jobs ``ids``, in that order; :class:`JobNotFound` names any missing."""
         jobs: dict[uuid.UUID, Job] = {}
         with self._sessions() as session:
-            for i in range(0, len(ids), chunk):
-                jobs.update(get_jobs(session, job_ids=ids[i : i + chunk], tenant=self.tenant))
+            for i in range(0, len(ids), CHUNK):
+                jobs.update(get_jobs(session, job_ids=ids[i : i + CHUNK], tenant=self.tenant))
         missing = [str(i) for i in ids if i not in jobs]
         if missing:
             raise JobNotFound(f"no job with id {', '.join(missing[:5])}")
-        ordered = [jobs[i] for i in ids]
-        return ordered[0] if single else ordered
+        return [jobs[i] for i in ids]
 
     def cancel(self, job_id: JobRef) -> Job:
         """Cancel a queued or running job; a finished one is returned unchanged."""

@@ -14,7 +14,6 @@ from api.openai import CompletionsBody, completion_requests, finished_completion
 from api.requests import read_json
 from api.state import CallerDep, State
 from api.views import completion_view, job_failure
-from db import Job
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +34,11 @@ async def create_completion(request: Request, state: State, caller: CallerDep) -
     body = await read_json(request)
     client = caller.client
     requests = completion_requests(body, client.settings.max_batch_requests)
-
-    def run() -> list[Job]:
-        jobs = submit_completions(client, requests)
+    with state.wait_slot(caller.name):
+        jobs = await run_in_threadpool(submit_completions, client, requests)
         if isinstance(body, Mapping) and body.get("user") is not None:
             log.info("completion for user %r: jobs %s", body["user"], [str(j.id) for j in jobs])
-        return finished_completion(client, jobs, state.settings.api_wait_timeout_s)
-
-    jobs = await run_in_threadpool(run)
+        jobs = await finished_completion(client, jobs, state.settings.api_wait_timeout_s)
     for job in jobs:
         failure = job_failure(job)
         if failure is not None:

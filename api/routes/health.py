@@ -44,8 +44,8 @@ def _ready(state: APIState) -> dict[str, bool]:
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is up."""
+async def healthz() -> dict[str, str]:
+    """The process is up (answered on the event loop: no thread, however busy the pool)."""
     return {"status": "ok"}
 
 

@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +26,7 @@ from sqlalchemy import update
 
 from completion_queue import free_port, queue_name, worker_env
 from db import BatchRow
+from producer import CompletionClient
 from tests.conftest import Stack, until
 from tests.integration.conftest import HookServer
 from tests.reference import Reference
@@ -194,6 +197,32 @@ def test_cancel_queued_job(api: Api, client: object) -> None:
     job_id = api.http.post("/v1/jobs", json={"prompt": "x", "model": NO_WORKER}).json()["ids"][0]
     cancelled = api.http.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+
+@pytest.mark.usefixtures("unserved_queue")
+def test_a_hundred_waiting_completions_hold_no_thread(api: Api, client: CompletionClient) -> None:
+    # Given 100 /v1/completions calls waiting at once (a model no worker serves)
+    def complete(_: int) -> httpx.Response:
+        body = {"model": NO_WORKER, "prompt": "x", "max_tokens": 2}
+        return api.http.post("/v1/completions", json=body)
+
+    with ThreadPoolExecutor(100) as pool:
+        calls = [pool.submit(complete, i) for i in range(100)]
+        until(lambda: len(client.list(status="queued", limit=1000)) == 100, timeout_s=60)
+        # Then /healthz answers at once, every time
+        latencies = []
+        for _ in range(20):
+            started = time.perf_counter()
+            assert httpx.get(f"{api.url}/healthz", timeout=5).status_code == 200
+            latencies.append(time.perf_counter() - started)
+        print(f"healthz with 100 completions waiting: max {max(latencies) * 1000:.1f} ms")
+        assert max(latencies) < 0.1
+        # and every waiting call answers as soon as its job ends (here: cancelled)
+        for job in client.list(status="queued", limit=1000):
+            client.cancel(job.id)
+        answers = [call.result(timeout=30) for call in calls]
+    assert {answer.status_code for answer in answers} == {409}
+    assert answers[0].json()["error"]["code"] == "cancelled"
 
 
 def test_bad_requests_name_the_field(api: Api, client: object) -> None:
