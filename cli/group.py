@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import click
+from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue import CompletionError, Settings, redact_url
-from db import Job, upgrade
+from db import Job, make_engine, make_session_factory, upgrade
 from producer import CompletionClient
 
 
@@ -26,6 +29,16 @@ def migrated(settings: Settings) -> Settings:
     if not settings.database_url:
         upgrade(settings.resolved_database_url())
     return settings
+
+
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the settings' database, its engine disposed of on the way out."""
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
 
 
 def client_for(settings: Settings) -> CompletionClient:

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import click
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.orm import Session, sessionmaker
 
-from cli.group import Duration, cli, migrated, settings_from_env
+from cli.group import Duration, cli, database, migrated, settings_from_env
 from completion_queue import ConfigError
 from db import (
     TenantExists,
     create_tenant,
     list_tenants,
-    make_engine,
-    make_session_factory,
     new_key,
     revoke_tenant,
     usage,
@@ -30,17 +25,6 @@ from db import (
 
 #: What a tenant's name may be: it shows in logs, rows and URLs of no one else.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-@contextlib.contextmanager
-def database() -> Iterator[sessionmaker[Session]]:
-    """Sessions on CQ_DATABASE_URL (the embedded SQLite migrated first)."""
-    settings = migrated(settings_from_env())
-    engine = make_engine(settings.resolved_database_url())
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 def _when(value: datetime | None) -> str:
@@ -68,7 +52,7 @@ def keys_create(name: str, models: str | None, max_queued: int | None, rate: flo
         )
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     key = new_key()
-    with database() as sessions, sessions.begin() as session:
+    with database(migrated(settings_from_env())) as sessions, sessions.begin() as session:
         try:
             create_tenant(
                 session, name=name, key=key, models=allowed, max_queued=max_queued, rate=rate
@@ -83,7 +67,7 @@ def keys_create(name: str, models: str | None, max_queued: int | None, rate: flo
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def keys_list(as_json: bool) -> None:
     """Every tenant: its limits, when it was created and last used (never its key)."""
-    with database() as sessions, sessions() as session:
+    with database(migrated(settings_from_env())) as sessions, sessions() as session:
         tenants = list_tenants(session)
     if as_json:
         rows = [dataclasses.asdict(tenant) for tenant in tenants]
@@ -109,7 +93,7 @@ def keys_list(as_json: bool) -> None:
 @click.argument("name")
 def keys_revoke(name: str) -> None:
     """Refuse tenant NAME's key from its next request on (its jobs stay)."""
-    with database() as sessions, sessions.begin() as session:
+    with database(migrated(settings_from_env())) as sessions, sessions.begin() as session:
         if not revoke_tenant(session, name=name):
             raise ConfigError(f"no live tenant named {name!r} (see `cq keys list`)")
     click.echo(f"revoked {name}")
@@ -124,7 +108,7 @@ def keys_revoke(name: str) -> None:
 def usage_command(tenant: str | None, since: timedelta, as_json: bool) -> None:
     """Jobs and tokens per tenant, model and day (UTC) of the jobs finished lately."""
     end = utcnow()
-    with database() as sessions, sessions() as session:
+    with database(migrated(settings_from_env())) as sessions, sessions() as session:
         rows = usage(session, start=end - since, end=end, tenant=tenant)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(row) for row in rows], indent=2, default=str))

@@ -10,10 +10,10 @@ from datetime import timedelta
 import click
 from rich.console import Console
 
-from cli.group import Duration, cli, migrated, settings_from_env
+from cli.group import Duration, cli, database, migrated, settings_from_env
 from cli.render import stats_view, workers_table
 from completion_queue import create_app, reap, redact_url
-from db import JobStatus, make_engine, make_session_factory, prune_jobs, upgrade, utcnow
+from db import JobStatus, prune_jobs, upgrade, utcnow
 from producer.stats import cluster_stats, live_workers
 
 
@@ -86,10 +86,8 @@ def prune(older_than: timedelta, statuses: tuple[str, ...], dry_run: bool) -> No
     settings = migrated(settings_from_env())
     cutoff = utcnow() - older_than
     chosen = [JobStatus(s) for s in statuses or _FINISHED]
-    engine = make_engine(settings.resolved_database_url())
-    sessions = make_session_factory(engine)
     removed = 0
-    try:
+    with database(settings) as sessions:
         if dry_run:
             with sessions() as session:
                 removed = prune_jobs(session, finished_before=cutoff, statuses=chosen, limit=2**62)
@@ -101,8 +99,6 @@ def prune(older_than: timedelta, statuses: tuple[str, ...], dry_run: bool) -> No
             removed += deleted
             if deleted == 0:
                 break
-    finally:
-        engine.dispose()
     verb = "would remove" if dry_run else "removed"
     names = ", ".join(s.value for s in chosen)
     click.echo(f"{verb} {removed} job(s) ({names}) finished before {cutoff.isoformat()}")
@@ -135,11 +131,10 @@ def reap_command() -> None:
     """
     settings = migrated(settings_from_env())
     app = create_app(settings)
-    engine = make_engine(settings.resolved_database_url())
     try:
-        report = reap(settings, app, make_session_factory(engine))
+        with database(settings) as sessions:
+            report = reap(settings, app, sessions)
     finally:
-        engine.dispose()
         app.close()
     click.echo(
         f"requeued {report.requeued} stuck job(s), failed {report.failed}, "

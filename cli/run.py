@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from cli.demo import run_demo
-from cli.group import cli, migrated, settings_from_env
+from cli.group import cli, database, migrated, settings_from_env
 from completion_queue import (
     ConfigError,
     Settings,
@@ -26,7 +26,7 @@ from completion_queue import (
     run_flower,
     worker_env,
 )
-from db import has_live_tenants, make_engine, make_session_factory
+from db import has_live_tenants
 from workers.tiny import make_tiny_model
 
 
@@ -150,12 +150,8 @@ def api(host: str, port: int, log_level: str) -> None:
 
 def database_has_keys(settings: Settings) -> bool:
     """True when the database holds a live tenant's key (see `cq keys`)."""
-    engine = make_engine(settings.resolved_database_url())
-    try:
-        with make_session_factory(engine)() as session:
-            return has_live_tenants(session)
-    finally:
-        engine.dispose()
+    with database(settings) as sessions, sessions() as session:
+        return has_live_tenants(session)
 
 
 @cli.command()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -25,8 +25,6 @@ def moment(value: str, field: str) -> datetime:
         raise ValidationError(
             f"{field} must be an ISO 8601 date or date-time, got {value!r}", field=field
         ) from None
-    if len(value) <= 10:  # a date alone
-        parsed = datetime.combine(date.fromisoformat(value), time(), tzinfo=UTC)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
