@@ -44,6 +44,7 @@ from completion_queue.errors import (
     QueueFull,
     QueueTimeout,
     ValidationError,
+    WrongModel,
 )
 from completion_queue.flower import check_auth, flower_command, run_flower
 from completion_queue.local import (
@@ -66,6 +67,7 @@ __all__ = [
     "redact_url",
     # errors
     "AttemptsExceeded",
+    "WrongModel",
     "BatchExpired",
     "BrokerUnavailable",
     "CompletionError",

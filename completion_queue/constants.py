@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 #: The one Celery task every job runs through; its id is the job id.
@@ -26,5 +27,15 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._:/@-]")
 
 
 def queue_name(model: str) -> str:
-    """Return the Redis queue that carries jobs for ``model``."""
-    return QUEUE_PREFIX + _UNSAFE.sub("_", model)
+    """Return the Redis queue that carries jobs for ``model``: one queue per model name.
+
+    A name of safe characters is used as it is (``cq.model.gpt2``). Any other
+    character becomes ``_``, and a hash of the whole name follows a ``#``, which
+    no safe name contains: so "a b" and "a_b" never share a queue
+    (``cq.model.a_b#…`` and ``cq.model.a_b``).
+    """
+    safe = _UNSAFE.sub("_", model)
+    if safe == model:
+        return QUEUE_PREFIX + model
+    digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{QUEUE_PREFIX}{safe}#{digest}"

@@ -73,6 +73,16 @@ class AttemptsExceeded(CompletionError):
         )
 
 
+class WrongModel(CompletionError):
+    """Raised when a job reaches a worker of another model and no other queue can take it."""
+
+    def __init__(self, job_model: str, served: str) -> None:
+        super().__init__(
+            f"job asks for model {job_model!r}, but it reached a worker of {served!r} "
+            "that cannot send it on to a queue of that model"
+        )
+
+
 class QueueTimeout(CompletionError):
     """Raised when no worker took a queued job within ``CQ_QUEUE_TIMEOUT_S``."""
 

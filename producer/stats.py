@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from completion_queue import QUEUE_PREFIX, Settings, queue_depth, queue_name
+from completion_queue import Settings, queue_depth, queue_name
 from db import (
     JobStatus,
     count_by_status,
@@ -140,13 +140,13 @@ def cluster_stats(
 
 
 def live_models(app: Celery, *, timeout_s: float = 1.0) -> dict[str, int]:
-    """Return the models that live workers consume, with how many workers serve each."""
-    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    """Return the models that live workers serve, with how many workers serve each.
+
+    The model is the one each worker reports (``cq.model`` in its stats), never read
+    back from a queue name: a queue name is the model's name sanitised.
+    """
     served: dict[str, int] = {}
-    for queues in replies.values():
-        for queue in queues or []:
-            name = str(queue.get("name", ""))
-            if name.startswith(QUEUE_PREFIX):
-                model = name.removeprefix(QUEUE_PREFIX)
-                served[model] = served.get(model, 0) + 1
+    for worker in live_workers(app, timeout_s=timeout_s):
+        if worker.model:
+            served[worker.model] = served.get(worker.model, 0) + 1
     return served

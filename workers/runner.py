@@ -20,6 +20,10 @@ Faults the runner absorbs, each without losing or doubling a job:
   claimed ``CQ_MAX_ATTEMPTS`` times (its worker died each time), it fails with
   ``AttemptsExceeded`` instead of running again. A job that kills its worker every
   time so fails alone, and its batch-mates succeed on their third attempt.
+- A job for another model than the one this worker serves (a message sent to the
+  wrong queue by hand, or by a version whose queue names were not one per model)
+  never runs here: it is sent to its own model's queue, or fails with
+  ``WrongModel`` if that queue is this one.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from completion_queue import (
     ContextLengthExceeded,
     FatalModelError,
     OutOfMemory,
+    WrongModel,
+    queue_name,
     redact_url,
 )
 from db import (
@@ -155,7 +161,11 @@ class BatchRunner:
         job_timeout_s: float | None = None,
         max_attempts: int = 5,
         db_retry_s: float = 0.0,
+        model: str | None = None,
+        forward: Callable[[Sequence[Job]], object] | None = None,
     ) -> None:
+        """``model`` is the model served (None: whatever a job asks for, in unit tests);
+        ``forward`` sends jobs for other models to their own queues."""
         self.runtime = runtime
         self.sessions = sessions
         self.max_rows = max_rows
@@ -163,6 +173,8 @@ class BatchRunner:
         self.job_timeout_s = job_timeout_s
         self.max_attempts = max_attempts
         self.db_retry_s = db_retry_s
+        self.model = model
+        self.forward = forward
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
@@ -173,13 +185,17 @@ class BatchRunner:
             except ValueError:
                 # Not a message of ours: it fails alone (acknowledged with its flush).
                 log.error("dropping a message whose task id %r is not a job id", job_id[:80])
-        jobs = self._with_database(lambda: self._read(ids))
+        jobs = self._route(self._with_database(lambda: self._read(ids)))
         if not jobs:
             self._tell("claimed", [], skipped=ids, worker=worker)
             return []
         exhausted = [job for job in jobs if job.attempts >= self.max_attempts]
         if exhausted:
-            self._with_database(lambda: self._give_up(exhausted))
+            for job in exhausted:
+                log.warning(
+                    "job %s claimed %d times without finishing; failing it", job.id, job.attempts
+                )
+            self._fail(exhausted, AttemptsExceeded(self.max_attempts))
             jobs = [job for job in jobs if job.attempts < self.max_attempts]
         requests, rejected = self.plan(jobs)
         errors = {job.id: exc for job, exc in rejected}
@@ -222,14 +238,37 @@ class BatchRunner:
         with self.sessions() as session:
             return get_unfinished_jobs(session, job_ids=job_ids)
 
-    def _give_up(self, jobs: Sequence[Job]) -> None:
-        for job in jobs:
+    def _fail(self, jobs: Sequence[Job], exc: Exception) -> None:
+        """Fail ``jobs`` with ``exc`` before they run (fenced on their attempts)."""
+        error = error_dict(exc)
+
+        def transaction() -> None:
+            with self.sessions.begin() as session:
+                fail_attempts(session, jobs=[(job.id, job.attempts) for job in jobs], error=error)
+
+        self._with_database(transaction)
+
+    def _route(self, jobs: list[Job]) -> list[Job]:
+        """Keep the jobs for the model served; send the others to their own model's queue.
+
+        The messages in hand are acknowledged with the flush, after the new ones are
+        sent; if sending fails, it raises and the whole flush goes back to the queue.
+        """
+        served = self.model
+        if served is None or all(job.model == served for job in jobs):
+            return jobs
+        strays = [job for job in jobs if job.model != served]
+        movable = [job for job in strays if queue_name(job.model) != queue_name(served)]
+        if movable and self.forward is not None:
             log.warning(
-                "job %s claimed %d times without finishing; failing it", job.id, job.attempts
+                "%d job(s) for other models reached %s; sending them on", len(movable), served
             )
-        error = error_dict(AttemptsExceeded(self.max_attempts))
-        with self.sessions.begin() as session:
-            fail_attempts(session, jobs=[(job.id, job.attempts) for job in jobs], error=error)
+            self.forward(movable)
+        moved = {job.id for job in movable} if self.forward is not None else set()
+        for job in strays:
+            if job.id not in moved:
+                self._fail([job], WrongModel(job.model, served))
+        return [job for job in jobs if job.model == served]
 
     def _commit_and_claim(
         self, outcomes: Sequence[Outcome], job_ids: Sequence[uuid.UUID], worker: str

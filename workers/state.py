@@ -30,6 +30,7 @@ from completion_queue import (
     prefetch_count,
     queue_name,
     redact_url,
+    send_jobs,
 )
 from db import Job, JobStatus, Outcome, make_engine, make_session_factory
 from workers.events import JobEvents
@@ -117,6 +118,7 @@ class WorkerState:
     def __init__(self, settings: Settings, broker_url: str, app: Celery | None = None) -> None:
         self.settings = settings
         self.broker_url = broker_url
+        self.app = app
         self.runner: BatchRunner | None = None
         self.engine: Engine | None = None
         self.events = JobEvents(app)
@@ -172,6 +174,8 @@ class WorkerState:
             job_timeout_s=settings.job_timeout_s,
             max_attempts=settings.max_attempts,
             db_retry_s=settings.db_retry_s,
+            model=settings.model,
+            forward=self._forward,
         )
         self._start_metrics(runtime)
         log.info(
@@ -180,6 +184,12 @@ class WorkerState:
             settings.batch_wait_ms,
             redact_url(settings.resolved_database_url()),
         )  # fmt: skip
+
+    def _forward(self, jobs: Sequence[Job]) -> None:
+        """Send jobs for other models to their own queues (see BatchRunner._route)."""
+        if self.app is None:
+            raise RuntimeError("this worker has no Celery app to send jobs on with")
+        send_jobs(self.app, jobs)
 
     def _start_metrics(self, runtime: Any) -> None:
         settings, metrics = self.settings, self.metrics

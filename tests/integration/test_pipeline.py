@@ -256,3 +256,37 @@ def test_reaper_resends_a_queued_job_whose_message_was_lost(
     assert report.resent == 1
     done = client.wait(job.id, timeout=60)
     assert done.status is JobStatus.SUCCEEDED and done.attempts == 1
+
+
+def test_a_worker_runs_only_jobs_of_its_own_model(stack: Stack, client: CompletionClient) -> None:
+    from completion_queue import TASK_GENERATE, queue_depth, queue_keys
+    from db import NewJob, create_jobs, make_engine, make_session_factory
+    from producer.stats import live_models
+
+    # Given a job for the served model and one for a model whose name sanitises to the
+    # served one's, both sent by hand into the served model's queue
+    served, other = stack.settings.model, stack.settings.model.replace("-", " ")
+    assert queue_name(other) != queue_name(served)
+    sessions = make_session_factory(make_engine(stack.settings.resolved_database_url()))
+    jobs = [NewJob(model=m, prompt="routed", params={"max_new_tokens": 3}) for m in (served, other)]
+    with sessions.begin() as session:
+        create_jobs(session, jobs=jobs)
+    app = create_app(stack.settings)
+    try:
+        for job in jobs:
+            app.send_task(TASK_GENERATE, task_id=str(job.id), queue=queue_name(served))
+        # When the worker of the served model takes both messages
+        done = client.wait(jobs[0].id, timeout=60)
+        # Then it runs its own job, and sends the other on to that model's own queue, unrun
+        assert done.status is JobStatus.SUCCEEDED
+        deadline = time.monotonic() + 10
+        while queue_depth(stack.redis, queue_name(other)) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert queue_depth(stack.redis, queue_name(other)) == 1
+        stray = client.get(jobs[1].id)
+        assert (stray.status, stray.attempts, stray.worker) == (JobStatus.QUEUED, 0, None)
+        # And the live models are the models the workers report, not queue names read back
+        assert live_models(app, timeout_s=2) == {served: 1}
+    finally:
+        app.close()
+        stack.redis.delete(*queue_keys(queue_name(other)))

@@ -176,3 +176,30 @@ def test_a_message_that_is_not_a_job_fails_alone(tmp_path: Path) -> None:
     )
     # Then the stray message is dropped and the job succeeds
     assert [(o.job_id, o.status) for o in outcomes] == [(job.id, JobStatus.SUCCEEDED)]
+
+
+def test_jobs_for_other_models_are_sent_on_and_never_run_here(tmp_path: Path) -> None:
+    # Given a flush with a job for the served model and two for others: "a_b" has its own
+    # queue, and a runner that cannot send on (no forward) for the second run
+    sessions = sqlite_sessions(tmp_path)
+    models = ["m", "a_b", "a b"]
+    new = [NewJob(model=m, prompt="short", params={"max_new_tokens": 4}) for m in models]
+    with sessions.begin() as session:
+        create_jobs(session, jobs=new)
+    sent: list[Job] = []
+    # When a worker of "m" runs the flush
+    outcomes = BatchRunner(
+        WordRuntime(), sessions, max_rows=64, model="m", forward=sent.extend
+    ).run([str(j.id) for j in new], worker="w")
+    # Then only its own job ran; the others went on to their own queues, still queued
+    assert [o.job_id for o in outcomes] == [new[0].id]
+    assert sorted(job.model for job in sent) == ["a b", "a_b"]
+    with sessions() as session:
+        rows = [get_job(session, job_id=j.id) for j in new[1:]]
+    assert [row.status for row in rows if row] == [JobStatus.QUEUED] * 2
+    # And a worker that cannot send them on fails them, naming both models
+    BatchRunner(WordRuntime(), sessions, max_rows=64, model="m").run([str(new[1].id)], worker="w")
+    with sessions() as session:
+        failed = get_job(session, job_id=new[1].id)
+    assert failed is not None and failed.status is JobStatus.FAILED
+    assert failed.error and "'a_b'" in failed.error["message"] and "'m'" in failed.error["message"]

@@ -150,8 +150,16 @@ def test_broker_url_must_be_known(tmp_path: Path) -> None:
 
 def test_queue_names_and_priorities() -> None:
     assert queue_name("gpt2") == "cq.model.gpt2"
-    assert queue_name("org/model v2") == "cq.model.org/model_v2"
+    assert queue_name("org/Model-v2.1@main") == "cq.model.org/Model-v2.1@main"
+    assert queue_name("org/model v2").startswith("cq.model.org/model_v2#")
     assert celery_priority(9) == 0 and celery_priority(0) == 9
+
+
+def test_models_that_sanitise_alike_get_queues_of_their_own() -> None:
+    names = ["a b", "a_b", "a\tb", "a?b", "a_b#" + queue_name("a b").split("#")[1], "a b "]
+    queues = [queue_name(name) for name in names]
+    assert len(set(queues)) == len(names), queues
+    assert queue_name("a b") == queue_name("a b")
 
 
 def test_producer_api_cli_and_a_workers_main_process_import_without_torch() -> None:
