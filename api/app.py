@@ -3,6 +3,15 @@
 Built at the edge by :func:`create_api` from one :class:`Settings`; it reads and
 writes through the same :class:`CompletionClient` and database as the Python
 client, so validation, limits and job rows are the same whichever way a job came.
+
+The docs pages (``/docs``, ``/redoc``) load their JavaScript, CSS and favicon
+from this process, under ``/static-offline-docs``, never from a CDN: GPU clusters
+are often air-gapped, where a CDN-backed page is blank. The assets come from
+``fastapi-offline``: kept (its bundled Swagger UI 5 and ReDoc 2 are refreshed with
+its releases), it is FastAPI's own self-hosting recipe packaged, and it is the
+one candidate shipping both pages and the favicon (``swagger-ui-bundle`` and
+``swagger-ui-py`` ship Swagger UI only). Docs, assets and ``/openapi.json`` sit
+outside the ``/v1`` routers, so they need no key, like ``/healthz``.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api.errors import APIError, error_response, install_error_handlers
 from api.routes import batches, completions, files, health, jobs, models, usage
@@ -79,7 +89,7 @@ def create_api(settings: Settings, *, client: CompletionClient | None = None) ->
             if client is None:
                 cq_client.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="completion-queue",
         summary="Queue text-completion jobs for GPU workers; results land in SQL.",
         version="1.0",

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import APIError
 from api.views import ErrorInfo
-from completion_queue import JobTimeout, ValidationError
+from completion_queue import JobTimeout, ModelNotAllowed, ValidationError
 from db import Job
 from producer import CompletionClient, Limits, validate_request
 
@@ -138,6 +138,27 @@ def submit_completions(
         return client.submit_many(requests, batch_id=batch_id, in_transaction=in_transaction)
     except ValidationError as exc:
         raise in_openai_names(exc, single=len(requests) == 1) from None
+
+
+def check_served(client: CompletionClient, requests: list[dict[str, Any]]) -> None:
+    """Refuse at once a model that no live worker serves and no configured list names (the
+    API's ``CQ_MODEL``, the tenant's ``--models``): its jobs would only wait out the wait.
+
+    Raises:
+        ModelNotAllowed: 404 ``model_not_found``, naming the models served now.
+    """
+    models = {r.get("model") or client.settings.model for r in requests}
+    configured = {client.settings.model, *(client.quota.models or () if client.quota else ())}
+    unknown = {model for model in models if isinstance(model, str)} - configured
+    if not unknown:
+        return
+    served = client.served_models()
+    missing = sorted(unknown - set(served))
+    if missing:
+        raise ModelNotAllowed(
+            f"the model {missing[0]!r} does not exist or no worker serves it; "
+            f"served now: {', '.join(sorted(served)) or 'none'}"
+        )
 
 
 def in_openai_names(exc: ValidationError, *, single: bool = True) -> ValidationError:

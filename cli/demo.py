@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,9 +12,11 @@ from cli.render import job_table, wait_with_progress
 from completion_queue import (
     TINY_MODEL_NAME,
     Settings,
+    Stopped,
     WorkerProcess,
     embedded_broker,
     redact_url,
+    stop_on_signals,
     worker_env,
 )
 from db import Job, JobStatus
@@ -78,8 +81,26 @@ def demo_requests(n_jobs: int, new_tokens: int) -> list[dict[str, Any]]:
 
 
 def run_demo(settings: Settings, *, n_jobs: int, new_tokens: int, timeout: float) -> int:
-    """Run the demo; return 0 only if every job succeeded."""
+    """Run the demo; return 0 only if every job succeeded (128 + N if stopped by signal N).
+
+    SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop the worker and the embedded broker first.
+    """
     console = Console()
+    try:
+        with stop_on_signals():
+            return _run_demo(
+                console, settings, n_jobs=n_jobs, new_tokens=new_tokens, timeout=timeout
+            )
+    except Stopped as stop:
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            what = "worker" if settings.broker_url else "worker and embedded broker"
+            console.print(f"stopped on {stop.signal.name}: {what} shut down")
+        return 128 + stop.signal
+
+
+def _run_demo(
+    console: Console, settings: Settings, *, n_jobs: int, new_tokens: int, timeout: float
+) -> int:
     if settings.model == TINY_MODEL_NAME:
         path = ensure_tiny_model(settings.model_path())
         console.print(f"model: tiny local GPT-2 in {path}")

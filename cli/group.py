@@ -1,4 +1,5 @@
-"""The ``cq`` click group: settings from the environment, and errors shown as one line."""
+"""The ``cq`` click group: settings from the environment, errors shown as one line, and the
+exit codes scripts can trust."""
 
 from __future__ import annotations
 
@@ -8,12 +9,28 @@ import re
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from enum import IntEnum
+from typing import Any, NoReturn
 
 import click
+import redis
+from kombu.exceptions import OperationalError as KombuError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from completion_queue import CompletionError, Settings, redact_url
+from completion_queue import (
+    BrokerNotRunning,
+    BrokerUnavailable,
+    CompletionError,
+    EmbeddedRedisError,
+    IdempotencyConflict,
+    JobNotFound,
+    JobTimeout,
+    ModelNotAllowed,
+    QueueFull,
+    Settings,
+    redact_url,
+)
 from db import Job, make_engine, make_session_factory, upgrade
 from producer import CompletionClient
 
@@ -69,18 +86,67 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
         return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS_S[match.group(2)])
 
 
+class ExitCode(IntEnum):
+    """What a ``cq`` command's exit status means (in `cq --help` and README.md)."""
+
+    OK = 0
+    JOB_FAILED = 1
+    USAGE = 2
+    TIMED_OUT = 3
+    NOT_FOUND = 4
+    UNREACHABLE = 5
+    REFUSED = 6
+
+
+EXIT_MEANINGS = {
+    ExitCode.OK: "done; every job waited for succeeded",
+    ExitCode.JOB_FAILED: "a job waited for failed or was cancelled",
+    ExitCode.USAGE: "usage or invalid input",
+    ExitCode.TIMED_OUT: "a wait timed out (the ids waited for are printed)",
+    ExitCode.NOT_FOUND: "no such job or batch",
+    ExitCode.UNREACHABLE: "the broker or the database cannot be reached",
+    ExitCode.REFUSED: "refused: queue full, quota, idempotency key reused, job already finished",
+}
+
+#: Errors by exit code, most specific first (any other CompletionError is USAGE).
+_EXITS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], ExitCode], ...] = (
+    (JobTimeout, ExitCode.TIMED_OUT),
+    (JobNotFound, ExitCode.NOT_FOUND),
+    ((BrokerUnavailable, BrokerNotRunning, EmbeddedRedisError), ExitCode.UNREACHABLE),
+    ((QueueFull, IdempotencyConflict, ModelNotAllowed), ExitCode.REFUSED),
+)
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    click.echo(f"error: {redact_url(message)}", err=True)
+    sys.exit(code)
+
+
 class _CliGroup(click.Group):
-    """Shows our errors as one ``error:`` line (exit 2), never as a traceback."""
+    """Shows errors as one ``error:`` line with its exit code, never as a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CompletionError as exc:
-            click.echo(f"error: {redact_url(str(exc))}", err=True)
-            sys.exit(2)
+            code = next((c for kinds, c in _EXITS if isinstance(exc, kinds)), ExitCode.USAGE)
+            fail(str(exc), code)
+        except (OperationalError, InterfaceError) as exc:
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            fail(f"database error: {first}", ExitCode.UNREACHABLE)
+        except (redis.ConnectionError, redis.TimeoutError, KombuError) as exc:
+            fail(f"the broker cannot be reached: {exc}", ExitCode.UNREACHABLE)
 
 
-@click.group(cls=_CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
+_EXIT_HELP = "\b\nExit codes:\n" + "\n".join(f"  {c}  {m}" for c, m in EXIT_MEANINGS.items())
+
+
+@click.group(
+    cls=_CliGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_EXIT_HELP,
+)
 def cli() -> None:
     """completion-queue: queue text-completion jobs for GPU workers; results land in SQL.
 

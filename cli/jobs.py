@@ -3,18 +3,57 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.progress import Progress
 
-from cli.group import cli, client_for, echo_job, settings_from_env
-from cli.render import job_table, wait_with_progress
-from db import JobStatus
-from producer import CompletionClient
+from cli.group import ExitCode, cli, client_for, echo_job, fail, settings_from_env
+from cli.render import job_table, show, wait_with_progress
+from completion_queue import BrokerUnavailable, JobTimeout, ValidationError
+from db import Job, JobStatus
+from producer import CompletionClient, CompletionRequest
+from producer.ids import find_batch_id, find_job_id
+
+
+def _default(text: str, field: str) -> str:
+    """``text`` with the request field's default, as click shows defaults."""
+    return f"{text}  [default: {CompletionRequest.model_fields[field].default}]"
+
+
+def _exit_for(jobs: list[Job]) -> None:
+    """Exit 1 when a job waited for failed or was cancelled (after it was printed)."""
+    bad = [job for job in jobs if job.status in (JobStatus.FAILED, JobStatus.CANCELLED)]
+    if bad:
+        sys.exit(ExitCode.JOB_FAILED)
+
+
+def _wait(client: CompletionClient, ids: list[uuid.UUID], timeout: float, what: str) -> list[Job]:
+    """Wait for ``ids``; on a timeout, say which ids (or ``what``) were waited for (exit 3)."""
+    try:
+        if len(ids) == 1:
+            return [client.wait(ids[0], timeout=timeout)]
+        return wait_with_progress(client, ids, timeout=timeout)
+    except JobTimeout as exc:
+        fail(f"{exc}; waited for {what}", ExitCode.TIMED_OUT)
+
+
+def _warn_unserved(client: CompletionClient, models: set[str]) -> None:
+    """Warn on stderr about models no live worker serves (their jobs stay queued)."""
+    try:
+        served = client.served_models()
+    except BrokerUnavailable:
+        return  # sending just worked: the broker went away since; the next command says so
+    for model in sorted(models - set(served)):
+        click.echo(
+            f"warning: no live worker serves model {model!r}; its jobs stay queued until one "
+            f"starts (cq worker --model {model})",
+            err=True,
+        )
 
 
 @cli.command()
@@ -25,16 +64,24 @@ from producer import CompletionClient
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSONL file: one request object per line.",
 )
-@click.option("--model")
-@click.option("--max-new-tokens", type=int)
-@click.option("--temperature", type=float)
-@click.option("--top-p", type=float)
-@click.option("--top-k", type=int)
-@click.option("--repetition-penalty", type=float)
-@click.option("-n", "n", type=int, help="Number of choices.")
+@click.option("--model", help="Model to run (default: CQ_MODEL).")
+@click.option(
+    "--max-new-tokens", type=int, help=_default("Most tokens to generate.", "max_new_tokens")
+)
+@click.option("--temperature", type=float, help=_default("0 is greedy.", "temperature"))
+@click.option("--top-p", type=float, help=_default("Nucleus sampling mass, (0, 1].", "top_p"))
+@click.option(
+    "--top-k", type=int, help=_default("Sample from the k likeliest tokens; 0: all.", "top_k")
+)
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    help=_default("Above 1 discourages repeats.", "repetition_penalty"),
+)
+@click.option("-n", "n", type=int, help=_default("Number of choices.", "n"))
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable, up to 4).")
-@click.option("--seed", type=int)
-@click.option("--idempotency-key")
+@click.option("--seed", type=int, help="Seed for sampling, for repeatable results.")
+@click.option("--idempotency-key", help="A retry with the same key returns the same job.")
 @click.option("--priority", type=int, help="0 (normal) to 9 (most urgent).")
 @click.option(
     "--truncate",
@@ -53,7 +100,10 @@ from producer import CompletionClient
     help="Wait for the result (optionally: seconds, default 60).",
 )
 def submit(prompt: str | None, file: Path | None, wait_s: float | None, **params: Any) -> None:
-    """Submit one PROMPT, or every request in --file (prints the batch id)."""
+    """Submit one PROMPT, or every request in --file (prints the batch id).
+
+    Warns when no live worker serves the model (the jobs still queue).
+    """
     settings = settings_from_env()
     if (prompt is None) == (file is None):
         raise click.UsageError("give either a PROMPT or --file")
@@ -63,18 +113,22 @@ def submit(prompt: str | None, file: Path | None, wait_s: float | None, **params
     with client_for(settings) as client:
         if prompt is not None:
             job = client.submit(prompt, **request)
+            _warn_unserved(client, {job.model})
             if wait_s is not None:
-                job = client.wait(job, timeout=wait_s)
+                job = _wait(client, [job.id], wait_s, f"job {job.id}")[0]
             echo_job(job)
+            _exit_for([job])
             return
         assert file is not None
         _submit_file(client, file, request, wait_s)
 
 
-def _submit_file(
-    client: CompletionClient, path: Path, defaults: dict[str, Any], wait_s: float | None
-) -> None:
-    requests = []
+_REQUEST_INDEX = re.compile(r"^requests\[(\d+)\]: ")
+
+
+def _read_file(path: Path, defaults: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+    """Return the requests in a JSONL file, and the line number of each (from 1)."""
+    requests, numbers = [], []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -88,57 +142,101 @@ def _submit_file(
             if not isinstance(data, dict):
                 raise click.BadParameter(f"line {number} is not an object", param_hint="--file")
             requests.append({**defaults, **data})
+            numbers.append(number)
+    if not requests:
+        raise click.BadParameter(f"{path} holds no requests", param_hint="--file")
+    return requests, numbers
+
+
+def _submit_file(
+    client: CompletionClient, path: Path, defaults: dict[str, Any], wait_s: float | None
+) -> None:
+    requests, numbers = _read_file(path, defaults)
     batch_id = uuid.uuid4().hex
     chunk = 500
-    jobs = []
+    jobs: list[Job] = []
     with Progress(transient=True) as progress:
         task = progress.add_task("submitting", total=len(requests))
         for start in range(0, len(requests), chunk):
-            jobs += client.submit_many(requests[start : start + chunk], batch_id=batch_id)
+            try:
+                jobs += client.submit_many(requests[start : start + chunk], batch_id=batch_id)
+            except ValidationError as exc:
+                # Name the file's line, as the JSON errors above do.
+                index = _REQUEST_INDEX.match(str(exc))
+                if index is None:
+                    raise
+                line = numbers[start + int(index.group(1))]
+                message = _REQUEST_INDEX.sub(f"line {line}: ", str(exc))
+                raise ValidationError(message, field=exc.field) from None
             progress.update(task, completed=len(jobs))
     click.echo(f"submitted {len(jobs)} jobs; batch id: {batch_id}")
+    _warn_unserved(client, {job.model for job in jobs})
     if wait_s is not None:
-        wait_with_progress(client, [job.id for job in jobs], timeout=wait_s)
+        _exit_for(_wait(client, [job.id for job in jobs], wait_s, f"batch {batch_id}"))
 
 
 @cli.command()
 @click.argument("job_id")
 def status(job_id: str) -> None:
-    """Print one job's row as JSON."""
+    """Print one job's row as JSON (JOB_ID: a full id or a unique prefix)."""
     with client_for(settings_from_env()) as client:
-        echo_job(client.get(job_id))
+        echo_job(client.get(find_job_id(client, job_id)))
 
 
 @cli.command()
 @click.argument("job_id")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
 def wait(job_id: str, timeout: float) -> None:
-    """Wait until a job is finished, then print it as JSON."""
+    """Wait until a job is finished, then print it as JSON (exit 1 if it failed).
+
+    JOB_ID: a full id or a unique prefix.
+    """
     with client_for(settings_from_env()) as client:
-        echo_job(client.wait(job_id, timeout=timeout))
+        found = find_job_id(client, job_id)
+        job = _wait(client, [found], timeout, f"job {found}")[0]
+    echo_job(job)
+    _exit_for([job])
 
 
 @cli.command("list")
 @click.option("--status", "status_", type=click.Choice([s.value for s in JobStatus]))
-@click.option("--batch", "batch_id", help="Only jobs of this batch id.")
+@click.option("--batch", "batch_id", help="Only jobs of this batch id (or a unique prefix).")
 @click.option("--limit", default=50, show_default=True)
-def list_(status_: str | None, batch_id: str | None, limit: int) -> None:
-    """List jobs, newest first."""
+@click.option("--json", "as_json", is_flag=True, help="Print the full rows as JSON lines.")
+def list_(status_: str | None, batch_id: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first (ids shortened: any unique prefix works in other commands)."""
     with client_for(settings_from_env()) as client:
-        jobs = client.list(status=status_, batch_id=batch_id, limit=limit)
-    Console().print(job_table(jobs))
+        batch = find_batch_id(client, batch_id) if batch_id is not None else None
+        jobs = client.list(status=status_, batch_id=batch, limit=limit)
+    if as_json:
+        for job in jobs:
+            click.echo(json.dumps(job.to_dict(), ensure_ascii=False))
+    elif not jobs:
+        click.echo("no jobs" + (" match" if status_ or batch_id else " yet: cq submit 'Hello'"))
+    else:
+        show(job_table(jobs))
 
 
 @cli.command()
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
-    """Cancel a queued or running job (a running job's result is discarded)."""
+    """Cancel a queued or running job (a running job's result is discarded).
+
+    JOB_ID: a full id or a unique prefix. A job already finished is printed as it
+    is, with exit code 6.
+    """
     with client_for(settings_from_env()) as client:
-        echo_job(client.cancel(job_id))
+        job = client.cancel(find_job_id(client, job_id))
+    echo_job(job)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        fail(f"job {job.id} had already {job.status.value}: nothing to cancel", ExitCode.REFUSED)
 
 
 @cli.command()
-@click.option("--batch", "batch_id", required=True, help="Batch id printed by `cq submit --file`.")
+@click.option(
+    "--batch", "batch_id", required=True,
+    help="Batch id printed by `cq submit --file` (or a unique prefix).",
+)  # fmt: skip
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -148,12 +246,13 @@ def cancel(job_id: str) -> None:
 def results(batch_id: str, out: Path) -> None:
     """Write every job of a batch (with its result) to a JSONL file."""
     with client_for(settings_from_env()) as client:
-        jobs = client.list(batch_id=batch_id, limit=1_000_000)
+        batch = find_batch_id(client, batch_id)
+        jobs = client.list(batch_id=batch, limit=1_000_000)
     with out.open("w", encoding="utf-8") as handle:
         for job in sorted(jobs, key=lambda j: (j.created_at, str(j.id))):
             handle.write(json.dumps(job.to_dict(), ensure_ascii=False) + "\n")
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.status.value] = counts.get(job.status.value, 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs"
-    click.echo(f"wrote {len(jobs)} jobs to {out} ({summary})")
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    click.echo(f"wrote {len(jobs)} jobs of batch {batch} to {out} ({summary})")

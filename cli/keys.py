@@ -8,10 +8,10 @@ import re
 from datetime import datetime, timedelta
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from cli.group import Duration, cli, database, migrated, settings_from_env
+from cli.render import show
 from completion_queue import ConfigError
 from db import (
     TenantExists,
@@ -86,7 +86,7 @@ def keys_list(as_json: bool) -> None:
             _when(t.last_used_at),
             _when(t.revoked_at),
         )
-    Console().print(table)
+    show(table)
 
 
 @keys.command("revoke")
@@ -125,4 +125,4 @@ def usage_command(tenant: str | None, since: timedelta, as_json: bool) -> None:
             str(row.prompt_tokens),
             str(row.completion_tokens),
         )
-    Console().print(table)
+    show(table)

@@ -8,10 +8,9 @@ import sys
 from datetime import timedelta
 
 import click
-from rich.console import Console
 
 from cli.group import Duration, cli, database, migrated, settings_from_env
-from cli.render import stats_view, workers_table
+from cli.render import show, stats_view, workers_table
 from completion_queue import create_app, reap, redact_url
 from db import JobStatus, prune_jobs, upgrade, utcnow
 from producer.stats import cluster_stats, live_workers
@@ -38,7 +37,7 @@ def stats(window: timedelta, timeout: float, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))
     else:
-        Console().print(stats_view(found))
+        show(stats_view(found))
 
 
 @cli.command()
@@ -57,7 +56,7 @@ def workers(timeout: float, hostname: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(w) for w in found], indent=2))
     else:
-        Console().print(workers_table(found))
+        show(workers_table(found))
     if hostname is not None and not found:
         sys.exit(1)
 

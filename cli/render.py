@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from rich.console import Group
+from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -15,11 +15,21 @@ from producer import CompletionClient
 from producer.stats import ClusterStats, WorkerInfo
 
 
+def show(renderable: RenderableType) -> None:
+    """Print a table at the width it needs, even past the terminal's or piped (where rich
+    assumes 80 columns): names and ids are printed whole, to be pasted."""
+    console = Console()
+    needed = console.measure(renderable, options=console.options.update_width(100_000)).maximum
+    Console(width=max(console.width, needed)).print(renderable)
+
+
 def job_table(jobs: Sequence[Job]) -> Table:
-    """Return a table of jobs: id, status, tokens, latency, start of the completion."""
+    """Return a table of jobs: id, status, model, tokens, latency, start of the completion."""
     table = Table(show_lines=False)
-    for column, width in (("job id", 8), ("status", 9), ("tokens", 6), ("latency ms", 10)):
+    for column, width in (("job id", 8), ("status", 9), ("model", 5)):
         table.add_column(column, no_wrap=True, min_width=width)
+    for column, width in (("tokens", 6), ("latency ms", 10)):
+        table.add_column(column, no_wrap=True, min_width=width, justify="right")
     table.add_column("completion", no_wrap=True, overflow="ellipsis", max_width=30)
     for job in jobs:
         latency = f"{job.latency_s * 1000:.0f}" if job.latency_s is not None else "-"
@@ -27,6 +37,7 @@ def job_table(jobs: Sequence[Job]) -> Table:
         table.add_row(
             str(job.id)[:8],
             job.status.value,
+            job.model,
             str(job.completion_tokens or 0),
             latency,
             repr(text[:40]),
@@ -44,10 +55,10 @@ def wait_with_progress(
     with Progress(*columns) as progress:
         task = progress.add_task("jobs", total=len(ids))
 
-        def show(finished: int, total: int) -> None:
+        def update(finished: int, total: int) -> None:
             progress.update(task, completed=finished)
 
-        return client.wait(list(ids), timeout=timeout, on_progress=show)
+        return client.wait(list(ids), timeout=timeout, on_progress=update)
 
 
 def _ms(value: float | None) -> str:
@@ -57,8 +68,8 @@ def _ms(value: float | None) -> str:
 def workers_table(workers: Sequence[WorkerInfo]) -> Table:
     """Return a table of live workers: model, device, batch settings, jobs done."""
     table = Table(title=f"{len(workers)} live worker(s)")
-    table.add_column("worker", overflow="fold")
-    table.add_column("model", overflow="fold")
+    table.add_column("worker", no_wrap=True)
+    table.add_column("model", no_wrap=True)
     for column in ("device", "batch", "wait ms", "jobs done", "failed", "up s"):
         table.add_column(column, no_wrap=True)
     for w in workers:
@@ -84,8 +95,8 @@ def stats_view(stats: ClusterStats) -> Group:
         " / ".join(_ms(v) for v in stats.latency_s.values()), _ms(stats.queue_wait_s["p50"]),
     )  # fmt: skip
     queues = Table(title="queues")
-    queues.add_column("model", overflow="fold")
-    queues.add_column("queue", overflow="fold")
+    queues.add_column("model", no_wrap=True)
+    queues.add_column("queue", no_wrap=True)
     queues.add_column("waiting", justify="right")
     for model, depth in stats.queues.items():
         queues.add_row(model, queue_name(model), str(depth))

@@ -17,13 +17,16 @@ import click
 from cli.demo import run_demo
 from cli.group import cli, database, migrated, settings_from_env
 from completion_queue import (
+    CompletionError,
     ConfigError,
     Settings,
+    Stopped,
     WorkerProcess,
     embedded_broker,
     is_loopback,
     redact_url,
     run_flower,
+    stop_on_signals,
     worker_env,
 )
 from db import has_live_tenants
@@ -45,9 +48,30 @@ def demo(n_jobs: int, new_tokens: int, timeout: float) -> None:
 
 @cli.command()
 def up() -> None:
-    """Run an embedded broker and one worker in the foreground until Ctrl-C."""
-    settings = migrated(settings_from_env())
+    """Run an embedded broker and one worker in the foreground until Ctrl-C or SIGTERM.
+
+    SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop both: the worker finishes its batch
+    (warm shutdown; killed after 30 s), then the broker stops and its URL file is
+    removed. One `cq up` per CQ_DATA_DIR: a second one is refused.
+    """
+    settings = settings_from_env()
+    try:
+        with stop_on_signals():
+            run_up(settings)
+    except Stopped as stop:
+        what = "worker" if settings.broker_url else "worker and embedded broker"
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            click.echo(f"stopped on {stop.signal.name}: {what} shut down")
+
+
+def run_up(settings: Settings) -> None:
+    """Run `cq up`'s broker and worker until a stop signal; raise if the worker exits first.
+
+    The broker starts first: a command started at the same time waits for its URL
+    while this one migrates the embedded database (or waits for that command to).
+    """
     with embedded_broker(settings) as live:
+        migrated(live)
         click.echo(f"broker: {redact_url(live.broker_url)}")
         click.echo(f"database: {redact_url(live.resolved_database_url())}")
         log_path = live.data_dir / "worker.log"
@@ -55,10 +79,8 @@ def up() -> None:
             worker.wait_ready()
             click.echo(f"worker {worker.pid} serving {live.model}; log: {log_path}")
             click.echo("submit from another shell: cq submit 'Hello' --wait   (Ctrl-C to stop)")
-            with contextlib.suppress(KeyboardInterrupt):
-                while worker.alive():
-                    worker.process.wait()  # type: ignore[union-attr]
-            click.echo("stopping")
+            code = worker.process.wait()  # type: ignore[union-attr]
+        raise CompletionError(f"worker {worker.pid} exited with code {code}; log: {log_path}")
 
 
 @cli.command()

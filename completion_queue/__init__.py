@@ -28,6 +28,7 @@ from completion_queue.constants import (
 from completion_queue.errors import (
     AttemptsExceeded,
     BatchExpired,
+    BrokerNotRunning,
     BrokerUnavailable,
     CompletionError,
     ConfigError,
@@ -48,19 +49,28 @@ from completion_queue.errors import (
 )
 from completion_queue.flower import check_auth, flower_command, run_flower
 from completion_queue.local import (
+    Stopped,
     WorkerProcess,
     child_pids,
     default_nodename,
     embedded_broker,
     rss_mb,
+    stop_on_signals,
     worker_env,
 )
 from completion_queue.metrics import JobStatusCollector, Metrics, QueueDepthCollector
+from completion_queue.presence import announce, served_models, withdraw
 from completion_queue.reaper import ReapReport, reap
 from completion_queue.redis_server import EmbeddedRedis, RedisTLS, find_redis_server, free_port
 from completion_queue.settings import Settings, is_loopback, redact_url
 
 __all__ = [
+    # local processes and presence
+    "Stopped",
+    "stop_on_signals",
+    "announce",
+    "served_models",
+    "withdraw",
     # settings
     "Settings",
     "is_loopback",
@@ -69,6 +79,7 @@ __all__ = [
     "AttemptsExceeded",
     "WrongModel",
     "BatchExpired",
+    "BrokerNotRunning",
     "BrokerUnavailable",
     "CompletionError",
     "ConfigError",

@@ -6,16 +6,20 @@ It never imports torch, transformers or the database.
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import psutil
 from celery import Celery
 
 from completion_queue.constants import TASK_GENERATE, queue_name
-from completion_queue.errors import ConfigError
+from completion_queue.errors import BrokerNotRunning, ConfigError
 from completion_queue.settings import Settings, redact_url
 
 #: Redis priorities: kombu's Redis transport pops lower numbers first.
@@ -71,16 +75,89 @@ def broker_url_file(settings: Settings) -> Path:
     return settings.data_dir / "redis" / "broker.url"
 
 
+#: How long a reader of the broker file waits for its server to accept a connection.
+BROKER_FILE_CONNECT_TIMEOUT_S = 1.0
+
+
+def broker_answers(url: str, *, timeout_s: float = BROKER_FILE_CONNECT_TIMEOUT_S) -> bool:
+    """True when something accepts a connection at ``url``'s host and port (or unix socket)."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout_s)
+                sock.connect(parts.path)
+        elif parts.hostname:
+            address = (parts.hostname, parts.port or 6379)
+            socket.create_connection(address, timeout=timeout_s).close()
+        else:
+            return False
+    except (OSError, ValueError):  # refused, timed out, or no port in the URL
+        return False
+    return True
+
+
+def published_broker_url(settings: Settings) -> str | None:
+    """Return the URL in the broker file (``""`` if empty), or None when there is no file."""
+    try:
+        return broker_url_file(settings).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+#: How long a command waits for a ``cq up`` that is starting to publish its broker's URL.
+STARTING_BROKER_WAIT_S = 30.0
+
+
+def _starting_broker_url(settings: Settings) -> str | None:
+    """The URL a ``cq up`` still starting publishes, once it does; None if none is starting.
+
+    ``cq up`` writes its pid into ``broker.lock`` before it starts redis-server
+    (see ``completion_queue.local``); a live pid there with no URL yet is one starting.
+    """
+    lock = broker_url_file(settings).with_name("broker.lock")
+    deadline = time.monotonic() + STARTING_BROKER_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            pid = int(lock.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid == os.getpid() or not psutil.pid_exists(pid):
+            return None
+        url = published_broker_url(settings)
+        if url:
+            return url
+        time.sleep(0.1)
+    return None
+
+
 def resolve_broker_url(settings: Settings) -> str:
-    """Return ``CQ_BROKER_URL``, else the URL of the embedded broker a running ``cq up`` wrote."""
+    """Return ``CQ_BROKER_URL``, else the URL of the embedded broker a running ``cq up`` wrote.
+
+    A command started together with ``cq up`` (``cq up &`` then ``cq submit``) waits
+    for it to publish its URL. A broker file whose URL nothing answers (its ``cq up``
+    was killed) is stale: it is removed, and the error names it.
+    """
     if settings.broker_url:
         return settings.broker_url
-    published = broker_url_file(settings)
-    if published.is_file():
-        return published.read_text().strip()
-    raise ConfigError(
+    url = published_broker_url(settings)
+    if url is None:
+        url = _starting_broker_url(settings)
+    if url and broker_answers(url):
+        return url
+    stale = ""
+    if url is not None:
+        published = broker_url_file(settings)
+        try:
+            # Unless a new `cq up` has just written its own URL there.
+            if published.read_text().strip() == url:
+                published.unlink()
+        except OSError:
+            pass
+        stale = f"{published} is stale (nothing answers at {redact_url(url) or 'an empty URL'}); "
+    raise BrokerNotRunning(
         "CQ_BROKER_URL is unset and no embedded broker is running: "
-        "start one with `cq up` (or set CQ_BROKER_URL=redis://host:6379/0)"
+        f"{stale}start one with `cq up` (or set CQ_BROKER_URL=redis://host:6379/0)"
     )
 
 
@@ -135,17 +212,35 @@ class Sendable(Protocol):
 
 
 def send_jobs(app: Celery, jobs: Iterable[Sendable]) -> int:
-    """Send one ``cq.generate`` message per job (task id = job id); return how many."""
+    """Send one ``cq.generate`` message per job (task id = job id); return how many.
+
+    The task has no arguments (the row is the truth); its ``kwargsrepr`` says what the
+    job is instead, as a dict literal: model, the prompt's first 60 characters,
+    ``max_new_tokens``, and the tenant when there is one. Celery's task-sent event and
+    the worker's task-received event (workers/events.py) carry it as ``kwargs``, which
+    Flower shows and searches (``kwargs:model=gpt2``). A job without a prompt (the
+    reaper's resend knows only id, model and priority) is described by its model.
+    """
     sent = 0
-    # kombu's publish batch sends the LPUSHes in pipelines, not one round trip each.
+    # kombu's publish batch sends the LPUSHes (and task-sent PUBLISHes) in pipelines.
     with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
         for job in jobs:
+            prompt: str | None = getattr(job, "prompt", None)
+            about: dict[str, Any] = {"model": job.model}
+            if prompt is not None:
+                params: dict[str, Any] = getattr(job, "params", None) or {}
+                about["prompt"] = prompt[:60]
+                about["max_new_tokens"] = params.get("max_new_tokens")
+            if tenant := getattr(job, "tenant", None):
+                about["tenant"] = tenant
             app.send_task(
                 TASK_GENERATE,
                 task_id=str(job.id),
                 queue=queue_name(job.model),
                 priority=celery_priority(job.priority),
                 producer=producer,
+                argsrepr="()",
+                kwargsrepr=repr(about),
             )
             sent += 1
     return sent
@@ -195,7 +290,9 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         worker_prefetch_multiplier=prefetch_count(settings),
         # Task events, so Flower shows every job: received, started, succeeded or
         # failed by the worker (workers/events.py), and optionally sent by the
-        # producer (one more publish per job: about a third of submit throughput).
+        # producer, so Flower lists queued jobs too, those for a model no worker
+        # serves included (one more pipelined publish per job: submit_many takes
+        # about 1.4x as long).
         worker_send_task_events=True,
         task_send_sent_event=settings.task_sent_events,
         task_default_queue=queue_name(settings.model),

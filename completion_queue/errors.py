@@ -11,6 +11,10 @@ class ConfigError(CompletionError):
     """Raised when settings or command-line options are invalid or inconsistent."""
 
 
+class BrokerNotRunning(ConfigError):
+    """Raised when ``CQ_BROKER_URL`` is unset and no ``cq up`` runs on this data directory."""
+
+
 class ValidationError(CompletionError, ValueError):
     """Raised when a completion request is invalid; ``field`` names the offending field."""
 
@@ -26,7 +30,8 @@ class IdempotencyConflict(CompletionError):
 
 
 class ModelNotAllowed(CompletionError):
-    """Raised when a tenant asks for a model outside its ``--models``; nothing was written."""
+    """Raised for a model outside a tenant's ``--models``, or one the API knows no worker serves;
+    nothing was written."""
 
     field = "model"
 

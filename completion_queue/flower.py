@@ -15,6 +15,11 @@ FLOWER_APP = "completion_queue.flower_app"
 #: Flower saves its persistent state this often (ms), so a crash loses at most this much.
 STATE_SAVE_INTERVAL_MS = 60_000
 
+#: The tasks page's columns unless ``FLOWER_TASKS_COLUMNS`` says otherwise. ``kwargs`` is
+#: what a job is (model, prompt head, max_new_tokens, tenant: see ``send_jobs``); Flower's
+#: default columns leave it out, and every job's name is ``cq.generate``.
+TASKS_COLUMNS = "uuid,state,kwargs,result,received,started,runtime,worker"
+
 
 def check_auth(settings: Settings) -> None:
     """Refuse to open Flower beyond loopback without basic auth; check the auth's shape."""
@@ -44,7 +49,11 @@ def flower_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
         sys.executable, "-m", "celery", "--app", FLOWER_APP, "flower",
         f"--address={settings.flower_address}", f"--port={settings.flower_port}",
     ]  # fmt: skip
-    env = {**os.environ, "CQ_BROKER_URL": resolve_broker_url(settings)}
+    env = {
+        "FLOWER_TASKS_COLUMNS": TASKS_COLUMNS,
+        **os.environ,
+        "CQ_BROKER_URL": resolve_broker_url(settings),
+    }
     if settings.flower_basic_auth:
         env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
     if settings.flower_db is not None:

@@ -8,23 +8,60 @@ variables, exactly as on a real deployment.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import psutil
 
-from completion_queue.celery_app import broker_url_file
+from completion_queue.celery_app import broker_answers, broker_url_file, published_broker_url
 from completion_queue.constants import WORKER_CONSUMING_LINE, WORKER_READY_LINE
-from completion_queue.errors import CompletionError
+from completion_queue.errors import CompletionError, EmbeddedRedisError
 from completion_queue.redis_server import EmbeddedRedis
-from completion_queue.settings import Settings
+from completion_queue.settings import Settings, redact_url
+
+#: The signals that stop ``cq up`` and ``cq demo``: kill, Ctrl-C, and the terminal closing.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread when a stop signal (SIGTERM, SIGINT, SIGHUP) arrives."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal = signal.Signals(signum)
+        super().__init__(self.signal.name)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[signal.Signals] = STOP_SIGNALS) -> Iterator[None]:
+    """Raise :class:`Stopped` on the first of ``signals``, and ignore the rest until the end.
+
+    Every ``with`` the exception unwinds stops its process (worker, then broker) and
+    removes its files; a second signal must not cut that short. A signal ignored
+    already (``nohup``, a background job) stays ignored. Main thread only.
+    """
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    taken = [sig for sig, handler in previous.items() if handler != signal.SIG_IGN]
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        for sig in taken:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for sig in taken:
+        signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig in taken:
+            signal.signal(sig, previous[sig] or signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -32,18 +69,56 @@ def embedded_broker(settings: Settings) -> Iterator[Settings]:
     """Yield settings with a broker: ``CQ_BROKER_URL``, else an embedded redis-server.
 
     The embedded server's URL is published in the data directory while it runs,
-    so other ``cq`` commands on this machine find it.
+    so other ``cq`` commands on this machine find it. One embedded broker per data
+    directory: a second is refused (:class:`EmbeddedRedisError`) while the first runs.
     """
     if settings.broker_url:
         yield settings
         return
-    with EmbeddedRedis(settings.data_dir / "redis") as server:
-        published = broker_url_file(settings)
-        published.write_text(server.url)
+    published = broker_url_file(settings)
+    with _sole_broker(settings), EmbeddedRedis(published.parent) as server:
+        # Written whole or not at all: a reader never finds it empty.
+        partial = published.with_name(f".{published.name}.{os.getpid()}")
+        partial.write_text(server.url)
+        partial.replace(published)
         try:
             yield settings.model_copy(update={"broker_url": server.url})
         finally:
             published.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _sole_broker(settings: Settings) -> Iterator[None]:
+    """Hold the data directory's broker lock (the kernel drops it if this process dies).
+
+    Refused while another ``cq up`` / ``cq demo`` holds it, or while the broker file
+    names a server that still answers though its owner is gone (killed with SIGKILL).
+    """
+    published = broker_url_file(settings)
+    published.parent.mkdir(parents=True, exist_ok=True)
+    with (published.parent / "broker.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "?"
+            running = redact_url(published_broker_url(settings)) or "a broker still starting"
+            raise EmbeddedRedisError(
+                f"another `cq up` or `cq demo` (pid {owner}) runs the embedded broker of "
+                f"{settings.data_dir} ({running}): stop it first, or set CQ_DATA_DIR to another "
+                "directory; `cq worker` adds a worker to it"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        url = published_broker_url(settings)
+        if url and broker_answers(url):
+            raise EmbeddedRedisError(
+                f"{published} names a broker that still answers at {redact_url(url)}, but no "
+                "`cq up` or `cq demo` owns it (one was killed): stop that redis-server, or "
+                "set CQ_BROKER_URL to use it"
+            )
+        yield
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -136,7 +211,10 @@ class WorkerProcess:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                # Its pool processes too: killed, the worker could not stop them itself.
+                for pid in [*child_pids(self.pid), self.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 self.process.wait(timeout_s)
         return self.process.returncode
 

@@ -124,23 +124,28 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = (
-                    self.process.stderr.read().decode(errors="replace")
-                    if self.process.stderr
-                    else ""
-                )
-                raise EmbeddedRedisError(f"redis-server exited at start: {err.strip() or log}")
-            try:
-                if client.ping():
-                    client.close()
-                    return self
-            except redis.RedisError:
-                time.sleep(0.05)
-        self.stop()
+        try:
+            self._wait_answering(self.process, log, timeout_s)
+        except BaseException:
+            # Not answering, or interrupted (a stop signal): no server is left behind.
+            self.stop()
+            raise
+        return self
+
+    def _wait_answering(
+        self, process: subprocess.Popen[bytes], log: Path, timeout_s: float
+    ) -> None:
+        with redis.Redis.from_url(self.url, socket_connect_timeout=0.5) as client:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                    raise EmbeddedRedisError(f"redis-server exited at start: {err.strip() or log}")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    time.sleep(0.05)
         raise EmbeddedRedisError(f"redis-server did not answer on port {self.port} in {timeout_s}s")
 
     def stop(self, timeout_s: float = 10.0) -> None:

@@ -18,6 +18,7 @@ from db.batch_store import (
 )
 from db.engine import make_engine, make_session_factory
 from db.jobs import (
+    batch_ids_by_prefix,
     cancel_job,
     cancel_jobs,
     claim_jobs,
@@ -28,6 +29,7 @@ from db.jobs import (
     get_job,
     get_jobs,
     get_unfinished_jobs,
+    job_ids_by_prefix,
     job_states,
     list_jobs,
     prune_jobs,
@@ -101,7 +103,9 @@ __all__ = [
     "create_jobs",
     "finish_jobs",
     "get_job",
+    "batch_ids_by_prefix",
     "get_jobs",
+    "job_ids_by_prefix",
     "get_unfinished_jobs",
     "job_states",
     "list_jobs",

@@ -166,6 +166,41 @@ def get_job(session: Session, *, job_id: uuid.UUID, tenant: str | None = None) -
     return Job.from_row(row)
 
 
+def job_ids_by_prefix(
+    session: Session, *, prefix: str, tenant: str | None = None, limit: int = 2
+) -> list[uuid.UUID]:
+    """Return up to ``limit`` ids that start with the hex digits ``prefix`` (of ``tenant``'s).
+
+    A range on the primary key, so both backends answer from the index.
+    """
+    low, high = uuid.UUID(prefix.ljust(32, "0")), uuid.UUID(prefix.ljust(32, "f"))
+    stmt = (
+        select(JobRow.id)
+        .where(JobRow.id >= low, JobRow.id <= high, *owned_by(tenant))
+        .order_by(JobRow.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def batch_ids_by_prefix(
+    session: Session, *, prefix: str, tenant: str | None = None, limit: int = 2
+) -> list[str]:
+    """Return up to ``limit`` batch ids of jobs that are ``prefix`` or start with it."""
+    exact = select(JobRow.batch_id).where(JobRow.batch_id == prefix, *owned_by(tenant)).limit(1)
+    if session.scalar(exact) is not None:
+        return [prefix]
+    pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    stmt = (
+        select(JobRow.batch_id)
+        .where(JobRow.batch_id.like(pattern, escape="\\"), *owned_by(tenant))
+        .distinct()
+        .order_by(JobRow.batch_id)
+        .limit(limit)
+    )
+    return [batch for batch in session.scalars(stmt) if batch is not None]
+
+
 def get_jobs(
     session: Session, *, job_ids: Sequence[uuid.UUID], tenant: str | None = None
 ) -> dict[uuid.UUID, Job]:

@@ -83,8 +83,11 @@ class Job:
 
     @property
     def latency_s(self) -> float | None:
-        """Seconds from submit to the finished row, or None while unfinished."""
-        if self.finished_at is None:
+        """Seconds from submit to the finished row; None while unfinished, and for a job
+        cancelled before it ran (it was never served)."""
+        if self.finished_at is None or (
+            self.status is JobStatus.CANCELLED and self.started_at is None
+        ):
             return None
         return (self.finished_at - self.created_at).total_seconds()
 

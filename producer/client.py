@@ -12,6 +12,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, overload
 
+import redis
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +26,7 @@ from completion_queue import (
     create_app,
     redact_url,
     send_jobs,
+    served_models,
 )
 from db import (
     Job,
@@ -352,6 +354,16 @@ class CompletionClient:
                 limit=limit,
                 after=after,
             )
+
+    def served_models(self) -> dict[str, int]:
+        """The models live workers serve now, with how many workers serve each (one round trip
+        to Redis; see :mod:`completion_queue.presence`)."""
+        url = self.app.conf.broker_url
+        try:
+            with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2) as client:
+                return served_models(client)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"broker unreachable at {redact_url(url)}: {exc}") from None
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
-from completion_queue import Settings, queue_depth, queue_name
+from completion_queue import BrokerUnavailable, Settings, queue_depth, queue_name, redact_url
 from db import (
     JobStatus,
     count_by_status,
@@ -75,9 +76,33 @@ class ClusterStats:
         return dataclasses.asdict(self)
 
 
+#: How long `cq stats` and `cq workers` wait for the broker to accept a connection.
+BROKER_CONNECT_TIMEOUT_S = 2.0
+
+#: What a broker that is down or unreachable raises, through kombu or redis-py.
+BROKER_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _unavailable(app: Celery, exc: BaseException) -> BrokerUnavailable:
+    url = redact_url(app.conf.broker_url)
+    return BrokerUnavailable(f"the broker cannot be reached at {url}: {redact_url(str(exc))}")
+
+
 def live_workers(app: Celery, *, timeout_s: float = 1.0) -> list[WorkerInfo]:
-    """Ask every worker for its stats (Celery's ``inspect stats``); return those that answer."""
-    replies: dict[str, Any] = app.control.inspect(timeout=timeout_s).stats() or {}
+    """Ask every worker for its stats (Celery's ``inspect stats``); return those that answer.
+
+    Raises:
+        BrokerUnavailable: the broker does not accept a connection (tried once, not
+            retried as a worker would: a reader answers at once).
+    """
+    options = {"socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S}
+    try:
+        with app.connection_for_write(transport_options=options) as connection:
+            connection.ensure_connection(max_retries=0)
+            inspect = app.control.inspect(timeout=timeout_s, connection=connection)
+            replies: dict[str, Any] = inspect.stats() or {}
+    except BROKER_ERRORS as exc:
+        raise _unavailable(app, exc) from None
     workers = []
     for hostname, stats in sorted(replies.items()):
         cq = stats.get("cq") or {}
@@ -121,9 +146,13 @@ def cluster_stats(
     waits = [(job.started_at - job.created_at).total_seconds() for job in ran if job.started_at]
     workers = live_workers(app, timeout_s=timeout_s)
     models |= {settings.model} | {w.model for w in workers if w.model}
-    client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5)
+    client = redis.Redis.from_url(
+        app.conf.broker_url, socket_timeout=5, socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S
+    )
     try:
         queues = {model: queue_depth(client, queue_name(model)) for model in sorted(models)}
+    except BROKER_ERRORS as exc:
+        raise _unavailable(app, exc) from None
     finally:
         client.close()
     return ClusterStats(
@@ -137,16 +166,3 @@ def cluster_stats(
         queues=queues,
         workers=workers,
     )
-
-
-def live_models(app: Celery, *, timeout_s: float = 1.0) -> dict[str, int]:
-    """Return the models that live workers serve, with how many workers serve each.
-
-    The model is the one each worker reports (``cq.model`` in its stats), never read
-    back from a queue name: a queue name is the model's name sanitised.
-    """
-    served: dict[str, int] = {}
-    for worker in live_workers(app, timeout_s=timeout_s):
-        if worker.model:
-            served[worker.model] = served.get(worker.model, 0) + 1
-    return served

@@ -7,6 +7,10 @@ id) from the worker's own event dispatcher: received when a flush of messages
 goes to the model process (one round trip per flush), started when the job is
 claimed, succeeded or failed when its result is committed, revoked when the row
 was finished or cancelled already.
+
+What a job is (model, prompt head, max tokens, tenant) travels in its message's
+``kwargsrepr`` header, written by ``send_jobs`` from the row it has in hand, so
+the received event carries it to Flower without a database read here.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ past its last heartbeat, and the next sweep of any live worker (every
 :func:`completion_queue.restore_interval_s`) gives them back. ``ZADD XX`` only
 re-scores messages still held: one acknowledged or restored meanwhile is not
 added back.
+
+The same beat announces the worker and its model in Redis
+(:mod:`completion_queue.presence`), so producers see at once which models are
+served.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from completion_queue import Settings, heartbeat_interval_s, redact_url
+from completion_queue import Settings, announce, heartbeat_interval_s, redact_url, withdraw
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,8 @@ def refresh(channel: Any, tags: list[str], now: float) -> int:
 
 
 class UnackedHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Re-score this worker's held messages every quarter of the visibility timeout.
+    """Re-score this worker's held messages every quarter of the visibility timeout, and
+    announce the worker's model.
 
     A consumer step: Celery clears its timer when the broker connection is lost,
     and starts the consumer's steps again once it is back, so the heartbeat
@@ -66,20 +71,32 @@ class UnackedHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         self.tref = consumer.timer.call_repeatedly(
             heartbeat_interval_s(settings), self.beat, (consumer,), priority=10
         )
+        self.beat(consumer)
 
     def stop(self, consumer: Any) -> None:
-        """Cancel the schedule (a warm shutdown gives the messages back itself)."""
+        """Cancel the schedule (a warm shutdown gives the messages back itself); withdraw."""
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
+        try:
+            with consumer.task_consumer.channel.conn_or_acquire() as client:
+                withdraw(client, consumer.hostname)
+        except Exception as exc:  # the broker is gone: the entry expires by itself
+            log.debug("could not withdraw from the live workers: %s", redact_url(str(exc)))
 
     def beat(self, consumer: Any) -> None:
         """One heartbeat; a failure is logged, and the next beat tries again."""
         task_consumer = getattr(consumer, "task_consumer", None)
         if task_consumer is None:
             return  # not consuming yet, or reconnecting: nothing is held
+        settings: Settings = consumer.app.cq_state.settings
         try:
             channel = task_consumer.channel
             refresh(channel, held_tags(channel), time.time())
+            with channel.conn_or_acquire() as client:
+                announce(
+                    client, consumer.hostname, settings.model,
+                    heartbeat_s=heartbeat_interval_s(settings),
+                )  # fmt: skip
         except Exception as exc:
             log.warning("heartbeat on held messages failed: %s", redact_url(str(exc)))

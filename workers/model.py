@@ -26,6 +26,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.utils import logging as hf_logging
 
 from completion_queue import (
     ConfigError,
@@ -211,6 +212,9 @@ class ModelRuntime:
         self.dtype = resolve_dtype(dtype, self.device)
         if threads or self.device.type == "cpu":
             torch.set_num_threads(threads or model_threads())
+        # Its progress bars would reach the worker's log as WARNING lines (Celery redirects
+        # stderr); the load time is logged below.
+        hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
         self.model.to(self.device).eval()

@@ -79,7 +79,8 @@ def fit_context(
         )
     if not truncate:
         raise ContextLengthExceeded(
-            f"{problem} (truncate: true would keep the prompt's last {room} tokens)"
+            f"{problem} (truncate: true would keep the prompt's last {room} tokens; "
+            "`cq submit --truncate`)"
         )
     return tuple(prompt_ids[-room:]), len(prompt_ids) - room
 

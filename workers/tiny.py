@@ -56,6 +56,7 @@ def make_tiny_model(
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
     target = Path(out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,7 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     model.generation_config.pad_token_id = eos_id
+    hf_logging.disable_progress_bar()  # in a worker, the bar would be logged as a WARNING
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:

@@ -10,7 +10,13 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.errors import APIError
-from api.openai import CompletionsBody, completion_requests, finished_completion, submit_completions
+from api.openai import (
+    CompletionsBody,
+    check_served,
+    completion_requests,
+    finished_completion,
+    submit_completions,
+)
 from api.requests import read_json
 from api.state import CallerDep, State
 from api.views import completion_view, job_failure
@@ -34,6 +40,7 @@ async def create_completion(request: Request, state: State, caller: CallerDep) -
     body = await read_json(request)
     client = caller.client
     requests = completion_requests(body, client.settings.max_batch_requests)
+    await run_in_threadpool(check_served, client, requests)
     with state.wait_slot(caller.name):
         jobs = await run_in_threadpool(submit_completions, client, requests)
         if isinstance(body, Mapping) and body.get("user") is not None:

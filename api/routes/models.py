@@ -8,20 +8,16 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.state import CallerDep
-from producer.stats import live_models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-
-#: How long GET /v1/models waits for live workers to answer.
-INSPECT_TIMEOUT_S = 1.0
 
 
 @router.get("/models")
 def list_models(caller: CallerDep) -> dict[str, Any]:
-    """The models that live workers serve now (asked over the broker, ~1 s), of those the
-    caller may use."""
+    """The models that live workers serve now (as they announce themselves in Redis at each
+    heartbeat), of those the caller may use."""
     now = int(time.time())
-    served = live_models(caller.client.app, timeout_s=INSPECT_TIMEOUT_S)
+    served = caller.client.served_models()
     allowed = caller.tenant.models if caller.tenant else None
     if allowed is not None:
         served = {model: n for model, n in served.items() if model in allowed}

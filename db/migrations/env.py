@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection
 
 from db.engine import make_engine
+from db.migrate import lock_postgres_migrations
 from db.models import Base
 
 config = context.config
@@ -22,14 +24,16 @@ def run_migrations_online() -> None:
     engine.dispose()
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection) -> None:
     context.configure(
-        connection=connection,  # type: ignore[arg-type]
+        connection=connection,
         target_metadata=Base.metadata,
         render_as_batch=True,  # SQLite alters tables by copy
         compare_type=True,
     )
     with context.begin_transaction():
+        # Concurrent migrators wait here; the next one then reads the new revision.
+        lock_postgres_migrations(connection)
         context.run_migrations()
 
 

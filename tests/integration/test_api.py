@@ -200,27 +200,52 @@ def test_cancel_queued_job(api: Api, client: object) -> None:
 
 
 @pytest.mark.usefixtures("unserved_queue")
-def test_a_hundred_waiting_completions_hold_no_thread(api: Api, client: CompletionClient) -> None:
-    # Given 100 /v1/completions calls waiting at once (a model no worker serves)
-    def complete(_: int) -> httpx.Response:
-        body = {"model": NO_WORKER, "prompt": "x", "max_tokens": 2}
-        return api.http.post("/v1/completions", json=body)
+def test_a_model_no_worker_serves_is_refused_at_once(api: Api, client: CompletionClient) -> None:
+    # Given a model no live worker serves and no list names (the API's CQ_MODEL is another)
+    body = {"model": NO_WORKER, "prompt": "x", "max_tokens": 2}
+    # When a completion asks for it, over HTTP and through the official client
+    refused = api.http.post("/v1/completions", json=body)
+    with pytest.raises(openai.NotFoundError) as raised:
+        api.openai().completions.create(**body)  # type: ignore[call-overload]
+    # Then 404 model_not_found at once, naming what is served, and nothing was queued
+    assert_error(refused, 404, "model", f"served now: {api.model}")
+    assert refused.json()["error"]["code"] == "model_not_found"
+    assert raised.value.code == "model_not_found"
+    assert client.list(status="queued") == []
 
-    with ThreadPoolExecutor(100) as pool:
-        calls = [pool.submit(complete, i) for i in range(100)]
-        until(lambda: len(client.list(status="queued", limit=1000)) == 100, timeout_s=60)
-        # Then /healthz answers at once, every time
-        latencies = []
-        for _ in range(20):
-            started = time.perf_counter()
-            assert httpx.get(f"{api.url}/healthz", timeout=5).status_code == 200
-            latencies.append(time.perf_counter() - started)
-        print(f"healthz with 100 completions waiting: max {max(latencies) * 1000:.1f} ms")
-        assert max(latencies) < 0.1
-        # and every waiting call answers as soon as its job ends (here: cancelled)
-        for job in client.list(status="queued", limit=1000):
-            client.cancel(job.id)
-        answers = [call.result(timeout=30) for call in calls]
+
+@pytest.mark.usefixtures("unserved_queue")
+def test_a_hundred_waiting_completions_hold_no_thread(
+    stack: Stack, client: CompletionClient, tmp_path: Path
+) -> None:
+    # Given an API whose configured model (CQ_MODEL) no worker serves yet, so calls wait,
+    # and 100 /v1/completions calls waiting at once
+    process, url = start_api(stack, tmp_path / "api.log", CQ_API_KEYS=KEY, CQ_MODEL=NO_WORKER)
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+    def complete(_: int) -> httpx.Response:
+        return http.post("/v1/completions", json={"model": NO_WORKER, "prompt": "x"})
+
+    try:
+        with ThreadPoolExecutor(100) as pool:
+            calls = [pool.submit(complete, i) for i in range(100)]
+            until(lambda: len(client.list(status="queued", limit=1000)) == 100, timeout_s=60)
+            # Then /healthz answers at once, every time
+            latencies = []
+            for _ in range(20):
+                started = time.perf_counter()
+                assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+                latencies.append(time.perf_counter() - started)
+            print(f"healthz with 100 completions waiting: max {max(latencies) * 1000:.1f} ms")
+            assert max(latencies) < 0.1
+            # and every waiting call answers as soon as its job ends (here: cancelled)
+            for job in client.list(status="queued", limit=1000):
+                client.cancel(job.id)
+            answers = [call.result(timeout=30) for call in calls]
+    finally:
+        http.close()
+        process.terminate()
+        process.wait(30)
     assert {answer.status_code for answer in answers} == {409}
     assert answers[0].json()["error"]["code"] == "cancelled"
 

@@ -15,8 +15,10 @@ from completion_queue import worker_env
 from tests.conftest import Stack
 
 
-def cq(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **worker_env(stack.settings)}
+def cq(
+    stack: Stack, *args: str, check: bool = True, **env_: str
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **worker_env(stack.settings), **env_}
     done = subprocess.run(
         [sys.executable, "-m", "cli", *args],
         env=env, capture_output=True, text=True, timeout=120,
@@ -44,8 +46,9 @@ def test_submit_wait_status_list_cancel(stack: Stack, client: object) -> None:
     status = json.loads(cq(stack, "status", done["id"]).stdout)
     assert status["choices"] == done["choices"]
     assert done["id"][:8] in cq(stack, "list", "--status", "succeeded").stdout
-    cancelled = json.loads(cq(stack, "cancel", done["id"]).stdout)
-    assert cancelled["status"] == "succeeded"  # finished jobs stay as they are
+    cancelled = cq(stack, "cancel", done["id"], check=False)
+    assert json.loads(cancelled.stdout)["status"] == "succeeded"  # finished jobs stay as they are
+    assert cancelled.returncode == 6 and "already succeeded" in cancelled.stderr
 
 
 def test_submit_truncate_keeps_a_too_long_prompt_running(stack: Stack, client: object) -> None:
@@ -55,8 +58,10 @@ def test_submit_truncate_keeps_a_too_long_prompt_running(stack: Stack, client: o
                          "--wait").stdout)  # fmt: skip
     assert done["status"] == "succeeded", done["error"]
     assert done["prompt_tokens"] == 508 and done["truncated_prompt_tokens"] > 0
-    refused = json.loads(cq(stack, "submit", long, "--max-new-tokens", "4", "--wait").stdout)
-    assert refused["status"] == "failed" and "truncate: true" in refused["error"]["message"]
+    refused = cq(stack, "submit", long, "--max-new-tokens", "4", "--wait", check=False)
+    assert refused.returncode == 1
+    error = json.loads(refused.stdout)["error"]["message"]
+    assert "truncate: true" in error and "--truncate" in error
 
 
 def test_bad_parameter_is_refused_with_its_name(stack: Stack, client: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import os
@@ -138,6 +139,50 @@ def test_flower_shows_the_worker_and_every_job(
     }
     assert events["task-succeeded"] >= 5 and events["task-failed"] >= 1
     assert events["task-received"] >= 6 and events["task-started"] >= 6
+
+
+@SQLITE_ONLY
+def test_flower_says_what_each_job_is(stack: Stack, client: CompletionClient, flower: str) -> None:
+    # Given Flower's tasks page shows the kwargs column, where each job says what it is
+    assert 'data-column="kwargs"' in http_get(flower + "/tasks")[1].decode()
+    prompt = "Summarise this support ticket: the printer on the third floor jams on A3 paper"
+    # When a tenant's job runs, submitted without task-sent events (the default)
+    with CompletionClient(settings=stack.settings, tenant="acme") as acme:
+        job = acme.submit(prompt, max_new_tokens=3)
+        assert acme.wait(job, timeout=60).status is JobStatus.SUCCEEDED
+
+    def info(job_id: object, state: str) -> dict[str, Any] | None:
+        task = json.loads(http_get(f"{flower}/api/task/info/{job_id}")[1])
+        return task if task.get("state") == state else None
+
+    # Then the worker's task-received event gave Flower its model, prompt head,
+    # max tokens and tenant
+    task = eventually(lambda: info(job.id, "SUCCESS"), what="the job's task in Flower")
+    assert task["name"] == "cq.generate" and task["worker"] == stack.worker.nodename
+    assert ast.literal_eval(task["kwargs"]) == {
+        "model": stack.settings.model, "prompt": prompt[:60], "max_new_tokens": 3,
+        "tenant": "acme",
+    }  # fmt: skip
+    # When a producer with task-sent events queues a job for a model no worker serves
+    sent_events = stack.settings.model_copy(update={"task_sent_events": True})
+    with CompletionClient(settings=sent_events, tenant="acme") as producer:
+        waiting = producer.submit("nobody serves this", model=UNSERVED, max_new_tokens=5)
+    try:
+        # Then Flower lists it, still pending, with its queue and what it is
+        pending = eventually(lambda: info(waiting.id, "PENDING"), what="the unserved job")
+        assert pending["routing_key"] == queue_name(UNSERVED) and pending["worker"] is None
+        assert ast.literal_eval(pending["kwargs"]) == {
+            "model": UNSERVED, "prompt": "nobody serves this", "max_new_tokens": 5,
+            "tenant": "acme",
+        }  # fmt: skip
+        # And Flower's search finds both jobs by tenant, and only the unserved one by model
+        found = json.loads(http_get(flower + "/api/tasks?search=kwargs:tenant=acme")[1])
+        assert set(found) == {str(job.id), str(waiting.id)}
+        found = json.loads(http_get(f"{flower}/api/tasks?search=kwargs:model={UNSERVED}")[1])
+        assert set(found) == {str(waiting.id)}
+    finally:
+        client.cancel(waiting)
+        stack.redis.delete(*queue_keys(queue_name(UNSERVED)))
 
 
 def test_worker_serves_prometheus_metrics(stack: Stack, client: CompletionClient) -> None:

@@ -261,7 +261,6 @@ def test_reaper_resends_a_queued_job_whose_message_was_lost(
 def test_a_worker_runs_only_jobs_of_its_own_model(stack: Stack, client: CompletionClient) -> None:
     from completion_queue import TASK_GENERATE, queue_depth, queue_keys
     from db import NewJob, create_jobs, make_engine, make_session_factory
-    from producer.stats import live_models
 
     # Given a job for the served model and one for a model whose name sanitises to the
     # served one's, both sent by hand into the served model's queue
@@ -286,7 +285,7 @@ def test_a_worker_runs_only_jobs_of_its_own_model(stack: Stack, client: Completi
         stray = client.get(jobs[1].id)
         assert (stray.status, stray.attempts, stray.worker) == (JobStatus.QUEUED, 0, None)
         # And the live models are the models the workers report, not queue names read back
-        assert live_models(app, timeout_s=2) == {served: 1}
+        assert client.served_models() == {served: 1}
     finally:
         app.close()
         stack.redis.delete(*queue_keys(queue_name(other)))

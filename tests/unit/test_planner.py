@@ -81,7 +81,8 @@ def test_a_prompt_too_long_is_refused_without_truncate() -> None:
         fit_context(range(13), max_new_tokens=4, context_length=16, truncate=False)
     assert str(refused.value) == (
         "prompt has 13 tokens and max_new_tokens is 4: 17 exceeds the model's context of "
-        "16 tokens (truncate: true would keep the prompt's last 12 tokens)"
+        "16 tokens (truncate: true would keep the prompt's last 12 tokens; "
+        "`cq submit --truncate`)"
     )
 
 
