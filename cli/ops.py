@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import click
 
-from cli.group import Duration, cli, database, migrated, settings_from_env
+from cli.group import Duration, ExitCode, cli, database, migrated, settings_from_env
 from cli.render import show, stats_view, workers_table
 from completion_queue import create_app, reap, redact_url
 from db import JobStatus, prune_jobs, upgrade, utcnow
@@ -42,7 +42,7 @@ def stats(window: timedelta, timeout: float, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for replies.")
-@click.option("--hostname", help="Only this worker; exit 1 if it does not answer (healthchecks).")
+@click.option("--hostname", help="Only this worker; exit 4 if it does not answer (healthchecks).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def workers(timeout: float, hostname: str | None, as_json: bool) -> None:
     """Live workers: the model each holds, its device, batch settings and jobs done."""
@@ -58,7 +58,7 @@ def workers(timeout: float, hostname: str | None, as_json: bool) -> None:
     else:
         show(workers_table(found))
     if hostname is not None and not found:
-        sys.exit(1)
+        sys.exit(ExitCode.NOT_FOUND)
 
 
 _FINISHED = [s.value for s in JobStatus if s.finished]

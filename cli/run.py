@@ -94,7 +94,9 @@ def run_up(settings: Settings) -> None:
 @click.option(
     "--metrics-port", type=int, help="Prometheus /metrics port; 0 = off [env CQ_METRICS_PORT]."
 )
-@click.option("--hostname", help="Celery node name (default cq<pid>@<host>; %h = host name).")
+@click.option(
+    "--hostname", help="Celery node name (default cq<pid>-<model>@<host>; %h = host name)."
+)
 def worker(
     model: str | None,
     device: str | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from types import FrameType, TracebackType
 import psutil
 
 from completion_queue.celery_app import broker_answers, broker_url_file, published_broker_url
-from completion_queue.constants import WORKER_CONSUMING_LINE, WORKER_READY_LINE
+from completion_queue.constants import TINY_MODEL_NAME, WORKER_CONSUMING_LINE, WORKER_READY_LINE
 from completion_queue.errors import CompletionError, EmbeddedRedisError
 from completion_queue.redis_server import EmbeddedRedis
 from completion_queue.settings import Settings, redact_url
@@ -132,9 +133,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def default_nodename(pid: int) -> str:
-    """Return the Celery node name a worker takes unless told otherwise: ``cq<pid>@<host>``."""
-    return f"cq{pid}@{socket.gethostname()}"
+def default_nodename(pid: int, model: str) -> str:
+    """Return the Celery node name a worker takes unless told otherwise: ``cq<pid>-<model>@<host>``.
+
+    The model's last path part is in it, so Flower's worker list says what each serves.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").rsplit("/", 1)[-1])[:40]
+    return f"cq{pid}-{slug or 'model'}@{socket.gethostname()}"
 
 
 class WorkerProcess:
@@ -154,7 +159,7 @@ class WorkerProcess:
     @property
     def nodename(self) -> str:
         """The worker's Celery node name (the ``worker`` column of the jobs it runs)."""
-        return default_nodename(self.pid)
+        return default_nodename(self.pid, self.env.get("CQ_MODEL") or TINY_MODEL_NAME)
 
     def start(self) -> WorkerProcess:
         """Start the worker process (returns at once; see :meth:`wait_ready`)."""

@@ -12,7 +12,7 @@ def run_worker(settings: Settings, *, hostname: str | None = None) -> None:
     """Run a worker in the foreground until it is stopped (SIGTERM: warm shutdown)."""
     broker_url = resolve_broker_url(settings)
     app = create_worker_app(settings, broker_url)
-    nodename = hostname or default_nodename(os.getpid())
+    nodename = hostname or default_nodename(os.getpid(), settings.model)
     app.worker_main(
         [
             "worker",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +45,7 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> No
 
 def node_name(worker: WorkerProcess) -> str:
     """The Celery node name ``cq worker`` gives itself (see workers.main)."""
-    return f"cq{worker.pid}@{socket.gethostname()}"
+    return worker.nodename
 
 
 def kill_worker(worker: WorkerProcess) -> None:
