@@ -75,6 +75,12 @@ def broker_url_file(settings: Settings) -> Path:
     return settings.data_dir / "redis" / "broker.url"
 
 
+def broker_lock_file(settings: Settings) -> Path:
+    """Return the file ``cq up`` / ``cq demo`` lock while they own the embedded broker; it
+    holds their pid (see ``completion_queue.local``)."""
+    return broker_url_file(settings).with_name("broker.lock")
+
+
 #: How long a reader of the broker file waits for its server to accept a connection.
 BROKER_FILE_CONNECT_TIMEOUT_S = 1.0
 
@@ -115,7 +121,7 @@ def _starting_broker_url(settings: Settings) -> str | None:
     ``cq up`` writes its pid into ``broker.lock`` before it starts redis-server
     (see ``completion_queue.local``); a live pid there with no URL yet is one starting.
     """
-    lock = broker_url_file(settings).with_name("broker.lock")
+    lock = broker_lock_file(settings)
     deadline = time.monotonic() + STARTING_BROKER_WAIT_S
     while time.monotonic() < deadline:
         try:

@@ -22,7 +22,12 @@ from types import FrameType, TracebackType
 
 import psutil
 
-from completion_queue.celery_app import broker_answers, broker_url_file, published_broker_url
+from completion_queue.celery_app import (
+    broker_answers,
+    broker_lock_file,
+    broker_url_file,
+    published_broker_url,
+)
 from completion_queue.constants import TINY_MODEL_NAME, WORKER_CONSUMING_LINE, WORKER_READY_LINE
 from completion_queue.errors import CompletionError, EmbeddedRedisError
 from completion_queue.redis_server import EmbeddedRedis
@@ -97,7 +102,7 @@ def _sole_broker(settings: Settings) -> Iterator[None]:
     """
     published = broker_url_file(settings)
     published.parent.mkdir(parents=True, exist_ok=True)
-    with (published.parent / "broker.lock").open("a+") as lock:
+    with broker_lock_file(settings).open("a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -28,14 +28,15 @@ BEATS_ALIVE = 3
 FORGET_AFTER_S = 3600
 
 
-def _redis_now(client: Any) -> float:
-    seconds, micros = client.time()
+def _seconds(reply: tuple[Any, Any]) -> float:
+    """Seconds since the epoch from a Redis ``TIME`` reply (seconds, microseconds)."""
+    seconds, micros = reply
     return float(seconds) + float(micros) / 1e6
 
 
 def announce(client: Any, hostname: str, model: str, *, heartbeat_s: float) -> None:
     """Record that ``hostname`` serves ``model`` for the next ``BEATS_ALIVE`` heartbeats."""
-    until = _redis_now(client) + BEATS_ALIVE * heartbeat_s
+    until = _seconds(client.time()) + BEATS_ALIVE * heartbeat_s
     client.hset(WORKERS_KEY, hostname, json.dumps({"model": model, "until": until}))
 
 
@@ -49,8 +50,8 @@ def served_models(client: Any) -> dict[str, int]:
     with client.pipeline(transaction=False) as pipe:
         pipe.time()
         pipe.hgetall(WORKERS_KEY)
-        (seconds, micros), entries = pipe.execute()
-    now = float(seconds) + micros / 1e6
+        reply, entries = pipe.execute()
+    now = _seconds(reply)
     served: dict[str, int] = {}
     forgotten = []
     for hostname, raw in entries.items():

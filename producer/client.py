@@ -12,7 +12,6 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, overload
 
-import redis
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +45,7 @@ from db import (
 )
 from producer.quotas import check_quotas
 from producer.schema import CompletionRequest, Limits, validate_request
+from producer.stats import broker_client
 
 #: Polling backoff for wait(): first interval, growth factor, longest interval.
 POLL_FIRST_S, POLL_FACTOR, POLL_MAX_S = 0.02, 1.5, 0.5
@@ -358,12 +358,8 @@ class CompletionClient:
     def served_models(self) -> dict[str, int]:
         """The models live workers serve now, with how many workers serve each (one round trip
         to Redis; see :mod:`completion_queue.presence`)."""
-        url = self.app.conf.broker_url
-        try:
-            with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2) as client:
-                return served_models(client)
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"broker unreachable at {redact_url(url)}: {exc}") from None
+        with broker_client(self.app) as client:
+            return served_models(client)
 
     # -- lifecycle --------------------------------------------------------------
 

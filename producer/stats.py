@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -88,6 +89,24 @@ def _unavailable(app: Celery, exc: BaseException) -> BrokerUnavailable:
     return BrokerUnavailable(f"the broker cannot be reached at {url}: {redact_url(str(exc))}")
 
 
+@contextlib.contextmanager
+def broker_client(app: Celery) -> Iterator[redis.Redis]:
+    """A short-lived redis-py client on ``app``'s broker, for a reader's few commands.
+
+    Raises:
+        BrokerUnavailable: the broker does not accept a connection or answer in time.
+    """
+    client = redis.Redis.from_url(
+        app.conf.broker_url, socket_timeout=5, socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S
+    )
+    try:
+        yield client
+    except BROKER_ERRORS as exc:
+        raise _unavailable(app, exc) from None
+    finally:
+        client.close()
+
+
 def live_workers(app: Celery, *, timeout_s: float = 1.0) -> list[WorkerInfo]:
     """Ask every worker for its stats (Celery's ``inspect stats``); return those that answer.
 
@@ -146,15 +165,8 @@ def cluster_stats(
     waits = [(job.started_at - job.created_at).total_seconds() for job in ran if job.started_at]
     workers = live_workers(app, timeout_s=timeout_s)
     models |= {settings.model} | {w.model for w in workers if w.model}
-    client = redis.Redis.from_url(
-        app.conf.broker_url, socket_timeout=5, socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S
-    )
-    try:
+    with broker_client(app) as client:
         queues = {model: queue_depth(client, queue_name(model)) for model in sorted(models)}
-    except BROKER_ERRORS as exc:
-        raise _unavailable(app, exc) from None
-    finally:
-        client.close()
     return ClusterStats(
         statuses={status.value: count for status, count in counts.items()},
         window_s=window_s,

@@ -258,13 +258,15 @@ class BatchRunner:
         if served is None or all(job.model == served for job in jobs):
             return jobs
         strays = [job for job in jobs if job.model != served]
-        movable = [job for job in strays if queue_name(job.model) != queue_name(served)]
-        if movable and self.forward is not None:
-            log.warning(
-                "%d job(s) for other models reached %s; sending them on", len(movable), served
-            )
-            self.forward(movable)
-        moved = {job.id for job in movable} if self.forward is not None else set()
+        movable: list[Job] = []
+        if self.forward is not None:
+            movable = [job for job in strays if queue_name(job.model) != queue_name(served)]
+            if movable:
+                log.warning(
+                    "%d job(s) for other models reached %s; sending them on", len(movable), served
+                )
+                self.forward(movable)
+        moved = {job.id for job in movable}
         for job in strays:
             if job.id not in moved:
                 self._fail([job], WrongModel(job.model, served))
