@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from cli.render import job_table, wait_with_progress
+from cli.render import job_table, show, wait_with_progress
 from completion_queue import (
     TINY_MODEL_NAME,
     Settings,
@@ -116,6 +116,6 @@ def _run_demo(
                 jobs = client.submit_many(demo_requests(n_jobs, new_tokens))
                 console.print(f"submitted {len(jobs)} jobs")
                 done = wait_with_progress(client, [j.id for j in jobs], timeout=timeout)
-    console.print(job_table(done))
+    show(job_table(done))
     console.print(summarize(done))
     return 0 if all(j.status is JobStatus.SUCCEEDED for j in done) else 1
