@@ -41,9 +41,11 @@ from completion_queue.errors import (
     JobTimeout,
     ModelError,
     ModelNotAllowed,
+    NoChatTemplate,
     OutOfMemory,
     QueueFull,
     QueueTimeout,
+    UnsupportedResponseFormat,
     ValidationError,
     WrongModel,
 )
@@ -92,9 +94,11 @@ __all__ = [
     "JobTimeout",
     "ModelError",
     "ModelNotAllowed",
+    "NoChatTemplate",
     "OutOfMemory",
     "QueueFull",
     "QueueTimeout",
+    "UnsupportedResponseFormat",
     "ValidationError",
     # names
     "DEFAULT_DATA_DIR",

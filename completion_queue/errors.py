@@ -60,6 +60,14 @@ class ContextLengthExceeded(ModelError):
     """Raised when a prompt plus its new tokens do not fit the model's context."""
 
 
+class NoChatTemplate(ModelError):
+    """Raised when a job gives messages to a model whose tokenizer has no chat template."""
+
+
+class UnsupportedResponseFormat(ModelError):
+    """Raised when a job's ``response_format`` cannot be compiled to a grammar for its model."""
+
+
 class OutOfMemory(ModelError):
     """Raised when generation runs out of accelerator memory; the batch is split and retried."""
 

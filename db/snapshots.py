@@ -37,14 +37,20 @@ class Choice:
     text: str
     finish_reason: str
     completion_tokens: int
+    #: Per generated token, when the job asked for logprobs: OpenAI's chat shape,
+    #: ``{"token", "bytes", "logprob", "top_logprobs": [{"token", "bytes", "logprob"}]}``.
+    logprobs: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form stored in ``jobs.choices``."""
-        return {
+        stored: dict[str, Any] = {
             "text": self.text,
             "finish_reason": self.finish_reason,
             "completion_tokens": self.completion_tokens,
         }
+        if self.logprobs is not None:
+            stored["logprobs"] = self.logprobs
+        return stored
 
 
 @dataclass(frozen=True, slots=True)

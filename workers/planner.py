@@ -39,6 +39,11 @@ class GenerationRequest:
     seed: int | None = None
     #: Prompt tokens dropped from the start so the prompt fits the context (``truncate``).
     truncated_prompt_tokens: int = 0
+    #: Log probabilities to record per generated token: None for none, else how many
+    #: alternatives besides the chosen token (0 to 20).
+    logprobs: int | None = None
+    #: The job's ``response_format`` as canonical JSON (sorted keys); None: unconstrained.
+    response_format: str | None = None
 
     @property
     def greedy(self) -> bool:
