@@ -1,0 +1,141 @@
+"""Per-row decoding inside one batched ``generate``: sampling and stopping, each row its own.
+
+:class:`RowSampler` is a logits processor that draws each row's token from that
+row's own seeded generator and hands ``generate`` a one-hot choice (so
+``generate`` itself runs greedy). That keeps a seeded job's text the same
+whatever its batch-mates, and lets jobs with different temperatures, top-p,
+top-k and repetition penalties share one call. :class:`RowStops` ends each row
+at its own budget or stop string.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from workers.planner import GenerationRequest
+
+
+class RowSampler(LogitsProcessor):  # type: ignore[misc]
+    """Choose each row's next token with that row's own parameters and generator."""
+
+    def __init__(
+        self,
+        rows: Sequence[GenerationRequest],
+        generators: Sequence[torch.Generator],
+        prompt_starts: torch.Tensor,
+        device: torch.device,
+    ) -> None:
+        self.greedy = torch.tensor([r.greedy for r in rows], device=device)
+        self.all_greedy = bool(all(r.greedy for r in rows))
+        self.temperature = torch.tensor(
+            [1.0 if r.greedy else r.temperature for r in rows], device=device
+        )
+        self.top_p = torch.tensor([r.top_p for r in rows], device=device)
+        self.top_k = torch.tensor([r.top_k for r in rows], device=device, dtype=torch.long)
+        self.penalty = torch.tensor([r.repetition_penalty for r in rows], device=device)
+        self.any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
+        self.generators = generators
+        self.prompt_starts = prompt_starts
+
+    def __call__(self, input_ids: torch.Tensor, raw_scores: torch.Tensor) -> torch.Tensor:
+        scores = raw_scores.float()
+        vocab = scores.shape[-1]
+        if self.any_penalty:
+            scores = self._penalize(input_ids, scores)
+        token = scores.argmax(dim=-1)
+        if not self.all_greedy:
+            token = torch.where(self.greedy, token, self._sample(scores))
+        chosen = torch.full_like(scores, float("-inf"))
+        chosen.scatter_(1, token[:, None], 0.0)
+        return chosen[:, :vocab]
+
+    def _penalize(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        real = positions[None, :] >= self.prompt_starts[:, None]  # left padding is not text
+        ids = input_ids.masked_fill(~real, vocab)
+        seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        seen.scatter_(1, ids, True)
+        seen = seen[:, :vocab] & (self.penalty != 1.0)[:, None]
+        penalty = self.penalty[:, None]
+        penalized = torch.where(scores > 0, scores / penalty, scores * penalty)
+        return torch.where(seen, penalized, scores)
+
+    def _sample(self, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        # Shift the best logit to 0 first: a tiny temperature then sends the others to
+        # -inf, never the best one to +inf (which would make softmax NaN).
+        logits = (scores - scores.amax(dim=-1, keepdim=True)) / self.temperature[:, None]
+        sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=scores.device)
+        top_k = torch.where(self.top_k > 0, self.top_k, vocab)
+        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > self.top_p[:, None], 0.0)
+        cdf = probs.cumsum(dim=-1)
+        uniform = (
+            torch.stack(
+                [torch.rand((), generator=g, device=scores.device) for g in self.generators]
+            )
+            * cdf[:, -1]
+        )
+        last_kept = ((probs > 0).sum(dim=-1) - 1).clamp(min=0)
+        index = torch.minimum((cdf < uniform[:, None]).sum(dim=-1), last_kept)
+        return sorted_ids.gather(1, index[:, None]).squeeze(1)
+
+
+class RowStops(StoppingCriteria):  # type: ignore[misc]
+    """Mark a row done at its own token budget or stop string, and every row at the deadline.
+
+    The deadline (``time.monotonic()`` seconds) is checked between decoding steps,
+    so a job that outlasts its time limit ends within one step and the worker
+    goes on serving; :attr:`timed_out` tells the caller which call it cut short.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[GenerationRequest],
+        prompt_len: int,
+        tokenizer: Any,
+        device: torch.device,
+        deadline: float | None = None,
+    ) -> None:
+        self.deadline = deadline
+        self.timed_out = False
+        self.prompt_len = prompt_len
+        self.budgets = torch.tensor([r.max_new_tokens for r in rows], device=device)
+        self.tokenizer = tokenizer
+        self.stop_rows = [i for i, r in enumerate(rows) if r.stop]
+        self.stops = {i: rows[i].stop for i in self.stop_rows}
+        # A stop of c characters spans at most 4c byte-level tokens.
+        self.window = 4 * max((len(s) for r in rows for s in r.stop), default=0) + 1
+        self.device = device
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_len
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.timed_out = True
+            return torch.ones_like(self.budgets, dtype=torch.bool)  # type: ignore[return-value]
+        done = self.budgets <= generated
+        if self.stop_rows:
+            start = max(self.prompt_len, input_ids.shape[1] - self.window)
+            tails = input_ids[self.stop_rows, start:].tolist()
+            hits = [
+                row
+                for row, tail in zip(self.stop_rows, tails, strict=True)
+                if any(
+                    s in self.tokenizer.decode(tail, skip_special_tokens=True)
+                    for s in self.stops[row]
+                )
+            ]
+            if hits:
+                done[hits] = True
+        return done  # type: ignore[return-value]
