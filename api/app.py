@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from api.errors import APIError, error_response, install_error_handlers
-from api.routes import batches, completions, files, health, jobs, models, usage
+from api.routes import batches, chat, completions, files, health, jobs, models, usage
 from api.state import APIState, caller
 from api.views import ErrorInfo
 from api.webhooks import WebhookDispatcher
@@ -101,6 +101,6 @@ def create_api(settings: Settings, *, client: CompletionClient | None = None) ->
 
     app.include_router(health.router)
     auth = [Depends(caller)]
-    for resource in (jobs, completions, models, files, batches, usage):
+    for resource in (jobs, completions, chat, models, files, batches, usage):
         app.include_router(resource.router, dependencies=auth)
     return app

@@ -12,9 +12,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.chat import chat_request
 from api.errors import not_found
 from api.openai import check_requests, completion_requests
-from api.views import ErrorInfo, completion_view, job_failure
+from api.views import ErrorInfo, chat_view, completion_view, job_failure
 from completion_queue import ValidationError
 from db import (
     BATCH_WINDOW,
@@ -29,7 +30,9 @@ from db import (
 )
 from producer import Limits
 
-ENDPOINT = "/v1/completions"
+ENDPOINT, CHAT_ENDPOINT = "/v1/completions", "/v1/chat/completions"
+#: The endpoints a batch may run (each line's ``url`` names its batch's).
+ENDPOINTS = (ENDPOINT, CHAT_ENDPOINT)
 WINDOW = "24h"
 OUTPUT, ERRORS = "output", "errors"
 _FILE_KEYS = {OUTPUT: "output_file_id", ERRORS: "error_file_id"}
@@ -47,9 +50,12 @@ def file_view(stored: StoredFile) -> dict[str, Any]:
 
 
 def parse_input(
-    content: bytes, limits: Limits, max_requests: int
+    content: bytes, limits: Limits, max_requests: int, endpoint: str = ENDPOINT
 ) -> list[tuple[str, list[dict[str, Any]]]]:
     """Return each input line's custom id and our requests; a bad line is a 400 naming it.
+
+    Every line's ``url`` is the batch's ``endpoint``: a completions line may hold
+    several prompts (a job each), a chat line is one job.
 
     Lines end at ``\n`` only (JSON strings may hold U+2028 and other line breaks),
     and parsing stops as soon as the file holds more than ``max_requests`` requests.
@@ -71,10 +77,13 @@ def parse_input(
             custom_id, url, body = item.get("custom_id"), item.get("url"), item.get("body")
             if not isinstance(custom_id, str) or not custom_id or custom_id in seen:
                 raise ValueError("custom_id must be a non-empty string, unique in the file")
-            if item.get("method", "POST") != "POST" or url != ENDPOINT:
-                raise ValueError(f"method must be POST and url {ENDPOINT}")
+            if item.get("method", "POST") != "POST" or url != endpoint:
+                raise ValueError(f"method must be POST and url {endpoint}, as the batch's")
             seen.add(custom_id)
-            requests = completion_requests(body, max_requests)
+            if endpoint == CHAT_ENDPOINT:
+                requests = [chat_request(body)]
+            else:
+                requests = completion_requests(body, max_requests)
             total += len(requests)
             if total > max_requests:
                 raise ValidationError(
@@ -168,7 +177,10 @@ def output_lines(sessions: sessionmaker[Session], batch: Batch, kind: str) -> li
         request_id = f"req_{line_ids[0].hex}"
         entry: dict[str, Any] = {"id": f"batch_req_{line_ids[0].hex}", "custom_id": custom_id}
         if failure is None and kind == OUTPUT:
-            body = completion_view(line_jobs, model=line_jobs[0].model)
+            if batch.endpoint == CHAT_ENDPOINT:
+                body = chat_view(line_jobs[0], model=line_jobs[0].model)
+            else:
+                body = completion_view(line_jobs, model=line_jobs[0].model)
             entry["response"] = {"status_code": 200, "request_id": request_id, "body": body}
             entry["error"] = None
         elif failure is not None and failure.code == "batch_expired" and kind == ERRORS:

@@ -3,7 +3,7 @@
 OpenAI's parameters map onto our :class:`CompletionRequest` (``max_tokens`` →
 ``max_new_tokens``) and go through the same validation as the Python client.
 A parameter we do not support is refused with a 400, never ignored; one sent
-with its neutral value (``stream: false``, ``echo: false``, ``logprobs: null``,
+with its neutral value (``stream: false``, ``echo: false``,
 zero penalties, ``best_of: 1``) asks for nothing we do not do, so it is accepted.
 Prompt truncation (vLLM's ``truncate_prompt_tokens``) is refused here too: a
 too-long prompt fails with ``context_length_exceeded``; the native ``POST
@@ -42,6 +42,9 @@ class CompletionsBody(BaseModel):
     n: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    logprobs: int | None = Field(
+        default=None, description="Alternatives per generated token (0 to 20) with their logprobs."
+    )
     user: str | None = Field(
         default=None, max_length=MAX_USER_CHARS, description="End-user id, written to the API log."
     )
@@ -52,7 +55,6 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "stream": (False, None),
     "stream_options": (None,),
     "echo": (False, None),
-    "logprobs": (None,),
     "suffix": (None,),
     "best_of": (1, None),
     "presence_penalty": (0, None),
@@ -81,21 +83,25 @@ def _same(value: Any, neutral: Any) -> bool:
     return type(value) is type(neutral) and bool(value == neutral)
 
 
-def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
-    """Map an OpenAI completions body to our requests: one per prompt.
+def refuse_unsupported(
+    body: Any, supported: frozenset[str], neutral: Mapping[str, tuple[Any, ...]]
+) -> None:
+    """Refuse a body that is not an object, or holds a parameter we do not support.
+
+    A parameter in ``neutral`` is accepted when its value asks for nothing we do not do.
 
     Raises:
-        ValidationError: a parameter is unsupported or malformed (``field`` in OpenAI's names).
+        ValidationError: naming the parameter.
     """
     if not isinstance(body, Mapping):
         raise ValidationError("request body must be a JSON object", field="request")
     for name, value in body.items():
-        if name in SUPPORTED:
+        if name in supported:
             continue
-        if name in NEUTRAL:
-            if any(_same(value, neutral) for neutral in NEUTRAL[name]):
+        if name in neutral:
+            if any(_same(value, choice) for choice in neutral[name]):
                 continue
-            allowed = " or ".join(repr(v) for v in NEUTRAL[name]).replace("None", "null")
+            allowed = " or ".join(repr(v) for v in neutral[name]).replace("None", "null")
             raise ValidationError(f"{name} is not supported (only {allowed})", field=name)
         hint = f" ({INSTEAD[name]})" if name in INSTEAD else ""
         raise ValidationError(f"{name} is not a supported parameter{hint}", field=name)
@@ -104,6 +110,15 @@ def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
         raise ValidationError(
             f"user must be a string of at most {MAX_USER_CHARS} characters", field="user"
         )
+
+
+def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
+    """Map an OpenAI completions body to our requests: one per prompt.
+
+    Raises:
+        ValidationError: a parameter is unsupported or malformed (``field`` in OpenAI's names).
+    """
+    refuse_unsupported(body, SUPPORTED, NEUTRAL)
     if "prompt" not in body:
         raise ValidationError("prompt is required", field="prompt")
     prompt = body["prompt"]

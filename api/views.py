@@ -6,10 +6,13 @@ batch output files and the webhook bodies, so each shape is written once.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from api.logprobs import chat_logprobs, completion_logprobs
 from db import Job, JobStatus
 
 
@@ -82,7 +85,12 @@ def completion_view(jobs: Sequence[Job], *, model: str) -> dict[str, Any]:
     Choices are numbered prompt by prompt, ``n`` each, as OpenAI numbers them.
     """
     choices = [
-        {"text": c.text, "index": 0, "finish_reason": c.finish_reason, "logprobs": None}
+        {
+            "text": c.text,
+            "index": 0,
+            "finish_reason": c.finish_reason,
+            "logprobs": completion_logprobs(c),
+        }
         for job in jobs
         for c in job.choices
     ]
@@ -96,3 +104,34 @@ def completion_view(jobs: Sequence[Job], *, model: str) -> dict[str, Any]:
         "choices": choices,
         "usage": usage(jobs),
     }
+
+
+def chat_view(job: Job, *, model: str) -> dict[str, Any]:
+    """Return a succeeded chat ``job`` as an OpenAI ``chat.completion``: one choice per ``n``."""
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "logprobs": chat_logprobs(c),
+            "finish_reason": c.finish_reason,
+        }
+        for index, c in enumerate(job.choices)
+    ]
+    return {
+        "id": f"chatcmpl-{job.id.hex}",
+        "object": "chat.completion",
+        "created": int(job.created_at.timestamp()),
+        "model": model,
+        "choices": choices,
+        "usage": usage([job]),
+        "system_fingerprint": system_fingerprint(model),
+    }
+
+
+def system_fingerprint(model: str) -> str:
+    """Return OpenAI's ``system_fingerprint``: it changes when the model or our release does."""
+    try:
+        release = version("completion-queue")
+    except PackageNotFoundError:
+        release = "unknown"
+    return "fp_" + hashlib.sha256(f"{release}:{model}".encode()).hexdigest()[:10]

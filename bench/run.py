@@ -35,6 +35,23 @@ from producer import CompletionClient
 from producer.stats import percentile
 from workers.tiny import ensure_tiny_model
 
+#: The JSON schema half of the structured-output workload's jobs carry.
+SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "record",
+        "schema": {
+            "type": "object",
+            "properties": {
+                "title": {"type": "string", "maxLength": 40},
+                "count": {"type": "integer"},
+                "done": {"type": "boolean"},
+            },
+            "required": ["title", "count", "done"],
+        },
+    },
+}
+
 NOOP_TASK = "cq.bench.noop"
 NOOP_QUEUE = "cq.bench.noop"
 COUNTER_KEY = "cq:bench:noop:done"
@@ -58,6 +75,7 @@ class BenchConfig:
     naive_jobs: int = 48
     queue_jobs: int = 2000
     latency_jobs: int = 20
+    schema_jobs: int = 256
 
 
 class _Direct:
@@ -164,11 +182,20 @@ class _Cluster:
         self.redis.stop()
 
 
-def _pipeline(client: CompletionClient, items: Sequence[Item]) -> tuple[int, float, float]:
-    """Submit ``items`` through the client and wait; return tokens, seconds, submit seconds."""
+def _pipeline(
+    client: CompletionClient, items: Sequence[Item], *, with_schema: int = 0
+) -> tuple[int, float, float]:
+    """Submit ``items`` through the client and wait; return tokens, seconds, submit seconds.
+
+    With ``with_schema=k``, every k-th job carries a JSON schema (constrained output).
+    """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    jobs = client.submit_many([item.request() for item in items])
+    requests = [item.request() for item in items]
+    if with_schema:
+        for request in requests[::with_schema]:
+            request["response_format"] = SCHEMA_FORMAT
+    jobs = client.submit_many(requests)
     submit_s = time.perf_counter() - t0
     done = client.wait(jobs, timeout=3600)
     failed = [j for j in done if j.status is not JobStatus.SUCCEEDED]
@@ -260,6 +287,12 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
                     latencies.append((job.latency_s or 0) * 1000)
                 figures["p50_latency_ms"] = percentile(latencies, 50)
                 figures["p95_latency_ms"] = percentile(latencies, 95)
+                progress(f"structured output: {config.schema_jobs} jobs, then half constrained")
+                plain = items[: config.schema_jobs]
+                tokens, seconds, _ = _pipeline(client, plain)
+                figures["schema_none_tokens_per_s"] = tokens / seconds
+                tokens, seconds, _ = _pipeline(client, plain, with_schema=2)
+                figures["schema_half_tokens_per_s"] = tokens / seconds
             for worker in workers:
                 worker.stop()
             progress(f"celery no-op baseline: {config.queue_jobs} tasks")
@@ -284,6 +317,9 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
         figures["mixed_pipeline_tokens_per_s"] / figures["mixed_raw_tokens_per_s"]
     )
     figures["queue_over_celery"] = figures["queue_jobs_per_s"] / figures["celery_noop_jobs_per_s"]
+    figures["schema_half_over_none"] = (
+        figures["schema_half_tokens_per_s"] / figures["schema_none_tokens_per_s"]
+    )
     figures.update(
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -22,7 +23,7 @@ from completion_queue import (
 from db import Job, JobStatus
 from producer import CompletionClient
 from producer.stats import percentile
-from workers.tiny import ensure_tiny_model
+from workers.tiny import ensure_tiny_model, is_current
 
 PROMPTS = [
     "The queue takes a job and",
@@ -80,6 +81,25 @@ def demo_requests(n_jobs: int, new_tokens: int) -> list[dict[str, Any]]:
     return requests
 
 
+def describe_model(console: Console, settings: Settings) -> None:
+    """Say which model the demo runs (building the tiny one first if needed)."""
+    path = settings.model_path()
+    if settings.model == TINY_MODEL_NAME and not is_current(path):
+        with console.status("building the tiny model (once, about 20 s on 2 cores)"):
+            ensure_tiny_model(path)
+    if not is_current(path):
+        console.print(f"model: {settings.model}", markup=False, highlight=False)
+        return
+    size_mb = sum(f.stat().st_size for f in Path(path).iterdir()) / 1e6
+    where = "" if path == settings.model else f" ({path})"
+    console.print(f"model: {settings.model}{where}", markup=False, highlight=False)
+    for line in (  # each under 80 columns: a pipe or a CI log does not wrap them
+        f"  built-in tiny model, {size_mb:.0f} MB, trained for seconds on local text: poor words",
+        "  for a real one: CQ_MODEL=gpt2 cq demo (Hugging Face hub) or a model dir",
+    ):
+        console.print(line, markup=False, highlight=False)
+
+
 def run_demo(settings: Settings, *, n_jobs: int, new_tokens: int, timeout: float) -> int:
     """Run the demo; return 0 only if every job succeeded (128 + N if stopped by signal N).
 
@@ -101,9 +121,7 @@ def run_demo(settings: Settings, *, n_jobs: int, new_tokens: int, timeout: float
 def _run_demo(
     console: Console, settings: Settings, *, n_jobs: int, new_tokens: int, timeout: float
 ) -> int:
-    if settings.model == TINY_MODEL_NAME:
-        path = ensure_tiny_model(settings.model_path())
-        console.print(f"model: tiny local GPT-2 in {path}")
+    describe_model(console, settings)
     with embedded_broker(settings) as live:
         console.print(f"broker: {redact_url(live.broker_url)}")
         console.print(f"database: {redact_url(live.resolved_database_url())}")

@@ -90,6 +90,24 @@ def _warn_unserved(client: CompletionClient, models: set[str]) -> None:
     help="Keep the prompt's last tokens when it is too long for the model's context "
     "(else the job fails).",
 )
+@click.option("--system", help="A system message: the job is a chat (with --user).")
+@click.option(
+    "--user",
+    "user_message",
+    help="The user's message of a chat job, rendered with the model's chat template "
+    "(instead of PROMPT).",
+)
+@click.option(
+    "--logprobs", type=int, help="Record each token's log probability and this many alternatives."
+)
+@click.option(
+    "--json", "json_object", is_flag=True, default=None, help="Constrain the output to JSON."
+)
+@click.option(
+    "--json-schema",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Constrain the output to JSON that validates against the JSON Schema in this file.",
+)
 @click.option(
     "--wait",
     "wait_s",
@@ -99,19 +117,40 @@ def _warn_unserved(client: CompletionClient, models: set[str]) -> None:
     default=None,
     help="Wait for the result (optionally: seconds, default 60).",
 )
-def submit(prompt: str | None, file: Path | None, wait_s: float | None, **params: Any) -> None:
-    """Submit one PROMPT, or every request in --file (prints the batch id).
+def submit(
+    prompt: str | None,
+    file: Path | None,
+    wait_s: float | None,
+    system: str | None,
+    user_message: str | None,
+    json_object: bool | None,
+    json_schema: Path | None,
+    **params: Any,
+) -> None:
+    """Submit one PROMPT, a chat (--system, --user), or every request in --file (prints the
+    batch id; a line holds a prompt or messages).
 
     Warns when no live worker serves the model (the jobs still queue).
     """
     settings = settings_from_env()
-    if (prompt is None) == (file is None):
-        raise click.UsageError("give either a PROMPT or --file")
+    if system is not None and user_message is None:
+        raise click.UsageError("--system needs --user: a chat has a user message")
+    if sum(x is not None for x in (prompt, file, user_message)) != 1:
+        raise click.UsageError("give one of PROMPT, --user (a chat) or --file")
     request = {k: v for k, v in params.items() if v is not None and v != ()}
     if "stop" in request:
         request["stop"] = list(request["stop"])
+    if json_object and json_schema:
+        raise click.UsageError("give --json or --json-schema, not both")
+    if json_object:
+        request["response_format"] = {"type": "json_object"}
+    if json_schema is not None:
+        request["response_format"] = _schema_format(json_schema)
+    if user_message is not None:
+        system_part = [] if system is None else [{"role": "system", "content": system}]
+        request["messages"] = [*system_part, {"role": "user", "content": user_message}]
     with client_for(settings) as client:
-        if prompt is not None:
+        if file is None:
             job = client.submit(prompt, **request)
             _warn_unserved(client, {job.model})
             if wait_s is not None:
@@ -121,6 +160,16 @@ def submit(prompt: str | None, file: Path | None, wait_s: float | None, **params
             return
         assert file is not None
         _submit_file(client, file, request, wait_s)
+
+
+def _schema_format(path: Path) -> dict[str, Any]:
+    """Return ``response_format`` for the JSON Schema in ``path``, named after the file."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"{path} is not JSON: {exc}", param_hint="--json-schema") from None
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
 
 
 _REQUEST_INDEX = re.compile(r"^requests\[(\d+)\]: ")

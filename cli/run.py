@@ -130,6 +130,9 @@ def worker(
 @click.option("--engine", type=click.Choice(["static", "continuous"]), default="static",
               show_default=True, help="Worker engine.")  # fmt: skip
 @click.option("--mixed-jobs", default=512, show_default=True, help="Jobs in the mixed workload.")
+@click.option("--schema-jobs", default=256, show_default=True,
+              help="Jobs in the structured-output workload (run twice: none, then half with a "
+              "JSON schema).")  # fmt: skip
 @click.option("--batch-lookahead", default=8, show_default=True,
               help="Batches' worth of jobs a worker takes at once.")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -205,7 +208,7 @@ def model() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True)
 def make_tiny(directory: Path, seed: int) -> None:
-    """Build the tiny GPT-2-style model (random weights, local tokenizer) into DIRECTORY."""
+    """Build the tiny GPT-2-style model (trained for seconds on local text) into DIRECTORY."""
     if directory.exists() and any(directory.iterdir()):
         raise click.UsageError(f"{directory} exists and is not empty")
     path = make_tiny_model(directory, seed=seed)

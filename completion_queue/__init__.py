@@ -61,7 +61,7 @@ from completion_queue.local import (
     worker_env,
 )
 from completion_queue.metrics import JobStatusCollector, Metrics, QueueDepthCollector
-from completion_queue.presence import announce, served_models, withdraw
+from completion_queue.presence import announce, models_without_chat, served_models, withdraw
 from completion_queue.reaper import ReapReport, reap
 from completion_queue.redis_server import EmbeddedRedis, RedisTLS, find_redis_server, free_port
 from completion_queue.settings import Settings, is_loopback, redact_url
@@ -71,6 +71,7 @@ __all__ = [
     "Stopped",
     "stop_on_signals",
     "announce",
+    "models_without_chat",
     "served_models",
     "withdraw",
     # settings

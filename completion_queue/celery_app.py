@@ -221,7 +221,8 @@ def send_jobs(app: Celery, jobs: Iterable[Sendable]) -> int:
     """Send one ``cq.generate`` message per job (task id = job id); return how many.
 
     The task has no arguments (the row is the truth); its ``kwargsrepr`` says what the
-    job is instead, as a dict literal: model, the prompt's first 60 characters,
+    job is instead, as a dict literal: model, the prompt's first 60 characters (a chat's
+    last message),
     ``max_new_tokens``, and the tenant when there is one. Celery's task-sent event and
     the worker's task-received event (workers/events.py) carry it as ``kwargs``, which
     Flower shows and searches (``kwargs:model=gpt2``). A job without a prompt (the
@@ -231,7 +232,7 @@ def send_jobs(app: Celery, jobs: Iterable[Sendable]) -> int:
     # kombu's publish batch sends the LPUSHes (and task-sent PUBLISHes) in pipelines.
     with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
         for job in jobs:
-            prompt: str | None = getattr(job, "prompt", None)
+            prompt: str | None = getattr(job, "summary", None)
             about: dict[str, Any] = {"model": job.model}
             if prompt is not None:
                 params: dict[str, Any] = getattr(job, "params", None) or {}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, Literal
 
-from sqlalchemy import delete, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, delete, select, tuple_, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from db.models import BatchRow, FileRow
 from db.snapshots import aware, utcnow
@@ -101,6 +102,65 @@ def get_file(session: Session, *, file_id: str, tenant: str | None = None) -> St
     return _file(row) if row is not None else None
 
 
+def _page_after(
+    created: InstrumentedAttribute[datetime],
+    key: InstrumentedAttribute[str],
+    anchor: Any,
+    after: str,
+    descending: bool,
+) -> ColumnElement[bool]:
+    """The keyset filter of rows after ``(anchor's created_at, after)`` in the listing's order.
+
+    A row-value comparison: an index on ``(tenant, created_at, id)`` seeks straight to it.
+    """
+    row, last = tuple_(created, key), tuple_(anchor, after)
+    return row < last if descending else row > last
+
+
+def list_files(
+    session: Session,
+    *,
+    tenant: str | None = None,
+    purpose: str | None = None,
+    limit: int = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> list[StoredFile] | None:
+    """Return up to ``limit`` stored files of ``tenant``'s by ``(created_at, id)`` in ``order``.
+
+    ``after`` is a file id: the page starts just after it (keyset pagination,
+    stable under inserts). None when ``after`` is no file (of ``tenant``'s).
+    Contents are not read.
+    """
+    owned = () if tenant is None else (FileRow.tenant == tenant,)
+    descending = order == "desc"
+    by = (FileRow.created_at, FileRow.id)
+    stmt = (
+        select(FileRow)
+        .options(defer(FileRow.content))
+        .where(*owned)
+        .order_by(*(column.desc() if descending else column.asc() for column in by))
+        .limit(limit)
+    )
+    if purpose is not None:
+        stmt = stmt.where(FileRow.purpose == purpose)
+    if after is not None:
+        anchor = select(FileRow.created_at).where(FileRow.id == after, *owned)
+        if session.execute(anchor).first() is None:
+            return None
+        stmt = stmt.where(_page_after(*by, anchor.scalar_subquery(), after, descending))
+    return [_file(row) for row in session.scalars(stmt)]
+
+
+def delete_file(session: Session, *, file_id: str, tenant: str | None = None) -> bool:
+    """Delete a stored file (of ``tenant``'s); return whether there was one."""
+    owned = () if tenant is None else (FileRow.tenant == tenant,)
+    deleted = session.scalars(
+        delete(FileRow).where(FileRow.id == file_id, *owned).returning(FileRow.id)
+    ).all()
+    return bool(deleted)
+
+
 def get_file_content(session: Session, *, file_id: str, tenant: str | None = None) -> bytes | None:
     """Return a stored file's bytes, or None if there is no such id (of ``tenant``'s)."""
     row = _file_row(session, file_id, tenant)
@@ -149,6 +209,25 @@ def get_batch(session: Session, *, batch_id: str, tenant: str | None = None) -> 
     if row is None or (tenant is not None and row.tenant != tenant):
         return None
     return Batch.from_row(row)
+
+
+def list_batches(
+    session: Session, *, tenant: str | None = None, limit: int = 20, after: str | None = None
+) -> list[Batch] | None:
+    """Return up to ``limit`` batches of ``tenant``'s, newest first (by ``(created_at, id)``).
+
+    ``after`` is a batch id: the page starts just after it (keyset pagination).
+    None when ``after`` is no batch (of ``tenant``'s).
+    """
+    owned = () if tenant is None else (BatchRow.tenant == tenant,)
+    by = (BatchRow.created_at, BatchRow.id)
+    stmt = select(BatchRow).where(*owned).order_by(*(c.desc() for c in by)).limit(limit)
+    if after is not None:
+        anchor = select(BatchRow.created_at).where(BatchRow.id == after, *owned)
+        if session.execute(anchor).first() is None:
+            return None
+        stmt = stmt.where(_page_after(*by, anchor.scalar_subquery(), after, True))
+    return [Batch.from_row(row) for row in session.scalars(stmt)]
 
 
 def mark_batch_cancelled(session: Session, *, batch_id: str) -> None:

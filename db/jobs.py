@@ -57,6 +57,7 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
                 "status": JobStatus.QUEUED,
                 "model": job.model,
                 "prompt": job.prompt,
+                "messages": job.messages,
                 "params": job.params,
                 "attempts": 0,
                 "priority": job.priority,
@@ -104,6 +105,7 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
             callback_url=job.callback_url,
             webhook_status=WebhookStatus.PENDING if job.callback_url else None,
             tenant=job.tenant,
+            messages=job.messages,
         )
         result.append((snapshot, True))
     return result

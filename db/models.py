@@ -83,7 +83,10 @@ class JobRow(Base):
         _status_column(JobStatus, "job_status"), nullable=False
     )
     model: Mapped[str] = mapped_column(String(255), nullable=False)
+    # Empty for a chat job, whose conversation is in messages.
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    # A chat job's messages, [{"role", "content"}, ...]; null for a prompt job.
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -142,6 +145,8 @@ class FileRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     tenant: Mapped[str | None] = mapped_column(String(64))
 
+    __table_args__ = (Index("ix_files_tenant_created_at", "tenant", "created_at", "id"),)
+
 
 class BatchRow(Base):
     """An OpenAI-style batch: its input file, its requests' job ids, its lifecycle times."""
@@ -159,6 +164,8 @@ class BatchRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     tenant: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_batches_tenant_created_at", "tenant", "created_at", "id"),)
 
 
 class TenantRow(Base):

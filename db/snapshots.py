@@ -81,6 +81,16 @@ class Job:
     webhook_delivered_at: datetime | None = None
     truncated_prompt_tokens: int | None = None
     tenant: str | None = None
+    #: A chat job's conversation; None for a prompt job.
+    messages: list[dict[str, str]] | None = None
+
+    @property
+    def summary(self) -> str:
+        """The prompt, or for a chat job its last message as ``role: content``."""
+        if self.messages:
+            last = self.messages[-1]
+            return f"{last['role']}: {last['content']}"
+        return self.prompt
 
     @property
     def text(self) -> str | None:
@@ -127,6 +137,7 @@ class Job:
             webhook_delivered_at=aware(row.webhook_delivered_at),
             truncated_prompt_tokens=row.truncated_prompt_tokens,
             tenant=row.tenant,
+            messages=row.messages,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +147,7 @@ class Job:
             "status": self.status.value,
             "model": self.model,
             "prompt": self.prompt,
+            "messages": self.messages,
             "params": self.params,
             "choices": [c.to_dict() for c in self.choices],
             "prompt_tokens": self.prompt_tokens,
@@ -171,6 +183,7 @@ class NewJob:
     batch_id: str | None = None
     callback_url: str | None = None
     tenant: str | None = None
+    messages: list[dict[str, str]] | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 

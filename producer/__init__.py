@@ -9,7 +9,7 @@ from completion_queue import (
 )
 from db import Choice, Job, JobStatus
 from producer.client import CompletionClient
-from producer.schema import CompletionRequest, Limits, validate_request
+from producer.schema import MAX_LOGPROBS, CompletionRequest, Limits, validate_request
 
 __all__ = [
     # client
@@ -19,6 +19,7 @@ __all__ = [
     "Job",
     "JobStatus",
     # requests
+    "MAX_LOGPROBS",
     "CompletionRequest",
     "Limits",
     "validate_request",

@@ -58,8 +58,8 @@ Progress = Callable[[int, int], None]
 
 def same_request(new: NewJob, job: Job) -> bool:
     """True when ``job`` (found under ``new``'s idempotency key) was made by the same request."""
-    return (new.model, new.prompt, new.params, new.priority, new.callback_url) == (
-        job.model, job.prompt, job.params, job.priority, job.callback_url,
+    return (new.model, new.prompt, new.messages, new.params, new.priority, new.callback_url) == (
+        job.model, job.prompt, job.messages, job.params, job.priority, job.callback_url,
     )  # fmt: skip
 
 
@@ -134,9 +134,15 @@ class CompletionClient:
 
     # -- submitting -------------------------------------------------------------
 
-    def submit(self, prompt: str, **params: Any) -> Job:
-        """Validate, store and queue one job; return it (an existing one for a known key)."""
-        request = validate_request({"prompt": prompt, **params}, self.limits)
+    def submit(self, prompt: str | None = None, **params: Any) -> Job:
+        """Validate, store and queue one job; return it (an existing one for a known key).
+
+        Give a ``prompt``, or chat ``messages=[{"role": "user", "content": ...}]``
+        (rendered with the model's chat template); the other parameters are those
+        of :class:`producer.CompletionRequest`.
+        """
+        data = params if prompt is None else {"prompt": prompt, **params}
+        request = validate_request(data, self.limits)
         return self._store_and_send([request], batch_id=None)[0]
 
     def submit_many(
@@ -185,7 +191,8 @@ class CompletionClient:
         new_jobs = [
             NewJob(
                 model=req.model or self.settings.model,
-                prompt=req.prompt,
+                prompt=req.prompt or "",
+                messages=req.stored_messages(),
                 params=req.params(),
                 priority=req.priority,
                 idempotency_key=req.idempotency_key,

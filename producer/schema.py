@@ -17,6 +17,12 @@ from producer.callbacks import (
     parse_callback,
     refuse_literal,
 )
+from producer.chat import (
+    MAX_MESSAGES,
+    Message,
+    check_response_format,
+    conversation_chars,
+)
 
 MAX_STOP_SEQUENCES = 4
 #: Longest stop string: a stop is matched against the decoded tail at every step.
@@ -24,6 +30,8 @@ MAX_STOP_CHARS = 256
 #: Largest top_k (a token id is a 64-bit integer in the worker; any vocabulary is smaller).
 MAX_TOP_K = 1_000_000
 MAX_URL_CHARS = 2048
+#: Most alternatives per token that ``logprobs`` may ask for (OpenAI's ``top_logprobs`` bound).
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +55,12 @@ class Limits:
 
 
 class CompletionRequest(BaseModel):
-    """One completion job as submitted. Unknown fields are refused, never ignored."""
+    """One completion job as submitted: a prompt or chat messages. Unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(strict=True)
+    prompt: str | None = Field(default=None, strict=True)
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     model: str | None = Field(default=None, strict=True, min_length=1, max_length=255)
     max_new_tokens: int = Field(default=16, strict=True, ge=1)
     temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
@@ -65,6 +74,14 @@ class CompletionRequest(BaseModel):
     priority: int = Field(default=0, strict=True, ge=0, le=9)
     callback_url: str | None = Field(default=None, strict=True, max_length=MAX_URL_CHARS)
     truncate: bool = Field(default=False, strict=True)
+    #: Alternatives to record per generated token besides the chosen one; None: no logprobs.
+    logprobs: int | None = Field(default=None, strict=True, ge=0, le=MAX_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _check_response_format(cls, value: Any) -> Any:
+        return check_response_format(value)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -78,7 +95,9 @@ class CompletionRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _check_prompt(cls, value: str) -> str:
+    def _check_prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not value.strip():
             raise ValueError("must not be empty or whitespace only")
         _check_text(value)
@@ -123,8 +142,8 @@ class CompletionRequest(BaseModel):
     def params(self) -> dict[str, Any]:
         """Return the generation parameters stored in ``jobs.params``.
 
-        ``truncate`` is stored only when true, so a job stored before the field
-        existed still equals its idempotent resubmit.
+        ``truncate``, ``logprobs`` and ``response_format`` are stored only when
+        set, so a job stored before they existed still equals its idempotent resubmit.
         """
         params = self.model_dump(
             include={
@@ -134,7 +153,15 @@ class CompletionRequest(BaseModel):
         )  # fmt: skip
         if self.truncate:
             params["truncate"] = True
+        if self.logprobs is not None:
+            params["logprobs"] = self.logprobs
+        if self.response_format is not None:
+            params["response_format"] = self.response_format
         return params
+
+    def stored_messages(self) -> list[dict[str, str]] | None:
+        """Return the messages as kept in ``jobs.messages`` (None for a prompt job)."""
+        return None if self.messages is None else [m.stored() for m in self.messages]
 
 
 def _check_text(value: str) -> None:
@@ -195,8 +222,9 @@ def _describe(error: Any) -> str:
     if kind in ("too_long", "string_too_long"):
         unit = "items" if kind == "too_long" else "characters"
         return f"{field} must have at most {ctx.get('max_length')} {unit}"
-    if kind == "string_too_short":
-        return f"{field} must have at least {ctx.get('min_length')} characters"
+    if kind in ("too_short", "string_too_short"):
+        unit = "items" if kind == "too_short" else "characters"
+        return f"{field} must have at least {ctx.get('min_length')} {unit}"
     if kind == "value_error":
         return f"{field} {ctx.get('error', error['msg'])!s}"
     return f"{field}: {error['msg']}"
@@ -225,8 +253,19 @@ def validate_request(
         except pydantic.ValidationError as exc:
             message, field = describe_errors(exc.errors())
             raise ValidationError(message, field=field) from None
+    if request.prompt is None and request.messages is None:
+        raise ValidationError("prompt is required (or messages, for a chat)", field="prompt")
+    if request.prompt is not None and request.messages is not None:
+        raise ValidationError("give prompt or messages, not both", field="messages")
+    if request.messages is not None and not any(m.content.strip() for m in request.messages):
+        raise ValidationError("messages must hold some text", field="messages")
+    text_field, chars = (
+        ("prompt", len(request.prompt))
+        if request.prompt is not None
+        else ("messages", conversation_chars(request.messages or []))
+    )
     checks = (
-        ("prompt", len(request.prompt), limits.max_prompt_chars, "characters long"),
+        (text_field, chars, limits.max_prompt_chars, "characters long"),
         ("max_new_tokens", request.max_new_tokens, limits.max_new_tokens, ""),
         ("n", request.n, limits.max_n, ""),
     )

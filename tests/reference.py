@@ -25,6 +25,11 @@ class Reference:
 
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, int]:
         """Return the greedy completion of the prompt ``prompt_ids`` and how many tokens it has."""
+        new = self.greedy_tokens(prompt_ids, max_new_tokens)
+        return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+    def greedy_tokens(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Return the greedy completion's token ids, cut before the first EOS."""
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         with torch.inference_mode():
             out = self.model.generate(
@@ -34,8 +39,28 @@ class Reference:
                 do_sample=False,
                 pad_token_id=self.tokenizer.eos_token_id,
             )
-        new = out[0, ids.shape[1] :].tolist()
-        eos = self.tokenizer.eos_token_id
-        if eos in new:
-            new = new[: new.index(eos)]
-        return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
+        new: list[int] = out[0, ids.shape[1] :].tolist()
+        ends = [i for i, token in enumerate(new) if token in self.eos_ids]
+        return new[: ends[0]] if ends else new
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """The tokens that end a row: the tokenizer's EOS and the generation config's."""
+        configured = self.model.generation_config.eos_token_id
+        listed = configured if isinstance(configured, list) else [configured]
+        return {self.tokenizer.eos_token_id, *(i for i in listed if i is not None)}
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Return the token ids of ``messages`` rendered with the chat template, as the worker does."""
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        return self.encode(str(text))
+
+    def log_softmax(self, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
+        """Return one unpadded forward pass's log-softmax at each generated token's position."""
+        ids = torch.tensor([prompt_ids + generated], dtype=torch.long)
+        with torch.inference_mode():
+            logits = self.model(ids).logits[0].float()
+        start = len(prompt_ids) - 1
+        return logits[start : start + len(generated)].log_softmax(dim=-1)

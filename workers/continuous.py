@@ -7,10 +7,11 @@ the longest job of their batch. That wins on GPUs with mixed lengths; on a few
 CPU cores its per-step scheduling costs more than it saves (see
 docs/benchmarks.md).
 
-It runs greedy rows. Rows whose exact semantics it cannot promise (sampling with
-a per-job seed, repetition penalty, or any sampling at all, whose draws the
-manager shares across requests) go to the static engine of the same process,
-so every job means the same under either engine. Stop sequences are cut from
+It runs plain greedy rows. Rows whose exact semantics it cannot promise (sampling
+with a per-job seed, repetition penalty, or any sampling at all, whose draws the
+manager shares across requests) and rows that need a logits processor of their
+own (logprobs, a ``response_format`` grammar) go to the static engine of the same
+process, so every job means the same under either engine. Stop sequences are cut from
 the text afterwards, and EOS ends a row, as in the static engine. A job still
 generating ``CQ_JOB_TIMEOUT_S`` after its rows were added is cancelled in the
 manager and fails with ``GenerationTimeout``, as in the static engine.
@@ -36,18 +37,24 @@ log = logging.getLogger(__name__)
 RESULT_TIMEOUT_S = 600.0
 
 
+def continuous_row(request: GenerationRequest) -> bool:
+    """True when the manager runs ``request`` exactly: plain greedy, no processor of its own."""
+    return request.plain_greedy and request.logprobs is None and request.response_format is None
+
+
 class ContinuousRuntime:
     """Continuous batching for greedy rows, on the model a :class:`ModelRuntime` loaded."""
 
     def __init__(self, static: ModelRuntime, *, max_new_tokens: int, max_rows: int) -> None:
         self.static = static
         self.context_length = static.context_length
+        self.tokenizer = static.tokenizer
         model = static.model
         model.set_attn_implementation("sdpa")
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=static.eos_id,
+            eos_token_id=static.eos_ids or None,
             pad_token_id=static.pad_id,
         )
         # At most max_rows rows per step. On CPU the paged cache would otherwise take most
@@ -78,13 +85,13 @@ class ContinuousRuntime:
     def generate(
         self, requests: Sequence[GenerationRequest], *, timeout_s: float | None = None
     ) -> list[GenerationResult | Exception]:
-        """Run ``requests``; greedy ones through the manager, the rest statically.
+        """Run ``requests``; plain greedy ones through the manager, the rest statically.
 
         A job still generating ``timeout_s`` seconds after it started gets a
         :class:`GenerationTimeout` in place of its result, under either engine.
         """
-        greedy = [r for r in requests if r.plain_greedy]
-        other = [r for r in requests if not r.plain_greedy]
+        greedy = [r for r in requests if continuous_row(r)]
+        other = [r for r in requests if not continuous_row(r)]
         results: dict[str, GenerationResult | Exception] = {}
         if other:
             static = self.static.generate(other, timeout_s=timeout_s)

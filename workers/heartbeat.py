@@ -97,6 +97,7 @@ class UnackedHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
                 announce(
                     client, consumer.hostname, settings.model,
                     heartbeat_s=heartbeat_interval_s(settings),
+                    chat=consumer.app.cq_state.loaded.chat,
                 )  # fmt: skip
         except Exception as exc:
             log.warning("heartbeat on held messages failed: %s", redact_url(str(exc)))

@@ -29,8 +29,11 @@ from completion_queue import (
     GenerationTimeout,
     ModelError,
     OutOfMemory,
+    UnsupportedResponseFormat,
 )
 from db import Choice
+from workers.grammar import ConstrainedRows, Grammars
+from workers.logprobs import LogprobRecorder, RowLogprobs, TokenSpeller, stored_logprobs
 from workers.planner import GenerationRequest, GenerationResult, cut_at_stop
 from workers.rows import RowSampler, RowStops
 
@@ -74,6 +77,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def eos_ids(tokenizer_eos: int | None, config_eos: int | Sequence[int] | None) -> list[int]:
+    """Return the tokens that end a row: the tokenizer's EOS, then the generation config's."""
+    listed = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
+    ids = [tokenizer_eos] if tokenizer_eos is not None else []
+    return list(dict.fromkeys(ids + [int(i) for i in listed]))
+
+
 class ModelRuntime:
     """A causal LM and its tokenizer, loaded once and kept resident in this process."""
 
@@ -98,7 +108,12 @@ class ModelRuntime:
         if pad is None:
             pad = eos if eos is not None else 0
         self.eos_id: int | None = eos
+        #: Every token that ends a row: the tokenizer's EOS, then the generation config's
+        #: (chat models list several, e.g. ``<|endoftext|>`` and ``<|im_end|>``).
+        self.eos_ids: list[int] = eos_ids(eos, self.model.generation_config.eos_token_id)
         self.pad_id: int = pad
+        self.spell = TokenSpeller(self.tokenizer)
+        self.grammars: Grammars | None = None
         config = self.model.config
         self.context_length: int = int(
             getattr(config, "max_position_embeddings", None)
@@ -140,6 +155,15 @@ class ModelRuntime:
         """
         if not requests:
             return []
+        refused = self._refuse_formats(requests)
+        if refused:
+            # A response format that does not compile fails its job alone.
+            kept = iter(
+                self.generate(
+                    [r for i, r in enumerate(requests) if i not in refused], timeout_s=timeout_s
+                )
+            )
+            return [refused[i] if i in refused else next(kept) for i in range(len(requests))]
         rows = [r for r in requests for _ in range(r.n)]
         prompt_len = max(len(r.prompt_ids) for r in rows)
         input_ids = torch.full((len(rows), prompt_len), self.pad_id, dtype=torch.long)
@@ -155,13 +179,24 @@ class ModelRuntime:
             do_sample=False,
             num_beams=1,
             pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
+            eos_token_id=self.eos_ids or None,
             use_cache=True,
         )
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         # Plain greedy rows need no sampler: generate's own arg-max does exactly that,
         # a little faster per step.
         processors = LogitsProcessorList()
+        recorder = None
+        if any(r.logprobs is not None for r in rows):
+            # First: it records the raw scores, before any mask or sampling transform.
+            recorder = LogprobRecorder(rows)
+            processors.append(recorder)
+        constrained = None
+        if any(r.response_format is not None for r in rows):
+            # Before sampling: a row draws only from what its grammar allows next.
+            formats = [r.response_format for r in rows]
+            constrained = ConstrainedRows(self._grammars(), formats, self.device)
+            processors.append(constrained)
         if not all(r.plain_greedy for r in rows):
             generators = [self._generator(r.seed, c) for r in requests for c in range(r.n)]
             processors.append(RowSampler(rows, generators, starts.to(self.device), self.device))
@@ -187,13 +222,22 @@ class ModelRuntime:
                 raise FatalModelError(f"CUDA failure in generate: {exc}") from exc
             raise ModelError(f"generate failed: {exc}") from exc
         generated = output[:, prompt_len:].tolist()
-        choices = [self.choice(row, tokens) for row, tokens in zip(rows, generated, strict=True)]
+        records = recorder.finish(output) if recorder is not None else [None] * len(rows)
+        choices = [
+            self.choice(row, tokens, record)
+            for row, tokens, record in zip(rows, generated, records, strict=True)
+        ]
         results: list[GenerationResult | Exception] = []
         offset = 0
+        left_grammar = constrained.failed_rows if constrained is not None else {}
         for request in requests:
             mine = choices[offset : offset + request.n]
+            own = range(offset, offset + request.n)
+            strayed = [left_grammar[r] for r in own if r in left_grammar]
             offset += request.n
-            if stops.timed_out and any(
+            if strayed:
+                results.append(ModelError(f"generation left the response format: {strayed[0]}"))
+            elif stops.timed_out and any(
                 c.finish_reason == "length" and c.completion_tokens < request.max_new_tokens
                 for c in mine
             ):
@@ -209,6 +253,25 @@ class ModelRuntime:
                 )
         return results
 
+    def _grammars(self) -> Grammars:
+        """The response formats' compiler for this tokenizer, made on the first use."""
+        if self.grammars is None:
+            self.grammars = Grammars(
+                self.tokenizer, vocab_size=int(self.model.config.vocab_size), stop_ids=self.eos_ids
+            )
+        return self.grammars
+
+    def _refuse_formats(self, requests: Sequence[GenerationRequest]) -> dict[int, Exception]:
+        """Compile each request's response format; return the errors of those that fail."""
+        refused: dict[int, Exception] = {}
+        for index, request in enumerate(requests):
+            if request.response_format is not None:
+                try:
+                    self._grammars().compile(request.response_format)
+                except UnsupportedResponseFormat as exc:
+                    refused[index] = exc
+        return refused
+
     def _run_model(self, **kwargs: Any) -> Any:
         """Call the model's ``generate``; the one place generation touches the model."""
         return self.model.generate(**kwargs)
@@ -222,12 +285,19 @@ class ModelRuntime:
             generator.manual_seed((seed * 1_000_003 + choice) % (2**63))
         return generator
 
-    def choice(self, row: GenerationRequest, tokens: list[int]) -> Choice:
-        """Turn a row's generated tokens into a choice: cut at EOS, budget and stops."""
+    def choice(
+        self, row: GenerationRequest, tokens: list[int], record: RowLogprobs | None = None
+    ) -> Choice:
+        """Turn a row's generated tokens into a choice: cut at EOS, budget and stops.
+
+        ``record`` is the row's logprobs as recorded in ``generate``; the choice keeps
+        one entry per kept token.
+        """
         tokens = tokens[: row.max_new_tokens]
         finish = "length"
+        ends = {*self.eos_ids, self.pad_id}
         for i, token in enumerate(tokens):
-            if token == self.eos_id or token == self.pad_id:
+            if token in ends:
                 tokens, finish = tokens[:i], "stop"
                 break
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -235,4 +305,7 @@ class ModelRuntime:
             text, found = cut_at_stop(text, row.stop)
             if found:
                 finish = "stop"
-        return Choice(text=text, finish_reason=finish, completion_tokens=len(tokens))
+        logprobs = stored_logprobs(record, tokens, self.spell) if record is not None else None
+        return Choice(
+            text=text, finish_reason=finish, completion_tokens=len(tokens), logprobs=logprobs
+        )

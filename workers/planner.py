@@ -42,7 +42,7 @@ class GenerationRequest:
     #: Log probabilities to record per generated token: None for none, else how many
     #: alternatives besides the chosen token (0 to 20).
     logprobs: int | None = None
-    #: The job's ``response_format`` as canonical JSON (sorted keys); None: unconstrained.
+    #: The job's ``response_format`` as compact JSON (keys in order); None: unconstrained.
     response_format: str | None = None
 
     @property

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -50,6 +50,7 @@ from completion_queue import (
     AttemptsExceeded,
     ContextLengthExceeded,
     FatalModelError,
+    NoChatTemplate,
     OutOfMemory,
     WrongModel,
     queue_name,
@@ -67,6 +68,7 @@ from db import (
 )
 from workers.listeners import BatchListener
 from workers.planner import GenerationRequest, GenerationResult, fit_context, plan_groups
+from workers.prompts import render_chat, to_request
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +116,12 @@ def retry_database(work: Callable[[], T], *, within_s: float) -> T:
     return retrying(work)
 
 
-def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
-    """Return the runtime's view of ``job``."""
-    params = job.params
-    return GenerationRequest(
-        key=str(job.id),
-        prompt_ids=tuple(prompt_ids),
-        max_new_tokens=int(params.get("max_new_tokens", 16)),
-        temperature=float(params.get("temperature", 1.0)),
-        top_p=float(params.get("top_p", 1.0)),
-        top_k=int(params.get("top_k", 0)),
-        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
-        n=int(params.get("n", 1)),
-        stop=tuple(params.get("stop") or ()),
-        seed=params.get("seed"),
-    )
-
-
 class Engine(Protocol):
     """What runs generation: the static :class:`ModelRuntime` or the continuous engine."""
 
     context_length: int
+    #: The model's tokenizer (chat jobs are rendered with its template).
+    tokenizer: Any
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Return the token ids of each prompt."""
@@ -307,7 +294,15 @@ class BatchRunner:
         """
         requests: list[GenerationRequest] = []
         rejected: list[tuple[Job, Exception]] = []
-        encoded = self.runtime.encode([job.prompt for job in jobs])
+        prompts: list[str] = []
+        for job in jobs:
+            try:
+                prompts.append(self._prompt(job))
+            except NoChatTemplate as exc:
+                rejected.append((job, exc))
+        refused = {job.id for job, _ in rejected}
+        jobs = [job for job in jobs if job.id not in refused]
+        encoded = self.runtime.encode(prompts)
         for job, prompt_ids in zip(jobs, encoded, strict=True):
             request = to_request(job, prompt_ids)
             try:
@@ -322,6 +317,11 @@ class BatchRunner:
             else:
                 requests.append(replace(request, prompt_ids=kept, truncated_prompt_tokens=dropped))
         return requests, rejected
+
+    def _prompt(self, job: Job) -> str:
+        if job.messages is None:
+            return job.prompt
+        return render_chat(self.runtime.tokenizer, job.messages, model=job.model)
 
     def _refuse(self, errors: dict[uuid.UUID, Exception], claimed: list[Job]) -> list[Outcome]:
         return [self._failed(job.id, job.attempts, errors[job.id], None) for job in claimed]

@@ -89,12 +89,19 @@ class LoadedModel:
         self._device = multiprocessing.Array(ctypes.c_char, 64)
         self._dtype = multiprocessing.Array(ctypes.c_char, 32)
         self._load_s = multiprocessing.Value("d", -1.0)
+        self._chat = multiprocessing.Value("b", -1)
 
-    def set(self, *, device: str, dtype: str, load_s: float) -> None:
-        """Record the loaded model's device, dtype and load time."""
+    def set(self, *, device: str, dtype: str, load_s: float, chat: bool) -> None:
+        """Record the loaded model's device, dtype, load time and whether it takes messages."""
         self._device.value = device.encode()[:63]
         self._dtype.value = dtype.encode()[:31]
         self._load_s.value = load_s
+        self._chat.value = int(chat)
+
+    @property
+    def chat(self) -> bool | None:
+        """Whether the tokenizer has a chat template, or None before the model is loaded."""
+        return None if self._chat.value < 0 else bool(self._chat.value)
 
     @property
     def device(self) -> str | None:
@@ -151,6 +158,7 @@ class WorkerState:
             device=str(runtime.device),
             dtype=str(runtime.dtype).removeprefix("torch."),
             load_s=time.perf_counter() - started,
+            chat=bool(getattr(runtime.tokenizer, "chat_template", None)),
         )
         engine: Engine = runtime
         max_rows = settings.batch_size

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
-from api.batch_output import CHUNK, ENDPOINT, WINDOW, batch_or_404, batch_view, parse_input
+from api.batch_output import (
+    CHUNK,
+    ENDPOINTS,
+    WINDOW,
+    batch_or_404,
+    batch_view,
+    parse_input,
+)
 from api.errors import APIError, not_found
 from api.openai import submit_completions
+from api.routes.files import cursor_page, page_limit
 from api.state import CallerDep
 from api.views import ErrorInfo
 from completion_queue import BrokerUnavailable, ValidationError
@@ -21,6 +29,7 @@ from db import (
     create_batch,
     delete_batch,
     get_file_content,
+    list_batches,
     mark_batch_cancelled,
     new_id,
 )
@@ -34,7 +43,7 @@ class BatchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(max_length=64)
-    endpoint: str = Field(description=f"Only {ENDPOINT}.")
+    endpoint: str = Field(description=f"{' or '.join(ENDPOINTS)}: every line's url.")
     completion_window: str = Field(description=f"Only {WINDOW}.")
     metadata: dict[str, str] | None = Field(
         default=None, description="At most 16 pairs: keys of 64, values of 512 characters."
@@ -59,9 +68,9 @@ class BatchBody(BaseModel):
 @router.post("/batches")
 def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
     """Validate every line of the input file, queue them all as one batch."""
-    if body.endpoint != ENDPOINT:
+    if body.endpoint not in ENDPOINTS:
         raise ValidationError(
-            f"endpoint must be {ENDPOINT}, got {body.endpoint!r}", field="endpoint"
+            f"endpoint must be {' or '.join(ENDPOINTS)}, got {body.endpoint!r}", field="endpoint"
         )
     if body.completion_window != WINDOW:
         raise ValidationError(
@@ -73,7 +82,7 @@ def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
         content = get_file_content(session, file_id=body.input_file_id, tenant=caller.name)
     if content is None:
         raise not_found("file", body.input_file_id)
-    lines = parse_input(content, client.limits, client.settings.max_batch_requests)
+    lines = parse_input(content, client.limits, client.settings.max_batch_requests, body.endpoint)
     batch_id = new_id("batch_")
     requests = [request for _, line in lines for request in line]
     batches: list[Batch] = []
@@ -86,7 +95,7 @@ def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
             session,
             batch_id=batch_id,
             input_file_id=body.input_file_id,
-            endpoint=ENDPOINT,
+            endpoint=body.endpoint,
             completion_window=WINDOW,
             metadata=body.metadata,
             requests=grouped,
@@ -126,3 +135,22 @@ def cancel_batch(batch_id: str, caller: CallerDep) -> dict[str, Any]:
         for start in range(0, len(ids), CHUNK):
             cancel_jobs(session, job_ids=ids[start : start + CHUNK], tenant=caller.name)
     return batch_view(sessions, batch_or_404(sessions, batch_id, tenant=caller.name))
+
+
+@router.get("/batches")
+def list_batches_route(
+    caller: CallerDep,
+    after: Annotated[str | None, Query(max_length=64, description="A batch id.")] = None,
+    limit: Annotated[int | None, Query(description="1 to 100; 20 without one.")] = None,
+) -> dict[str, Any]:
+    """Batches, newest first, a page at a time: pass the last id back as ``after``."""
+    size = page_limit(limit, default=20, most=100)
+    sessions = caller.client.sessions
+    with sessions() as session:
+        found = list_batches(session, tenant=caller.name, limit=size + 1, after=after)
+    if found is None:
+        raise ValidationError(
+            f"after must be the id of one of your batches, got {after!r}", field="after"
+        )
+    views = [batch_view(sessions, batch) for batch in found[:size]]
+    return cursor_page(views, has_more=len(found) > size)

@@ -56,8 +56,9 @@ def test_sigkill_of_the_whole_worker_runs_its_jobs_again_within_a_minute(chaos: 
 
 
 def test_a_worker_killed_holding_the_restore_mutex_holds_no_one_back(chaos: Chaos) -> None:
-    # Given a worker at the default settings running a batch
-    worker = chaos.start_worker()
+    # Given a worker at the default settings running a batch (slowed, so that it is still
+    # running when the sweeper below is up)
+    worker = chaos.start_worker(faults={"slow": "story", "slow_s": 120})
     with chaos.client() as client:
         jobs = client.submit_many(long_jobs(8))
         wait_for(lambda: client.list(status="running"), 60, "the batch to start")

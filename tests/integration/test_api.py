@@ -337,8 +337,9 @@ def test_openai_unsupported_and_invalid_parameters(api: Api, client: object) -> 
     assert stream.value.body["param"] == "stream"  # type: ignore[index]
     assert "stream is not supported" in stream.value.body["message"]  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as logprobs:
-        oai.completions.create(model=api.model, prompt="hi", logprobs=2)
+        oai.completions.create(model=api.model, prompt="hi", logprobs=21)
     assert logprobs.value.body["param"] == "logprobs"  # type: ignore[index]
+    assert "logprobs must be <= 20, got 21" in logprobs.value.body["message"]  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as tokens:
         oai.completions.create(model=api.model, prompt="hi", max_tokens=0)
     assert tokens.value.body["param"] == "max_tokens"  # type: ignore[index]

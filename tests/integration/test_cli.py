@@ -93,3 +93,37 @@ def test_bad_file_line_writes_nothing(
     assert done.returncode == 2
     assert "prompt" in done.stderr or "line 2" in done.stderr
     assert client.list() == []  # type: ignore[attr-defined]
+
+
+def test_submit_a_chat_with_a_schema_and_logprobs(
+    stack: Stack, client: object, tmp_path: Path
+) -> None:
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps({
+        "type": "object", "properties": {"age": {"type": "integer", "maximum": 99}},
+        "required": ["age"], "additionalProperties": False,
+    }))  # fmt: skip
+    # When a chat job is submitted from the command line
+    done = json.loads(cq(stack, "submit", "--system", "Be brief.", "--user", "How old?",
+                         "--json-schema", str(schema), "--logprobs", "2", "--max-new-tokens",
+                         "24", "--temperature", "0", "--wait").stdout)  # fmt: skip
+    # Then the row holds the messages, and the reply is JSON of that schema, with logprobs
+    assert done["status"] == "succeeded", done["error"]
+    assert done["messages"] == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "How old?"}]  # fmt: skip
+    assert set(json.loads(done["choices"][0]["text"])) == {"age"}
+    assert done["params"]["response_format"]["json_schema"]["name"] == "person"
+    entries = done["choices"][0]["logprobs"]
+    assert len(entries) == done["completion_tokens"]
+    assert all(len(e["top_logprobs"]) == 2 for e in entries)
+    # And a JSONL line may hold messages; --system without --user is a usage error
+    lines = tmp_path / "chat.jsonl"
+    lines.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}],
+                                 "max_new_tokens": 3}) + "\n")  # fmt: skip
+    out = cq(stack, "submit", "--file", str(lines), "--wait", "60").stdout
+    results = tmp_path / "out.jsonl"
+    cq(stack, "results", "--batch", out.split("batch id: ")[1].split()[0], "--out", str(results))
+    row = json.loads(results.read_text())
+    assert row["status"] == "succeeded" and row["messages"][0]["content"] == "Hi"
+    usage = cq(stack, "submit", "--system", "Be brief.", check=False)
+    assert usage.returncode == 2 and "--system needs --user" in usage.stderr

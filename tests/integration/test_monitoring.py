@@ -220,7 +220,10 @@ def test_worker_serves_prometheus_metrics(stack: Stack, client: CompletionClient
 
 @SQLITE_ONLY
 def test_cq_workers_and_cq_stats(stack: Stack, client: CompletionClient) -> None:
-    jobs = client.submit_many([{"prompt": f"s {i}", "max_new_tokens": 3} for i in range(6)])
+    # Greedy: each job runs its 3 tokens (a sampled one might end at EOS sooner)
+    jobs = client.submit_many(
+        [{"prompt": f"s {i}", "max_new_tokens": 3, "temperature": 0} for i in range(6)]
+    )
     client.wait(jobs, timeout=60)
     client.cancel(client.submit("never", model=UNSERVED))
     client.submit("waits", model=UNSERVED)

@@ -57,7 +57,7 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(extra: dict[str, 
     ("body", "field", "message"),
     [
         ({"prompt": "a", "stream": True}, "stream", "stream is not supported (only False or null)"),
-        ({"prompt": "a", "logprobs": 0}, "logprobs", "logprobs is not supported"),
+        ({"prompt": "a", "echo": True}, "echo", "echo is not supported"),
         ({"prompt": "a", "best_of": True}, "best_of", "best_of is not supported"),
         ({"prompt": "a", "tools": []}, "tools", "tools is not a supported parameter"),
         (
