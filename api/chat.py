@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.openai import refuse_unsupported
+from api.openai import STREAM_FIELDS, refuse_unsupported, streamed
 from completion_queue import ValidationError, models_without_chat
 from producer import MAX_LOGPROBS, CompletionClient
 from producer.stats import broker_client
@@ -51,9 +51,15 @@ class ChatBody(BaseModel):
     metadata: dict[str, str] | None = Field(
         default=None, description="At most 16 pairs, written to the API log."
     )
+    stream: bool | None = Field(
+        default=None, description="Answer Server-Sent Events (chat.completion.chunk) as it goes."
+    )
+    stream_options: dict[str, bool] | None = Field(
+        default=None, description='{"include_usage": true}: a last chunk holds the usage.'
+    )
 
 
-SUPPORTED = frozenset(ChatBody.model_fields)
+SUPPORTED = frozenset(ChatBody.model_fields) - STREAM_FIELDS
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "stream": (False, None),
     "stream_options": (None,),
@@ -76,13 +82,16 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 _SHARED = ("temperature", "top_p", "n", "stop", "seed", "response_format")
 
 
-def chat_request(body: Any) -> dict[str, Any]:
+def chat_request(body: Any, *, streaming: bool = False) -> dict[str, Any]:
     """Map an OpenAI chat completions body to our request (one job).
+
+    ``streaming``: the caller answers ``stream: true`` (the job is submitted with
+    ``stream``); else only its neutral values are accepted.
 
     Raises:
         ValidationError: a parameter is unsupported or malformed (``field`` in OpenAI's names).
     """
-    refuse_unsupported(body, SUPPORTED, NEUTRAL)
+    refuse_unsupported(body, SUPPORTED | STREAM_FIELDS if streaming else SUPPORTED, NEUTRAL)
     _check_metadata(body.get("metadata"))
     request: dict[str, Any] = {"messages": chat_messages(body.get("messages"))}
     if body.get("model") is not None:
@@ -116,6 +125,8 @@ def chat_request(body: Any) -> dict[str, Any]:
         )
     if logprobs:
         request["logprobs"] = 0 if top is None else top
+    if streaming and streamed(body, logprobs=bool(logprobs)):
+        request["stream"] = True
     return request
 
 

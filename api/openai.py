@@ -3,8 +3,10 @@
 OpenAI's parameters map onto our :class:`CompletionRequest` (``max_tokens`` →
 ``max_new_tokens``) and go through the same validation as the Python client.
 A parameter we do not support is refused with a 400, never ignored; one sent
-with its neutral value (``stream: false``, ``echo: false``,
-zero penalties, ``best_of: 1``) asks for nothing we do not do, so it is accepted.
+with its neutral value (``echo: false``, zero penalties, ``best_of: 1``) asks
+for nothing we do not do, so it is accepted. ``stream: true`` (with
+``stream_options``) is taken by the routes that answer Server-Sent Events
+(``streaming=True``); a batch's lines refuse it.
 Prompt truncation (vLLM's ``truncate_prompt_tokens``) is refused here too: a
 too-long prompt fails with ``context_length_exceeded``; the native ``POST
 /v1/jobs`` takes ``truncate: true``.
@@ -48,9 +50,17 @@ class CompletionsBody(BaseModel):
     user: str | None = Field(
         default=None, max_length=MAX_USER_CHARS, description="End-user id, written to the API log."
     )
+    stream: bool | None = Field(
+        default=None, description="Answer Server-Sent Events (text_completion chunks) as it goes."
+    )
+    stream_options: dict[str, bool] | None = Field(
+        default=None, description='{"include_usage": true}: a last chunk holds the usage.'
+    )
 
 
-SUPPORTED = frozenset(CompletionsBody.model_fields)
+#: What a route that streams takes besides ``SUPPORTED`` (see :func:`stream_usage`).
+STREAM_FIELDS = frozenset({"stream", "stream_options"})
+SUPPORTED = frozenset(CompletionsBody.model_fields) - STREAM_FIELDS
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "stream": (False, None),
     "stream_options": (None,),
@@ -112,13 +122,62 @@ def refuse_unsupported(
         )
 
 
-def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
+def stream_usage(body: Mapping[str, Any]) -> bool | None:
+    """None when ``body`` does not ask to stream; else whether it asks for a usage chunk
+    (``stream_options: {"include_usage": true}``).
+
+    Raises:
+        ValidationError: ``stream`` is not a boolean, or ``stream_options`` is malformed or
+            sent without ``stream: true``.
+    """
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise ValidationError("stream must be a boolean", field="stream")
+    if options is None:
+        return False if stream else None
+    if not stream:
+        raise ValidationError(
+            "stream_options is only allowed with stream: true", field="stream_options"
+        )
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise ValidationError(
+            'stream_options must be an object holding only "include_usage"', field="stream_options"
+        )
+    usage = options.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise ValidationError(
+            "stream_options.include_usage must be a boolean", field="stream_options.include_usage"
+        )
+    return usage
+
+
+def streamed(body: Mapping[str, Any], *, logprobs: bool) -> bool:
+    """True when ``body`` asks to stream; a streamed call cannot ask for ``logprobs``.
+
+    Raises:
+        ValidationError: as :func:`stream_usage`, or ``logprobs`` with ``stream: true``.
+    """
+    if stream_usage(body) is None:
+        return False
+    if logprobs:
+        raise ValidationError(
+            "logprobs is not supported with stream: true (ask without stream)", field="logprobs"
+        )
+    return True
+
+
+def completion_requests(
+    body: Any, max_prompts: int, *, streaming: bool = False
+) -> list[dict[str, Any]]:
     """Map an OpenAI completions body to our requests: one per prompt.
+
+    ``streaming``: the caller answers ``stream: true`` (the jobs are submitted with
+    ``stream``); else only its neutral values are accepted.
 
     Raises:
         ValidationError: a parameter is unsupported or malformed (``field`` in OpenAI's names).
     """
-    refuse_unsupported(body, SUPPORTED, NEUTRAL)
+    refuse_unsupported(body, SUPPORTED | STREAM_FIELDS if streaming else SUPPORTED, NEUTRAL)
     if "prompt" not in body:
         raise ValidationError("prompt is required", field="prompt")
     prompt = body["prompt"]
@@ -138,6 +197,8 @@ def completion_requests(body: Any, max_prompts: int) -> list[dict[str, Any]]:
         for name, value in body.items()
         if name in SUPPORTED and name not in ("prompt", "user") and value is not None
     }
+    if streaming and streamed(body, logprobs=body.get("logprobs") is not None):
+        shared["stream"] = True
     return [{"prompt": text, **shared} for text in prompts]
 
 

@@ -24,6 +24,8 @@ ROWS = [
     ("submit_jobs_per_s", "submit_many into Redis and SQL"),
     ("p50_latency_ms", "latency p50, light load"),
     ("p95_latency_ms", "latency p95, light load"),
+    ("p50_ttft_ms", "time to first token p50, streamed jobs at once"),
+    ("p95_ttft_ms", "time to first token p95, streamed jobs at once"),
     ("schema_none_tokens_per_s", "structured: no row constrained"),
     ("schema_half_tokens_per_s", "structured: half the rows with a JSON schema"),
     ("schema_half_over_none", "structured: half / none"),

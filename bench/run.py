@@ -27,6 +27,7 @@ from completion_queue import (
     Settings,
     WorkerProcess,
     create_app,
+    events_key,
     rss_mb,
     worker_env,
 )
@@ -76,6 +77,7 @@ class BenchConfig:
     queue_jobs: int = 2000
     latency_jobs: int = 20
     schema_jobs: int = 256
+    stream_jobs: int = 64
 
 
 class _Direct:
@@ -204,6 +206,26 @@ def _pipeline(
     return sum(j.completion_tokens or 0 for j in done), _span_s(done, started), submit_s
 
 
+def _first_token_ms(client: CompletionClient, items: Sequence[Item]) -> list[float]:
+    """Submit ``items`` at once as streamed jobs; return each one's time to first token, in ms.
+
+    The first delta's stream entry id is the Redis server's time of that write
+    (same host as the client here): the first token reached a reader then.
+    """
+    jobs = client.submit_many([{**item.request(), "stream": True} for item in items])
+    done = client.wait(jobs, timeout=3600)
+    broker = redis.Redis.from_url(client.settings.broker_url or "")
+    try:
+        firsts: list[Any] = [broker.xrange(events_key(job.id), count=1) for job in done]
+    finally:
+        broker.close()
+    return [
+        int(str(first[0][0], "ascii").split("-")[0]) - job.created_at.timestamp() * 1000
+        for job, first in zip(done, firsts, strict=True)
+        if first
+    ]
+
+
 def _celery_noop_rate(cluster: _Cluster, count: int) -> float:
     """Tasks per second of a bare Celery no-op on the same Redis and worker settings."""
     settings = cluster.settings(1)
@@ -287,6 +309,10 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
                     latencies.append((job.latency_s or 0) * 1000)
                 figures["p50_latency_ms"] = percentile(latencies, 50)
                 figures["p95_latency_ms"] = percentile(latencies, 95)
+                progress(f"time to first token: {config.stream_jobs} streamed jobs at once")
+                first_token_ms = _first_token_ms(client, items[: config.stream_jobs])
+                figures["p50_ttft_ms"] = percentile(first_token_ms, 50)
+                figures["p95_ttft_ms"] = percentile(first_token_ms, 95)
                 progress(f"structured output: {config.schema_jobs} jobs, then half constrained")
                 plain = items[: config.schema_jobs]
                 tokens, seconds, _ = _pipeline(client, plain)

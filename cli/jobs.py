@@ -117,10 +117,17 @@ def _warn_unserved(client: CompletionClient, models: set[str]) -> None:
     default=None,
     help="Wait for the result (optionally: seconds, default 60).",
 )
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Print the first choice's text as it is generated, then a newline (exit status as "
+    "for --wait; with --wait SECONDS, exit 3 when no new text came for that long).",
+)
 def submit(
     prompt: str | None,
     file: Path | None,
     wait_s: float | None,
+    stream: bool,
     system: str | None,
     user_message: str | None,
     json_object: bool | None,
@@ -130,13 +137,16 @@ def submit(
     """Submit one PROMPT, a chat (--system, --user), or every request in --file (prints the
     batch id; a line holds a prompt or messages).
 
-    Warns when no live worker serves the model (the jobs still queue).
+    Prints the job as JSON (once finished, with --wait), or its text as it is generated
+    (--stream). Warns when no live worker serves the model (the jobs still queue).
     """
     settings = settings_from_env()
     if system is not None and user_message is None:
         raise click.UsageError("--system needs --user: a chat has a user message")
     if sum(x is not None for x in (prompt, file, user_message)) != 1:
         raise click.UsageError("give one of PROMPT, --user (a chat) or --file")
+    if stream and file is not None:
+        raise click.UsageError("--stream shows one job: give PROMPT or --user, not --file")
     request = {k: v for k, v in params.items() if v is not None and v != ()}
     if "stop" in request:
         request["stop"] = list(request["stop"])
@@ -149,10 +159,15 @@ def submit(
     if user_message is not None:
         system_part = [] if system is None else [{"role": "system", "content": system}]
         request["messages"] = [*system_part, {"role": "user", "content": user_message}]
+    if stream:
+        request["stream"] = True
     with client_for(settings) as client:
         if file is None:
             job = client.submit(prompt, **request)
             _warn_unserved(client, {job.model})
+            if stream:
+                _stream(client, job, wait_s)
+                return
             if wait_s is not None:
                 job = _wait(client, [job.id], wait_s, f"job {job.id}")[0]
             echo_job(job)
@@ -160,6 +175,21 @@ def submit(
             return
         assert file is not None
         _submit_file(client, file, request, wait_s)
+
+
+def _stream(client: CompletionClient, job: Job, idle_timeout_s: float | None) -> None:
+    """Print the job's first choice as it generates, then a newline; exit as ``--wait`` does."""
+    try:
+        for text in client.stream(job.id, idle_timeout=idle_timeout_s):
+            click.echo(text, nl=False)  # click.echo flushes: each delta shows at once
+    except JobTimeout as exc:
+        click.echo()
+        fail(f"{exc}; waited for job {job.id}", ExitCode.TIMED_OUT)
+    click.echo()
+    final = client.get(job.id)
+    if final.status is not JobStatus.SUCCEEDED:
+        why = f": {final.error['message']}" if final.error and "message" in final.error else ""
+        fail(f"job {job.id} {final.status.value}{why}", ExitCode.JOB_FAILED)
 
 
 def _schema_format(path: Path) -> dict[str, Any]:
@@ -269,7 +299,7 @@ def list_(status_: str | None, batch_id: str | None, limit: int, as_json: bool) 
 @cli.command()
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
-    """Cancel a queued or running job (a running job's result is discarded).
+    """Cancel a queued or running job (a running one stops and keeps its tokens so far).
 
     JOB_ID: a full id or a unique prefix. A job already finished is printed as it
     is, with exit code 6.

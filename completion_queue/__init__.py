@@ -18,11 +18,15 @@ from completion_queue.celery_app import (
 )
 from completion_queue.constants import (
     DEFAULT_DATA_DIR,
+    EVENTS_MAXLEN,
+    EVENTS_PREFIX,
+    EVENTS_TTL_S,
     QUEUE_PREFIX,
     TASK_GENERATE,
     TINY_MODEL_NAME,
     WORKER_CONSUMING_LINE,
     WORKER_READY_LINE,
+    events_key,
     queue_name,
 )
 from completion_queue.errors import (
@@ -103,11 +107,15 @@ __all__ = [
     "ValidationError",
     # names
     "DEFAULT_DATA_DIR",
+    "EVENTS_MAXLEN",
+    "EVENTS_PREFIX",
+    "EVENTS_TTL_S",
     "QUEUE_PREFIX",
     "TASK_GENERATE",
     "TINY_MODEL_NAME",
     "WORKER_CONSUMING_LINE",
     "WORKER_READY_LINE",
+    "events_key",
     "queue_name",
     # the Celery app and its queues
     "broker_url_file",

@@ -39,3 +39,18 @@ def queue_name(model: str) -> str:
         return QUEUE_PREFIX + model
     digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{QUEUE_PREFIX}{safe}#{digest}"
+
+
+#: Prefix of each streamed job's Redis stream of text deltas (see :func:`events_key`).
+EVENTS_PREFIX = "cq.events."
+
+#: How long a job's event stream outlives its last write, in seconds.
+EVENTS_TTL_S = 3600
+
+#: Most entries kept in one job's event stream (approximate trim).
+EVENTS_MAXLEN = 100_000
+
+
+def events_key(job_id: object) -> str:
+    """Return the Redis stream that carries ``job_id``'s text deltas and its end."""
+    return f"{EVENTS_PREFIX}{job_id}"

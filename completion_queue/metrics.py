@@ -47,7 +47,11 @@ class Metrics:
             ["model", "status"], registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
-            "cq_queue_wait_seconds", "Seconds from submit to the start of the job's batch.",
+            "cq_request_queue_time_seconds", "Seconds from submit to the start of the job's batch.",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.first_token = Histogram(
+            "cq_time_to_first_token_seconds", "Seconds from submit to the job's first token.",
             ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.generation = Histogram(
@@ -86,6 +90,10 @@ class Metrics:
     def observe_started(self, *, model: str, queue_wait_s: float) -> None:
         """Record how long a job waited between submit and the start of its batch."""
         self.queue_wait.labels(model=model).observe(max(queue_wait_s, 0.0))
+
+    def observe_first_token(self, *, model: str, seconds: float) -> None:
+        """Record how long a job waited between submit and its first generated token."""
+        self.first_token.labels(model=model).observe(max(seconds, 0.0))
 
     def observe_finished(self, *, model: str, status: str, latency_s: float) -> None:
         """Count one finished job and record its end-to-end latency."""

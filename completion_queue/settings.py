@@ -51,6 +51,15 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(
         default=50, ge=0, le=60_000, description="Longest wait to fill a micro-batch."
     )
+    progress_interval_ms: int = Field(
+        default=500,
+        ge=0,
+        le=60_000,
+        description=(
+            "How often a running job's row shows its partial output, and a worker checks "
+            "for cancelled jobs (0: no partial output; cancels are still checked)."
+        ),
+    )
     max_prompt_chars: int = Field(default=32_000, ge=1, description="Longest accepted prompt.")
     max_new_tokens_limit: int = Field(default=1024, ge=1, description="Largest max_new_tokens.")
     max_n: int = Field(default=8, ge=1, description="Largest n (choices per job).")

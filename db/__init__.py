@@ -48,6 +48,8 @@ from db.models import (
     TenantRow,
     WebhookStatus,
 )
+from db.notify import NOTIFY_CHANNEL, JobNotice, parse_notice, unfinished_ids
+from db.progress import Progress, lost_jobs, write_progress
 from db.recovery import (
     Requeued,
     expire_batch_jobs,
@@ -114,6 +116,15 @@ __all__ = [
     "list_jobs",
     "prune_jobs",
     "withdraw_jobs",
+    # notifications (PostgreSQL)
+    "NOTIFY_CHANNEL",
+    "JobNotice",
+    "parse_notice",
+    "unfinished_ids",
+    # progress of running jobs
+    "Progress",
+    "lost_jobs",
+    "write_progress",
     # recovery (the reaper's transitions)
     "Requeued",
     "expire_batch_jobs",

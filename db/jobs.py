@@ -321,7 +321,10 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
     """Write the outcomes of one batch in one executemany; return how many rows changed.
 
     A row changes only if it is still running under the same attempt: a job that
-    was cancelled, or claimed again by a later delivery, keeps its state.
+    was cancelled, or claimed again by a later delivery, keeps its state. An
+    outcome of status cancelled (the worker stopped the job's rows when it saw the
+    cancel) records the tokens generated up to then, on a row still cancelled under
+    that attempt.
     """
     if not outcomes:
         return 0
@@ -331,7 +334,7 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
         .where(
             _TABLE.c.id == bindparam("b_id"),
             _TABLE.c.attempts == bindparam("b_attempt"),
-            _TABLE.c.status == JobStatus.RUNNING,
+            _TABLE.c.status == bindparam("b_from"),
         )
         .values(
             status=bindparam("b_status"),
@@ -350,6 +353,7 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
                 "b_id": o.job_id,
                 "b_attempt": o.attempt,
                 "b_status": o.status,
+                "b_from": o.status if o.status is JobStatus.CANCELLED else JobStatus.RUNNING,
                 "b_choices": [c.to_dict() for c in o.choices] if o.choices else None,
                 "b_prompt_tokens": o.prompt_tokens,
                 "b_truncated_prompt_tokens": o.truncated_prompt_tokens,
@@ -365,8 +369,9 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
 def cancel_job(session: Session, *, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
     """Cancel a queued or running job; return its row, or None if there is no such id.
 
-    A queued job will never run; a running one keeps running but its result is
-    discarded, because :func:`finish_jobs` only writes rows that are running.
+    A queued job will never run; a running one is stopped by its worker at its next
+    progress check, which records the tokens generated up to then (fenced on the
+    cancelled status: :func:`finish_jobs` never writes a result over a cancel).
     """
     cancel_jobs(session, job_ids=[job_id], tenant=tenant)
     return get_job(session, job_id=job_id, tenant=tenant)

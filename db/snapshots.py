@@ -35,7 +35,8 @@ class Choice:
     """One generated completion of a job."""
 
     text: str
-    finish_reason: str
+    #: ``stop``, ``length`` or ``cancelled``; None while the job runs (partial output).
+    finish_reason: str | None
     completion_tokens: int
     #: Per generated token, when the job asked for logprobs: OpenAI's chat shape,
     #: ``{"token", "bytes", "logprob", "top_logprobs": [{"token", "bytes", "logprob"}]}``.

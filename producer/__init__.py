@@ -10,6 +10,7 @@ from completion_queue import (
 from db import Choice, Job, JobStatus
 from producer.client import CompletionClient
 from producer.schema import MAX_LOGPROBS, CompletionRequest, Limits, validate_request
+from producer.stream import Delta, Finished, StreamEvent, follow, follow_async
 
 __all__ = [
     # client
@@ -18,6 +19,12 @@ __all__ = [
     "Choice",
     "Job",
     "JobStatus",
+    # reading jobs as they generate
+    "Delta",
+    "Finished",
+    "StreamEvent",
+    "follow",
+    "follow_async",
     # requests
     "MAX_LOGPROBS",
     "CompletionRequest",

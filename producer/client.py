@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import copy
-import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, overload
@@ -19,7 +17,6 @@ from completion_queue import (
     BrokerUnavailable,
     IdempotencyConflict,
     JobNotFound,
-    JobTimeout,
     Settings,
     ValidationError,
     create_app,
@@ -33,11 +30,9 @@ from db import (
     NewJob,
     Tenant,
     cancel_job,
-    count_unfinished,
     create_jobs,
     error_dict,
     get_job,
-    get_jobs,
     list_jobs,
     make_engine,
     make_session_factory,
@@ -46,11 +41,8 @@ from db import (
 from producer.quotas import check_quotas
 from producer.schema import CompletionRequest, Limits, validate_request
 from producer.stats import broker_client
-
-#: Polling backoff for wait(): first interval, growth factor, longest interval.
-POLL_FIRST_S, POLL_FACTOR, POLL_MAX_S = 0.02, 1.5, 0.5
-#: Job ids per query when many are read at once.
-CHUNK = 500
+from producer.stream import follow, text_of
+from producer.waits import WAITS_LOCK, Waits
 
 JobRef = uuid.UUID | str | Job
 Progress = Callable[[int, int], None]
@@ -238,6 +230,14 @@ class CompletionClient:
             raise JobNotFound(f"no job with id {job_id}")
         return job
 
+    def stream(self, job_id: JobRef, idle_timeout: float | None = None) -> Iterator[str]:
+        """Yield the job's first choice as it generates, until its row is finished (:meth:`get`).
+
+        Every step of a job submitted with ``stream=True``, every progress refresh of others;
+        :func:`producer.follow` gives all choices. Raises as :func:`producer.follow` does.
+        """
+        return text_of(follow(self, [_job_id(job_id)], idle_timeout_s=idle_timeout))
+
     @overload
     def wait(  # type: ignore[overload-overlap]
         self, job_ids: JobRef, timeout: float = ..., on_progress: Progress | None = ...
@@ -256,9 +256,11 @@ class CompletionClient:
         timeout: float = 60.0,
         on_progress: Progress | None = None,
     ) -> Job | builtins.list[Job]:
-        """Poll until the jobs are finished; return them (in the order given).
+        """Wait until the jobs are finished; return them (in the order given).
 
-        ``on_progress(finished, total)`` is called after every poll.
+        On PostgreSQL it listens for the jobs' notifications (``LISTEN cq_jobs``, one
+        connection per client); elsewhere it polls with a backoff (see :mod:`producer.waits`).
+        ``on_progress(finished, total)`` is called whenever that count may have changed.
 
         Raises:
             JobTimeout: some job is still queued or running after ``timeout`` seconds.
@@ -269,61 +271,27 @@ class CompletionClient:
             ids = [_job_id(job_ids)]
         else:
             ids = [_job_id(ref) for ref in job_ids]
-        deadline = time.monotonic() + timeout
-        interval = POLL_FIRST_S
-        while True:
-            unfinished = self._unfinished(ids)
-            if on_progress is not None:
-                on_progress(len(ids) - unfinished, len(ids))
-            if unfinished == 0:
-                break
-            time.sleep(self._next_poll(interval, deadline, unfinished, len(ids), timeout))
-            interval = min(interval * POLL_FACTOR, POLL_MAX_S)
-        ordered = self._collect(ids)
+        ordered = self._waits().wait(
+            ids, tenant=self.tenant, timeout=timeout, on_progress=on_progress
+        )
         return ordered[0] if single else ordered
 
     async def wait_async(
         self, job_ids: Iterable[JobRef], timeout: float = 60.0
     ) -> builtins.list[Job]:
-        """:meth:`wait` for asyncio code: no thread is held while it sleeps between polls."""
+        """:meth:`wait` for asyncio code: no thread is held while it waits."""
         ids = [_job_id(ref) for ref in job_ids]
-        deadline = time.monotonic() + timeout
-        interval = POLL_FIRST_S
-        while unfinished := await asyncio.to_thread(self._unfinished, ids):
-            await asyncio.sleep(self._next_poll(interval, deadline, unfinished, len(ids), timeout))
-            interval = min(interval * POLL_FACTOR, POLL_MAX_S)
-        return await asyncio.to_thread(self._collect, ids)
+        return await self._waits().wait_async(ids, tenant=self.tenant, timeout=timeout)
 
-    @staticmethod
-    def _next_poll(
-        interval: float, deadline: float, unfinished: int, total: int, timeout: float
-    ) -> float:
-        """How long to sleep before the next poll; :class:`JobTimeout` past the deadline."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise JobTimeout(
-                f"{unfinished} of {total} job(s) still queued or running after {timeout}s"
-            )
-        return min(interval, remaining)
+    #: How this client waits, made by its first wait and shared with its tenant views.
+    _shared_waits: Waits | None = None
 
-    def _unfinished(self, ids: Sequence[uuid.UUID]) -> int:
-        """How many of ``ids`` are still queued or running (in chunks of ``CHUNK``)."""
-        with self._sessions() as session:
-            return sum(
-                count_unfinished(session, job_ids=ids[i : i + CHUNK], tenant=self.tenant)
-                for i in range(0, len(ids), CHUNK)
-            )
-
-    def _collect(self, ids: Sequence[uuid.UUID]) -> builtins.list[Job]:
-        """The jobs ``ids``, in that order; :class:`JobNotFound` names any missing."""
-        jobs: dict[uuid.UUID, Job] = {}
-        with self._sessions() as session:
-            for i in range(0, len(ids), CHUNK):
-                jobs.update(get_jobs(session, job_ids=ids[i : i + CHUNK], tenant=self.tenant))
-        missing = [str(i) for i in ids if i not in jobs]
-        if missing:
-            raise JobNotFound(f"no job with id {', '.join(missing[:5])}")
-        return [jobs[i] for i in ids]
+    def _waits(self) -> Waits:
+        owner = self._owner or self
+        with WAITS_LOCK:
+            if owner._shared_waits is None:
+                owner._shared_waits = Waits(owner._engine, owner._sessions)
+            return owner._shared_waits
 
     def cancel(self, job_id: JobRef) -> Job:
         """Cancel a queued or running job; a finished one is returned unchanged."""
@@ -374,6 +342,8 @@ class CompletionClient:
         """Release database and broker connections (a tenant's view leaves them open)."""
         if self._owner is not None:
             return
+        if self._shared_waits is not None:
+            self._shared_waits.close()
         self._engine.dispose()
         if self._app is not None:
             self._app.close()

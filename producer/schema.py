@@ -77,6 +77,8 @@ class CompletionRequest(BaseModel):
     #: Alternatives to record per generated token besides the chosen one; None: no logprobs.
     logprobs: int | None = Field(default=None, strict=True, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
+    #: Publish each decoding step's text to the job's event stream (``cq.events.<id>``).
+    stream: bool = Field(default=False, strict=True)
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -142,7 +144,7 @@ class CompletionRequest(BaseModel):
     def params(self) -> dict[str, Any]:
         """Return the generation parameters stored in ``jobs.params``.
 
-        ``truncate``, ``logprobs`` and ``response_format`` are stored only when
+        ``truncate``, ``logprobs``, ``response_format`` and ``stream`` are stored only when
         set, so a job stored before they existed still equals its idempotent resubmit.
         """
         params = self.model_dump(
@@ -157,6 +159,8 @@ class CompletionRequest(BaseModel):
             params["logprobs"] = self.logprobs
         if self.response_format is not None:
             params["response_format"] = self.response_format
+        if self.stream:
+            params["stream"] = True
         return params
 
     def stored_messages(self) -> list[dict[str, str]] | None:

@@ -15,6 +15,11 @@ process, so every job means the same under either engine. Stop sequences are cut
 the text afterwards, and EOS ends a row, as in the static engine. A job still
 generating ``CQ_JOB_TIMEOUT_S`` after its rows were added is cancelled in the
 manager and fails with ``GenerationTimeout``, as in the static engine.
+
+With a :class:`~workers.progress.Watch` (progress in the rows, streamed jobs,
+cancels), rows are added in the manager's streaming mode, so each step's tokens
+reach the watch; a cancelled job's rows are cancelled in the manager, which frees
+their slots for the next rows at once.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 from completion_queue import FatalModelError, GenerationTimeout, ModelError
 from workers.model import ModelRuntime
 from workers.planner import GenerationRequest, GenerationResult
+from workers.progress import Watch
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +89,11 @@ class ContinuousRuntime:
                                          temperature=0.0)])  # fmt: skip
 
     def generate(
-        self, requests: Sequence[GenerationRequest], *, timeout_s: float | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        timeout_s: float | None = None,
+        watch: Watch | None = None,
     ) -> list[GenerationResult | Exception]:
         """Run ``requests``; plain greedy ones through the manager, the rest statically.
 
@@ -94,17 +104,19 @@ class ContinuousRuntime:
         other = [r for r in requests if not continuous_row(r)]
         results: dict[str, GenerationResult | Exception] = {}
         if other:
-            static = self.static.generate(other, timeout_s=timeout_s)
+            static = self.static.generate(other, timeout_s=timeout_s, watch=watch)
             results.update(zip((r.key for r in other), static, strict=True))
         if greedy:
-            results.update(self._continuous(greedy, timeout_s))
+            results.update(self._continuous(greedy, timeout_s, watch))
         return [results[r.key] for r in requests]
 
     def _continuous(
-        self, requests: Sequence[GenerationRequest], timeout_s: float | None
+        self, requests: Sequence[GenerationRequest], timeout_s: float | None, watch: Watch | None
     ) -> dict[str, GenerationResult | Exception]:
         started = time.monotonic()
+        view = watch.follow(requests) if watch is not None else None
         ids: dict[str, tuple[GenerationRequest, int]] = {}
+        rows: dict[str, int] = {}
         for request in requests:
             for choice in range(request.n):
                 self._counter += 1
@@ -113,8 +125,11 @@ class ContinuousRuntime:
                     list(request.prompt_ids),
                     request_id=request_id,
                     max_new_tokens=request.max_new_tokens,
+                    streaming=view is not None,
                 )
+                rows[request_id] = len(ids)
                 ids[request_id] = (request, choice)
+        index_ids = list(ids)
         tokens: dict[str, list[int]] = {}
         stalled_at = started + RESULT_TIMEOUT_S
         job_deadline = started + timeout_s if timeout_s is not None else math.inf
@@ -123,6 +138,16 @@ class ContinuousRuntime:
                 break
             wait_s = min(1.0, max(0.01, job_deadline - time.monotonic()))
             output: Any = self.manager.get_result(timeout=wait_s)
+            if view is not None:
+                if output is not None and output.request_id in rows:
+                    view.set(rows[output.request_id], list(output.generated_tokens))
+                else:
+                    view.watch.tick()
+                for index in view.to_stop():
+                    # A cancelled job: its slot goes to the next row at once.
+                    request_id = index_ids[index]
+                    self.manager.cancel_request(request_id)
+                    tokens[request_id] = list(view.rows[index].tokens)
             if output is None:
                 if not self.manager.is_running():
                     raise FatalModelError("the continuous batching manager stopped")
@@ -134,6 +159,8 @@ class ContinuousRuntime:
             if output.error:
                 raise ModelError(f"continuous batching failed: {output.error}")
             tokens[output.request_id] = list(output.generated_tokens)
+            if view is not None:
+                view.rows[rows[output.request_id]].done = True
         unfinished = ids.keys() - tokens.keys()
         for request_id in unfinished:
             # Free its slot; a result it still delivers has an id no later call waits for.
@@ -142,7 +169,10 @@ class ContinuousRuntime:
         choices: dict[str, list[Any]] = {r.key: [None] * r.n for r in requests}
         for request_id, (request, choice) in ids.items():
             if request.key not in late:
-                choices[request.key][choice] = self.static.choice(request, tokens[request_id])
+                cancelled_at = view.cancelled_at(rows[request_id]) if view is not None else None
+                choices[request.key][choice] = self.static.choice(
+                    request, tokens[request_id], cancelled_at=cancelled_at
+                )
         return {
             r.key: GenerationTimeout(
                 f"generation exceeded the job time limit of {timeout_s:g}s (CQ_JOB_TIMEOUT_S)"

@@ -116,6 +116,10 @@ class JobEvents(BatchListener):
                         {"uuid": str(outcome.job_id), "result": result, "runtime": generation_s},
                     )
                 )
+            elif outcome.status is JobStatus.CANCELLED:
+                # Cancelled while it ran: its rows stopped, the tokens kept are in its row.
+                revoked = {"uuid": str(outcome.job_id), "terminated": True, "expired": False}
+                events.append(("task-revoked", revoked))
             else:
                 error = outcome.error or {}
                 events.append(

@@ -9,7 +9,7 @@ and go on.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from db import Job, Outcome
@@ -28,3 +28,6 @@ class BatchListener:
         self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
     ) -> None:
         """The outcomes of ``jobs`` are committed; generating them took ``generation_s``."""
+
+    def first_tokens(self, jobs: Sequence[Job], times: Mapping[str, float]) -> None:
+        """The ``jobs`` got their first tokens at ``times`` (epoch seconds, by job id)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from completion_queue import Metrics
 from db import Job, Outcome, utcnow
@@ -11,7 +11,7 @@ from workers.listeners import BatchListener
 
 
 class WorkerMetrics(BatchListener):
-    """Observes every batch a worker runs: queue wait, generation, latency, tokens."""
+    """Observes every batch a worker runs: queue time, first token, generation, latency, tokens."""
 
     def __init__(self, metrics: Metrics, *, model: str) -> None:
         self.metrics = metrics
@@ -23,6 +23,14 @@ class WorkerMetrics(BatchListener):
             if job.started_at is not None:
                 wait_s = (job.started_at - job.created_at).total_seconds()
                 self.metrics.observe_started(model=self.model, queue_wait_s=wait_s)
+
+    def first_tokens(self, jobs: Sequence[Job], times: Mapping[str, float]) -> None:
+        """Record each job's time to first token, from its submit."""
+        for job in jobs:
+            at = times.get(str(job.id))
+            if at is not None:
+                seconds = at - job.created_at.timestamp()
+                self.metrics.observe_first_token(model=self.model, seconds=seconds)
 
     def finished(
         self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float

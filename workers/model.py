@@ -35,6 +35,7 @@ from db import Choice
 from workers.grammar import ConstrainedRows, Grammars
 from workers.logprobs import LogprobRecorder, RowLogprobs, TokenSpeller, stored_logprobs
 from workers.planner import GenerationRequest, GenerationResult, cut_at_stop
+from workers.progress import Watch
 from workers.rows import RowSampler, RowStops
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,18 @@ class ModelRuntime:
         """Nothing runs in the background; the model is freed with the process."""
 
     def generate(
-        self, requests: Sequence[GenerationRequest], *, timeout_s: float | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        timeout_s: float | None = None,
+        watch: Watch | None = None,
     ) -> list[GenerationResult | Exception]:
         """Run ``requests`` in one left-padded ``generate`` call; results in the same order.
 
         A request still generating ``timeout_s`` seconds after the call began gets a
         :class:`GenerationTimeout` in place of its result; the others keep theirs.
+        ``watch`` sees every step's tokens (progress, streams) and stops the rows of
+        cancelled jobs; their choices end ``cancelled``.
 
         Raises:
             OutOfMemory: the accelerator ran out of memory (a smaller batch may fit).
@@ -160,7 +167,9 @@ class ModelRuntime:
             # A response format that does not compile fails its job alone.
             kept = iter(
                 self.generate(
-                    [r for i, r in enumerate(requests) if i not in refused], timeout_s=timeout_s
+                    [r for i, r in enumerate(requests) if i not in refused],
+                    timeout_s=timeout_s,
+                    watch=watch,
                 )
             )
             return [refused[i] if i in refused else next(kept) for i in range(len(requests))]
@@ -200,9 +209,10 @@ class ModelRuntime:
         if not all(r.plain_greedy for r in rows):
             generators = [self._generator(r.seed, c) for r in requests for c in range(r.n)]
             processors.append(RowSampler(rows, generators, starts.to(self.device), self.device))
-        stops = RowStops(rows, prompt_len, self.tokenizer, self.device, deadline)
+        view = watch.follow(requests) if watch is not None else None
+        stops = RowStops(rows, prompt_len, self.tokenizer, self.device, deadline, view)
         criteria = StoppingCriteriaList()
-        if deadline is not None or any(r.stop or r.max_new_tokens != max_new for r in rows):
+        if view or deadline is not None or any(r.stop or r.max_new_tokens != max_new for r in rows):
             criteria.append(stops)
         try:
             with torch.inference_mode():
@@ -224,8 +234,8 @@ class ModelRuntime:
         generated = output[:, prompt_len:].tolist()
         records = recorder.finish(output) if recorder is not None else [None] * len(rows)
         choices = [
-            self.choice(row, tokens, record)
-            for row, tokens, record in zip(rows, generated, records, strict=True)
+            self.choice(row, tokens, record, view.cancelled_at(i) if view else None)
+            for i, (row, tokens, record) in enumerate(zip(rows, generated, records, strict=True))
         ]
         results: list[GenerationResult | Exception] = []
         offset = 0
@@ -286,15 +296,24 @@ class ModelRuntime:
         return generator
 
     def choice(
-        self, row: GenerationRequest, tokens: list[int], record: RowLogprobs | None = None
+        self,
+        row: GenerationRequest,
+        tokens: list[int],
+        record: RowLogprobs | None = None,
+        cancelled_at: int | None = None,
     ) -> Choice:
         """Turn a row's generated tokens into a choice: cut at EOS, budget and stops.
 
         ``record`` is the row's logprobs as recorded in ``generate``; the choice keeps
-        one entry per kept token.
+        one entry per kept token. A row a cancel stopped keeps its first
+        ``cancelled_at`` tokens and ends ``cancelled`` (unless it had ended before).
         """
         tokens = tokens[: row.max_new_tokens]
         finish = "length"
+        if cancelled_at is not None and cancelled_at < len(tokens):
+            tokens, finish = tokens[:cancelled_at], "cancelled"
+        elif cancelled_at is not None and cancelled_at < row.max_new_tokens:
+            finish = "cancelled"
         ends = {*self.eos_ids, self.pad_id}
         for i, token in enumerate(tokens):
             if token in ends:

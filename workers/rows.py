@@ -18,6 +18,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from workers.planner import GenerationRequest
+from workers.progress import RowView
 
 
 class RowSampler(LogitsProcessor):  # type: ignore[misc]
@@ -96,6 +97,8 @@ class RowStops(StoppingCriteria):  # type: ignore[misc]
     The deadline (``time.monotonic()`` seconds) is checked between decoding steps,
     so a job that outlasts its time limit ends within one step and the worker
     goes on serving; :attr:`timed_out` tells the caller which call it cut short.
+    A ``view`` is handed every step's new tokens, and names the rows of cancelled
+    jobs, which stop here.
     """
 
     def __init__(
@@ -105,8 +108,10 @@ class RowStops(StoppingCriteria):  # type: ignore[misc]
         tokenizer: Any,
         device: torch.device,
         deadline: float | None = None,
+        view: RowView | None = None,
     ) -> None:
         self.deadline = deadline
+        self.view = view
         self.timed_out = False
         self.prompt_len = prompt_len
         self.budgets = torch.tensor([r.max_new_tokens for r in rows], device=device)
@@ -125,6 +130,11 @@ class RowStops(StoppingCriteria):  # type: ignore[misc]
             self.timed_out = True
             return torch.ones_like(self.budgets, dtype=torch.bool)  # type: ignore[return-value]
         done = self.budgets <= generated
+        if self.view is not None:
+            cancelled = self.view.step(input_ids[:, -1].tolist())
+            if cancelled:
+                self.budgets[cancelled] = 0  # and every later step
+                done[cancelled] = True
         if self.stop_rows:
             start = max(self.prompt_len, input_ids.shape[1] - self.window)
             tails = input_ids[self.stop_rows, start:].tolist()

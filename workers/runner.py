@@ -36,15 +36,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_before_delay,
-    wait_exponential,
-)
 
 from completion_queue import (
     AttemptsExceeded,
@@ -54,7 +46,6 @@ from completion_queue import (
     OutOfMemory,
     WrongModel,
     queue_name,
-    redact_url,
 )
 from db import (
     Job,
@@ -68,7 +59,9 @@ from db import (
 )
 from workers.listeners import BatchListener
 from workers.planner import GenerationRequest, GenerationResult, fit_context, plan_groups
+from workers.progress import ProgressWriter, Watch
 from workers.prompts import render_chat, to_request
+from workers.retry import retry_database
 
 log = logging.getLogger(__name__)
 
@@ -82,39 +75,6 @@ T = TypeVar("T")
 #: must not take its batch-mates to ``CQ_MAX_ATTEMPTS`` with it.
 SUSPECT_AFTER_ATTEMPTS = 2
 
-#: Backoff between database retries: first delay and longest delay, in seconds.
-DB_RETRY_FIRST_S, DB_RETRY_MAX_S = 0.1, 5.0
-
-
-def database_unreachable(exc: BaseException) -> bool:
-    """True for errors that mean "try the database again later", not "this write is wrong"."""
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    message = str(exc).splitlines()[0] if str(exc) else repr(exc)
-    delay = state.next_action.sleep if state.next_action else 0.0
-    log.warning("database unavailable (%s); retrying in %.1fs", redact_url(message), delay)
-
-
-def retry_database(work: Callable[[], T], *, within_s: float) -> T:
-    """Run ``work`` (one transaction), retrying with doubling backoff while the database is away.
-
-    Only errors that mean "try again later" (:func:`database_unreachable`) are
-    retried, and none is begun past ``within_s`` seconds; then the last one is raised.
-    """
-    retrying = Retrying(
-        retry=retry_if_exception(database_unreachable),
-        stop=stop_before_delay(within_s),
-        wait=wait_exponential(multiplier=DB_RETRY_FIRST_S, max=DB_RETRY_MAX_S),
-        before_sleep=_log_retry,
-        reraise=True,
-    )
-    return retrying(work)
-
 
 class Engine(Protocol):
     """What runs generation: the static :class:`ModelRuntime` or the continuous engine."""
@@ -127,9 +87,16 @@ class Engine(Protocol):
         """Return the token ids of each prompt."""
 
     def generate(
-        self, requests: Sequence[GenerationRequest], *, timeout_s: float | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        timeout_s: float | None = None,
+        watch: Watch | None = None,
     ) -> list[GenerationResult | Exception]:
-        """Return one result per request, in order (an exception for a job past timeout_s)."""
+        """Return one result per request, in order (an exception for a job past timeout_s).
+
+        ``watch`` follows the rows' tokens and stops those of jobs cancelled meanwhile.
+        """
 
     def close(self) -> None:
         """Stop any background work (the worker process is shutting down)."""
@@ -150,9 +117,11 @@ class BatchRunner:
         db_retry_s: float = 0.0,
         model: str | None = None,
         forward: Callable[[Sequence[Job]], object] | None = None,
+        progress: ProgressWriter | None = None,
     ) -> None:
         """``model`` is the model served (None: whatever a job asks for, in unit tests);
-        ``forward`` sends jobs for other models to their own queues."""
+        ``forward`` sends jobs for other models to their own queues; ``progress``
+        shows running jobs' output in their rows and stops cancelled ones."""
         self.runtime = runtime
         self.sessions = sessions
         self.max_rows = max_rows
@@ -162,6 +131,7 @@ class BatchRunner:
         self.db_retry_s = db_retry_s
         self.model = model
         self.forward = forward
+        self.progress = progress
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
@@ -329,26 +299,31 @@ class BatchRunner:
     def _generate(self, group: list[GenerationRequest], claimed: list[Job]) -> list[Outcome]:
         attempts = {str(job.id): job.attempts for job in claimed}
         live = [request for request in group if request.key in attempts]
+        watch = self.progress.watch(claimed) if self.progress is not None and live else None
         outcomes = []
-        for request, result in self.generate_group(live):
+        for request, result in self.generate_group(live, watch):
             job_id, attempt = uuid.UUID(request.key), attempts[request.key]
             if isinstance(result, Exception):
                 outcomes.append(self._failed(job_id, attempt, result, len(request.prompt_ids)))
             else:
+                # A job cancelled while it ran keeps what it generated up to the cancel.
+                stopped = watch is not None and request.key in watch.stopped
                 outcomes.append(
                     Outcome(
                         job_id=job_id,
                         attempt=attempt,
-                        status=JobStatus.SUCCEEDED,
+                        status=JobStatus.CANCELLED if stopped else JobStatus.SUCCEEDED,
                         choices=result.choices,
                         prompt_tokens=result.prompt_tokens,
                         truncated_prompt_tokens=request.truncated_prompt_tokens or None,
                     )
                 )
+        if watch is not None:
+            self._tell("first_tokens", claimed, watch.first_token_at)
         return outcomes
 
     def generate_group(
-        self, group: list[GenerationRequest]
+        self, group: list[GenerationRequest], watch: Watch | None = None
     ) -> list[tuple[GenerationRequest, GenerationResult | Exception]]:
         """Generate ``group``; each request gets its result, or the error that fails it alone.
 
@@ -359,7 +334,7 @@ class BatchRunner:
         if not group:
             return []
         try:
-            results = self.runtime.generate(group, timeout_s=self.job_timeout_s)
+            results = self.runtime.generate(group, timeout_s=self.job_timeout_s, watch=watch)
             return list(zip(group, results, strict=True))
         except FatalModelError:
             raise
@@ -371,10 +346,12 @@ class BatchRunner:
                 # A smaller batch may fit: halve it, down to single jobs, before anyone fails.
                 half = len(group) // 2
                 log.warning("group of %d ran out of memory; retrying it in halves", len(group))
-                return self.generate_group(group[:half]) + self.generate_group(group[half:])
+                return self.generate_group(group[:half], watch) + self.generate_group(
+                    group[half:], watch
+                )
             # One bad job must not fail its batch-mates: find it by running them alone.
             log.warning("group of %d failed (%s); retrying its jobs one by one", len(group), exc)
-            return [pair for request in group for pair in self.generate_group([request])]
+            return [pair for request in group for pair in self.generate_group([request], watch)]
 
     @staticmethod
     def _failed(

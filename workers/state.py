@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import redis
@@ -36,6 +37,7 @@ from db import Job, JobStatus, Outcome, make_engine, make_session_factory
 from workers.events import JobEvents
 from workers.listeners import BatchListener
 from workers.metrics import WorkerMetrics
+from workers.progress import ProgressWriter
 from workers.runner import BatchRunner, Engine
 from workers.tiny import ensure_tiny_model
 
@@ -173,17 +175,25 @@ class WorkerState:
             # The manager schedules rows itself: hand it the whole flush.
             max_rows = settings.batch_size * settings.batch_lookahead
         self.engine = engine
-        database = make_engine(settings.resolved_database_url())
+        sessions = make_session_factory(make_engine(settings.resolved_database_url()))
+        progress = ProgressWriter(
+            sessions,
+            decode=partial(runtime.tokenizer.decode, skip_special_tokens=True),
+            ends=[*runtime.eos_ids, runtime.pad_id],
+            interval_ms=settings.progress_interval_ms,
+            broker_url=self.broker_url,
+        )
         self.runner = BatchRunner(
             engine,
-            make_session_factory(database),
+            sessions,
             max_rows=max_rows,
-            listeners=self.listeners,
+            listeners=[*self.listeners, progress],
             job_timeout_s=settings.job_timeout_s,
             max_attempts=settings.max_attempts,
             db_retry_s=settings.db_retry_s,
             model=settings.model,
             forward=self._forward,
+            progress=progress,
         )
         self._start_metrics(runtime)
         log.info(

@@ -121,7 +121,7 @@ def retrieve_batch(batch_id: str, caller: CallerDep) -> dict[str, Any]:
 
 @router.post("/batches/{batch_id}/cancel")
 def cancel_batch(batch_id: str, caller: CallerDep) -> dict[str, Any]:
-    """Cancel a batch's unfinished jobs (running ones' results are discarded)."""
+    """Cancel a batch's unfinished jobs (running ones stop and keep their tokens so far)."""
     sessions = caller.client.sessions
     batch = batch_or_404(sessions, batch_id, tenant=caller.name)
     view = batch_view(sessions, batch)

@@ -1,4 +1,5 @@
-"""Native async jobs over HTTP: submit one or many, read, list page by page, cancel."""
+"""Native async jobs over HTTP: submit one or many, read, follow as they generate, list page by
+page, cancel."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from api.errors import APIError, not_found
 from api.requests import read_json
 from api.state import CallerDep, State
+from api.streaming import EventStream, job_events
 from api.views import ErrorInfo, job_view
 from completion_queue import ValidationError
 from db import Job, JobStatus
@@ -96,6 +98,21 @@ async def submit_jobs(
 def get_job(job_id: str, caller: CallerDep) -> dict[str, Any]:
     """One job: status, choices, usage, error, timings and webhook delivery."""
     return job_view(caller.client.get(job_id_or_404(job_id)))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventStream,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+)
+async def job_events_stream(job_id: str, caller: CallerDep) -> EventStream:
+    """Server-Sent Events of one job: ``delta`` (``{"choice", "text"}``) as it generates
+    (everything so far first), then ``end`` with the job as ``GET /v1/jobs/{id}`` shows it.
+
+    Every step of a job submitted with ``stream: true``; every progress refresh of others.
+    """
+    job = await run_in_threadpool(caller.client.get, job_id_or_404(job_id))
+    return EventStream(job_events(caller.client, job.id))
 
 
 def encode_cursor(job: Job) -> str:

@@ -12,6 +12,8 @@ process starts. Production code knows nothing of it. Keys:
   as CUDA does when a batch does not fit.
 - ``slow``: a string; a batch holding a prompt that contains it sleeps ``slow_s``
   seconds before generating (a long generation on a big model).
+- ``crawl_s``: every forward pass of the model sleeps this long (a big model's
+  decoding step), under either engine: a long job for tests of progress and cancel.
 - ``hold_restore_mutex``: the worker's main process, at its first restore sweep,
   takes kombu's ``unacked_mutex`` as a sweep does, logs ``cq test: holding
   unacked_mutex`` and stalls there, so a test can kill it mid-sweep.
@@ -54,6 +56,21 @@ def _install(**_: Any) -> None:
         return original(self, **kwargs)
 
     ModelRuntime._run_model = faulty  # type: ignore[method-assign]
+    crawl_s = float(_FAULTS.get("crawl_s", 0))
+    if crawl_s:
+        loaded = ModelRuntime.__init__
+
+        def load_then_crawl(self: ModelRuntime, *args: Any, **kwargs: Any) -> None:
+            loaded(self, *args, **kwargs)
+            forward = self.model.forward
+
+            def crawling(*args: Any, **kwargs: Any) -> Any:
+                time.sleep(crawl_s)
+                return forward(*args, **kwargs)
+
+            self.model.forward = crawling
+
+        ModelRuntime.__init__ = load_then_crawl  # type: ignore[method-assign]
 
 
 def _hold_restore_mutex() -> None:

@@ -332,10 +332,10 @@ def test_openai_completions_equal_direct_generate(
 
 def test_openai_unsupported_and_invalid_parameters(api: Api, client: object) -> None:
     oai = api.openai()
-    with pytest.raises(openai.BadRequestError) as stream:
-        oai.completions.create(model=api.model, prompt="hi", stream=True)
-    assert stream.value.body["param"] == "stream"  # type: ignore[index]
-    assert "stream is not supported" in stream.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as echo:
+        oai.completions.create(model=api.model, prompt="hi", echo=True)
+    assert echo.value.body["param"] == "echo"  # type: ignore[index]
+    assert "echo is not supported" in echo.value.body["message"]  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as logprobs:
         oai.completions.create(model=api.model, prompt="hi", logprobs=21)
     assert logprobs.value.body["param"] == "logprobs"  # type: ignore[index]

@@ -204,7 +204,7 @@ def test_worker_serves_prometheus_metrics(stack: Stack, client: CompletionClient
     assert status == 200
     after = samples(body.decode())
     assert succeeded(after) - succeeded(before) == 8
-    for histogram in ("cq_generation_seconds", "cq_job_latency_seconds", "cq_queue_wait_seconds",
+    for histogram in ("cq_generation_seconds", "cq_job_latency_seconds", "cq_request_queue_time_seconds",
                       "cq_batch_size"):  # fmt: skip
         assert any(labels.get("le") == "+Inf" for labels, _ in after[histogram + "_bucket"])
         assert after[histogram + "_count"][0][1] > 0

@@ -106,7 +106,7 @@ def test_metrics_use_prometheus_names_in_their_own_registry() -> None:
     assert found[("cq_jobs_total", (("model", "m"), ("status", "failed")))] == 1
     assert found[("cq_generation_seconds_bucket", (("le", "0.25"), ("model", "m")))] == 1
     assert found[("cq_job_latency_seconds_count", (("model", "m"),))] == 2
-    assert found[("cq_queue_wait_seconds_sum", (("model", "m"),))] == pytest.approx(0.2)
+    assert found[("cq_request_queue_time_seconds_sum", (("model", "m"),))] == pytest.approx(0.2)
     assert found[("cq_batch_size_bucket", (("le", "2.0"), ("model", "m")))] == 1
     assert found[("cq_tokens_per_second", (("model", "m"),))] == 40
     assert found[("cq_completion_tokens_total", (("model", "m"),))] == 10

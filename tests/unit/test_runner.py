@@ -24,7 +24,8 @@ from db import (
 )
 from tests.factories import make_job
 from workers.planner import GenerationRequest, GenerationResult
-from workers.runner import BatchRunner, retry_database
+from workers.retry import retry_database
+from workers.runner import BatchRunner
 
 
 class FittingRuntime:

@@ -1,0 +1,216 @@
+"""Server-Sent Events: OpenAI's streamed completions, and a native job's deltas and end.
+
+Text comes from :func:`producer.follow_async`: each job's Redis stream, and its
+row, which stays the truth at the end. A streamed ``/v1/*completions`` call
+answers OpenAI's chunks (``text_completion`` or ``chat.completion.chunk``), then
+``data: [DONE]``; a job that fails ends the stream with ``data: {"error": ...}``
+in OpenAI's error shape, then ``[DONE]``. A client that goes away before the end
+cancels the call's jobs, as vLLM aborts its requests; so does a call whose jobs
+show no new text for ``CQ_API_WAIT_TIMEOUT_S``. ``GET /v1/jobs/{id}/events``
+only reads: ``event: delta`` per new text, then ``event: end`` with the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import format_sse_event
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from api.errors import completion_error_info
+from api.openai import submit_completions
+from api.state import APIState, Caller
+from api.views import ErrorInfo, job_failure, job_view, system_fingerprint, usage
+from completion_queue import CompletionError, JobTimeout
+from db import Job
+from producer import CompletionClient, Delta, Finished, follow_async
+
+log = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One Server-Sent Event holding ``data`` as compact JSON."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return format_sse_event(data_str=text, event=event)
+
+
+class EventStream(StreamingResponse):
+    """A ``text/event-stream`` response that runs ``on_close`` however it ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        on_close: Callable[[], Awaitable[None]] | None = None,
+        status_code: int = 200,
+    ) -> None:
+        # No caching, and no buffering by a proxy (nginx): each event goes out as it comes.
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, status_code=status_code, headers=headers)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                # Runs even when the client went away and the stream was cancelled.
+                with anyio.CancelScope(shield=True):
+                    await self.on_close()
+
+
+@dataclass
+class StreamedCall:
+    """The jobs of one streamed call, and what it holds until it ends."""
+
+    client: CompletionClient
+    jobs: list[Job]
+    #: Gives back the tenant's wait slot (``CQ_API_MAX_WAITS_PER_TENANT``).
+    release: Callable[[], None]
+    idle_timeout_s: float
+    finished: set[uuid.UUID] = field(default_factory=set)
+
+    async def close(self) -> None:
+        """Give back the wait slot; cancel the jobs the stream did not see finished."""
+        self.release()
+        for job in self.jobs:
+            if job.id in self.finished:
+                continue
+            try:
+                await run_in_threadpool(self.client.cancel, job.id)
+            except CompletionError as exc:
+                log.warning("could not cancel job %s of a closed stream: %s", job.id, exc)
+
+    async def outcomes(self) -> AsyncIterator[Delta | Finished | ErrorInfo]:
+        """The jobs' deltas and ends; an error (a failed job, a timeout) ends them."""
+        ids = [job.id for job in self.jobs]
+        try:
+            events = follow_async(self.client, ids, idle_timeout_s=self.idle_timeout_s)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, Finished):
+                        self.finished.add(event.job.id)
+                        failure = job_failure(event.job)
+                        if failure is not None:
+                            yield failure
+                            return
+                    yield event
+        except JobTimeout:
+            yield ErrorInfo(
+                503,
+                f"the completion showed no new text within {self.idle_timeout_s:g}s (is a "
+                f"worker serving model {self.jobs[0].model!r}?); its jobs were cancelled",
+                "server_error",
+                code="timeout",
+            )
+        except CompletionError as exc:
+            yield completion_error_info(exc)
+        except Exception:
+            log.exception("streaming jobs %s failed", ids)
+            yield ErrorInfo(500, "internal error", "server_error")
+
+
+async def start_streamed(
+    state: APIState, caller: Caller, requests: list[dict[str, Any]]
+) -> StreamedCall:
+    """Queue ``requests`` (with ``stream``), holding one of the tenant's wait slots until the
+    returned call is closed (see :class:`EventStream`)."""
+    slot = contextlib.ExitStack()
+    slot.enter_context(state.wait_slot(caller.name))
+    try:
+        jobs = await run_in_threadpool(submit_completions, caller.client, requests)
+    except BaseException:
+        slot.close()
+        raise
+    return StreamedCall(caller.client, jobs, slot.close, state.settings.api_wait_timeout_s)
+
+
+async def completion_chunks(call: StreamedCall, *, include_usage: bool) -> AsyncIterator[bytes]:
+    """``text_completion`` chunks: choice ``index`` = prompt's index * ``n`` + choice."""
+    first = call.jobs[0]
+    head = {
+        "id": f"cmpl-{first.id.hex}",
+        "object": "text_completion",
+        "created": int(first.created_at.timestamp()),
+        "model": first.model,
+    }
+    offset = {job.id: i * int(job.params.get("n", 1)) for i, job in enumerate(call.jobs)}
+
+    def chunk(job_id: uuid.UUID, choice: int, text: str, finish: str | None = None) -> bytes:
+        entry = {"text": text, "index": offset[job_id] + choice, "logprobs": None,
+                 "finish_reason": finish}  # fmt: skip
+        return sse({**head, "choices": [entry], **({"usage": None} if include_usage else {})})
+
+    done: list[Job] = []
+    async for outcome in call.outcomes():
+        if isinstance(outcome, ErrorInfo):
+            yield sse(outcome.body())
+            yield DONE
+            return
+        if isinstance(outcome, Delta):
+            yield chunk(outcome.job_id, outcome.choice, outcome.text)
+            continue
+        done.append(outcome.job)
+        for index, c in enumerate(outcome.job.choices):
+            yield chunk(outcome.job.id, index, "", c.finish_reason)
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(done)})
+    yield DONE
+
+
+async def chat_chunks(call: StreamedCall, *, include_usage: bool) -> AsyncIterator[bytes]:
+    """``chat.completion.chunk``s: a role first per choice, then content, then finish."""
+    job = call.jobs[0]
+    head = {
+        "id": f"chatcmpl-{job.id.hex}",
+        "object": "chat.completion.chunk",
+        "created": int(job.created_at.timestamp()),
+        "model": job.model,
+        "system_fingerprint": system_fingerprint(job.model),
+    }
+
+    def chunk(choice: int, delta: dict[str, str], finish: str | None = None) -> bytes:
+        entry = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return sse({**head, "choices": [entry], **({"usage": None} if include_usage else {})})
+
+    for choice in range(int(job.params.get("n", 1))):
+        yield chunk(choice, {"role": "assistant", "content": ""})
+    async for outcome in call.outcomes():
+        if isinstance(outcome, ErrorInfo):
+            yield sse(outcome.body())
+            yield DONE
+            return
+        if isinstance(outcome, Delta):
+            yield chunk(outcome.choice, {"content": outcome.text})
+            continue
+        for index, c in enumerate(outcome.job.choices):
+            yield chunk(index, {}, c.finish_reason)
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage([outcome.job])})
+    yield DONE
+
+
+async def job_events(client: CompletionClient, job_id: uuid.UUID) -> AsyncIterator[bytes]:
+    """A native job's ``delta`` events (``{"choice", "text"}``), then ``end`` with its view."""
+    try:
+        events = follow_async(client, [job_id])
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Delta):
+                    yield sse({"choice": event.choice, "text": event.text}, event="delta")
+                else:
+                    yield sse(job_view(event.job), event="end")
+    except CompletionError as exc:
+        yield sse(completion_error_info(exc).body(), event="error")
