@@ -129,15 +129,19 @@ def test_a_streamed_job_writes_its_deltas_then_its_end_to_its_event_stream(
     )
 
     # Then its Redis stream holds deltas whose text adds up to the result, then the end
-    entries = [
-        {k.decode(): v.decode() for k, v in fields.items()}
-        for _, fields in chaos.redis.xrange(events_key(job.id))
-    ]
-    deltas = [e for e in entries if e["type"] == "delta"]
+    # (written just after the result is committed)
+    def entries() -> list[dict[str, str]]:
+        return [
+            {k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in chaos.redis.xrange(events_key(job.id))
+        ]
+
+    wait_for(lambda: entries()[-1]["type"] == "end", 10, "the stream's end")
+    deltas = [e for e in entries() if e["type"] == "delta"]
     assert len(deltas) > 5
     assert "".join(d["text"] for d in deltas) == job.text == full[: full.index(stop)]
     assert {d["attempt"] for d in deltas} == {"1"} and {d["choice"] for d in deltas} == {"0"}
-    assert entries[-1] == {"type": "end", "attempt": "1", "status": "succeeded"}
+    assert entries()[-1] == {"type": "end", "attempt": "1", "status": "succeeded"}
     assert 0 < chaos.redis.ttl(events_key(job.id)) <= 3600
     # And a job that did not ask for a stream has none
     plain = client.wait(client.submit(PROMPT, max_new_tokens=8, temperature=0))
