@@ -3,6 +3,7 @@ and real worker processes per database backend."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,12 @@ from producer.client import CompletionClient
 from tests.services import PostgresCluster
 
 BACKENDS = ["sqlite", "postgresql"]
+
+# The greedy equality tests compare workers' texts with a float32 reference (tests/reference.py),
+# while CQ_DTYPE=auto is bfloat16 on a CPU with native bf16. Set before any Settings is built,
+# this pins float32 for every Settings the tests build (worker_env passes it on) and every child
+# process, which inherits os.environ; tests/integration/test_bf16_worker.py runs the default.
+os.environ.setdefault("CQ_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")
