@@ -15,6 +15,10 @@ ROWS = [
     ("pipeline_tokens_per_s", "client → Redis → worker → SQL"),
     ("pipeline_over_raw", "pipeline / raw"),
     ("pipeline_over_naive", "pipeline / naive"),
+    ("fp32_raw_tokens_per_s", "direct batched generate in float32, worker's threads"),
+    ("pipeline_over_fp32_raw", "pipeline / raw in float32"),
+    ("matmul_peak_gflops", "square matmul GFLOP/s, worker's dtype and threads"),
+    ("pipeline_mfu", "2 x params x pipeline tokens/s ÷ matmul peak"),
     ("mixed_raw_tokens_per_s", "mixed: direct, batches in arrival order"),
     ("mixed_pipeline_tokens_per_s", "mixed: pipeline"),
     ("mixed_pipeline_over_raw", "mixed: pipeline / raw"),
@@ -54,7 +58,7 @@ def print_report(figures: dict[str, Any]) -> None:
     console.print(table)
     settings = ", ".join(
         f"{k}={figures[k]}"
-        for k in ("machine", "gpu", "torch", "model", "device", "engine", "batch_size", "jobs",
-                  "new_tokens", "mixed_jobs", "workers")
+        for k in ("machine", "gpu", "torch", "model", "params", "device", "dtype", "engine",
+                  "batch_size", "jobs", "new_tokens", "mixed_jobs", "workers")
     )  # fmt: skip
     console.print(settings)

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import redis
 
+from bench.direct import Direct
+from bench.hardware import dtype_name, matmul_peak_gflops, mfu
 from bench.workloads import Item, mixed, uniform
 from completion_queue import (
     TINY_MODEL_NAME,
@@ -78,59 +80,6 @@ class BenchConfig:
     latency_jobs: int = 20
     schema_jobs: int = 256
     stream_jobs: int = 64
-
-
-class _Direct:
-    """The model loaded plainly in this process: the engine's ceiling and the naive baseline."""
-
-    def __init__(self, path: str, device: str, dtype: str) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from workers.model import model_threads, resolve_device, resolve_dtype
-
-        self.torch = torch
-        self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            # The same threads as a worker's model process.
-            torch.set_num_threads(model_threads())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype, self.device)
-        ).to(self.device)
-        self.model.eval()
-
-    def run(self, items: Sequence[Item], batch_size: int) -> tuple[int, float]:
-        """Generate ``items`` in arrival order, ``batch_size`` at a time; return tokens, seconds."""
-        eos = self.tokenizer.eos_token_id
-        tokens = 0
-        started = time.perf_counter()
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            encoded = self.tokenizer(
-                [i.prompt for i in chunk],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(self.device)
-            with self.torch.inference_mode():
-                out = self.model.generate(
-                    **encoded,
-                    max_new_tokens=max(i.max_new_tokens for i in chunk),
-                    do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-            for item, row in zip(
-                chunk, out[:, encoded["input_ids"].shape[1] :].tolist(), strict=True
-            ):
-                row = row[: item.max_new_tokens]
-                tokens += row.index(eos) if eos in row else len(row)
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-        return tokens, time.perf_counter() - started
 
 
 def _model_process_rss_mb(worker: WorkerProcess) -> float:
@@ -268,13 +217,16 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     path = base_settings.model_path()
     if config.model == TINY_MODEL_NAME:
         ensure_tiny_model(path)
-    direct = _Direct(path, config.device, config.dtype)
+    direct = Direct(path, config.device, config.dtype)
     tokenizer = direct.tokenizer
     items = uniform(tokenizer, config.jobs, config.new_tokens)
     mixed_items = mixed(tokenizer, config.mixed_jobs)
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {"params": direct.params, "dtype": dtype_name(direct.dtype)}
 
-    progress("direct generate: warm-up, raw (batched) and naive (one prompt per call)")
+    progress(
+        f"direct generate ({figures['dtype']}): warm-up, raw (batched) and naive "
+        "(one prompt per call)"
+    )
     direct.run(items[: config.batch_size], config.batch_size)
     tokens, seconds = direct.run(items, config.batch_size)
     figures["raw_tokens_per_s"] = tokens / seconds
@@ -282,7 +234,8 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     figures["naive_tokens_per_s"] = tokens / seconds
     tokens, seconds = direct.run(mixed_items, config.batch_size)
     figures["mixed_raw_tokens_per_s"] = tokens / seconds
-    del direct
+    direct.close()
+    figures.update(_hardware(config, path, items, figures, progress))
 
     with tempfile.TemporaryDirectory(prefix="cq-bench-") as tmp:
         cluster = _Cluster(config, Path(tmp))
@@ -346,13 +299,48 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     figures["schema_half_over_none"] = (
         figures["schema_half_tokens_per_s"] / figures["schema_none_tokens_per_s"]
     )
+    figures["pipeline_over_fp32_raw"] = (
+        figures["pipeline_tokens_per_s"] / figures["fp32_raw_tokens_per_s"]
+    )
+    figures["pipeline_mfu"] = mfu(
+        figures["params"], figures["pipeline_tokens_per_s"], figures["matmul_peak_gflops"]
+    )
+    settings = asdict(config)
     figures.update(
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         torch=torch.__version__,
-        **{key: value for key, value in asdict(config).items()},
+        # ``dtype`` is the worker's resolved dtype; the option asked for (auto...) is this one.
+        dtype_option=settings.pop("dtype"),
+        **settings,
     )
     return figures
+
+
+def _hardware(
+    config: BenchConfig, path: str, items: Sequence[Item], figures: dict[str, Any], progress: Any
+) -> dict[str, Any]:
+    """Raw ``generate`` in float32 (worker's threads, same items) and the matmul peak.
+
+    A worker that runs float32 already has its raw figure: that one is reused.
+    """
+    from workers.model import model_threads, resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    found: dict[str, Any] = {"fp32_raw_tokens_per_s": figures["raw_tokens_per_s"]}
+    if figures["dtype"] != "float32":
+        progress("direct generate in float32: warm-up, raw (batched)")
+        direct = Direct(path, config.device, "float32")
+        direct.run(items[: config.batch_size], config.batch_size)
+        tokens, seconds = direct.run(items, config.batch_size)
+        found["fp32_raw_tokens_per_s"] = tokens / seconds
+        direct.close()
+    threads = f", {model_threads()} threads" if device.type == "cpu" else ""
+    progress(f"matmul peak: {figures['dtype']} on {device}{threads}")
+    found["matmul_peak_gflops"] = matmul_peak_gflops(
+        device, resolve_dtype(config.dtype, device), threads=model_threads()
+    )
+    return found
 
 
 TARGETS = {

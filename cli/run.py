@@ -17,6 +17,7 @@ import click
 from cli.demo import run_demo
 from cli.group import cli, database, migrated, settings_from_env
 from completion_queue import (
+    TINY_MODEL_NAME,
     CompletionError,
     ConfigError,
     Settings,
@@ -30,7 +31,7 @@ from completion_queue import (
     worker_env,
 )
 from db import has_live_tenants
-from workers.tiny import make_tiny_model
+from workers.shapes import SHAPES, make_shaped_model
 
 
 @cli.command()
@@ -126,6 +127,9 @@ def worker(
 @click.option("--batch-size", default=32, show_default=True, help="Worker (and raw) batch size.")
 @click.option("--model", default=None, help="Model to run [default: CQ_MODEL].")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              default="auto", show_default=True,
+              help="auto, float32, float16 or bfloat16: the worker's and raw's.")  # fmt: skip
 @click.option("--workers", default=1, show_default=True, help="Also run with this many workers.")
 @click.option("--engine", type=click.Choice(["static", "continuous"]), default="static",
               show_default=True, help="Worker engine.")  # fmt: skip
@@ -133,6 +137,14 @@ def worker(
 @click.option("--schema-jobs", default=256, show_default=True,
               help="Jobs in the structured-output workload (run twice: none, then half with a "
               "JSON schema).")  # fmt: skip
+@click.option("--naive-jobs", default=48, show_default=True,
+              help="Jobs run one generate call each (the naive baseline).")  # fmt: skip
+@click.option("--queue-jobs", default=2000, show_default=True,
+              help="Trivial jobs (max_new_tokens=1), and bare Celery no-op tasks.")  # fmt: skip
+@click.option("--latency-jobs", default=20, show_default=True,
+              help="Jobs run one at a time for the latency figures.")  # fmt: skip
+@click.option("--stream-jobs", default=64, show_default=True,
+              help="Streamed jobs submitted at once for time to first token.")  # fmt: skip
 @click.option("--batch-lookahead", default=8, show_default=True,
               help="Batches' worth of jobs a worker takes at once.")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -207,10 +219,20 @@ def model() -> None:
 @model.command("make-tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True)
-def make_tiny(directory: Path, seed: int) -> None:
-    """Build the tiny GPT-2-style model (trained for seconds on local text) into DIRECTORY."""
+@click.option("--shape", type=click.Choice(SHAPES), default="tiny", show_default=True,
+              help="tiny: 2 layers, trained for seconds. gpt2-small: GPT-2-small's shape "
+              "(124M parameters) with random weights and the tiny model's tokenizer, "
+              "for benchmarks.")  # fmt: skip
+def make_tiny(directory: Path, seed: int, shape: str) -> None:
+    """Build the tiny GPT-2-style model (trained for seconds on local text) into DIRECTORY.
+
+    With --shape gpt2-small, build a GPT-2-small-shaped model with random weights
+    instead; its tokenizer is the tiny model's, taken from CQ_DATA_DIR (built there
+    first if missing).
+    """
     if directory.exists() and any(directory.iterdir()):
         raise click.UsageError(f"{directory} exists and is not empty")
-    path = make_tiny_model(directory, seed=seed)
+    tiny = None if shape == "tiny" else settings_from_env().model_path(TINY_MODEL_NAME)
+    path = make_shaped_model(directory, shape=shape, seed=seed, tokenizer_from=tiny)
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
-    click.echo(f"built tiny model in {path} ({size:.1f} MB)")
+    click.echo(f"built {shape} model in {path} ({size:.1f} MB)")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+from transformers import AutoModelForCausalLM
+
 from bench.report import ROWS
 from bench.run import TARGETS, BenchConfig, run_bench
+from workers.model import resolve_device, resolve_dtype
 
 
 def test_bench_reports_every_figure(tiny_model: Path) -> None:
@@ -21,3 +25,16 @@ def test_bench_reports_every_figure(tiny_model: Path) -> None:
         assert figures[key] > 0, key
     assert set(TARGETS) <= set(figures)
     assert figures["jobs"] == 64 and figures["batch_size"] == 16
+    # The figures against the hardware: the model's size, the worker's resolved dtype
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+    assert figures["params"] == params
+    worker_dtype = str(resolve_dtype("auto", resolve_device("auto"))).removeprefix("torch.")
+    assert figures["dtype"] == worker_dtype and figures["dtype_option"] == "auto"
+    assert figures["pipeline_mfu"] == pytest.approx(
+        2 * params * figures["pipeline_tokens_per_s"] / (figures["matmul_peak_gflops"] * 1e9)
+    )
+    assert figures["pipeline_over_fp32_raw"] == pytest.approx(
+        figures["pipeline_tokens_per_s"] / figures["fp32_raw_tokens_per_s"]
+    )
+    if worker_dtype == "float32":  # raw already ran in float32: its figure is reused
+        assert figures["fp32_raw_tokens_per_s"] == figures["raw_tokens_per_s"]

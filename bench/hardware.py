@@ -1,0 +1,58 @@
+"""The hardware's own ceiling: a square matmul's rate in the worker's dtype and threads.
+
+``pipeline_mfu`` compares the pipeline with it: a decoding step costs about
+2 x parameters FLOPs per token (one multiply-add per weight), so
+2 x params x tokens/s ÷ the matmul's FLOP/s is the share of the machine's
+usable peak that generation reaches.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+#: The matmul's side: big enough to reach a CPU's peak (2048) or a GPU's (8192).
+CPU_MATMUL_N = 2048
+CUDA_MATMUL_N = 8192
+
+
+def dtype_name(dtype: Any) -> str:
+    """Return a torch dtype's short name: ``float32``, ``bfloat16``..."""
+    return str(dtype).removeprefix("torch.")
+
+
+def matmul_peak_gflops(device: Any, dtype: Any, *, threads: int, repeats: int = 5) -> float:
+    """Return the best GFLOP/s (2 n^3 per product) of ``repeats`` n x n matmuls.
+
+    On CPU it runs on ``threads`` torch threads (the caller's count is restored
+    after); on CUDA, n is larger and each product is timed to its end.
+    """
+    import torch
+
+    cuda = device.type == "cuda"
+    n = CUDA_MATMUL_N if cuda else CPU_MATMUL_N
+    before = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, generator=generator, device=device).to(dtype)
+        b = torch.randn(n, n, generator=generator, device=device).to(dtype)
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(repeats + 1):  # the first one warms up
+                if cuda:
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                torch.mm(a, b)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                best = min(best, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n**3 / best / 1e9
+
+
+def mfu(params: int, tokens_per_s: float, peak_gflops: float) -> float:
+    """Return the share of ``peak_gflops`` that 2 x ``params`` FLOPs a token reach."""
+    return 2 * params * tokens_per_s / (peak_gflops * 1e9)
