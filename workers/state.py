@@ -76,12 +76,14 @@ class JobCounts(BatchListener):
     ) -> None:
         """Count the batch and its outcomes."""
         ok = sum(outcome.status is JobStatus.SUCCEEDED for outcome in outcomes)
+        # A job cancelled while it ran is neither: it did not fail.
+        failed = sum(outcome.status is JobStatus.FAILED for outcome in outcomes)
         with self._batches.get_lock():
             self._batches.value += 1
         with self._succeeded.get_lock():
             self._succeeded.value += ok
         with self._failed.get_lock():
-            self._failed.value += len(outcomes) - ok
+            self._failed.value += failed
 
 
 class LoadedModel:

@@ -192,3 +192,8 @@ def test_a_pool_process_sends_through_its_own_dispatcher_and_counts_reach_the_pa
     child.start()
     child.join(30)
     assert (counts.batches, counts.succeeded, counts.failed) == (1, 2, 0)
+    # A job cancelled while it ran is counted neither succeeded nor failed
+    stopped = Outcome(job_id=uuid.uuid4(), attempt=1, status=JobStatus.CANCELLED)
+    failed = Outcome(job_id=uuid.uuid4(), attempt=1, status=JobStatus.FAILED)
+    counts.finished([], [stopped, failed], generation_s=0.1)
+    assert (counts.batches, counts.succeeded, counts.failed) == (2, 2, 1)
