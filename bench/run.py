@@ -22,7 +22,7 @@ import redis
 
 from bench.direct import Direct
 from bench.hardware import dtype_name, matmul_peak_gflops, mfu
-from bench.workloads import Item, mixed, uniform
+from bench.workloads import Item, mixed, shared_prefix, uniform
 from completion_queue import (
     TINY_MODEL_NAME,
     EmbeddedRedis,
@@ -58,6 +58,8 @@ SCHEMA_FORMAT = {
 NOOP_TASK = "cq.bench.noop"
 NOOP_QUEUE = "cq.bench.noop"
 COUNTER_KEY = "cq:bench:noop:done"
+#: The shared-prefix workload's workers compute a shared header once from this length on.
+PREFIX_MIN_TOKENS: int = Settings.model_fields["prefix_min_tokens"].default
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class BenchConfig:
     latency_jobs: int = 20
     schema_jobs: int = 256
     stream_jobs: int = 64
+    #: Tokens of the header every job of the shared-prefix workload starts with (0: no run).
+    shared_prefix_tokens: int = 0
+    shared_prefix_jobs: int = 64
 
 
 def _model_process_rss_mb(worker: WorkerProcess) -> float:
@@ -102,7 +107,7 @@ class _Cluster:
         self.database_url = f"sqlite:///{base / 'bench.db'}"
         upgrade(self.database_url)
 
-    def settings(self, workers: int) -> Settings:
+    def settings(self, workers: int, **overrides: Any) -> Settings:
         threads = max(1, (os.cpu_count() or 1) // workers)
         return Settings(
             broker_url=self.redis.url,
@@ -117,10 +122,11 @@ class _Cluster:
             batch_lookahead=self.config.batch_lookahead,
             torch_threads=threads if workers > 1 else 0,
             max_batch_requests=max(10_000, self.config.queue_jobs, self.config.jobs),
+            **overrides,
         )
 
-    def start_workers(self, count: int) -> list[WorkerProcess]:
-        settings = self.settings(count)
+    def start_workers(self, count: int, **overrides: Any) -> list[WorkerProcess]:
+        settings = self.settings(count, **overrides)
         workers = [
             WorkerProcess(worker_env(settings), self.base / f"worker-{count}-{i}.log").start()
             for i in range(count)
@@ -276,6 +282,8 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
                 worker.stop()
             progress(f"celery no-op baseline: {config.queue_jobs} tasks")
             figures["celery_noop_jobs_per_s"] = _celery_noop_rate(cluster, config.queue_jobs)
+            if config.shared_prefix_tokens:
+                figures.update(_shared_prefix(cluster, tokenizer, progress))
             if config.workers > 1:
                 progress(f"pipeline: {config.jobs} jobs, {config.workers} workers")
                 workers = cluster.start_workers(config.workers)
@@ -317,6 +325,30 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     return figures
 
 
+def _shared_prefix(cluster: _Cluster, tokenizer: Any, progress: Any) -> dict[str, float]:
+    """The shared-prefix workload through one worker with prefix reuse at its default, then off."""
+    config = cluster.config
+    items = shared_prefix(
+        tokenizer, config.shared_prefix_jobs, config.shared_prefix_tokens, config.new_tokens
+    )
+    found: dict[str, float] = {}
+    for key, min_tokens in (("prefix", PREFIX_MIN_TOKENS), ("prefix_off", 0)):
+        progress(
+            f"shared prefix: {len(items)} jobs, a {config.shared_prefix_tokens}-token header, "
+            f"CQ_PREFIX_MIN_TOKENS={min_tokens}"
+        )
+        workers = cluster.start_workers(1, prefix_min_tokens=min_tokens)
+        with CompletionClient(settings=cluster.settings(1)) as client:
+            tokens, seconds, _ = _pipeline(client, items)
+        for worker in workers:
+            worker.stop()
+        found[f"{key}_pipeline_tokens_per_s"] = tokens / seconds
+    found["prefix_reuse_speedup"] = (
+        found["prefix_pipeline_tokens_per_s"] / found["prefix_off_pipeline_tokens_per_s"]
+    )
+    return found
+
+
 def _hardware(
     config: BenchConfig, path: str, items: Sequence[Item], figures: dict[str, Any], progress: Any
 ) -> dict[str, Any]:
@@ -349,4 +381,5 @@ TARGETS = {
     "pipeline_over_naive": 5.0,
     "queue_over_celery": 0.70,
     "submit_jobs_per_s": 3000.0,
+    "prefix_reuse_speedup": 5.0,
 }

@@ -51,3 +51,18 @@ def mixed(tokenizer: Any, jobs: int, seed: int = 1) -> list[Item]:
              rng.randint(8, 128))
         for _ in range(jobs)
     ]  # fmt: skip
+
+
+def shared_prefix(tokenizer: Any, jobs: int, prefix_tokens: int, new_tokens: int) -> list[Item]:
+    """``jobs`` prompts that start with the same ``prefix_tokens``-token header.
+
+    Each ends with a short question of its own (4 to 12 tokens), as in a batch of
+    jobs that share a system prompt or few-shot examples.
+    """
+    header = prompt_of_length(tokenizer, prefix_tokens, 7)
+    rng = random.Random(2)
+    return [
+        Item(f"{header}\n\nQuestion {i}: {prompt_of_length(tokenizer, rng.randint(2, 10), i)}?\n",
+             new_tokens)
+        for i in range(jobs)
+    ]  # fmt: skip

@@ -145,6 +145,11 @@ def worker(
               help="Jobs run one at a time for the latency figures.")  # fmt: skip
 @click.option("--stream-jobs", default=64, show_default=True,
               help="Streamed jobs submitted at once for time to first token.")  # fmt: skip
+@click.option("--shared-prefix-tokens", default=0, show_default=True,
+              help="Also run jobs that share a header of this many tokens, with prefix reuse "
+              "at its default and off (0: skip).")  # fmt: skip
+@click.option("--shared-prefix-jobs", default=64, show_default=True,
+              help="Jobs in the shared-prefix workload.")  # fmt: skip
 @click.option("--batch-lookahead", default=8, show_default=True,
               help="Batches' worth of jobs a worker takes at once.")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(
         default=50, ge=0, le=60_000, description="Longest wait to fill a micro-batch."
     )
+    prefix_min_tokens: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "Shortest prompt prefix that all jobs of a group must share for the worker to "
+            "compute it once for all of them (0: never)."
+        ),
+    )
     progress_interval_ms: int = Field(
         default=500,
         ge=0,

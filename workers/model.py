@@ -33,8 +33,10 @@ from completion_queue import (
 )
 from db import Choice
 from workers.grammar import ConstrainedRows, Grammars
+from workers.layers import pack_linears, packing_applies
 from workers.logprobs import LogprobRecorder, RowLogprobs, TokenSpeller, stored_logprobs
 from workers.planner import GenerationRequest, GenerationResult, cut_at_stop
+from workers.prefix import pad_rows, prefix_cache, shared_prefix_len, sharing
 from workers.progress import Watch
 from workers.rows import RowSampler, RowStops
 
@@ -126,11 +128,21 @@ class ModelRuntime:
     """A causal LM and its tokenizer, loaded once and kept resident in this process."""
 
     def __init__(
-        self, model: str, *, device: str = "auto", dtype: str = "auto", threads: int = 0
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        threads: int = 0,
+        prefix_min_tokens: int = 0,
     ) -> None:
         global LOAD_COUNT
         started = time.perf_counter()
         self.name = model
+        #: A group whose rows all share this many prompt tokens computes them once (0: never).
+        self.prefix_min_tokens = prefix_min_tokens
+        #: Attention reads a group's shared prefix once per step (False: from every row's copy).
+        self.cascade_attention = True
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if threads or self.device.type == "cpu":
@@ -141,6 +153,10 @@ class ModelRuntime:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
         self.model.to(self.device).eval()
+        #: Linear layers whose weights are prepacked for oneDNN (bfloat16 on CPU; 0: none).
+        self.packed_layers = 0
+        if packing_applies(self.model, self.dtype, self.device):
+            self.packed_layers = pack_linears(self.model)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         if pad is None:
@@ -161,8 +177,9 @@ class ModelRuntime:
         LOAD_COUNT += 1
         self.load_s = time.perf_counter() - started
         log.info(
-            "loaded model %s on %s (%s) in %.2fs [load #%d in pid %d]",
-            model, self.device, self.dtype, self.load_s, LOAD_COUNT, os.getpid(),
+            "loaded model %s on %s (%s, %d prepacked layers) in %.2fs [load #%d in pid %d]",
+            model, self.device, self.dtype, self.packed_layers, self.load_s, LOAD_COUNT,
+            os.getpid(),
         )  # fmt: skip
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -186,6 +203,9 @@ class ModelRuntime:
         watch: Watch | None = None,
     ) -> list[GenerationResult | Exception]:
         """Run ``requests`` in one left-padded ``generate`` call; results in the same order.
+
+        When every row's prompt starts with the same ``prefix_min_tokens`` tokens or
+        more, those are computed once for all rows (see :mod:`workers.prefix`).
 
         A request still generating ``timeout_s`` seconds after the call began gets a
         :class:`GenerationTimeout` in place of its result; the others keep theirs.
@@ -211,14 +231,10 @@ class ModelRuntime:
             )
             return [refused[i] if i in refused else next(kept) for i in range(len(requests))]
         rows = [r for r in requests for _ in range(r.n)]
-        prompt_len = max(len(r.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), prompt_len), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), prompt_len), dtype=torch.long)
-        for i, row in enumerate(rows):
-            length = len(row.prompt_ids)
-            input_ids[i, prompt_len - length :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            attention[i, prompt_len - length :] = 1
-        starts = prompt_len - attention.sum(dim=1)
+        prompts = [r.prompt_ids for r in rows]
+        shared = shared_prefix_len(prompts, self.prefix_min_tokens)
+        input_ids, attention, starts = pad_rows(prompts, self.pad_id, shared)
+        prompt_len = input_ids.shape[1]
         max_new = max(r.max_new_tokens for r in rows)
         config = GenerationConfig(
             max_new_tokens=max_new,
@@ -253,13 +269,22 @@ class ModelRuntime:
             criteria.append(stops)
         try:
             with torch.inference_mode():
-                output = self._run_model(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=attention.to(self.device),
-                    generation_config=config,
-                    logits_processor=processors,
-                    stopping_criteria=criteria,
-                )
+                input_ids = input_ids.to(self.device)
+                cached: dict[str, Any] = {}
+                if shared:
+                    # generate then computes only the tokens after the prefix.
+                    cached["past_key_values"] = prefix_cache(
+                        self.model, input_ids[:1, :shared], len(rows), prompt_len + max_new
+                    )
+                with sharing(shared if self.cascade_attention else 0):
+                    output = self._run_model(
+                        input_ids=input_ids,
+                        attention_mask=attention.to(self.device),
+                        generation_config=config,
+                        logits_processor=processors,
+                        stopping_criteria=criteria,
+                        **cached,
+                    )
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ prompt length.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,16 +92,29 @@ def fit_context(
 
 
 def plan_groups(
-    requests: Sequence[GenerationRequest], *, max_rows: int
+    requests: Sequence[GenerationRequest], *, max_rows: int, prefix_tokens: int = 0
 ) -> list[list[GenerationRequest]]:
     """Split ``requests`` into groups of at most ``max_rows`` rows (a job counts ``n`` rows).
 
     Requests are ordered by token budget, then prompt length, so each group pads
-    little and stops near the same step. Every request lands in exactly one group.
+    little and stops near the same step. With ``prefix_tokens`` (the worker's
+    ``CQ_PREFIX_MIN_TOKENS``), requests of one budget whose prompts start with the
+    same ``prefix_tokens`` tokens sit next to each other, so their group can compute
+    the shared prefix once (:mod:`workers.prefix`). Every request lands in exactly
+    one group.
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    ordered = sorted(requests, key=lambda r: (r.max_new_tokens, len(r.prompt_ids)))
+    heads: Counter[tuple[int, ...]] = Counter()
+    if prefix_tokens > 0:
+        heads.update(r.prompt_ids[:prefix_tokens] for r in requests if _has_head(r, prefix_tokens))
+
+    def order(request: GenerationRequest) -> tuple[int, tuple[int, ...], int]:
+        head = request.prompt_ids[:prefix_tokens] if _has_head(request, prefix_tokens) else ()
+        shared = head if heads[head] > 1 else ()
+        return request.max_new_tokens, shared, len(request.prompt_ids)
+
+    ordered = sorted(requests, key=order)
     groups: list[list[GenerationRequest]] = []
     current: list[GenerationRequest] = []
     rows = 0
@@ -113,6 +127,11 @@ def plan_groups(
     if current:
         groups.append(current)
     return groups
+
+
+def _has_head(request: GenerationRequest, prefix_tokens: int) -> bool:
+    """True when ``request``'s prompt is long enough to share a prefix of ``prefix_tokens``."""
+    return prefix_tokens > 0 and len(request.prompt_ids) > prefix_tokens
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

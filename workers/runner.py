@@ -118,10 +118,12 @@ class BatchRunner:
         model: str | None = None,
         forward: Callable[[Sequence[Job]], object] | None = None,
         progress: ProgressWriter | None = None,
+        prefix_tokens: int = 0,
     ) -> None:
         """``model`` is the model served (None: whatever a job asks for, in unit tests);
         ``forward`` sends jobs for other models to their own queues; ``progress``
-        shows running jobs' output in their rows and stops cancelled ones."""
+        shows running jobs' output in their rows and stops cancelled ones; jobs whose
+        prompts start with the same ``prefix_tokens`` tokens are grouped together."""
         self.runtime = runtime
         self.sessions = sessions
         self.max_rows = max_rows
@@ -132,6 +134,7 @@ class BatchRunner:
         self.model = model
         self.forward = forward
         self.progress = progress
+        self.prefix_tokens = prefix_tokens
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
@@ -163,7 +166,7 @@ class BatchRunner:
             units.append((list(errors), partial(self._refuse, errors)))
         attempts = {str(job.id): job.attempts for job in jobs}
         trusted = [r for r in requests if attempts[r.key] < SUSPECT_AFTER_ATTEMPTS]
-        for group in plan_groups(trusted, max_rows=self.max_rows):
+        for group in plan_groups(trusted, max_rows=self.max_rows, prefix_tokens=self.prefix_tokens):
             units.append(([uuid.UUID(r.key) for r in group], partial(self._generate, group)))
         # A job whose workers died under it twice may be what kills them: it runs alone, after
         # the rest, fewest deaths first, so another crash takes no batch-mate with it.

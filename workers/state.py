@@ -155,7 +155,11 @@ class WorkerState:
             ensure_tiny_model(path)
         started = time.perf_counter()
         runtime = ModelRuntime(
-            path, device=settings.device, dtype=settings.dtype, threads=settings.torch_threads
+            path,
+            device=settings.device,
+            dtype=settings.dtype,
+            threads=settings.torch_threads,
+            prefix_min_tokens=settings.prefix_min_tokens,
         )
         runtime.warm_up()
         self.loaded.set(
@@ -196,6 +200,7 @@ class WorkerState:
             model=settings.model,
             forward=self._forward,
             progress=progress,
+            prefix_tokens=settings.prefix_min_tokens,
         )
         self._start_metrics(runtime)
         log.info(

@@ -6,17 +6,21 @@ import math
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench import decode
 from bench.report import ROWS
-from bench.run import TARGETS, BenchConfig, run_bench
+from bench.run import PREFIX_MIN_TOKENS, TARGETS, BenchConfig, run_bench
+from bench.workloads import shared_prefix
 from workers.model import resolve_device, resolve_dtype
+from workers.prefix import shared_prefix_len
 
 
 def test_bench_reports_every_figure(tiny_model: Path) -> None:
     config = BenchConfig(
         model=str(tiny_model), jobs=64, new_tokens=8, batch_size=16, mixed_jobs=32,
         naive_jobs=4, queue_jobs=100, latency_jobs=3, workers=2, schema_jobs=16, stream_jobs=8,
+        shared_prefix_tokens=80, shared_prefix_jobs=8,
     )  # fmt: skip
     figures = run_bench(config, progress=lambda _line: None)
     for key, _what in ROWS:
@@ -38,3 +42,43 @@ def test_bench_reports_every_figure(tiny_model: Path) -> None:
     )
     if worker_dtype == "float32":  # raw already ran in float32: its figure is reused
         assert figures["fp32_raw_tokens_per_s"] == figures["raw_tokens_per_s"]
+
+
+def test_shared_prefix_workload_shares_its_header_in_tokens(tiny_model: Path) -> None:
+    # Given the tiny model's tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    # When the shared-prefix workload is made with a 128-token header
+    items = shared_prefix(tokenizer, 16, 128, 8)
+    # Then the prompts differ, yet share the header (and "Question ") in tokens: reuse applies
+    prompts = [tokenizer(item.prompt, add_special_tokens=False)["input_ids"] for item in items]
+    assert len({tuple(p) for p in prompts}) == 16
+    assert 126 <= shared_prefix_len(prompts, PREFIX_MIN_TOKENS) <= 140
+
+
+def test_the_decode_bench_compares_variants_against_the_default(
+    tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # When `python -m bench.decode` runs the default and the worker's packed layers
+    decode.main(["--model", str(tiny_model), "--batch", "4", "--prompt", "8", "--new", "4",
+                 "--variants", "packed", "--no-reshape", "--repeats", "1"])  # fmt: skip
+    # Then its table has a row for each, the default's ratio 1.00 against itself
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] in (["default"], ["packed"]) and len(line.split()) == 11}  # fmt: skip
+    assert set(rows) == {"default", "packed"}
+    assert rows["default"][1] == rows["packed"][1] == "4"  # the batch
+    assert rows["default"][5] == "1.00"
+    assert float(rows["packed"][3]) > 0
+
+
+def test_the_decode_bench_times_the_three_shared_prefix_paths(
+    tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # When it times the worker's runtime on a group sharing a 96-token header
+    decode.main(["--model", str(tiny_model), "--dtype", "float32", "--shared-prefix", "96",
+                 "--batch", "4", "--new", "4"])  # fmt: skip
+    # Then it reports reuse off, the copied prefix and cascade attention, each against the first
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith("x")]
+    assert [line.split(" s ")[0].rsplit(None, 1)[0].strip() for line in lines] == [
+        "reuse off", "prefix once, copied", "prefix once, cascade"
+    ]  # fmt: skip
+    assert lines[0].endswith("1.00x")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from completion_queue import EmbeddedRedis, Settings, WorkerProcess, create_app, worker_env
 from db import JobStatus
@@ -84,7 +85,9 @@ def test_the_default_dtype_is_bfloat16_on_this_cpu(
         app.close()
     # Then it holds the model in bfloat16
     assert (found.hostname, found.device, found.dtype) == (worker.nodename, "cpu", "bfloat16")
-    assert "(torch.bfloat16)" in worker.log_path.read_text()
+    # And its linear layers are prepacked for oneDNN (every layer of the tiny GPT-2, and lm_head)
+    layers = 4 * AutoConfig.from_pretrained(settings.model).n_layer + 1
+    assert f"(torch.bfloat16, {layers} prepacked layers)" in worker.log_path.read_text()
 
 
 def test_a_greedy_job_in_bfloat16_runs_to_its_length(

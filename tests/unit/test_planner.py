@@ -38,15 +38,42 @@ def test_max_rows_must_be_positive() -> None:
         plan_groups([], max_rows=0)
 
 
+def test_jobs_of_one_budget_that_share_a_header_are_grouped_together() -> None:
+    # Given two 4-token headers, each shared by two jobs, and two prompts of no header,
+    # in an order that, by length alone, would mix them in every group
+    a, b = (7, 7, 7, 7), (9, 9, 9, 9)
+    requests = [
+        GenerationRequest(key="a1", prompt_ids=(*a, 1), max_new_tokens=8),
+        GenerationRequest(key="b1", prompt_ids=(*b, 1, 2), max_new_tokens=8),
+        GenerationRequest(key="x", prompt_ids=(3,) * 6, max_new_tokens=8),
+        GenerationRequest(key="a2", prompt_ids=(*a, 1, 2, 3), max_new_tokens=8),
+        GenerationRequest(key="b2", prompt_ids=(*b, 4), max_new_tokens=8),
+        GenerationRequest(key="y", prompt_ids=a[:3], max_new_tokens=8),
+        GenerationRequest(key="late", prompt_ids=(*a, 5), max_new_tokens=16),
+    ]
+    # When they are planned with a 4-token prefix, and without
+    grouped = plan_groups(requests, max_rows=2, prefix_tokens=4)
+    plain = plan_groups(requests, max_rows=2)
+    # Then each header's jobs share a group; the budget still comes first
+    assert [[r.key for r in g] for g in grouped] == [["y", "x"], ["a1", "a2"], ["b2", "b1"],
+                                                     ["late"]]  # fmt: skip
+    assert [[r.key for r in g] for g in plain] == [["y", "a1"], ["b2", "b1"], ["x", "a2"],
+                                                   ["late"]]  # fmt: skip
+
+
 @given(
     st.lists(st.tuples(st.integers(1, 40), st.integers(1, 64), st.integers(1, 4)), max_size=60),
     st.integers(1, 16),
+    st.integers(0, 8),
 )
 def test_every_request_lands_in_exactly_one_group(
-    shapes: list[tuple[int, int, int]], max_rows: int
+    shapes: list[tuple[int, int, int]], max_rows: int, prefix_tokens: int
 ) -> None:
-    requests = [request(str(i), p, m, n) for i, (p, m, n) in enumerate(shapes)]
-    groups = plan_groups(requests, max_rows=max_rows)
+    requests = [
+        GenerationRequest(key=str(i), prompt_ids=(i % 3,) * p, max_new_tokens=m, n=n)
+        for i, (p, m, n) in enumerate(shapes)
+    ]
+    groups = plan_groups(requests, max_rows=max_rows, prefix_tokens=prefix_tokens)
     keys = [r.key for g in groups for r in g]
     assert sorted(keys, key=int) == [r.key for r in requests]
     for group in groups:
