@@ -30,6 +30,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 from bench.hardware import matmul_peak_gflops, mfu
 from bench.workloads import prompt_of_length
+from workers.kvcache import growing_cache
 from workers.layers import conv1d_to_linear, pack_linears
 from workers.model import model_threads
 
@@ -46,12 +47,17 @@ class Variant:
     freezing: bool = False
     linear: bool = False  # GPT-2's Conv1D swapped for nn.Linear (weights stored out x in)
     packed: bool = False  # nn.Linear weights prepacked for oneDNN, as the worker does in bf16
+    growing: bool = False  # the worker's KV cache, grown in place by chunks (workers.kvcache)
     help: str = ""
 
 
 VARIANTS: dict[str, Variant] = {
     "default": Variant(help="plain generate: SDPA attention, dynamic cache, layers as loaded"),
-    "packed": Variant(packed=True, help="as the worker runs bf16 on CPU: prepacked linear layers"),
+    "packed": Variant(packed=True, help="prepacked linear layers, the default cache"),
+    "growing": Variant(growing=True, help="the KV cache grown in place by chunks"),
+    "worker": Variant(
+        packed=True, growing=True, help="as the worker runs bf16 on CPU: packed + growing"
+    ),
     "packed-static": Variant(cache="static", packed=True, help="prepacked + static cache"),
     "eager": Variant(attn="eager", help="attn_implementation='eager'"),
     "static": Variant(cache="static", help="cache_implementation='static', not compiled"),
@@ -171,8 +177,11 @@ def measure(
     inputs = prompts(tokenizer, batch, prompt)
 
     def call(kw: dict[str, torch.Tensor] = inputs) -> torch.Tensor:
+        cache = growing_cache(model) if variant.growing else None
         with torch.inference_mode(), inductor(variant):
-            return model.generate(**kw, generation_config=config)  # type: ignore[no-any-return]
+            return model.generate(  # type: ignore[no-any-return]
+                **kw, past_key_values=cache, generation_config=config
+            )
 
     graphs = unique_graphs()
     first_s, out = timed(call)

@@ -37,6 +37,11 @@ class Direct:
         """The model's parameter count (tied weights counted once)."""
         return int(sum(p.numel() for p in self.model.parameters()))
 
+    @property
+    def weight_bytes(self) -> int:
+        """The bytes a step reads to use every weight once (tied weights counted once)."""
+        return int(sum(p.numel() * p.element_size() for p in self.model.parameters()))
+
     def run(self, items: Sequence[Item], batch_size: int) -> tuple[int, float]:
         """Generate ``items`` in arrival order, ``batch_size`` at a time; return tokens, seconds."""
         eos = self.tokenizer.eos_token_id

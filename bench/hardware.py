@@ -4,6 +4,14 @@
 2 x parameters FLOPs per token (one multiply-add per weight), so
 2 x params x tokens/s ÷ the matmul's FLOP/s is the share of the machine's
 usable peak that generation reaches.
+
+A decoding step at batch B also reads every weight once for B tokens, so it
+cannot outrun the memory: ``decode_roofline_tokens_per_s`` is B x the memory's
+bandwidth (:func:`memory_gbps`, a large copy on the same threads) ÷ the
+weights' bytes. Where that is below what the matmul peak allows (one CPU core
+at batch 32), the step is bound by memory, and ``pipeline_over_roofline`` says
+how near the pipeline comes to that bound. Weights small enough to stay in the
+CPU's caches (the tiny model) are read faster than this, and can beat it.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from typing import Any
 #: The matmul's side: big enough to reach a CPU's peak (2048) or a GPU's (8192).
 CPU_MATMUL_N = 2048
 CUDA_MATMUL_N = 8192
+#: The copied buffer: far larger than any CPU cache.
+COPY_BYTES = 256 * 2**20
 
 
 def dtype_name(dtype: Any) -> str:
@@ -51,6 +61,39 @@ def matmul_peak_gflops(device: Any, dtype: Any, *, threads: int, repeats: int = 
     finally:
         torch.set_num_threads(before)
     return 2 * n**3 / best / 1e9
+
+
+def memory_gbps(device: Any, *, threads: int, repeats: int = 5) -> float:
+    """Return the best GB/s (bytes read + written) of ``repeats`` copies of a 256 MiB buffer.
+
+    On CPU on ``threads`` torch threads (the caller's count is restored after).
+    """
+    import torch
+
+    cuda = device.type == "cuda"
+    before = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(threads)
+    try:
+        source = torch.ones(COPY_BYTES // 4, device=device)
+        target = torch.empty_like(source)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first one warms up (and touches every page)
+            if cuda:
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            target.copy_(source)
+            if cuda:
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * COPY_BYTES / best / 1e9
+
+
+def roofline_tokens_per_s(weight_bytes: int, batch_size: int, gbps: float) -> float:
+    """Return the tokens/s of steps of ``batch_size`` rows that each only read the weights."""
+    return batch_size * gbps * 1e9 / weight_bytes
 
 
 def mfu(params: int, tokens_per_s: float, peak_gflops: float) -> float:

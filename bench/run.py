@@ -21,7 +21,7 @@ from typing import Any, Literal
 import redis
 
 from bench.direct import Direct
-from bench.hardware import dtype_name, matmul_peak_gflops, mfu
+from bench.hardware import dtype_name, matmul_peak_gflops, memory_gbps, mfu, roofline_tokens_per_s
 from bench.workloads import Item, mixed, shared_prefix, uniform
 from completion_queue import (
     TINY_MODEL_NAME,
@@ -227,7 +227,10 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     tokenizer = direct.tokenizer
     items = uniform(tokenizer, config.jobs, config.new_tokens)
     mixed_items = mixed(tokenizer, config.mixed_jobs)
-    figures: dict[str, Any] = {"params": direct.params, "dtype": dtype_name(direct.dtype)}
+    figures: dict[str, Any] = {
+        "params": direct.params, "weight_bytes": direct.weight_bytes,
+        "dtype": dtype_name(direct.dtype),
+    }  # fmt: skip
 
     progress(
         f"direct generate ({figures['dtype']}): warm-up, raw (batched) and naive "
@@ -313,6 +316,12 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     figures["pipeline_mfu"] = mfu(
         figures["params"], figures["pipeline_tokens_per_s"], figures["matmul_peak_gflops"]
     )
+    figures["decode_roofline_tokens_per_s"] = roofline_tokens_per_s(
+        figures["weight_bytes"], config.batch_size, figures["memory_gbps"]
+    )
+    figures["pipeline_over_roofline"] = (
+        figures["pipeline_tokens_per_s"] / figures["decode_roofline_tokens_per_s"]
+    )
     settings = asdict(config)
     figures.update(
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
@@ -352,7 +361,7 @@ def _shared_prefix(cluster: _Cluster, tokenizer: Any, progress: Any) -> dict[str
 def _hardware(
     config: BenchConfig, path: str, items: Sequence[Item], figures: dict[str, Any], progress: Any
 ) -> dict[str, Any]:
-    """Raw ``generate`` in float32 (worker's threads, same items) and the matmul peak.
+    """Raw ``generate`` in float32 (worker's threads, same items), the matmul peak, the memory.
 
     A worker that runs float32 already has its raw figure: that one is reused.
     """
@@ -372,6 +381,8 @@ def _hardware(
     found["matmul_peak_gflops"] = matmul_peak_gflops(
         device, resolve_dtype(config.dtype, device), threads=model_threads()
     )
+    progress(f"memory bandwidth: a 256 MiB copy on {device}{threads}")
+    found["memory_gbps"] = memory_gbps(device, threads=model_threads())
     return found
 
 

@@ -17,6 +17,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Cache,
     GenerationConfig,
     LogitsProcessorList,
     StoppingCriteriaList,
@@ -33,6 +34,7 @@ from completion_queue import (
 )
 from db import Choice
 from workers.grammar import ConstrainedRows, Grammars
+from workers.kvcache import growing_cache
 from workers.layers import pack_linears, packing_applies
 from workers.logprobs import LogprobRecorder, RowLogprobs, TokenSpeller, stored_logprobs
 from workers.planner import GenerationRequest, GenerationResult, cut_at_stop
@@ -143,6 +145,8 @@ class ModelRuntime:
         self.prefix_min_tokens = prefix_min_tokens
         #: Attention reads a group's shared prefix once per step (False: from every row's copy).
         self.cascade_attention = True
+        #: Other groups' KV caches grow in place by chunks (False: transformers' default).
+        self.growing_kv_cache = True
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if threads or self.device.type == "cpu":
@@ -270,12 +274,7 @@ class ModelRuntime:
         try:
             with torch.inference_mode():
                 input_ids = input_ids.to(self.device)
-                cached: dict[str, Any] = {}
-                if shared:
-                    # generate then computes only the tokens after the prefix.
-                    cached["past_key_values"] = prefix_cache(
-                        self.model, input_ids[:1, :shared], len(rows), prompt_len + max_new
-                    )
+                cache = self._cache(input_ids[:1, :shared], len(rows), prompt_len + max_new)
                 with sharing(shared if self.cascade_attention else 0):
                     output = self._run_model(
                         input_ids=input_ids,
@@ -283,7 +282,7 @@ class ModelRuntime:
                         generation_config=config,
                         logits_processor=processors,
                         stopping_criteria=criteria,
-                        **cached,
+                        past_key_values=cache,
                     )
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
@@ -343,6 +342,13 @@ class ModelRuntime:
                 except UnsupportedResponseFormat as exc:
                     refused[index] = exc
         return refused
+
+    def _cache(self, prefix_ids: torch.Tensor, rows: int, width: int) -> Cache | None:
+        """The call's KV cache: the shared prefix's, a growing one, or None (generate's own)."""
+        if prefix_ids.shape[1]:
+            # generate then computes only the tokens after the prefix.
+            return prefix_cache(self.model, prefix_ids, rows, width)
+        return growing_cache(self.model) if self.growing_kv_cache else None
 
     def _run_model(self, **kwargs: Any) -> Any:
         """Call the model's ``generate``; the one place generation touches the model."""

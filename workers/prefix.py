@@ -33,7 +33,8 @@ what is left. Measured on a 6-layer, 512-wide GPT-2 (one thread, float32; 32
 rows, a 512-token prefix, 8-token questions, 16 new tokens): 12.2 s without
 reuse, 3.9 s with a dynamic cache, 1.6 s with the static one, the same tokens.
 Without a shared prefix the static cache gains nothing there (the prefill of
-every row's full prompt dominates), so the other path keeps the dynamic one.
+every row's full prompt dominates), so the other path keeps a dynamic one
+(:mod:`workers.kvcache`, grown in place by chunks rather than concatenated).
 
 While the rows decode, attention reads the prefix once per step, not once per
 row (:func:`shared_prefix_attention`): the cache still holds a copy of the

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench import decode
@@ -37,6 +38,15 @@ def test_bench_reports_every_figure(tiny_model: Path) -> None:
     assert figures["pipeline_mfu"] == pytest.approx(
         2 * params * figures["pipeline_tokens_per_s"] / (figures["matmul_peak_gflops"] * 1e9)
     )
+    # The memory roofline: batch x bandwidth over the weights' bytes in the worker's dtype
+    weight_bytes = params * torch.empty((), dtype=getattr(torch, worker_dtype)).element_size()
+    assert figures["weight_bytes"] == weight_bytes
+    assert figures["decode_roofline_tokens_per_s"] == pytest.approx(
+        16 * figures["memory_gbps"] * 1e9 / weight_bytes
+    )
+    assert figures["pipeline_over_roofline"] == pytest.approx(
+        figures["pipeline_tokens_per_s"] / figures["decode_roofline_tokens_per_s"]
+    )
     assert figures["pipeline_over_fp32_raw"] == pytest.approx(
         figures["pipeline_tokens_per_s"] / figures["fp32_raw_tokens_per_s"]
     )
@@ -58,16 +68,16 @@ def test_shared_prefix_workload_shares_its_header_in_tokens(tiny_model: Path) ->
 def test_the_decode_bench_compares_variants_against_the_default(
     tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # When `python -m bench.decode` runs the default and the worker's packed layers
+    # When `python -m bench.decode` runs the default and the worker's way (packed, growing cache)
     decode.main(["--model", str(tiny_model), "--batch", "4", "--prompt", "8", "--new", "4",
-                 "--variants", "packed", "--no-reshape", "--repeats", "1"])  # fmt: skip
+                 "--variants", "worker", "--no-reshape", "--repeats", "1"])  # fmt: skip
     # Then its table has a row for each, the default's ratio 1.00 against itself
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
-            if line.split()[:1] in (["default"], ["packed"]) and len(line.split()) == 11}  # fmt: skip
-    assert set(rows) == {"default", "packed"}
-    assert rows["default"][1] == rows["packed"][1] == "4"  # the batch
+            if line.split()[:1] in (["default"], ["worker"]) and len(line.split()) == 11}  # fmt: skip
+    assert set(rows) == {"default", "worker"}
+    assert rows["default"][1] == rows["worker"][1] == "4"  # the batch
     assert rows["default"][5] == "1.00"
-    assert float(rows["packed"][3]) > 0
+    assert float(rows["worker"][3]) > 0
 
 
 def test_the_decode_bench_times_the_three_shared_prefix_paths(

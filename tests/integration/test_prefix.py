@@ -20,6 +20,7 @@ from db import Choice, JobStatus
 from producer import CompletionClient
 from tests.reference import Reference
 from workers import model, prefix
+from workers.kvcache import GrowingLayer
 from workers.model import ModelRuntime
 from workers.planner import GenerationRequest
 from workers.tiny import corpus
@@ -214,8 +215,11 @@ def test_without_a_shared_prefix_or_with_the_setting_off_nothing_changes(
         # When the first runs with reuse on, the second with CQ_PREFIX_MIN_TOKENS=0
         call = spy(runtime)
         choices = texts(runtime.generate(requests))
-        # Then generate gets no cache and the left-padded rows it always got
-        assert "past_key_values" not in call.kwargs
+        # Then generate gets an empty cache (one that grows) and the left-padded rows it always got
+        assert call.cached_tokens == 0
+        assert all(
+            isinstance(layer, GrowingLayer) for layer in call.kwargs["past_key_values"].layers
+        )
         width = max(len(p) for p in prompts)
         ids = call.kwargs["input_ids"].tolist()
         mask = call.kwargs["attention_mask"].tolist()
