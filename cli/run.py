@@ -90,7 +90,9 @@ def run_up(settings: Settings) -> None:
 @click.option("--dtype", help="auto, float32, float16 or bfloat16 [env CQ_DTYPE].")
 @click.option("--batch-size", type=int, help="Jobs per micro-batch [env CQ_BATCH_SIZE].")
 @click.option(
-    "--batch-wait-ms", type=int, help="Longest wait to fill a batch [env CQ_BATCH_WAIT_MS]."
+    "--batch-wait-ms",
+    type=int,
+    help="Wait to fill a batch, up to 4x while a burst still arrives [env CQ_BATCH_WAIT_MS].",
 )
 @click.option(
     "--metrics-port", type=int, help="Prometheus /metrics port; 0 = off [env CQ_METRICS_PORT]."

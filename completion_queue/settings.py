@@ -49,7 +49,10 @@ class Settings(BaseSettings):
         description="Batches' worth of jobs a worker takes at once, to group by length.",
     )
     batch_wait_ms: int = Field(
-        default=50, ge=0, le=60_000, description="Longest wait to fill a micro-batch."
+        default=50,
+        ge=0,
+        le=60_000,
+        description="Wait to fill a micro-batch (up to 4x while a burst still arrives).",
     )
     prefix_min_tokens: int = Field(
         default=64,

@@ -16,6 +16,11 @@ it fit a worker whose one pool process holds the model:
   kept messages and the late ones flush together when the running batch
   returns. A kept message so waits at most one batch; it would have waited for
   that batch anyway, in the same flush.
+- An idle worker's timer does not flush less than a group while messages are
+  still coming in (one came in the last half interval): a burst that takes
+  longer than ``CQ_BATCH_WAIT_MS`` to arrive lands in one flush, not in a small
+  group first. It waits at most :data:`ARRIVAL_WAIT_INTERVALS` intervals from
+  the first message; a lone job flushes at the first tick, as before.
 - If the pool process dies mid-batch (SIGKILL, OOM killer), the batch's messages
   are requeued at once, instead of waiting for Redis' visibility timeout.
 - The messages are acknowledged only when the task returns True (its results
@@ -31,7 +36,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Collection, Sequence
+from queue import Queue
 from typing import Any
 
 from celery.worker.request import Request
@@ -41,6 +48,32 @@ from celery_batches.trace import apply_batches_task
 from workers.listeners import BatchListener
 
 log = logging.getLogger(__name__)
+
+#: How long, in flush intervals from its first message, a partial buffer may wait for a
+#: burst still arriving.
+ARRIVAL_WAIT_INTERVALS = 4
+
+
+class Arrivals(Queue[Request]):
+    """The buffer, with when its first message came (since it was empty) and its last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = self.last = 0.0
+
+    def put(self, item: Request, block: bool = True, timeout: float | None = None) -> None:
+        """Buffer a message that just came in."""
+        now = time.monotonic()
+        if self.empty():
+            self.first = now
+        self.last = now
+        super().put(item, block, timeout)
+
+    def put_back(self, item: Request) -> None:
+        """Buffer again a message that came earlier (not an arrival)."""
+        if self.empty():
+            self.first = time.monotonic()
+        super().put(item)
 
 
 class ModelBatches(Batches):  # type: ignore[misc]
@@ -55,6 +88,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
 
     def __init__(self) -> None:
         super().__init__()
+        self._buffer: Arrivals = Arrivals()
         self._running = 0
 
     def forget_buffer(self) -> None:
@@ -78,9 +112,22 @@ class ModelBatches(Batches):  # type: ignore[misc]
     def _do_flush(self) -> None:
         if self._running and self._buffer.qsize() < self.flush_every:
             return  # the model is busy: let the next batch fill up
+        if self._arriving():
+            return  # a burst is still coming in: let it land in one flush
         super()._do_flush()
         # What flush() kept back counts toward the next full buffer.
         self._count = itertools.count(self._buffer.qsize() + self._pending.qsize() + 1)
+
+    def _arriving(self) -> bool:
+        """True while a partial buffer still grows (and has not waited its longest)."""
+        size = self._buffer.qsize()
+        if not self.group_size or not 0 < size < self.group_size:
+            return False
+        now, interval = time.monotonic(), float(self.flush_interval)
+        return (
+            now - self._buffer.last < interval / 2
+            and now - self._buffer.first < ARRIVAL_WAIT_INTERVALS * interval
+        )
 
     def flush(self, requests: Collection[Request]) -> Any:
         """Send ``requests`` to the pool as one call; ack after it returns, requeue if it dies.
@@ -92,7 +139,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
         if extra and len(requests) > self.group_size:
             requests, kept = requests[:-extra], requests[-extra:]
             for request in kept:
-                self._buffer.put(request)
+                self._buffer.put_back(request)
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
         for listener in self.listeners:
             try:

@@ -6,6 +6,7 @@ jobs surely arrive while it runs.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from db import JobStatus
@@ -37,3 +38,20 @@ def test_a_flush_keeps_what_is_past_whole_groups_for_the_late_jobs(chaos: Chaos)
     assert sum(j.started_at == late_group for j in done[:12]) == 4
     # And no message is left unacknowledged
     wait_for(lambda: chaos.unacked_messages() == 0, 30, "every message to be acked")
+
+
+def test_an_idle_worker_waits_for_a_burst_still_coming_in(chaos: Chaos) -> None:
+    # Given an idle static-engine worker with groups of 8, a 600 ms flush wait, and batches
+    # holding "slowly" that sleep 3 s
+    chaos.start_worker(faults={"slow": "slowly", "slow_s": 3}, batch_lookahead=4, batch_wait_ms=600)
+    with chaos.client() as client:
+        # When 16 jobs come one by one, 100 ms apart: the first tick finds about 6 of them
+        submitted = []
+        for job in jobs("slowly", 16):
+            submitted += client.submit_many([job])
+            time.sleep(0.1)
+        done = client.wait(submitted, timeout=120)
+    # Then the worker waited for the burst: two full groups, the first 8 jobs first
+    assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 16
+    assert sorted(Counter(j.started_at for j in done).values()) == [8, 8]
+    assert len({j.started_at for j in done[:8]}) == 1
