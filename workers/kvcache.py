@@ -102,10 +102,9 @@ def growing_cache(model: Any, room: int = ROOM) -> DynamicCache | None:
     The cache is what ``generate`` would make itself (``DynamicCache`` from the
     model's text config), with each plain ``DynamicLayer`` a :class:`GrowingLayer`
     (``room`` tokens of room); sliding-window and other special layers stay as
-    they are. None where
-    ``generate`` would make another kind of cache (an encoder-decoder model, a
-    model without the default cache, a generation config that names a cache):
-    then ``generate`` makes its own.
+    they are. None where ``generate`` would make another kind of cache (an
+    encoder-decoder model, a model without the default cache, a generation
+    config that names a cache): then ``generate`` makes its own.
     """
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
