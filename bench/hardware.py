@@ -17,6 +17,7 @@ CPU's caches (the tiny model) are read faster than this, and can beat it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 #: The matmul's side: big enough to reach a CPU's peak (2048) or a GPU's (8192).
@@ -34,39 +35,37 @@ def dtype_name(dtype: Any) -> str:
 def matmul_peak_gflops(device: Any, dtype: Any, *, threads: int, repeats: int = 5) -> float:
     """Return the best GFLOP/s (2 n^3 per product) of ``repeats`` n x n matmuls.
 
-    On CPU it runs on ``threads`` torch threads (the caller's count is restored
-    after); on CUDA, n is larger and each product is timed to its end.
+    On CPU it runs on ``threads`` torch threads; on CUDA, n is larger.
     """
     import torch
 
-    cuda = device.type == "cuda"
-    n = CUDA_MATMUL_N if cuda else CPU_MATMUL_N
-    before = torch.get_num_threads()
-    if not cuda:
-        torch.set_num_threads(threads)
-    try:
-        generator = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(n, n, generator=generator, device=device).to(dtype)
-        b = torch.randn(n, n, generator=generator, device=device).to(dtype)
-        best = float("inf")
-        with torch.inference_mode():
-            for _ in range(repeats + 1):  # the first one warms up
-                if cuda:
-                    torch.cuda.synchronize(device)
-                started = time.perf_counter()
-                torch.mm(a, b)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                best = min(best, time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(before)
+    n = CUDA_MATMUL_N if device.type == "cuda" else CPU_MATMUL_N
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=generator, device=device).to(dtype)
+    b = torch.randn(n, n, generator=generator, device=device).to(dtype)
+    with torch.inference_mode():
+        best = _best_seconds(device, threads, repeats, lambda: torch.mm(a, b))
     return 2 * n**3 / best / 1e9
 
 
 def memory_gbps(device: Any, *, threads: int, repeats: int = 5) -> float:
     """Return the best GB/s (bytes read + written) of ``repeats`` copies of a 256 MiB buffer.
 
-    On CPU on ``threads`` torch threads (the caller's count is restored after).
+    On CPU on ``threads`` torch threads.
+    """
+    import torch
+
+    source = torch.ones(COPY_BYTES // 4, device=device)
+    target = torch.empty_like(source)
+    best = _best_seconds(device, threads, repeats, lambda: target.copy_(source))
+    return 2 * COPY_BYTES / best / 1e9
+
+
+def _best_seconds(device: Any, threads: int, repeats: int, call: Callable[[], object]) -> float:
+    """Return the shortest of ``repeats`` timed ``call()``s, after one to warm up.
+
+    On CPU they run on ``threads`` torch threads (the caller's count is restored
+    after); on CUDA each call is timed to its end.
     """
     import torch
 
@@ -75,20 +74,18 @@ def memory_gbps(device: Any, *, threads: int, repeats: int = 5) -> float:
     if not cuda:
         torch.set_num_threads(threads)
     try:
-        source = torch.ones(COPY_BYTES // 4, device=device)
-        target = torch.empty_like(source)
         best = float("inf")
         for _ in range(repeats + 1):  # the first one warms up (and touches every page)
             if cuda:
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-            target.copy_(source)
+            call()
             if cuda:
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - started)
     finally:
         torch.set_num_threads(before)
-    return 2 * COPY_BYTES / best / 1e9
+    return best
 
 
 def roofline_tokens_per_s(weight_bytes: int, batch_size: int, gbps: float) -> float:

@@ -59,8 +59,10 @@ def conv1d_to_linear(model: nn.Module) -> int:
         for name, child in list(parent.named_children()):
             if isinstance(child, Conv1D):
                 n_in, n_out = child.weight.shape
-                weight = child.weight
-                linear = nn.Linear(n_in, n_out, dtype=weight.dtype, device=weight.device)
+                # No random initialisation: both parameters are overwritten at once.
+                linear = nn.utils.skip_init(  # type: ignore[no-untyped-call]
+                    nn.Linear, n_in, n_out, dtype=child.weight.dtype, device=child.weight.device
+                )
                 linear.weight.data = child.weight.data.t().contiguous()
                 linear.bias.data = child.bias.data
                 setattr(parent, name, linear)

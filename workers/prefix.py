@@ -121,25 +121,20 @@ def pad_rows(
     starts with) each row is ``[prefix, gap, suffix]`` as the module docstring says,
     and every start is 0.
     """
-    if prefix_len == 0:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt) :] = 1
-        return ids, mask, width - mask.sum(dim=1)
-    prefix = torch.tensor(prompts[0][:prefix_len], dtype=torch.long)
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), int(prefix[-1]), dtype=torch.long)
+    # A gap holds the prefix's last token (see the module docstring), left padding pad_id.
+    fill = prompts[0][prefix_len - 1] if prefix_len else pad_id
+    ids = torch.full((len(prompts), width), fill, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    ids[:, :prefix_len] = prefix
-    mask[:, :prefix_len] = 1
+    if prefix_len:
+        ids[:, :prefix_len] = torch.tensor(prompts[0][:prefix_len], dtype=torch.long)
+        mask[:, :prefix_len] = 1
     for i, prompt in enumerate(prompts):
         suffix = prompt[prefix_len:]
         ids[i, width - len(suffix) :] = torch.tensor(suffix, dtype=torch.long)
         mask[i, width - len(suffix) :] = 1
-    return ids, mask, torch.zeros(len(prompts), dtype=torch.long)
+    starts = torch.zeros(len(prompts), dtype=torch.long) if prefix_len else width - mask.sum(dim=1)
+    return ids, mask, starts
 
 
 def prefix_cache(model: Any, prefix_ids: torch.Tensor, rows: int, max_len: int) -> StaticCache:
