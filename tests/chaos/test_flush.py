@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import pytest
+
 from db import JobStatus
 from tests.chaos.conftest import Chaos, wait_for
 
@@ -19,10 +21,17 @@ def jobs(prefix: str, count: int) -> list[dict[str, object]]:
     ]
 
 
-def test_a_flush_keeps_what_is_past_whole_groups_for_the_late_jobs(chaos: Chaos) -> None:
-    # Given a static-engine worker with groups of 8 and room for 4 groups in a flush, whose
-    # batches holding "slowly" sleep 3 s (the flush wait is long enough to take the whole burst)
-    chaos.start_worker(faults={"slow": "slowly", "slow_s": 3}, batch_lookahead=4, batch_wait_ms=300)
+@pytest.mark.parametrize(
+    "settings",
+    [{"batch_lookahead": 4, "batch_wait_ms": 300}, {"batch_lookahead": 8}],
+    ids=["long-wait", "default-wait-and-lookahead"],
+)
+def test_a_flush_keeps_what_is_past_whole_groups_for_the_late_jobs(
+    chaos: Chaos, settings: dict[str, int]
+) -> None:
+    # Given a static-engine worker with groups of 8 and room for 4 (or 8) groups in a flush,
+    # whose batches holding "slowly" sleep 3 s; the flush wait a long one, or the default
+    chaos.start_worker(faults={"slow": "slowly", "slow_s": 3}, **settings)
     with chaos.client() as client:
         # When 12 jobs come at once (one group and 4 more in the first flush)
         first = client.submit_many(jobs("slowly", 12))
