@@ -9,9 +9,11 @@ tokens equal the default's.
     .venv/bin/python -m bench.decode --model /tmp/gpt2-small --batch 32 --prompt 16,128 \
         --variants default,packed,static,compile,freeze
 
-``--shared-prefix 512`` times the worker's runtime instead, on one group of
-``--batch`` rows sharing a 512-token header: reuse off, the prefix computed once
-and copied to every row, and that with cascade attention (the worker's path).
+``--sampling`` times the worker's runtime instead, on ``--batch`` rows: greedy,
+then sampled (temperature 1, top_p 0.9, top_k 50). ``--shared-prefix 512``
+times it on one group of ``--batch`` rows sharing a 512-token header: reuse
+off, the prefix computed once and copied to every row, and that with cascade
+attention (the worker's path).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -275,6 +278,41 @@ def shared_prefix_paths(path: str, dtype: str, prefix: int, batch: int, new: int
               f"{base / seconds:>5.2f}x", flush=True)  # fmt: skip
 
 
+def sampling_paths(path: str, dtype: str, batch: int, prompt: int, new: int) -> None:
+    """Time the worker's runtime on ``batch`` rows, greedy then sampled three ways.
+
+    Sampled at the API's defaults (temperature 1), with top_p 0.9 and with top_k
+    50: seconds per call, best of two, and tokens/s against greedy's.
+    """
+    import workers.model
+    from workers.planner import GenerationRequest
+
+    runtime = workers.model.ModelRuntime(path, device="cpu", dtype=dtype)
+    ids = [runtime.encode([prompt_of_length(runtime.tokenizer, prompt, 37 * i)])[0]
+           for i in range(batch)]  # fmt: skip
+    ways: list[tuple[str, dict[str, Any]]] = [
+        ("greedy", {"temperature": 0.0}), ("temperature 1", {}), ("top_p 0.9", {"top_p": 0.9}),
+        ("top_k 50", {"top_k": 50}),
+    ]  # fmt: skip
+    print(f"{path} {dtype}: {batch} rows, {prompt}-token prompts, {new} new tokens")
+    base = 0.0
+    for name, params in ways:
+        requests = [
+            GenerationRequest(key=str(i), prompt_ids=tuple(row), max_new_tokens=new, seed=i,
+                              **params)
+            for i, row in enumerate(ids)
+        ]  # fmt: skip
+        runtime.generate(requests[:2])
+        best, results = min(
+            (timed(partial(runtime.generate, requests)) for _ in range(2)), key=lambda t: t[0]
+        )
+        tokens = sum(c.completion_tokens for r in results if not isinstance(r, Exception)
+                     for c in r.choices)  # fmt: skip
+        base = base or tokens / best
+        print(f"  {name:<15}{best:>7.2f} s  {tokens / best:>6.0f} tok/s  "
+              f"{tokens / best / base:>5.2f}x", flush=True)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the variants at each batch and prompt length and print the table."""
     parser = argparse.ArgumentParser(
@@ -296,7 +334,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="profile the default variant first")
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
                         help="instead: the runtime on a group sharing a header")  # fmt: skip
+    parser.add_argument("--sampling", action="store_true",
+                        help="instead: the runtime greedy, then sampled")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.sampling:
+        torch.set_num_threads(args.threads or model_threads())
+        sampling_paths(args.model, args.dtype, args.batch[0], args.prompt[0], args.new)
+        return
     if args.shared_prefix:
         torch.set_num_threads(args.threads or model_threads())
         shared_prefix_paths(args.model, args.dtype, args.shared_prefix, args.batch[0], args.new)

@@ -36,6 +36,8 @@ ROWS = [
     ("schema_none_tokens_per_s", "structured: no row constrained"),
     ("schema_half_tokens_per_s", "structured: half the rows with a JSON schema"),
     ("schema_half_over_none", "structured: half / none"),
+    ("sampled_tokens_per_s", "the structured run's jobs, sampled at temperature 1"),
+    ("sampled_over_greedy", "sampled / greedy (structured: none)"),
     ("prefix_pipeline_tokens_per_s", "shared prefix: pipeline, computed once per group"),
     ("prefix_off_pipeline_tokens_per_s", "shared prefix: pipeline, reuse off"),
     ("prefix_reuse_speedup", "shared prefix: reuse / off"),

@@ -137,8 +137,8 @@ def worker(
               show_default=True, help="Worker engine.")  # fmt: skip
 @click.option("--mixed-jobs", default=512, show_default=True, help="Jobs in the mixed workload.")
 @click.option("--schema-jobs", default=256, show_default=True,
-              help="Jobs in the structured-output workload (run twice: none, then half with a "
-              "JSON schema).")  # fmt: skip
+              help="Jobs in the structured-output workload (run three times: greedy, half "
+              "with a JSON schema, then sampled at temperature 1).")  # fmt: skip
 @click.option("--naive-jobs", default=48, show_default=True,
               help="Jobs run one generate call each (the naive baseline).")  # fmt: skip
 @click.option("--queue-jobs", default=2000, show_default=True,

@@ -6,6 +6,14 @@ row's own seeded generator and hands ``generate`` a one-hot choice (so
 whatever its batch-mates, and lets jobs with different temperatures, top-p,
 top-k and repetition penalties share one call. :class:`RowStops` ends each row
 at its own budget or stop string.
+
+A row's draw is an inverse transform over its probabilities in vocabulary
+order: one uniform number per row and step, from the row's generator. Only
+rows' top-k and top-p cuts need the logits in order, and they get them from one
+sort of the values (NumPy's on CPU, see :func:`ascending`); rows sampled at
+a temperature alone, the API's default, sort nothing. (Sorting the logits and
+their indices with ``torch.sort`` at every step cost GPT-2-small two thirds of
+its sampled throughput on one CPU core.)
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
@@ -32,12 +41,14 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
         device: torch.device,
     ) -> None:
         self.greedy = torch.tensor([r.greedy for r in rows], device=device)
-        self.all_greedy = bool(all(r.greedy for r in rows))
+        self.all_greedy = all(r.greedy for r in rows)
+        self.any_greedy = any(r.greedy for r in rows)
         self.temperature = torch.tensor(
             [1.0 if r.greedy else r.temperature for r in rows], device=device
         )
         self.top_p = torch.tensor([r.top_p for r in rows], device=device)
         self.top_k = torch.tensor([r.top_k for r in rows], device=device, dtype=torch.long)
+        self.any_cut = any(r.top_k > 0 or r.top_p < 1 for r in rows)
         self.penalty = torch.tensor([r.repetition_penalty for r in rows], device=device)
         self.any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
         self.generators = generators
@@ -48,9 +59,12 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
         vocab = scores.shape[-1]
         if self.any_penalty:
             scores = self._penalize(input_ids, scores)
-        token = scores.argmax(dim=-1)
-        if not self.all_greedy:
-            token = torch.where(self.greedy, token, self._sample(scores))
+        if self.all_greedy:
+            token = scores.argmax(dim=-1)
+        elif self.any_greedy:
+            token = torch.where(self.greedy, scores.argmax(dim=-1), self._sample(scores))
+        else:
+            token = self._sample(scores)
         chosen = torch.full_like(scores, float("-inf"))
         chosen.scatter_(1, token[:, None], 0.0)
         return chosen[:, :vocab]
@@ -68,27 +82,56 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
         return torch.where(seen, penalized, scores)
 
     def _sample(self, scores: torch.Tensor) -> torch.Tensor:
-        vocab = scores.shape[-1]
         # Shift the best logit to 0 first: a tiny temperature then sends the others to
-        # -inf, never the best one to +inf (which would make softmax NaN).
-        logits = (scores - scores.amax(dim=-1, keepdim=True)) / self.temperature[:, None]
-        sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=scores.device)
-        top_k = torch.where(self.top_k > 0, self.top_k, vocab)
-        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > self.top_p[:, None], 0.0)
-        cdf = probs.cumsum(dim=-1)
-        uniform = (
-            torch.stack(
-                [torch.rand((), generator=g, device=scores.device) for g in self.generators]
-            )
-            * cdf[:, -1]
+        # -inf, never the best one to +inf (and exp never overflows).
+        logits = (scores - scores.amax(dim=-1, keepdim=True)).div_(self.temperature[:, None])
+        if self.any_cut:
+            weights = logits.exp().masked_fill_(logits < self._floors(logits)[:, None], 0.0)
+        else:
+            weights = logits.exp_()
+        # Inverse transform in vocabulary order: the first token whose cumulative weight
+        # passes the row's draw. The draw stays below the total, so that token has weight.
+        cdf = weights.cumsum_(dim=-1)
+        total = cdf[:, -1:]
+        draw = torch.minimum(self._uniforms()[:, None] * total, total.nextafter(total * 0))
+        return torch.searchsorted(cdf, draw, right=True).squeeze(1)
+
+    def _uniforms(self) -> torch.Tensor:
+        """One draw in [0, 1) per row, from the row's own generator."""
+        return torch.stack([torch.rand((), generator=g, device=g.device) for g in self.generators])
+
+    def _floors(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's smallest logit that its top_k and top_p keep.
+
+        top_k keeps the k most likely tokens; top_p then keeps the fewest most likely
+        of those whose share of their weight reaches it, the first one always.
+        Tokens tied with a row's last one are kept too.
+        """
+        ranked = ascending(logits)
+        vocab = ranked.shape[-1]
+        top_k = torch.where(self.top_k > 0, self.top_k.clamp(max=vocab), vocab)[:, None]
+        cdf = ranked.exp().cumsum_(dim=-1)
+        total = cdf[:, -1:]
+        # The weight of the top k, and the most that may rank above a kept token.
+        outside = torch.where(top_k < vocab, cdf.gather(1, (vocab - top_k - 1).clamp(min=0)), 0)
+        above = self.top_p[:, None] * (total - outside)
+        # A token stays while the weight above it, total - cdf[j], is at most that.
+        first = torch.searchsorted(cdf, total - above, side="left")
+        first = torch.where(
+            self.top_p[:, None] < 1, torch.maximum(first, vocab - top_k), vocab - top_k
         )
-        last_kept = ((probs > 0).sum(dim=-1) - 1).clamp(min=0)
-        index = torch.minimum((cdf < uniform[:, None]).sum(dim=-1), last_kept)
-        return sorted_ids.gather(1, index[:, None]).squeeze(1)
+        return ranked.gather(1, first.clamp(max=vocab - 1)).squeeze(1)
+
+
+def ascending(values: torch.Tensor) -> torch.Tensor:
+    """Each row of float32 ``values`` sorted, smallest first (the values, not their indices).
+
+    On CPU through NumPy, whose SIMD sort orders 32 rows of a 50,257-token
+    vocabulary in 5 ms on one core where ``torch.sort`` takes 100 ms.
+    """
+    if values.device.type != "cpu":
+        return values.sort(dim=-1).values
+    return torch.from_numpy(np.sort(values.numpy(), axis=-1))
 
 
 class RowStops(StoppingCriteria):  # type: ignore[misc]
