@@ -86,9 +86,8 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
         # -inf, never the best one to +inf (and exp never overflows).
         logits = (scores - scores.amax(dim=-1, keepdim=True)).div_(self.temperature[:, None])
         if self.any_cut:
-            weights = logits.exp().masked_fill_(logits < self._floors(logits)[:, None], 0.0)
-        else:
-            weights = logits.exp_()
+            logits.masked_fill_(logits < self._floors(logits)[:, None], -torch.inf)
+        weights = logits.exp_()
         # Inverse transform in vocabulary order: the first token whose cumulative weight
         # passes the row's draw. The draw stays below the total, so that token has weight.
         cdf = weights.cumsum_(dim=-1)
