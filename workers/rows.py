@@ -93,7 +93,9 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
         cdf = weights.cumsum_(dim=-1)
         total = cdf[:, -1:]
         draw = torch.minimum(self._uniforms()[:, None] * total, total.nextafter(total * 0))
-        return torch.searchsorted(cdf, draw, right=True).squeeze(1)
+        # A row whose scores hold NaN (a penalty of 1e300 is inf in float32) has no total
+        # to search: it gets the last token, as any out-of-range search does.
+        return torch.searchsorted(cdf, draw, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
 
     def _uniforms(self) -> torch.Tensor:
         """One draw in [0, 1) per row, from the row's own generator."""

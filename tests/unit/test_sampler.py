@@ -126,3 +126,16 @@ def test_a_tiny_temperature_draws_the_best_token() -> None:
 def test_ascending_sorts_each_row() -> None:
     values = torch.tensor([[3.0, -torch.inf, 1.0, 2.0], [0.0, -1.0, 5.0, -2.0]])
     assert ascending(values).tolist() == [[-torch.inf, 1.0, 2.0, 3.0], [-2.0, -1.0, 0.0, 5.0]]
+
+
+@pytest.mark.parametrize("penalty", [1e300, 1e-300])  # inf and 0 once in float32
+def test_an_extreme_repetition_penalty_still_draws_a_token(penalty: float) -> None:
+    # Given seen tokens whose scores are 0, 1 and -1, and a penalty float32 cannot hold
+    rows = sampler([{"repetition_penalty": penalty}, {"repetition_penalty": penalty, "top_p": 0.5}])
+    scores = torch.tensor([[0.0, 1.0, -1.0, 0.5]] * 2)
+    seen = torch.tensor([[0, 1, 2]] * 2)
+    # When the rows draw
+    chosen = rows(seen, scores)
+    # Then each still gets one token of the vocabulary
+    assert chosen.shape == (2, 4)
+    assert ((chosen == 0).sum(dim=-1) == 1).all()
