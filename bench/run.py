@@ -31,6 +31,7 @@ from completion_queue import (
     create_app,
     events_key,
     rss_mb,
+    stop_workers,
     worker_env,
 )
 from db import Job, JobStatus, upgrade
@@ -288,8 +289,7 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
                 progress(f"sampled: {config.schema_jobs} jobs at the API's default temperature, 1")
                 tokens, seconds, _ = _pipeline(client, plain, sampled=True)
                 figures["sampled_tokens_per_s"] = tokens / seconds
-            for worker in workers:
-                worker.stop()
+            stop_workers(workers)
             progress(f"celery no-op baseline: {config.queue_jobs} tasks")
             figures["celery_noop_jobs_per_s"] = _celery_noop_rate(cluster, config.queue_jobs)
             if config.shared_prefix_tokens:
@@ -299,8 +299,7 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
                 workers = cluster.start_workers(config.workers)
                 with CompletionClient(settings=cluster.settings(config.workers)) as client:
                     tokens, seconds, _ = _pipeline(client, items)
-                for worker in workers:
-                    worker.stop()
+                stop_workers(workers)
                 figures["workers_pipeline_tokens_per_s"] = tokens / seconds
                 figures["workers_over_one"] = tokens / seconds / figures["pipeline_tokens_per_s"]
         finally:
@@ -341,8 +340,7 @@ def _shared_prefix(cluster: _Cluster, tokenizer: Any, progress: Any) -> dict[str
         workers = cluster.start_workers(1, prefix_min_tokens=min_tokens)
         with CompletionClient(settings=cluster.settings(1)) as client:
             tokens, seconds, _ = _pipeline(client, items)
-        for worker in workers:
-            worker.stop()
+        stop_workers(workers)
         found[f"{key}_pipeline_tokens_per_s"] = tokens / seconds
     found["prefix_reuse_speedup"] = (
         found["prefix_pipeline_tokens_per_s"] / found["prefix_off_pipeline_tokens_per_s"]

@@ -62,6 +62,7 @@ from completion_queue.local import (
     embedded_broker,
     rss_mb,
     stop_on_signals,
+    stop_workers,
     worker_env,
 )
 from completion_queue.metrics import JobStatusCollector, Metrics, QueueDepthCollector
@@ -74,6 +75,7 @@ __all__ = [
     # local processes and presence
     "Stopped",
     "stop_on_signals",
+    "stop_workers",
     "announce",
     "models_without_chat",
     "served_models",

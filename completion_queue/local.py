@@ -154,6 +154,7 @@ class WorkerProcess:
         self.env = {**os.environ, **env}
         self.log_path = Path(log_path)
         self.process: subprocess.Popen[bytes] | None = None
+        self._terminated = False
 
     @property
     def pid(self) -> int:
@@ -178,6 +179,7 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+        self._terminated = False
         return self
 
     def log_text(self) -> str:
@@ -212,12 +214,18 @@ class WorkerProcess:
         """True while the process runs."""
         return self.process is not None and self.process.poll() is None
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM, once: Celery reads a second as a cold one)."""
+        if self.process is not None and self.process.poll() is None and not self._terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """Warm shutdown (SIGTERM), then SIGKILL after ``timeout_s``; return the exit code."""
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -238,6 +246,14 @@ class WorkerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def stop_workers(workers: Sequence[WorkerProcess], timeout_s: float = 30.0) -> None:
+    """Stop ``workers`` together: each warm shutdown takes seconds, mostly waiting."""
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.stop(timeout_s)
 
 
 def child_pids(pid: int) -> list[int]:

@@ -190,8 +190,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
         def on_error(exc: BaseException) -> None:
             self._running = max(0, self._running - 1)
             log.error("batch of %d lost (%r); requeueing its messages", len(requests), exc)
-            for request in requests:
-                request.reject(requeue=True)
+            settle(requests, committed=False)
 
         return self._pool.apply_async(
             apply_batches_task,

@@ -25,6 +25,7 @@ from completion_queue import (
     WorkerProcess,
     queue_depth,
     queue_name,
+    stop_workers,
     worker_env,
 )
 from producer.client import CompletionClient
@@ -101,9 +102,7 @@ class Chaos:
 
     def close(self) -> None:
         """Stop every worker and empty the Redis db."""
-        for worker in self.workers:
-            if worker.alive():
-                worker.stop(timeout_s=20)
+        stop_workers([worker for worker in self.workers if worker.alive()], timeout_s=20)
         self.redis.flushdb()
         self.redis.close()
 

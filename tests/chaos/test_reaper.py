@@ -77,16 +77,17 @@ def test_workers_reap_lost_jobs_and_expire_unserved_ones(chaos: Chaos) -> None:
     )
     queue = queue_name(chaos.settings.model)
     control = create_app(chaos.settings).control
+    node = [worker.nodename]  # a reply from each named node ends the wait (else: all 5 s)
     with chaos.client() as client:
         # and a job marked running by a worker that died, whose message is gone
-        assert control.cancel_consumer(queue, reply=True, timeout=5)
+        assert control.cancel_consumer(queue, reply=True, timeout=5, destination=node)
         lost = client.submit("Once upon a time", max_new_tokens=4)
         wait_for(lambda: chaos.queued_messages() == 1, 10, "the message")
         for key in chaos.redis.keys(f"{queue}*"):
             chaos.redis.delete(key)
         with client.sessions.begin() as session:
             claim_jobs(session, job_ids=[lost.id], worker="lost-worker")
-        assert control.add_consumer(queue, reply=True, timeout=5)
+        assert control.add_consumer(queue, reply=True, timeout=5, destination=node)
         # and a job for a model no worker serves
         unserved = client.submit("Hello", model="no-such-model", max_new_tokens=4)
         # When the reaper's deadlines pass

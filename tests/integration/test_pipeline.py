@@ -107,13 +107,14 @@ def test_n_gives_n_choices(client: CompletionClient) -> None:
 def test_cancelled_queued_job_never_runs(stack: Stack, client: CompletionClient) -> None:
     queue = queue_name(stack.settings.model)
     control = create_app(stack.settings).control
+    node = [stack.worker.nodename]  # a reply from each named node ends the wait (else: all 5 s)
     # Given a worker that stopped consuming its queue, and a job waiting there
-    assert control.cancel_consumer(queue, reply=True, timeout=5)
+    assert control.cancel_consumer(queue, reply=True, timeout=5, destination=node)
     try:
         job = client.submit("Once upon a time", max_new_tokens=5)
         cancelled = client.cancel(job.id)
     finally:
-        assert control.add_consumer(queue, reply=True, timeout=5)
+        assert control.add_consumer(queue, reply=True, timeout=5, destination=node)
     # When the worker consumes again and a later job has run
     sentinel = client.wait(client.submit("after", max_new_tokens=2), timeout=60)
     assert sentinel.status is JobStatus.SUCCEEDED
@@ -249,6 +250,10 @@ def test_reaper_resends_a_queued_job_whose_message_was_lost(
     with sessions.begin() as session:
         create_jobs(session, jobs=[job])
     time.sleep(0.05)  # older than the (tiny) threshold below
+    # (an earlier test's last ack follows its commit by a moment)
+    deadline = time.monotonic() + 10
+    while stack.redis.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.05)
     # When the reaper runs while the queue is empty and nothing is unacked
     settings = stack.settings.model_copy(update={"reap_queued_after_s": 0.01})
     report = reap(settings, create_app(settings), sessions)

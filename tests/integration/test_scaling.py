@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from completion_queue import WorkerProcess, create_app, queue_name, worker_env
+from completion_queue import WorkerProcess, create_app, queue_name, stop_workers, worker_env
 from db import (
     Choice,
     JobRow,
@@ -35,10 +35,10 @@ SQLITE_ONLY = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
 @pytest.fixture(scope="session")
 def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second tiny model: same shape, other weights (seed 1)."""
+    """A second tiny model: same shape, other weights (seed 1, 20 training steps: 4 s, not 24)."""
     from workers.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2-b", seed=1)
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2-b", seed=1, steps=20)
 
 
 @SQLITE_ONLY
@@ -53,10 +53,9 @@ def test_jobs_reach_only_workers_of_their_model_and_share_a_queue(
     # Given the stack's worker and a second one on model A, and a third on model B
     a2_settings = stack.settings.model_copy(update={"metrics_port": 0})
     b_settings = a2_settings.model_copy(update={"model": model_b})
-    with (
-        WorkerProcess(worker_env(a2_settings), tmp_path / "a2.log") as a2,
-        WorkerProcess(worker_env(b_settings), tmp_path / "b.log") as b,
-    ):
+    a2 = WorkerProcess(worker_env(a2_settings), tmp_path / "a2.log").start()
+    b = WorkerProcess(worker_env(b_settings), tmp_path / "b.log").start()
+    try:
         a2.wait_ready()
         b.wait_ready()
         # When jobs for both models are submitted, interleaved
@@ -66,6 +65,10 @@ def test_jobs_reach_only_workers_of_their_model_and_share_a_queue(
             for i in range(96)
         ]  # fmt: skip
         done = client.wait(client.submit_many(requests), timeout=180)
+    finally:
+        stop_workers([a2, b])
+    # (stopped together, each warm: exit code 0)
+    assert [w.process and w.process.returncode for w in (a2, b)] == [0, 0]
     # Then every job ran on a worker of its own model, with that model's weights
     a_workers = {stack.worker.nodename, a2.nodename}
     ref_b = Reference(other_model)
