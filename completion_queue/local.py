@@ -215,7 +215,7 @@ class WorkerProcess:
         return self.process is not None and self.process.poll() is None
 
     def terminate(self) -> None:
-        """Ask for a warm shutdown (SIGTERM, once: Celery reads a second as a cold one)."""
+        """Ask for a warm shutdown: one SIGTERM, however often this is called."""
         if self.process is not None and self.process.poll() is None and not self._terminated:
             self.process.send_signal(signal.SIGTERM)
             self._terminated = True
