@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -324,7 +325,10 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
     was cancelled, or claimed again by a later delivery, keeps its state. An
     outcome of status cancelled (the worker stopped the job's rows when it saw the
     cancel) records the tokens generated up to then, on a row still cancelled under
-    that attempt.
+    that attempt. A job cancelled after the worker's last look (its rows had
+    finished, or the cancel came between two progress checks) keeps what it
+    generated the same way, marked ``cancelled``: a second executemany, run only
+    when the first missed rows.
     """
     if not outcomes:
         return 0
@@ -346,24 +350,34 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
             finished_at=now,
         )
     )
-    result = session.connection().execute(
-        stmt,
-        [
-            {
-                "b_id": o.job_id,
-                "b_attempt": o.attempt,
-                "b_status": o.status,
-                "b_from": o.status if o.status is JobStatus.CANCELLED else JobStatus.RUNNING,
-                "b_choices": [c.to_dict() for c in o.choices] if o.choices else None,
-                "b_prompt_tokens": o.prompt_tokens,
-                "b_truncated_prompt_tokens": o.truncated_prompt_tokens,
-                "b_completion_tokens": o.completion_tokens if o.choices else None,
-                "b_error": o.error,
-            }
-            for o in outcomes
-        ],
-    )
-    return max(result.rowcount, 0)
+    connection = session.connection()
+    changed = max(connection.execute(stmt, [_outcome_params(o) for o in outcomes]).rowcount, 0)
+    late = [o for o in outcomes if o.status is JobStatus.SUCCEEDED]
+    if changed < len(outcomes) and late:
+        cancelled = [
+            replace(o, status=JobStatus.CANCELLED,
+                    choices=[replace(c, finish_reason="cancelled") for c in o.choices])
+            for o in late
+        ]  # fmt: skip
+        changed += max(
+            connection.execute(stmt, [_outcome_params(o) for o in cancelled]).rowcount, 0
+        )
+    return changed
+
+
+def _outcome_params(o: Outcome) -> dict[str, Any]:
+    """The bound values of :func:`finish_jobs`' statement for one outcome."""
+    return {
+        "b_id": o.job_id,
+        "b_attempt": o.attempt,
+        "b_status": o.status,
+        "b_from": o.status if o.status is JobStatus.CANCELLED else JobStatus.RUNNING,
+        "b_choices": [c.to_dict() for c in o.choices] if o.choices else None,
+        "b_prompt_tokens": o.prompt_tokens,
+        "b_truncated_prompt_tokens": o.truncated_prompt_tokens,
+        "b_completion_tokens": o.completion_tokens if o.choices else None,
+        "b_error": o.error,
+    }
 
 
 def cancel_job(session: Session, *, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:

@@ -105,7 +105,7 @@ def expire_batch_jobs(
 ) -> list[uuid.UUID]:
     """Fail the unfinished jobs of batches created before ``created_before``; return ids.
 
-    A running job's late result is then discarded, like a cancelled one's.
+    A running job's late result is then discarded (the row is no longer running).
     """
     batches = select(BatchRow.id).where(BatchRow.created_at < created_before)
     return _fail_where(

@@ -229,18 +229,22 @@ def test_a_hundred_waiting_completions_hold_no_thread(
     try:
         with ThreadPoolExecutor(100) as pool:
             calls = [pool.submit(complete, i) for i in range(100)]
-            until(lambda: len(client.list(status="queued", limit=1000)) == 100, timeout_s=60)
-            # Then /healthz answers at once, every time
-            latencies = []
-            for _ in range(20):
-                started = time.perf_counter()
-                assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-                latencies.append(time.perf_counter() - started)
-            print(f"healthz with 100 completions waiting: max {max(latencies) * 1000:.1f} ms")
-            assert max(latencies) < 0.1
-            # and every waiting call answers as soon as its job ends (here: cancelled)
-            for job in client.list(status="queued", limit=1000):
-                client.cancel(job.id)
+            try:
+                until(lambda: len(client.list(status="queued", limit=1000)) == 100, timeout_s=60)
+                # Then /healthz answers while they wait, every time (a thread per waiting call
+                # would leave none: it would time out). The bound is loose for a busy machine;
+                # the figure is printed (30-90 ms on 2 cores).
+                latencies = []
+                for _ in range(20):
+                    started = time.perf_counter()
+                    assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+                    latencies.append(time.perf_counter() - started)
+                print(f"healthz with 100 completions waiting: max {max(latencies) * 1000:.1f} ms")
+                assert max(latencies) < 1.0
+            finally:
+                # and every waiting call answers as soon as its job ends (here: cancelled)
+                for job in client.list(status="queued", limit=1000):
+                    client.cancel(job.id)
             answers = [call.result(timeout=30) for call in calls]
     finally:
         http.close()

@@ -66,24 +66,35 @@ def test_results_are_written_once_by_the_attempt_holding_the_job(database_url: s
     )  # fmt: skip
 
 
-def test_cancelling_a_running_job_discards_its_result(database_url: str) -> None:
+def test_a_job_cancelled_while_running_keeps_what_it_generated(database_url: str) -> None:
     sessions = make_session_factory(make_engine(database_url))
     jobs = [NewJob(model="m", prompt=f"p{i}", params={}) for i in range(3)]
     with sessions.begin() as s:
         create_jobs(s, jobs=jobs)
         claimed = claim_jobs(s, job_ids=[j.id for j in jobs], worker="w")
     assert all(j.status is JobStatus.RUNNING for j in claimed)
+    # Given one of three running jobs cancelled after its worker's last look
     with sessions.begin() as s:
         cancelled = cancel_job(s, job_id=jobs[1].id)
     assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
     choice = Choice(text="t", finish_reason="length", completion_tokens=1)
+    # When the worker writes the batch's results
     with sessions.begin() as s:
-        finish_jobs(s, outcomes=[Outcome(j.id, 1, JobStatus.SUCCEEDED, [choice], 1) for j in jobs])
+        outcomes = [Outcome(j.id, 1, JobStatus.SUCCEEDED, [choice], 1) for j in jobs]
+        assert finish_jobs(s, outcomes=outcomes) == 3
         rows = [get_job(s, job_id=j.id) for j in jobs]
+    # Then the cancelled job stays cancelled and keeps its tokens, marked cancelled
     assert [r.status for r in rows if r] == [
         JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.SUCCEEDED,
     ]  # fmt: skip
-    assert rows[1] is not None and rows[1].choices == []
+    assert rows[1] is not None and rows[1].choices == [
+        Choice(text="t", finish_reason="cancelled", completion_tokens=1)
+    ]
+    assert rows[1].completion_tokens == 1
+    # and a late result of an earlier attempt of it changes nothing
+    with sessions.begin() as s:
+        late = Outcome(jobs[1].id, 0, JobStatus.SUCCEEDED, [choice], 1)
+        assert finish_jobs(s, outcomes=[late]) == 0
     with sessions.begin() as s:
         assert cancel_job(s, job_id=uuid.uuid4()) is None
 
