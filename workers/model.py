@@ -6,6 +6,7 @@ may share one call.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -94,7 +95,7 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (see :data:`NATIVE_BF16_FLAGS`).
+    """Whether this CPU has bfloat16 instructions (see :data:`NATIVE_BF16_FLAGS`).
 
     Elsewhere torch still runs bfloat16, converting each value to float32 and back:
     slower than float32. ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not the
@@ -103,16 +104,61 @@ def cpu_has_native_bf16() -> bool:
     return not NATIVE_BF16_FLAGS.isdisjoint(cpu_flags())
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Return the dtype; ``auto`` is half precision where the hardware computes in it.
+#: ``auto`` runs a CPU in bfloat16 only where its products are at least this much faster
+#: than float32's (AMX: 5-7x; a Xeon whose hypervisor hides AMX but shows AVX512-BF16: 0.5x).
+BF16_MIN_SPEEDUP = 1.3
 
-    On CUDA bf16 (fp16 on GPUs without bf16); on a CPU with native bf16 (AVX512-BF16,
-    AMX, Arm BF16) bf16, about twice float32's speed there; on other CPUs float32.
+
+@functools.cache
+def cpu_bf16_speedup(size: int = 1024, repeats: int = 3) -> float:
+    """How many times faster a ``size``² matmul runs in bfloat16 than in float32 here.
+
+    Measured once per process, on the current torch threads (about 0.2 s on one core),
+    best of ``repeats`` after a first call that packs and compiles the kernels. The
+    flags are not enough: a CPU can list AVX512-BF16 and still multiply bf16 at half
+    float32's speed (seen on a 2-core Xeon VM without AMX, where bf16 ``generate`` ran
+    0.8-0.9x float32's).
+    """
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(size, size, generator=generator) for _ in range(2))
+
+    def best_s(dtype: torch.dtype) -> float:
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        timings = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            x @ y
+            timings.append(time.perf_counter() - started)
+        return min(timings)
+
+    return best_s(torch.float32) / max(best_s(torch.bfloat16), 1e-9)
+
+
+def cpu_runs_bf16_faster() -> bool:
+    """Whether ``auto`` picks bfloat16 on this CPU: bf16 instructions, and measured faster."""
+    if not cpu_has_native_bf16():
+        return False
+    speedup = cpu_bf16_speedup()
+    faster = speedup >= BF16_MIN_SPEEDUP
+    log.info(
+        "bfloat16 products run %.2fx float32's on this CPU: dtype auto is %s",
+        speedup, "bfloat16" if faster else "float32",
+    )  # fmt: skip
+    return faster
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Return the dtype; ``auto`` is half precision where the hardware computes faster in it.
+
+    On CUDA bf16 (fp16 on GPUs without bf16); on a CPU with bf16 instructions (AVX512-BF16,
+    AMX, Arm BF16) whose bf16 products measure at least :data:`BF16_MIN_SPEEDUP` times
+    float32's, bf16; on other CPUs float32.
     """
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_runs_bf16_faster() else torch.float32
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in names:
         raise ConfigError(f"dtype must be one of auto, {', '.join(names)}, got {dtype!r}")

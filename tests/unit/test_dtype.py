@@ -1,4 +1,4 @@
-"""The worker's dtype: ``auto`` is half precision where the hardware computes in it."""
+"""The worker's dtype: ``auto`` is half precision where the hardware computes faster in it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import torch
 
 import workers.model
 from completion_queue import ConfigError
-from workers.model import cpu_flags, cpu_has_native_bf16, resolve_dtype
+from workers.model import (
+    BF16_MIN_SPEEDUP,
+    cpu_bf16_speedup,
+    cpu_flags,
+    cpu_has_native_bf16,
+    resolve_dtype,
+)
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda:0")
@@ -18,8 +24,20 @@ NAMED = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.b
 EMULATED = {"avx2", "avx512f", "avx512_bw", "avx512_vl", "avx512_dq", "fma3"}
 
 
-def fake_flags(monkeypatch: pytest.MonkeyPatch, flags: set[str]) -> None:
+def fake_flags(monkeypatch: pytest.MonkeyPatch, flags: set[str], speedup: float = 3.0) -> None:
+    """This CPU's flags, and how much faster its bf16 products measure than float32's."""
     monkeypatch.setattr(workers.model, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(workers.model, "cpu_bf16_speedup", lambda: speedup)
+
+
+def unmeasured(monkeypatch: pytest.MonkeyPatch, flags: set[str]) -> None:
+    """This CPU's flags; measuring bf16 products fails the test."""
+    monkeypatch.setattr(workers.model, "cpu_flags", lambda: frozenset(flags))
+
+    def measure() -> float:
+        raise AssertionError("a CPU without bf16 instructions needs no measurement")
+
+    monkeypatch.setattr(workers.model, "cpu_bf16_speedup", measure)
 
 
 @pytest.mark.parametrize(
@@ -30,10 +48,31 @@ def test_auto_is_bfloat16_on_a_cpu_that_computes_in_it(
     monkeypatch: pytest.MonkeyPatch, native: set[str]
 ) -> None:
     # Given a CPU whose flags name a bf16 instruction set (x86 AVX512-BF16 or AMX, Arm BF16)
-    fake_flags(monkeypatch, EMULATED | native)
+    # and whose bf16 products measure three times float32's
+    fake_flags(monkeypatch, EMULATED | native, speedup=3.0)
     # Then auto is bfloat16 on it
     assert cpu_has_native_bf16()
     assert resolve_dtype("auto", CPU) == torch.bfloat16
+
+
+@pytest.mark.parametrize("speedup", [0.57, 1.0, BF16_MIN_SPEEDUP - 0.01])
+def test_auto_keeps_float32_where_bf16_instructions_measure_no_faster(
+    monkeypatch: pytest.MonkeyPatch, speedup: float
+) -> None:
+    # Given a CPU that lists AVX512-BF16 but multiplies bf16 at most barely faster than
+    # float32 (0.57x: a Xeon VM whose hypervisor hides AMX, measured on this project's CI)
+    fake_flags(monkeypatch, EMULATED | {"avx512_bf16"}, speedup=speedup)
+    # Then auto stays float32
+    assert cpu_has_native_bf16()
+    assert resolve_dtype("auto", CPU) == torch.float32
+
+
+def test_the_measurement_is_a_ratio_of_real_products_taken_once() -> None:
+    # When this CPU's bf16 products are timed against float32's (the real measurement)
+    speedup = cpu_bf16_speedup()
+    # Then it is a positive ratio, measured once per process
+    assert 0 < speedup < 100
+    assert cpu_bf16_speedup() == speedup
 
 
 @pytest.mark.parametrize("flags", [EMULATED, {"neon", "fp16_arith"}, set()])
@@ -41,7 +80,7 @@ def test_auto_keeps_float32_where_bf16_is_emulated(
     monkeypatch: pytest.MonkeyPatch, flags: set[str]
 ) -> None:
     # Given a CPU without bf16 instructions, or one whose flags cannot be read
-    fake_flags(monkeypatch, flags)
+    unmeasured(monkeypatch, flags)
     # Then auto stays float32, faster there than emulated bf16
     assert not cpu_has_native_bf16()
     assert resolve_dtype("auto", CPU) == torch.float32
