@@ -33,9 +33,9 @@ from transformers.generation.configuration_utils import CompileConfig
 
 from bench.hardware import matmul_peak_gflops, mfu
 from bench.workloads import prompt_of_length
+from workers.devices import model_threads
 from workers.kvcache import growing_cache
 from workers.layers import conv1d_to_linear, pack_linears
-from workers.model import model_threads
 
 T = TypeVar("T")
 

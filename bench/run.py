@@ -355,7 +355,7 @@ def _hardware(
 
     A worker that runs float32 already has its raw figure: that one is reused.
     """
-    from workers.model import model_threads, resolve_device, resolve_dtype
+    from workers.devices import model_threads, resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
     found: dict[str, Any] = {"fp32_raw_tokens_per_s": figures["raw_tokens_per_s"]}

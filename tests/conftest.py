@@ -23,9 +23,9 @@ from tests.services import PostgresCluster
 BACKENDS = ["sqlite", "postgresql"]
 
 # The greedy equality tests compare workers' texts with a float32 reference (tests/reference.py),
-# while CQ_DTYPE=auto is bfloat16 on a CPU with native bf16. Set before any Settings is built,
-# this pins float32 for every Settings the tests build (worker_env passes it on) and every child
-# process, which inherits os.environ; tests/integration/test_bf16_worker.py runs the default.
+# while CQ_DTYPE=auto is bfloat16 on a CPU where bf16 measures faster. Set before any Settings is
+# built, this pins float32 for every Settings the tests build (worker_env passes it on) and every
+# child process, which inherits os.environ; tests/integration/test_bf16_worker.py runs bf16.
 os.environ.setdefault("CQ_DTYPE", "float32")
 
 

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -469,7 +470,8 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
     reaped = subprocess.run([sys.executable, "-m", "cli", "reap"], env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert reaped.returncode == 0, reaped.stderr
-    assert "expired 1 job(s) of batches past their window" in reaped.stdout
+    # (the worker's own reaper, every CQ_REAP_INTERVAL_S = 15 s, may have taken it first)
+    assert re.search(r"expired [01] job\(s\) of batches past their window", reaped.stdout)
     # Then the batch is expired: the completed request is in the output file,
     expired = oai.batches.retrieve(batch.id)
     assert expired.status == "expired" and expired.expired_at is not None

@@ -13,7 +13,7 @@ from bench import decode
 from bench.report import ROWS
 from bench.run import PREFIX_MIN_TOKENS, TARGETS, BenchConfig, run_bench
 from bench.workloads import shared_prefix
-from workers.model import resolve_device, resolve_dtype
+from workers.devices import resolve_device, resolve_dtype
 from workers.prefix import shared_prefix_len
 
 

@@ -22,7 +22,7 @@ from producer.client import CompletionClient
 from producer.stats import live_workers
 from tests.conftest import new_database
 from tests.reference import Reference
-from workers.model import cpu_runs_bf16_faster, resolve_dtype
+from workers.devices import cpu_runs_bf16_faster, resolve_dtype
 
 BF16_REDIS_DB = 7
 #: What /proc/cpuinfo calls the instructions that compute in bfloat16 (x86, and Arm).
