@@ -60,7 +60,7 @@ def test_auto_keeps_float32_where_bf16_instructions_measure_no_faster(
     monkeypatch: pytest.MonkeyPatch, speedup: float
 ) -> None:
     # Given a CPU that lists AVX512-BF16 but multiplies bf16 at most barely faster than
-    # float32 (0.57x: a Xeon VM whose hypervisor hides AMX, measured on this project's CI)
+    # float32 (0.57x: a Xeon VM whose hypervisor hides AMX, this project's machine on 2026-12-02)
     fake_flags(monkeypatch, EMULATED | {"avx512_bf16"}, speedup=speedup)
     # Then auto stays float32
     assert cpu_has_native_bf16()
