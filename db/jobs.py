@@ -327,8 +327,9 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
     cancel) records the tokens generated up to then, on a row still cancelled under
     that attempt. A job cancelled after the worker's last look (its rows had
     finished, or the cancel came between two progress checks) keeps what it
-    generated the same way, marked ``cancelled``: a second executemany, run only
-    when the first missed rows.
+    generated the same way, each choice with the finish reason it ended on (the
+    cancel cut none of them): a second executemany, run only when the first
+    missed rows.
     """
     if not outcomes:
         return 0
@@ -354,11 +355,7 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
     changed = max(connection.execute(stmt, [_outcome_params(o) for o in outcomes]).rowcount, 0)
     late = [o for o in outcomes if o.status is JobStatus.SUCCEEDED]
     if changed < len(outcomes) and late:
-        cancelled = [
-            replace(o, status=JobStatus.CANCELLED,
-                    choices=[replace(c, finish_reason="cancelled") for c in o.choices])
-            for o in late
-        ]  # fmt: skip
+        cancelled = [replace(o, status=JobStatus.CANCELLED) for o in late]
         changed += max(
             connection.execute(stmt, [_outcome_params(o) for o in cancelled]).rowcount, 0
         )
