@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest a job's generation may run; then it fails."
     )
+    model_load_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Longest a replacement model process may take to load and warm up its "
+        "model (after the last one died); past it, it is killed and another started.",
+    )
     max_attempts: int = Field(
         default=5,
         ge=1,

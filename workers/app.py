@@ -86,6 +86,10 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
     # pool forks before CUDA starts.
     app.conf.worker_pool = "prefork"
     app.conf.worker_concurrency = 1
+    # Celery kills a replacement pool process that has not said it is up 4 s after its
+    # start; ours loads the model first (importing torch alone can take that long), so a
+    # model process that died was replaced again and again, each killed mid-load.
+    app.conf.worker_proc_alive_timeout = settings.model_load_timeout_s
     state = WorkerState(settings, app.conf.broker_url, app)
     install_job_events(app, state.events)
 

@@ -64,6 +64,8 @@ def test_a_job_that_kills_its_worker_every_time_fails_alone_after_max_attempts(
         after = client.wait(client.submit("after", max_new_tokens=4), timeout=60)
         assert after.status is JobStatus.SUCCEEDED and after.attempts == 1
     assert worker.alive()
+    # and each of the four replacements was let load (none killed before it came up)
+    assert worker.log_text().count("exited with 'signal 9 (SIGKILL)'") == 4
 
 
 def test_out_of_memory_splits_the_batch_in_halves_before_any_job_fails(

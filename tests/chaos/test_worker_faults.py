@@ -18,9 +18,10 @@ def long_jobs(count: int, tokens: int = 400) -> list[dict[str, object]]:
 
 
 def test_sigkill_of_the_model_process_mid_batch_loses_no_job(chaos: Chaos) -> None:
-    worker = chaos.start_worker()
+    # Given a worker whose model process takes 6 s to start (Celery's own limit is 4 s)
+    worker = chaos.start_worker(faults={"load_s": 6})
     with chaos.client() as client:
-        # Given a batch of long jobs running in the worker's model process
+        # and a batch of long jobs running in that process
         jobs = client.submit_many(long_jobs(8))
         wait_for(lambda: client.list(status="running"), 60, "the batch to start")
         victim = worker.pool_pids()[0]
@@ -32,6 +33,10 @@ def test_sigkill_of_the_model_process_mid_batch_loses_no_job(chaos: Chaos) -> No
     assert all(j.attempts == 2 for j in done)
     assert all(j.completion_tokens and j.completion_tokens > 0 for j in done)
     assert worker.alive() and victim not in worker.pool_pids()
+    # and the one replacement was let load: none was killed waiting for it to come up
+    log = worker.log_text()
+    assert "Timed out waiting for UP message" not in log
+    assert log.count("exited with 'signal 9 (SIGKILL)'") == 1
 
 
 def test_sigkill_of_the_whole_worker_runs_its_jobs_again_within_a_minute(chaos: Chaos) -> None:

@@ -14,6 +14,8 @@ process starts. Production code knows nothing of it. Keys:
   seconds before generating (a long generation on a big model).
 - ``crawl_s``: every forward pass of the model sleeps this long (a big model's
   decoding step), under either engine: a long job for tests of progress and cancel.
+- ``load_s``: the model process sleeps this long when it starts, before it loads the
+  model (a big model's load from disk).
 - ``hold_restore_mutex``: the worker's main process, at its first restore sweep,
   takes kombu's ``unacked_mutex`` as a sweep does, logs ``cq test: holding
   unacked_mutex`` and stalls there, so a test can kill it mid-sweep.
@@ -32,6 +34,7 @@ _FAULTS = json.loads(os.environ.get("CQ_TEST_FAULTS") or "{}")
 
 
 def _install(**_: Any) -> None:
+    time.sleep(float(_FAULTS.get("load_s", 0)))
     import torch
 
     from workers.model import ModelRuntime
