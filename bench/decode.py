@@ -28,11 +28,13 @@ from functools import partial
 from typing import Any, TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.configuration_utils import CompileConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from bench.hardware import matmul_peak_gflops, mfu
 from bench.workloads import prompt_of_length
+from workers.attention import decode_attention
 from workers.devices import model_threads
 from workers.kvcache import growing_cache
 from workers.layers import conv1d_to_linear, pack_linears
@@ -51,6 +53,7 @@ class Variant:
     linear: bool = False  # GPT-2's Conv1D swapped for nn.Linear (weights stored out x in)
     packed: bool = False  # nn.Linear weights prepacked for oneDNN, as the worker does in bf16
     growing: bool = False  # the worker's KV cache, grown in place by chunks (workers.kvcache)
+    decode: bool = False  # the worker's attention function (workers.attention)
     help: str = ""
 
 
@@ -59,7 +62,13 @@ VARIANTS: dict[str, Variant] = {
     "packed": Variant(packed=True, help="prepacked linear layers, the default cache"),
     "growing": Variant(growing=True, help="the KV cache grown in place by chunks"),
     "worker": Variant(
-        packed=True, growing=True, help="as the worker runs bf16 on CPU: packed + growing"
+        packed=True,
+        growing=True,
+        decode=True,
+        help="as the worker runs bf16 on CPU: packed + growing + its decode attention",
+    ),
+    "worker-sdpa": Variant(
+        packed=True, growing=True, help="packed + growing, with SDPA at every step"
     ),
     "packed-static": Variant(cache="static", packed=True, help="prepacked + static cache"),
     "eager": Variant(attn="eager", help="attn_implementation='eager'"),
@@ -148,6 +157,20 @@ def inductor(variant: Variant) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def attention(variant: Variant) -> Iterator[None]:
+    """transformers' ``sdpa`` function is the worker's :func:`decode_attention` within."""
+    if not variant.decode:
+        yield
+        return
+    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register("sdpa", decode_attention)
+    try:
+        yield
+    finally:
+        AttentionInterface.register("sdpa", previous)
+
+
 def timed(call: Callable[[], T]) -> tuple[float, T]:
     """Run ``call`` once; return its seconds and output."""
     started = time.perf_counter()
@@ -181,7 +204,7 @@ def measure(
 
     def call(kw: dict[str, torch.Tensor] = inputs) -> torch.Tensor:
         cache = growing_cache(model) if variant.growing else None
-        with torch.inference_mode(), inductor(variant):
+        with torch.inference_mode(), inductor(variant), attention(variant):
             return model.generate(  # type: ignore[no-any-return]
                 **kw, past_key_values=cache, generation_config=config
             )

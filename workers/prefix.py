@@ -47,10 +47,11 @@ vLLM and FlashInfer call it). Reading 32 copies of a 512-token prefix at every
 step was most of a reused step's time: 1.34 times as fast as with the copies
 on the GPT-2-small shape (bfloat16, one thread, 32 rows, 32 new tokens; see
 docs/benchmarks.md, "Shared prefixes"). It is installed as transformers' ``sdpa``
-attention function (``AttentionInterface.register``), which it hands every
-call unchanged outside :func:`sharing`, or where the mask does not let every
-query see the whole prefix, or on options it does not know (a softcap,
-attention sinks, a position bias); the model's config is not touched.
+attention function (``AttentionInterface.register``), and hands to
+:func:`workers.attention.decode_attention` (SDPA, or a faster decoding step on
+CPU in half precision) every call outside :func:`sharing`, or where the mask
+does not let every query see the whole prefix, or on options it does not know
+(a softcap, attention sinks, a position bias); the model's config is not touched.
 
 Each row keeps at least one token after the prefix, so the prefill has a real
 last token from which every row's first new token is predicted. Reuse is
@@ -68,7 +69,8 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, DynamicCache, StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from workers.attention import decode_attention
 
 
 @dataclass(slots=True)
@@ -209,7 +211,7 @@ def shared_prefix_attention(
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         usable = bool(allowed[..., :prefix].all())
     if not usable or shared is None:
-        return sdpa_attention_forward(  # type: ignore[no-any-return]
+        return decode_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     rows, _, q_len, dim = query.shape
