@@ -17,7 +17,9 @@ in bfloat16 or float16, with a plain mask (or none) and none of the options it
 does not implement (dropout, a softcap, attention sinks, a position bias);
 everything else goes to transformers' ``sdpa_attention_forward`` unchanged.
 It is what :func:`workers.prefix.shared_prefix_attention` hands a call that
-reads no shared prefix. Its outputs are within bfloat16's rounding of SDPA's
+reads no shared prefix. Its outputs are within two steps of the dtype (at the
+largest output) of float32 SDPA's: its weights are rounded to the dtype before
+they multiply the values, as transformers' eager attention does
 (``tests/integration/test_attention.py``).
 """
 
