@@ -4,11 +4,12 @@ At a decoding step each row has one query against its cached keys. On CPU,
 ``torch.nn.functional.scaled_dot_product_attention`` in bfloat16 (and float16)
 takes its flash-attention kernel, built for long queries: on the GPT-2-small
 shape (32 rows, 12 heads of 64, one thread, an AMD EPYC with AVX512-BF16) it
-took 2.6 ms a layer with 48 cached tokens and 33 ms with 600, a quarter of a
+took 3.6 ms a layer with 48 cached tokens and 33 ms with 600, a quarter of a
 decode step by py-spy. The same attention written out, ``softmax(q·Kᵀ) · V``,
 with the keys and values copied contiguous first (a bfloat16 product over the
-KV cache's strided views is 3-5 times slower than over a contiguous copy) and
-the softmax in float32, took 0.7 and 9.5 ms. In float32 the two are about even,
+KV cache's strided views is 3-4 times slower than over a contiguous copy) and
+the softmax in float32, took 0.74 and 14 ms, copies included (one run, best
+of 3 runs of 100 calls; docs/benchmarks.md). In float32 the two are about even,
 and SDPA stays: the float32 greedy tests compare tokens with plain ``generate``
 bit for bit.
 
@@ -32,8 +33,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 #: The dtypes whose CPU SDPA is slower than the written-out product.
 HALF = (torch.bfloat16, torch.float16)
-#: Options of transformers' attention functions that the written-out path does not implement.
-UNSUPPORTED = ("softcap", "s_aux", "position_bias", "sinks", "output_attentions")
+#: Options of transformers' attention functions that the written-out products (here and
+#: in :mod:`workers.prefix`) do not implement.
+UNSUPPORTED = ("softcap", "s_aux", "position_bias", "sinks")
 
 
 def decode_attention(
@@ -86,5 +88,5 @@ def written_out(
             attention_mask is None
             or (attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1))
         )
-        and not any(options.get(name) for name in UNSUPPORTED)
+        and not any(options.get(name) for name in (*UNSUPPORTED, "output_attentions"))
     )

@@ -70,7 +70,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface, DynamicCache, StaticCache
 
-from workers.attention import decode_attention
+from workers.attention import UNSUPPORTED, decode_attention
 
 
 @dataclass(slots=True)
@@ -204,7 +204,7 @@ def shared_prefix_attention(
         and attention_mask.shape[1] == 1
         and not dropout
         and heads % kv_heads == 0
-        and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "position_bias", "sinks"))
+        and all(kwargs.get(k) is None for k in UNSUPPORTED)
     )
     if usable:
         assert attention_mask is not None
