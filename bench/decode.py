@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 import torch
 from transformers import AutoTokenizer
 
-from bench.hardware import matmul_peak_gflops, mfu
+from bench.hardware import dtype_name, matmul_peak_gflops, mfu
 from bench.variants import VARIANTS, Variant, attention, generation_config, inductor, load
 from bench.workloads import prompt_of_length
-from workers.devices import model_threads
+from workers.devices import model_threads, resolve_dtype
 from workers.kvcache import growing_cache
 
 T = TypeVar("T")
@@ -233,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="/tmp/gpt2-small", help="local model directory or HF id")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: what a worker's CQ_DTYPE=auto picks on this CPU")  # fmt: skip
     parser.add_argument("--batch", type=ints, default=[32], help="rows per call, e.g. 32,128")
     parser.add_argument("--prompt", type=ints, default=[16], help="prompt tokens, e.g. 16,128")
     parser.add_argument("--new", type=int, default=32, help="new tokens per row")
@@ -248,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sampling", action="store_true",
                         help="instead: the runtime greedy, then sampled")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.dtype == "auto":  # bfloat16 where it is native, else float32 (80x slower emulated)
+        args.dtype = dtype_name(resolve_dtype("auto", torch.device("cpu")))
     if args.sampling:
         torch.set_num_threads(args.threads or model_threads())
         sampling_paths(args.model, args.dtype, args.batch[0], args.prompt[0], args.new)

@@ -1,13 +1,22 @@
-"""The table ``cq bench`` prints: each figure, and each ratio against its target."""
+"""What ``cq bench`` shows: its progress lines with their times, then each figure and ratio."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from bench.run import TARGETS
+#: The figures with a target, and the least each should reach (issues 3 and 16).
+TARGETS = {
+    "pipeline_over_raw": 0.95,
+    "mixed_pipeline_over_raw": 1.3,
+    "pipeline_over_naive": 5.0,
+    "queue_over_celery": 0.70,
+    "submit_jobs_per_s": 3000.0,
+    "prefix_reuse_speedup": 5.0,
+}
 
 ROWS = [
     ("raw_tokens_per_s", "direct batched generate (ceiling)"),
@@ -48,6 +57,37 @@ ROWS = [
 ]
 
 
+class Phases:
+    """Time each step of the run, from one progress line to the next, to size job counts by.
+
+    Each line is shown with the time since the run started; :meth:`seconds` gives every
+    step's seconds (``phase_s`` in the figures) and the whole run's (``bench_s``).
+    """
+
+    def __init__(self, show: Any) -> None:
+        self.show = show
+        self.started = self.mark = time.perf_counter()
+        self.current: str | None = None
+        self.steps: dict[str, float] = {}
+
+    def __call__(self, line: str) -> None:
+        self._close()
+        minutes, seconds = divmod(int(time.perf_counter() - self.started), 60)
+        self.show(f"[{minutes}:{seconds:02d}] {line}")
+        self.current = line
+
+    def _close(self) -> None:
+        now = time.perf_counter()
+        if self.current is not None:
+            self.steps[self.current] = round(now - self.mark, 1)
+        self.mark = now
+
+    def seconds(self) -> dict[str, Any]:
+        self._close()
+        self.current = None
+        return {"phase_s": self.steps, "bench_s": round(self.mark - self.started, 1)}
+
+
 def print_report(figures: dict[str, Any]) -> None:
     """Print the figures as a table, with each target and whether it is met."""
     table = Table(title="cq bench")
@@ -70,3 +110,6 @@ def print_report(figures: dict[str, Any]) -> None:
                   "batch_size", "jobs", "new_tokens", "mixed_jobs", "workers")
     )  # fmt: skip
     console.print(settings)
+    if "bench_s" in figures:
+        minutes, seconds = divmod(round(figures["bench_s"]), 60)
+        console.print(f"the whole run: {minutes} min {seconds:02d} s (each step's: --json phase_s)")

@@ -22,6 +22,7 @@ import redis
 
 from bench.direct import Direct
 from bench.hardware import dtype_name, matmul_peak_gflops, memory_gbps, mfu, roofline_tokens_per_s
+from bench.report import Phases
 from bench.workloads import Item, mixed, shared_prefix, uniform
 from completion_queue import (
     TINY_MODEL_NAME,
@@ -224,6 +225,8 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     """Run every measurement of ``cq bench`` and return the figures."""
     import torch
 
+    progress = Phases(progress)
+
     base_settings = Settings(model=config.model)
     path = base_settings.model_path()
     if config.model == TINY_MODEL_NAME:
@@ -322,6 +325,7 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
         dtype_option=settings.pop("dtype"),
         **settings,
     )
+    figures.update(progress.seconds())
     return figures
 
 
@@ -386,13 +390,4 @@ RATIOS = {
     "sampled_over_greedy": ("sampled_tokens_per_s", "schema_none_tokens_per_s"),
     "pipeline_over_fp32_raw": ("pipeline_tokens_per_s", "fp32_raw_tokens_per_s"),
     "pipeline_over_roofline": ("pipeline_tokens_per_s", "decode_roofline_tokens_per_s"),
-}
-
-TARGETS = {
-    "pipeline_over_raw": 0.95,
-    "mixed_pipeline_over_raw": 1.3,
-    "pipeline_over_naive": 5.0,
-    "queue_over_celery": 0.70,
-    "submit_jobs_per_s": 3000.0,
-    "prefix_reuse_speedup": 5.0,
 }

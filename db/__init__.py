@@ -59,7 +59,17 @@ from db.recovery import (
     requeue_jobs,
     stuck_jobs,
 )
-from db.snapshots import Choice, Job, JobState, NewJob, Outcome, aware, error_dict, utcnow
+from db.snapshots import (
+    Choice,
+    Finished,
+    Job,
+    JobState,
+    NewJob,
+    Outcome,
+    aware,
+    error_dict,
+    utcnow,
+)
 from db.stats import FinishedJob, count_by_status, finished_since, queued_models
 from db.tenants import (
     KEY_PREFIX,
@@ -88,6 +98,7 @@ __all__ = [
     "WebhookStatus",
     # snapshots
     "Choice",
+    "Finished",
     "Job",
     "JobState",
     "NewJob",

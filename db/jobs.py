@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import FINISHED_STATUSES, UNFINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
-from db.snapshots import Job, JobState, NewJob, Outcome, aware, utcnow
+from db.snapshots import Finished, Job, JobState, NewJob, Outcome, aware, utcnow
 
 _TABLE = cast(Table, JobRow.__table__)
 
@@ -318,8 +318,8 @@ def claim_jobs(session: Session, *, job_ids: Sequence[uuid.UUID], worker: str) -
     return [Job.from_row(row) for row in session.scalars(stmt)]
 
 
-def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
-    """Write the outcomes of one batch in one executemany; return how many rows changed.
+def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> Finished:
+    """Write the outcomes of one batch in one executemany; say how many rows changed.
 
     A row changes only if it is still running under the same attempt: a job that
     was cancelled, or claimed again by a later delivery, keeps its state. An
@@ -328,11 +328,11 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
     that attempt. A job cancelled after the worker's last look (its rows had
     finished, or the cancel came between two progress checks) keeps what it
     generated the same way, each choice with the finish reason it ended on (the
-    cancel cut none of them): a second executemany, run only when the first
-    missed rows.
+    cancel cut none of them), and is named in ``cancelled_late``: a select of the
+    missed rows and a second executemany, run only when the first missed rows.
     """
     if not outcomes:
-        return 0
+        return Finished(0)
     now = utcnow()
     stmt = (
         update(_TABLE)
@@ -353,13 +353,23 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> int:
     )
     connection = session.connection()
     changed = max(connection.execute(stmt, [_outcome_params(o) for o in outcomes]).rowcount, 0)
-    late = [o for o in outcomes if o.status is JobStatus.SUCCEEDED]
-    if changed < len(outcomes) and late:
-        cancelled = [replace(o, status=JobStatus.CANCELLED) for o in late]
-        changed += max(
-            connection.execute(stmt, [_outcome_params(o) for o in cancelled]).rowcount, 0
+    succeeded = {o.job_id: o for o in outcomes if o.status is JobStatus.SUCCEEDED}
+    if changed == len(outcomes) or not succeeded:
+        return Finished(changed)
+    rows = connection.execute(
+        select(_TABLE.c.id, _TABLE.c.attempts).where(
+            _TABLE.c.id.in_(list(succeeded)), _TABLE.c.status == JobStatus.CANCELLED
         )
-    return changed
+    )
+    late = [
+        replace(succeeded[job_id], status=JobStatus.CANCELLED)
+        for job_id, attempt in rows
+        if succeeded[job_id].attempt == attempt
+    ]
+    if not late:
+        return Finished(changed)
+    changed += max(connection.execute(stmt, [_outcome_params(o) for o in late]).rowcount, 0)
+    return Finished(changed, frozenset(o.job_id for o in late))
 
 
 def _outcome_params(o: Outcome) -> dict[str, Any]:

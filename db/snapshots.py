@@ -207,6 +207,17 @@ class Outcome:
         return sum(c.completion_tokens for c in self.choices)
 
 
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What one :func:`db.jobs.finish_jobs` wrote."""
+
+    #: Rows changed: outcomes written under the attempt that still held their job.
+    changed: int
+    #: Jobs whose finished rows were written cancelled: the cancel came after the worker's
+    #: last look, so their outcomes said succeeded.
+    cancelled_late: frozenset[uuid.UUID] = frozenset()
+
+
 class JobState(NamedTuple):
     """Where a job of a batch stands: what a batch's status is computed from."""
 

@@ -178,7 +178,13 @@ class BatchRunner:
         running: list[Job] = []
         generation_s = 0.0
         for unit_ids, work in [*units, ([], None)]:
-            claimed = self._commit_and_claim(outcomes, unit_ids, worker)
+            claimed, cancelled_late = self._commit_and_claim(outcomes, unit_ids, worker)
+            if cancelled_late:
+                # Their rows say cancelled: so do their task events and metrics (not succeeded).
+                outcomes = [
+                    replace(o, status=JobStatus.CANCELLED) if o.job_id in cancelled_late else o
+                    for o in outcomes
+                ]
             if outcomes:
                 self._tell("finished", running, outcomes, generation_s=generation_s)
                 written += outcomes
@@ -234,15 +240,20 @@ class BatchRunner:
 
     def _commit_and_claim(
         self, outcomes: Sequence[Outcome], job_ids: Sequence[uuid.UUID], worker: str
-    ) -> list[Job]:
-        """Write ``outcomes`` and claim ``job_ids`` in one transaction; return the claimed jobs."""
-        if not outcomes and not job_ids:
-            return []
+    ) -> tuple[list[Job], frozenset[uuid.UUID]]:
+        """Write ``outcomes`` and claim ``job_ids`` in one transaction.
 
-        def transaction() -> list[Job]:
+        Return the claimed jobs, and the jobs among ``outcomes`` written cancelled: a
+        cancel came after the worker's last look at them.
+        """
+        if not outcomes and not job_ids:
+            return [], frozenset()
+
+        def transaction() -> tuple[list[Job], frozenset[uuid.UUID]]:
             with self.sessions.begin() as session:
-                finish_jobs(session, outcomes=outcomes)
-                return claim_jobs(session, job_ids=job_ids, worker=worker) if job_ids else []
+                finished = finish_jobs(session, outcomes=outcomes)
+                claimed = claim_jobs(session, job_ids=job_ids, worker=worker) if job_ids else []
+                return claimed, finished.cancelled_late
 
         return self._with_database(transaction)
 

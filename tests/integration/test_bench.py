@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench import decode
-from bench.report import ROWS
-from bench.run import PREFIX_MIN_TOKENS, TARGETS, BenchConfig, run_bench
+from bench.report import ROWS, TARGETS
+from bench.run import PREFIX_MIN_TOKENS, BenchConfig, run_bench
 from bench.workloads import shared_prefix
 from workers.devices import resolve_device, resolve_dtype
 from workers.prefix import shared_prefix_len
@@ -23,7 +24,8 @@ def test_bench_reports_every_figure(tiny_model: Path) -> None:
         naive_jobs=4, queue_jobs=100, latency_jobs=3, workers=2, schema_jobs=16, stream_jobs=8,
         shared_prefix_tokens=80, shared_prefix_jobs=8,
     )  # fmt: skip
-    figures = run_bench(config, progress=lambda _line: None)
+    lines: list[str] = []
+    figures = run_bench(config, progress=lines.append)
     for key, _what in ROWS:
         assert key in figures, key
         assert isinstance(figures[key], float) and math.isfinite(figures[key]), key
@@ -52,6 +54,12 @@ def test_bench_reports_every_figure(tiny_model: Path) -> None:
     )
     if worker_dtype == "float32":  # raw already ran in float32: its figure is reused
         assert figures["fp32_raw_tokens_per_s"] == figures["raw_tokens_per_s"]
+    # Each step's seconds, to size the job counts by: one per progress line, shown with the
+    # time since the start; together they are the whole run
+    assert len(figures["phase_s"]) == len(lines) >= 10
+    assert all(re.match(r"\[\d+:\d\d\] \S", line) for line in lines), lines
+    assert [line.split("] ", 1)[1] for line in lines] == list(figures["phase_s"])
+    assert sum(figures["phase_s"].values()) == pytest.approx(figures["bench_s"], abs=1.0)
 
 
 def test_shared_prefix_workload_shares_its_header_in_tokens(tiny_model: Path) -> None:

@@ -8,6 +8,7 @@ from sqlalchemy import inspect
 
 from db import (
     Choice,
+    Finished,
     JobStatus,
     NewJob,
     Outcome,
@@ -52,10 +53,14 @@ def test_results_are_written_once_by_the_attempt_holding_the_job(database_url: s
     choice = Choice(text="late", finish_reason="length", completion_tokens=2)
     # When the first attempt finishes late, it changes nothing
     with sessions.begin() as s:
-        assert finish_jobs(s, outcomes=[Outcome(job.id, 1, JobStatus.SUCCEEDED, [choice], 1)]) == 0
+        late = Outcome(job.id, 1, JobStatus.SUCCEEDED, [choice], 1)
+        assert finish_jobs(s, outcomes=[late]) == Finished(0)
     win = Choice(text="win", finish_reason="length", completion_tokens=2)
     with sessions.begin() as s:
-        assert finish_jobs(s, outcomes=[Outcome(job.id, 2, JobStatus.SUCCEEDED, [win], 1)]) == 1
+        assert (
+            finish_jobs(s, outcomes=[Outcome(job.id, 2, JobStatus.SUCCEEDED, [win], 1)]).changed
+            == 1
+        )
     # And a finished job is never claimed again
     with sessions.begin() as s:
         assert claim_jobs(s, job_ids=[job.id], worker="w3") == []
@@ -81,9 +86,11 @@ def test_a_job_cancelled_while_running_keeps_what_it_generated(database_url: str
     # When the worker writes the batch's results
     with sessions.begin() as s:
         outcomes = [Outcome(j.id, 1, JobStatus.SUCCEEDED, [choice], 1) for j in jobs]
-        assert finish_jobs(s, outcomes=outcomes) == 3
+        finished = finish_jobs(s, outcomes=outcomes)
         rows = [get_job(s, job_id=j.id) for j in jobs]
-    # Then the cancelled job stays cancelled and keeps its tokens, which ended on their own
+    # Then the cancelled job stays cancelled, is named as such (its outcome said succeeded),
+    # and keeps its tokens, which ended on their own
+    assert finished == Finished(3, frozenset({jobs[1].id}))
     assert [r.status for r in rows if r] == [
         JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.SUCCEEDED,
     ]  # fmt: skip
@@ -92,7 +99,7 @@ def test_a_job_cancelled_while_running_keeps_what_it_generated(database_url: str
     # and a late result of an earlier attempt of it changes nothing
     with sessions.begin() as s:
         late = Outcome(jobs[1].id, 0, JobStatus.SUCCEEDED, [choice], 1)
-        assert finish_jobs(s, outcomes=[late]) == 0
+        assert finish_jobs(s, outcomes=[late]) == Finished(0)
     with sessions.begin() as s:
         assert cancel_job(s, job_id=uuid.uuid4()) is None
 

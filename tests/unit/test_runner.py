@@ -16,6 +16,8 @@ from db import (
     Job,
     JobStatus,
     NewJob,
+    Outcome,
+    cancel_job,
     create_jobs,
     get_job,
     make_engine,
@@ -23,6 +25,7 @@ from db import (
     upgrade,
 )
 from tests.factories import make_job
+from workers.listeners import BatchListener
 from workers.planner import GenerationRequest, GenerationResult
 from workers.retry import retry_database
 from workers.runner import BatchRunner
@@ -204,3 +207,41 @@ def test_jobs_for_other_models_are_sent_on_and_never_run_here(tmp_path: Path) ->
         failed = get_job(session, job_id=new[1].id)
     assert failed is not None and failed.status is JobStatus.FAILED
     assert failed.error and "'a_b'" in failed.error["message"] and "'m'" in failed.error["message"]
+
+
+class Finishes(BatchListener):
+    """Records the status of every outcome it is told of."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, JobStatus] = {}
+
+    def finished(self, jobs: Sequence[Job], outcomes: Sequence[Outcome], **_: Any) -> None:
+        self.statuses.update({o.job_id.hex: o.status for o in outcomes})
+
+
+def test_a_job_cancelled_after_the_last_look_is_reported_cancelled(tmp_path: Path) -> None:
+    # Given two jobs, one of them cancelled while the batch runs, after any look at it
+    sessions = sqlite_sessions(tmp_path)
+    new = [NewJob(model="m", prompt=f"p {i}", params={"max_new_tokens": 4}) for i in range(2)]
+    with sessions.begin() as session:
+        create_jobs(session, jobs=new)
+
+    class CancellingRuntime(WordRuntime):
+        def generate(self, group: Sequence[GenerationRequest], **kw: Any) -> list[Any]:
+            with sessions.begin() as session:
+                cancel_job(session, job_id=new[1].id)
+            return super().generate(group, **kw)
+
+    # When the runner writes the batch
+    told = Finishes()
+    outcomes = BatchRunner(CancellingRuntime(), sessions, max_rows=64, listeners=[told]).run(
+        [str(j.id) for j in new], worker="w"
+    )
+    # Then the row, the outcomes returned and what the listeners heard all say cancelled
+    with sessions() as session:
+        rows = [get_job(session, job_id=j.id) for j in new]
+    assert [r.status for r in rows if r] == [JobStatus.SUCCEEDED, JobStatus.CANCELLED]
+    assert [o.status for o in outcomes] == [JobStatus.SUCCEEDED, JobStatus.CANCELLED]
+    assert told.statuses == {new[0].id.hex: JobStatus.SUCCEEDED, new[1].id.hex: JobStatus.CANCELLED}
+    # and it keeps the tokens it made
+    assert rows[1] is not None and rows[1].completion_tokens == 4
