@@ -80,6 +80,15 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "web_search_options": (None,),
 }
 _SHARED = ("temperature", "top_p", "n", "stop", "seed", "response_format")
+#: Message fields an OpenAI response's assistant message carries (and clients echo back,
+#: e.g. ``messages.append(completion.choices[0].message)``): dropped when they ask for nothing.
+_NEUTRAL_MESSAGE_FIELDS: dict[str, tuple[Any, ...]] = {
+    "refusal": (None,),
+    "annotations": (None, []),
+    "audio": (None,),
+    "function_call": (None,),
+    "tool_calls": (None, []),
+}
 
 
 def chat_request(body: Any, *, streaming: bool = False) -> dict[str, Any]:
@@ -160,6 +169,14 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
                         "(images, audio and files are not supported)",
                         field=f"{field}.content",
                     )
+        message = {
+            key: value
+            for key, value in message.items()
+            if not any(
+                value == neutral and type(value) is type(neutral)
+                for neutral in _NEUTRAL_MESSAGE_FIELDS.get(key, ())
+            )
+        }
         extra = sorted(set(message) - {"role", "content", "name"})
         if extra:
             raise ValidationError(

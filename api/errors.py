@@ -40,9 +40,9 @@ class APIError(Exception):
         self.headers = headers
 
 
-def not_found(what: str, ident: str) -> APIError:
-    """Return the 404 for an unknown id."""
-    return APIError(ErrorInfo(404, f"no {what} with id {ident!r}", param="id", code="not_found"))
+def not_found(what: str, ident: str, *, param: str = "id") -> APIError:
+    """Return the 404 for an unknown id (``param``: the field that named it)."""
+    return APIError(ErrorInfo(404, f"no {what} with id {ident!r}", param=param, code="not_found"))
 
 
 def error_response(info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -14,9 +14,12 @@ too-long prompt fails with ``context_length_exceeded``; the native ``POST
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
@@ -111,7 +114,7 @@ def refuse_unsupported(
         if name in neutral:
             if any(_same(value, choice) for choice in neutral[name]):
                 continue
-            allowed = " or ".join(repr(v) for v in neutral[name]).replace("None", "null")
+            allowed = " or ".join(json.dumps(v) for v in neutral[name])
             raise ValidationError(f"{name} is not supported (only {allowed})", field=name)
         hint = f" ({INSTEAD[name]})" if name in INSTEAD else ""
         raise ValidationError(f"{name} is not a supported parameter{hint}", field=name)
@@ -257,21 +260,45 @@ def check_requests(requests: list[dict[str, Any]], limits: Limits) -> None:
 
 
 async def finished_completion(
-    client: CompletionClient, jobs: list[Job], timeout_s: float
+    client: CompletionClient, jobs: list[Job], timeout_s: float, request: Request | None = None
 ) -> list[Job]:
-    """Wait for ``jobs`` (holding no thread); past ``timeout_s`` they are cancelled: a 503."""
-    try:
-        return await client.wait_async(jobs, timeout=timeout_s)
-    except JobTimeout:
-        for job in jobs:
-            await run_in_threadpool(client.cancel, job.id)
-        raise APIError(
-            ErrorInfo(
-                503,
-                f"the completion did not finish within {timeout_s:g}s (is a worker serving "
-                f"model {jobs[0].model!r}?); its jobs were cancelled",
-                "server_error",
-                code="timeout",
-            ),
-            headers={"Retry-After": "1"},
-        ) from None
+    """Wait for ``jobs`` (holding no thread); past ``timeout_s`` they are cancelled: a 503.
+
+    A client that goes away first (its timeout; the openai clients then retry) cancels
+    the jobs too, as a streamed call's does, so no retried call runs its jobs twice.
+    """
+    done: list[Job] | None = None
+    failed: Exception | None = None
+    async with anyio.create_task_group() as group:
+        if request is not None:
+            group.start_soon(_cancel_on_disconnect, request, group.cancel_scope)
+        try:
+            done = await client.wait_async(jobs, timeout=timeout_s)
+        except Exception as exc:  # raised below, outside the task group (no ExceptionGroup)
+            failed = exc
+        group.cancel_scope.cancel()
+    if done is not None:
+        return done
+    if failed is not None and not isinstance(failed, JobTimeout):
+        raise failed
+    for job in jobs:
+        await run_in_threadpool(client.cancel, job.id)
+    if failed is None:
+        # The client went away: nobody reads this answer.
+        raise APIError(ErrorInfo(499, "the client closed the request", code="client_closed"))
+    raise APIError(
+        ErrorInfo(
+            503,
+            f"the completion did not finish within {timeout_s:g}s (is a worker serving "
+            f"model {jobs[0].model!r}?); its jobs were cancelled",
+            "server_error",
+            code="timeout",
+        ),
+        headers={"Retry-After": "1"},
+    )
+
+
+async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:
+    while not await request.is_disconnected():
+        await anyio.sleep(0.25)
+    scope.cancel()

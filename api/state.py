@@ -170,7 +170,9 @@ def caller(
                     headers={"Retry-After": str(math.ceil(wait_s))},
                 )
             return Caller(tenant, state.client.as_tenant(tenant))
-    elif not state.keys_exist():
+    if not state.keys_exist():
+        # Whatever bearer came (the openai clients always send one, e.g. api_key="EMPTY"),
+        # with no key anywhere a loopback peer is served without auth.
         peer = request.client.host if request.client else ""
         if is_loopback(peer):
             return Caller(None, state.client)

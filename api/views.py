@@ -73,10 +73,23 @@ def job_failure(job: Job) -> ErrorInfo | None:
     error = job.error or {}
     kind, message = error.get("type", "ModelError"), error.get("message", "generation failed")
     if kind == "ContextLengthExceeded":
-        return ErrorInfo(400, message, param="prompt", code="context_length_exceeded")
+        return ErrorInfo(
+            400, _in_openai_terms(message), param="prompt", code="context_length_exceeded"
+        )
     if kind == "BatchExpired":
         return ErrorInfo(408, message, code="batch_expired")
     return ErrorInfo(500, f"generation failed: {message}", "server_error", code=kind)
+
+
+def _in_openai_terms(message: str) -> str:
+    """A worker's ``ContextLengthExceeded`` message as an OpenAI caller reads it: its
+    ``max_tokens``, and the way to truncate that the OpenAI routes offer (they refuse
+    ``truncate`` itself), not the CLI's."""
+    problem, hint, _ = message.partition(" (truncate: true")
+    problem = problem.replace("max_new_tokens", "max_tokens")
+    if hint:
+        problem += " (POST /v1/jobs with truncate: true keeps a too-long prompt's last tokens)"
+    return problem
 
 
 def completion_view(jobs: Sequence[Job], *, model: str) -> dict[str, Any]:

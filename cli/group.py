@@ -96,6 +96,7 @@ class ExitCode(IntEnum):
     NOT_FOUND = 4
     UNREACHABLE = 5
     REFUSED = 6
+    INTERRUPTED = 130
 
 
 EXIT_MEANINGS = {
@@ -106,6 +107,7 @@ EXIT_MEANINGS = {
     ExitCode.NOT_FOUND: "no such job or batch",
     ExitCode.UNREACHABLE: "the broker or the database cannot be reached",
     ExitCode.REFUSED: "refused: queue full, quota, idempotency key reused, job already finished",
+    ExitCode.INTERRUPTED: "Ctrl-C during a wait; the jobs still run (their ids are printed)",
 }
 
 #: Errors by exit code, most specific first (any other CompletionError is USAGE).

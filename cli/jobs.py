@@ -7,9 +7,10 @@ import re
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+from rich.console import Console
 from rich.progress import Progress
 
 from cli.group import ExitCode, cli, client_for, echo_job, fail, settings_from_env
@@ -40,6 +41,14 @@ def _wait(client: CompletionClient, ids: list[uuid.UUID], timeout: float, what: 
         return wait_with_progress(client, ids, timeout=timeout)
     except JobTimeout as exc:
         fail(f"{exc}; waited for {what}", ExitCode.TIMED_OUT)
+    except KeyboardInterrupt:
+        _interrupted(what)
+
+
+def _interrupted(what: str) -> NoReturn:
+    """Ctrl-C during a wait: the jobs go on; say which, exit 130 as shells do for SIGINT."""
+    click.echo(f"\ninterrupted: stopped waiting for {what}, which still runs", err=True)
+    sys.exit(ExitCode.INTERRUPTED)
 
 
 def _warn_unserved(client: CompletionClient, models: set[str]) -> None:
@@ -81,7 +90,10 @@ def _warn_unserved(client: CompletionClient, models: set[str]) -> None:
 @click.option("-n", "n", type=int, help=_default("Number of choices.", "n"))
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable, up to 4).")
 @click.option("--seed", type=int, help="Seed for sampling, for repeatable results.")
-@click.option("--idempotency-key", help="A retry with the same key returns the same job.")
+@click.option(
+    "--idempotency-key",
+    help="A retry with the same key returns the same job (with --file, line i's key is KEY:i).",
+)
 @click.option("--priority", type=int, help="0 (normal) to 9 (most urgent).")
 @click.option(
     "--truncate",
@@ -185,6 +197,8 @@ def _stream(client: CompletionClient, job: Job, idle_timeout_s: float | None) ->
     except JobTimeout as exc:
         click.echo()
         fail(f"{exc}; waited for job {job.id}", ExitCode.TIMED_OUT)
+    except KeyboardInterrupt:
+        _interrupted(f"job {job.id}")
     click.echo()
     final = client.get(job.id)
     if final.status is not JobStatus.SUCCEEDED:
@@ -206,10 +220,23 @@ _REQUEST_INDEX = re.compile(r"^requests\[(\d+)\]: ")
 
 
 def _read_file(path: Path, defaults: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
-    """Return the requests in a JSONL file, and the line number of each (from 1)."""
-    requests, numbers = [], []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    """Return the requests in a JSONL file, and the line number of each (from 1).
+
+    ``--idempotency-key KEY`` gives request ``i`` the key ``KEY:i`` (as the API does for a
+    list), unless its line has its own.
+    """
+    key = defaults.get("idempotency_key")
+    defaults = {k: v for k, v in defaults.items() if k != "idempotency_key"}
+    requests: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    with path.open("rb") as raw_lines:
+        for number, raw in enumerate(raw_lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise click.BadParameter(
+                    f"line {number} is not valid UTF-8: {exc}", param_hint="--file"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -220,6 +247,8 @@ def _read_file(path: Path, defaults: dict[str, Any]) -> tuple[list[dict[str, Any
                 ) from None
             if not isinstance(data, dict):
                 raise click.BadParameter(f"line {number} is not an object", param_hint="--file")
+            if key is not None and "idempotency_key" not in data:
+                data = {**data, "idempotency_key": f"{key}:{len(requests)}"}
             requests.append({**defaults, **data})
             numbers.append(number)
     if not requests:
@@ -234,7 +263,7 @@ def _submit_file(
     batch_id = uuid.uuid4().hex
     chunk = 500
     jobs: list[Job] = []
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("submitting", total=len(requests))
         for start in range(0, len(requests), chunk):
             try:
@@ -248,6 +277,10 @@ def _submit_file(
                 message = _REQUEST_INDEX.sub(f"line {line}: ", str(exc))
                 raise ValidationError(message, field=exc.field) from None
             progress.update(task, completed=len(jobs))
+    # A resubmit under the same --idempotency-key returns the jobs of the first submit's batch.
+    batches = {job.batch_id for job in jobs}
+    if len(batches) == 1 and None not in batches:
+        batch_id = str(batches.pop())
     click.echo(f"submitted {len(jobs)} jobs; batch id: {batch_id}")
     _warn_unserved(client, {job.model for job in jobs})
     if wait_s is not None:
@@ -327,9 +360,13 @@ def results(batch_id: str, out: Path) -> None:
     with client_for(settings_from_env()) as client:
         batch = find_batch_id(client, batch_id)
         jobs = client.list(batch_id=batch, limit=1_000_000)
-    with out.open("w", encoding="utf-8") as handle:
-        for job in sorted(jobs, key=lambda j: (j.created_at, str(j.id))):
-            handle.write(json.dumps(job.to_dict(), ensure_ascii=False) + "\n")
+    try:
+        with out.open("w", encoding="utf-8") as handle:
+            for job in sorted(jobs, key=lambda j: (j.created_at, str(j.id))):
+                handle.write(json.dumps(job.to_dict(), ensure_ascii=False) + "\n")
+    except OSError as exc:
+        why = f"cannot write {out}: {exc.strerror}"
+        raise click.BadParameter(why, param_hint="--out") from None
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.status.value] = counts.get(job.status.value, 0) + 1

@@ -28,6 +28,8 @@ from producer.stats import cluster_stats, live_workers
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def stats(window: timedelta, timeout: float, as_json: bool) -> None:
     """Jobs per status, throughput and p50/p95/p99 latency, queue depth per model, workers."""
+    if window.total_seconds() <= 0:
+        raise click.BadParameter("must be longer than 0s", param_hint="--window")
     settings = migrated(settings_from_env())
     app = create_app(settings)
     try:

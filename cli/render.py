@@ -52,7 +52,7 @@ def wait_with_progress(
     columns = (
         TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
     )  # fmt: skip
-    with Progress(*columns) as progress:
+    with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task("jobs", total=len(ids))
 
         def update(finished: int, total: int) -> None:

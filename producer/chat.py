@@ -52,6 +52,19 @@ class Message(BaseModel):
             return "\n".join(part.text for part in parts)
         return value
 
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: str) -> str:
+        # As a prompt's: the worker's tokenizer cannot take a lone surrogate (the whole
+        # batch would fail), and PostgreSQL's JSON cannot store a NUL.
+        if "\x00" in value:
+            raise ValueError("must not contain NUL bytes")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid UTF-8 (it holds a lone surrogate)") from None
+        return value
+
     def stored(self) -> dict[str, str]:
         """Return the form kept in ``jobs.messages`` and given to the chat template."""
         return self.model_dump(exclude_none=True)

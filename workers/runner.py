@@ -42,7 +42,6 @@ from completion_queue import (
     AttemptsExceeded,
     ContextLengthExceeded,
     FatalModelError,
-    NoChatTemplate,
     OutOfMemory,
     WrongModel,
     queue_name,
@@ -282,11 +281,25 @@ class BatchRunner:
         for job in jobs:
             try:
                 prompts.append(self._prompt(job))
-            except NoChatTemplate as exc:
+            except Exception as exc:  # NoChatTemplate, or a template that raises
                 rejected.append((job, exc))
         refused = {job.id for job, _ in rejected}
         jobs = [job for job in jobs if job.id not in refused]
-        encoded = self.runtime.encode(prompts)
+        try:
+            encoded = self.runtime.encode(prompts)
+        except Exception:
+            # A prompt the tokenizer cannot take fails alone, never its batch (which would
+            # otherwise be requeued and fail again for ever): encode them one by one.
+            encoded, encodable = [], []
+            for job, prompt in zip(jobs, prompts, strict=True):
+                try:
+                    encoded.append(self.runtime.encode([prompt])[0])
+                except Exception as exc:
+                    log.error("job %s: its prompt cannot be tokenized: %r", job.id, exc)
+                    rejected.append((job, exc))
+                else:
+                    encodable.append(job)
+            jobs = encodable
         for job, prompt_ids in zip(jobs, encoded, strict=True):
             request = to_request(job, prompt_ids)
             try:

@@ -81,7 +81,7 @@ def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
     with client.sessions() as session:
         content = get_file_content(session, file_id=body.input_file_id, tenant=caller.name)
     if content is None:
-        raise not_found("file", body.input_file_id)
+        raise not_found("file", body.input_file_id, param="input_file_id")
     lines = parse_input(content, client.limits, client.settings.max_batch_requests, body.endpoint)
     batch_id = new_id("batch_")
     requests = [request for _, line in lines for request in line]

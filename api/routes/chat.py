@@ -51,7 +51,7 @@ async def create_chat_completion(
     with state.wait_slot(caller.name):
         jobs = await run_in_threadpool(submit_completions, client, [chat])
         _log_user(body, jobs[0])
-        jobs = await finished_completion(client, jobs, state.settings.api_wait_timeout_s)
+        jobs = await finished_completion(client, jobs, state.settings.api_wait_timeout_s, request)
     failure = job_failure(jobs[0])
     if failure is not None:
         raise APIError(failure)

@@ -57,7 +57,7 @@ async def create_completion(
     with state.wait_slot(caller.name):
         jobs = await run_in_threadpool(submit_completions, client, requests)
         _log_user(body, jobs)
-        jobs = await finished_completion(client, jobs, state.settings.api_wait_timeout_s)
+        jobs = await finished_completion(client, jobs, state.settings.api_wait_timeout_s, request)
     for job in jobs:
         failure = job_failure(job)
         if failure is not None:

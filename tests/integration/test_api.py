@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import update
 
 from completion_queue import free_port, queue_name, worker_env
-from db import BatchRow
+from db import BatchRow, JobStatus
 from producer import CompletionClient
 from tests.conftest import Stack, until
 from tests.integration.conftest import HookServer
@@ -255,6 +255,25 @@ def test_a_hundred_waiting_completions_hold_no_thread(
     assert answers[0].json()["error"]["code"] == "cancelled"
 
 
+@pytest.mark.usefixtures("unserved_queue")
+def test_a_completion_whose_client_gave_up_is_cancelled_and_so_are_its_retries(
+    stack: Stack, client: CompletionClient, tmp_path: Path
+) -> None:
+    # Given an API whose configured model no worker serves yet, so a completion waits
+    process, url = start_api(stack, tmp_path / "api.log", CQ_API_KEYS=KEY, CQ_MODEL=NO_WORKER)
+    try:
+        # When the official client, at its default two retries, gives up on each try after 1 s
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=1.0)
+        with pytest.raises(openai.APITimeoutError):
+            oai.completions.create(model=NO_WORKER, prompt="x", max_tokens=2)
+        # Then each try's job is cancelled once its caller is gone: none is left to run
+        jobs = until(lambda: (j := client.list(limit=10)) and len(j) == 3 and j, timeout_s=30)
+        until(lambda: all(client.get(j.id).status is JobStatus.CANCELLED for j in jobs), 30)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 def test_bad_requests_name_the_field(api: Api, client: object) -> None:
     assert_error(api.http.post("/v1/jobs", json={"prompt": "hi", "temperature": -1}),
                  400, "temperature", "temperature must be >= 0, got -1")  # fmt: skip
@@ -340,7 +359,7 @@ def test_openai_unsupported_and_invalid_parameters(api: Api, client: object) -> 
     with pytest.raises(openai.BadRequestError) as echo:
         oai.completions.create(model=api.model, prompt="hi", echo=True)
     assert echo.value.body["param"] == "echo"  # type: ignore[index]
-    assert "echo is not supported" in echo.value.body["message"]  # type: ignore[index]
+    assert "echo is not supported (only false or null)" in echo.value.body["message"]  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as logprobs:
         oai.completions.create(model=api.model, prompt="hi", logprobs=21)
     assert logprobs.value.body["param"] == "logprobs"  # type: ignore[index]
@@ -363,8 +382,15 @@ def test_openai_unsupported_and_invalid_parameters(api: Api, client: object) -> 
 
 
 def test_models_are_those_live_workers_serve(api: Api) -> None:
-    models = api.openai().models.list()
+    oai = api.openai()
+    models = oai.models.list()
     assert [m.id for m in models.data] == [api.model]
+    # and each one by its id, which may hold a "/" (a Hugging Face id); another is not found
+    assert oai.models.retrieve(api.model).id == api.model
+    with pytest.raises(openai.NotFoundError) as unknown:
+        oai.models.retrieve("nobody/serves-this")
+    assert unknown.value.code == "model_not_found"
+    assert f"served now: {api.model}" in unknown.value.body["message"]  # type: ignore[index]
 
 
 def test_openai_batch_roundtrip(api: Api, client: object, reference: Reference) -> None:
@@ -393,7 +419,11 @@ def test_openai_batch_roundtrip(api: Api, client: object, reference: Reference) 
     errors = [json.loads(line) for line in oai.files.content(done.error_file_id).text.splitlines()]
     assert [e["custom_id"] for e in errors] == ["too-long"]
     assert errors[0]["response"]["status_code"] == 400
-    assert errors[0]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    too_long = errors[0]["response"]["body"]["error"]
+    assert too_long["code"] == "context_length_exceeded"
+    # in OpenAI's names, pointing at the route that truncates (the OpenAI ones refuse truncate)
+    assert "max_tokens is 5" in too_long["message"] and "POST /v1/jobs" in too_long["message"]
+    assert "max_new_tokens" not in too_long["message"] and "cq submit" not in too_long["message"]
     assert oai.files.content(uploaded.id).content == data
     with pytest.raises(openai.ConflictError):
         oai.batches.cancel(batch.id)
@@ -411,6 +441,15 @@ def test_batch_input_errors_and_cancel(api: Api, client: object) -> None:
     assert "line 1" in refused.value.body["message"] and "top_p" in refused.value.body["message"]  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         oai.batches.retrieve("batch_nope")
+    # A wrong purpose or an unknown input file: errors that name the field, as OpenAI's do
+    with pytest.raises(openai.BadRequestError) as purpose:
+        oai.files.create(file=("f.jsonl", b"{}"), purpose="fine-tune")
+    assert purpose.value.body["param"] == "purpose"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as no_file:
+        oai.batches.create(
+            input_file_id="file-nope", endpoint="/v1/completions", completion_window="24h"
+        )
+    assert no_file.value.body["param"] == "input_file_id"  # type: ignore[index]
     # A batch for a model no worker serves waits; cancelling it cancels its jobs
     line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
             "body": {"model": NO_WORKER, "prompt": "x"}}  # fmt: skip

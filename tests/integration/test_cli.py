@@ -83,6 +83,24 @@ def test_submit_file_then_results(stack: Stack, client: object, tmp_path: Path) 
     assert {r["status"] for r in rows} == {"succeeded"}
 
 
+def test_a_file_resubmitted_under_one_key_gives_back_its_batch(
+    stack: Stack, client: object, tmp_path: Path
+) -> None:
+    # Given a file of three requests, submitted under one --idempotency-key
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"prompt": f"line {i}"}) + "\n" for i in range(3)))
+    first = cq(stack, "submit", "--file", str(jobs), "--idempotency-key", "nightly-7")
+    # When the same command runs again (a retried cron job)
+    again = cq(stack, "submit", "--file", str(jobs), "--idempotency-key", "nightly-7")
+    # Then it names the same batch and queues nothing more: line i holds the key KEY:i
+    assert again.stdout == first.stdout
+    assert first.stdout.startswith("submitted 3 jobs; batch id: ")
+    listed = client.list()  # type: ignore[attr-defined]
+    assert sorted(j.idempotency_key for j in listed) == [f"nightly-7:{i}" for i in range(3)]
+    # and stdout holds that one line, for scripts: the progress bars go to stderr
+    assert len(first.stdout.splitlines()) == 1
+
+
 @pytest.mark.parametrize("line", ['{"prompt": ""}', "not json"])
 def test_bad_file_line_writes_nothing(
     stack: Stack, client: object, tmp_path: Path, line: str
@@ -92,6 +110,17 @@ def test_bad_file_line_writes_nothing(
     done = cq(stack, "submit", "--file", str(jobs), check=False)
     assert done.returncode == 2
     assert "prompt" in done.stderr or "line 2" in done.stderr
+    assert client.list() == []  # type: ignore[attr-defined]
+
+
+def test_a_file_line_that_is_not_utf8_writes_nothing(
+    stack: Stack, client: object, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    done = cq(stack, "submit", "--file", str(jobs), check=False)
+    assert done.returncode == 2, done.stderr
+    assert "line 2 is not valid UTF-8" in done.stderr
     assert client.list() == []  # type: ignore[attr-defined]
 
 

@@ -76,6 +76,25 @@ def test_each_exit_code_comes_from_the_case_it_names(
     assert json.loads(refused.stdout)["status"] == "succeeded"
 
 
+def test_bad_options_and_paths_are_usage_errors_not_tracebacks(
+    stack: Stack, client: CompletionClient, tmp_path: Path
+) -> None:
+    batch = cq(stack, "submit", "--file", str(_one_line(tmp_path))).stdout.split("batch id: ")[1]
+    for args, named in (
+        (("stats", "--window", "0s"), "--window"),
+        (("results", "--batch", batch.strip(), "--out", str(tmp_path / "no" / "x.jsonl")), "--out"),
+    ):
+        done = cq(stack, *args, check=False)
+        assert done.returncode == ExitCode.USAGE, done.stderr
+        assert named in done.stderr and "Traceback" not in done.stderr
+
+
+def _one_line(tmp_path: Path) -> Path:
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"prompt": "hi", "max_new_tokens": 1}\n')
+    return path
+
+
 def test_a_short_id_names_a_job_everywhere(stack: Stack, client: CompletionClient) -> None:
     # Given two queued jobs whose ids share their first 4 digits, and one that ran
     twins = [uuid.UUID("abcd0000" + "0" * 24), uuid.UUID("abcd1111" + "0" * 24)]

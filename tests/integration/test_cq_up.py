@@ -112,6 +112,23 @@ def test_a_stop_signal_stops_worker_and_broker(
         assert "Traceback" not in up.output()
 
 
+def test_a_killed_up_leaves_no_worker_or_broker(tiny_model: Path, tmp_path: Path) -> None:
+    env = cq_env(tmp_path / "data", CQ_MODEL=str(tiny_model))
+    published = broker_url_file(Settings(data_dir=tmp_path / "data"))
+    # Given a `cq up` serving
+    with running(env, tmp_path, "up", ready="serving") as up:
+        # When it is killed outright
+        up.process.kill()
+        up.process.wait(30)
+        # Then its redis-server and worker stop too, and the next command names the stale file
+        _, alive = psutil.wait_procs(up.children, timeout=30)
+        assert alive == [], commands(alive)
+        done = cq(env, "submit", "Hello")
+        assert done.returncode == 5, done.stderr
+        assert "is stale" in done.stderr
+        assert not published.exists()
+
+
 def test_a_second_up_on_the_same_data_dir_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     env = cq_env(tmp_path / "data", CQ_MODEL=str(tiny_model))
     published = broker_url_file(Settings(data_dir=tmp_path / "data"))

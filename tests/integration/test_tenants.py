@@ -127,7 +127,7 @@ def test_a_tenant_sees_only_its_own_jobs_files_and_batches(tenants: Tenants) -> 
     refused = beta.post("/v1/batches", json={"input_file_id": file_id,
                                              "endpoint": "/v1/completions",
                                              "completion_window": "24h"})  # fmt: skip
-    assert_error(refused, 404, "id", file_id)
+    assert_error(refused, 404, "input_file_id", file_id)
     # and beta's listing holds none of alpha's jobs; alpha's holds them
     assert job_id not in [job["id"] for job in beta.get("/v1/jobs").json()["data"]]
     assert job_id in [job["id"] for job in alpha.get("/v1/jobs").json()["data"]]
@@ -213,6 +213,9 @@ def test_without_any_key_the_api_answers_loopback_peers_only(
     # Given no key anywhere: a loopback peer is served without auth
     with TestClient(app, client=("127.0.0.1", 40000)) as local:
         assert local.get("/v1/jobs").status_code == 200
+        # as the openai clients are, which always send a bearer (api_key="EMPTY")
+        empty = {"Authorization": "Bearer EMPTY"}
+        assert local.get("/v1/jobs", headers=empty).status_code == 200
     # and a peer from elsewhere (an API bound to 0.0.0.0 whose keys were all revoked) is not
     with TestClient(app, client=("10.1.2.3", 40000)) as remote:
         assert_error(remote.get("/v1/jobs"), 401, None, "cq keys create")

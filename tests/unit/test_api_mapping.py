@@ -56,7 +56,7 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(extra: dict[str, 
 @pytest.mark.parametrize(
     ("body", "field", "message"),
     [
-        ({"prompt": "a", "stream": True}, "stream", "stream is not supported (only False or null)"),
+        ({"prompt": "a", "stream": True}, "stream", "stream is not supported (only false or null)"),
         ({"prompt": "a", "echo": True}, "echo", "echo is not supported"),
         ({"prompt": "a", "best_of": True}, "best_of", "best_of is not supported"),
         ({"prompt": "a", "tools": []}, "tools", "tools is not a supported parameter"),
@@ -102,6 +102,17 @@ def test_failed_jobs_map_to_status_codes() -> None:
     too_long = job(JobStatus.FAILED, error={"type": "ContextLengthExceeded", "message": "long"})
     info = job_failure(too_long)
     assert info is not None and (info.status, info.code) == (400, "context_length_exceeded")
+    # in OpenAI's names, pointing at the route that truncates, not at the CLI
+    worker_said = (
+        "prompt has 600 tokens and max_new_tokens is 3: 603 exceeds the model's context of 512 "
+        "tokens (truncate: true would keep the prompt's last 509 tokens; `cq submit --truncate`)"
+    )
+    said = job(JobStatus.FAILED, error={"type": "ContextLengthExceeded", "message": worker_said})
+    info = job_failure(said)
+    assert info is not None and info.message == (
+        "prompt has 600 tokens and max_tokens is 3: 603 exceeds the model's context of 512 "
+        "tokens (POST /v1/jobs with truncate: true keeps a too-long prompt's last tokens)"
+    )
     crashed = job_failure(job(JobStatus.FAILED, error={"type": "ModelError", "message": "x"}))
     assert crashed is not None and crashed.status == 500 and crashed.type == "server_error"
     cancelled = job_failure(job(JobStatus.CANCELLED))
@@ -173,3 +184,33 @@ def test_batch_metadata_is_bounded_as_openai_bounds_it() -> None:
     for metadata in ({f"k{i}": "v" for i in range(17)}, {"k": "v" * 513}, {"k" * 65: "v"}):
         with pytest.raises(pydantic.ValidationError, match="metadata"):
             BatchBody(**base, metadata=metadata)
+
+
+def test_a_completion_whose_client_went_away_cancels_its_jobs() -> None:
+    import anyio
+
+    from api.errors import APIError
+    from api.openai import finished_completion
+
+    job = make_job("a")
+    cancelled: list[object] = []
+
+    class Client:
+        async def wait_async(self, jobs: object, timeout: float) -> object:
+            await anyio.sleep(30)  # a long generation
+            raise AssertionError("not cancelled")  # pragma: no cover
+
+        def cancel(self, job_id: object) -> None:
+            cancelled.append(job_id)
+
+    class GoneRequest:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def call() -> None:
+        with anyio.fail_after(5):
+            await finished_completion(Client(), [job], 60, GoneRequest())  # type: ignore[arg-type]
+
+    with pytest.raises(APIError) as info:
+        anyio.run(call)
+    assert info.value.info.status == 499 and cancelled == [job.id]

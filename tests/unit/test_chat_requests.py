@@ -88,6 +88,23 @@ def test_bad_chat_fields_are_named(data: dict[str, Any], field: str, message: st
     assert message in str(error)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("caf\udce9", "must be valid UTF-8"),  # a Latin-1 byte read with surrogateescape
+        ([{"type": "text", "text": "a\udcffb"}], "must be valid UTF-8"),  # JSON's "\udcff"
+        ("a\x00b", "must not contain NUL"),
+    ],
+)
+def test_chat_text_the_tokenizer_or_the_database_cannot_take_is_refused(
+    content: object, message: str
+) -> None:
+    # Such text once reached the worker, whose tokenizer failed the whole batch again and again
+    error = refused({"messages": [{"role": "user", "content": content}]})
+    assert error.field == "messages[0].content"
+    assert message in str(error)
+
+
 def test_response_formats_and_logprobs_are_stored_in_params() -> None:
     schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
     request = validate_request(
@@ -199,3 +216,13 @@ def test_a_model_without_a_chat_template_fails_the_job_naming_it() -> None:
 
     with pytest.raises(NoChatTemplate, match="model 'plain-lm' has no chat template"):
         render_chat(PlainTokenizer(), [{"role": "user", "content": "Hi"}], model="plain-lm")
+
+
+def test_an_echoed_assistant_message_with_neutral_fields_is_accepted() -> None:
+    # What the openai client sends for messages.append(completion.choices[0].message).
+    echoed = {"role": "assistant", "content": "Hello", "refusal": None, "annotations": None,
+              "audio": None, "function_call": None, "tool_calls": None}  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "Hi"}, echoed]}
+    assert chat_request(body)["messages"][1] == {"role": "assistant", "content": "Hello"}
+    with pytest.raises(ValidationError, match=r"messages\[1\]\.refusal is not a supported"):
+        chat_request({"messages": [{"role": "user", "content": "Hi"}, {**echoed, "refusal": "no"}]})

@@ -245,3 +245,22 @@ def test_a_job_cancelled_after_the_last_look_is_reported_cancelled(tmp_path: Pat
     assert told.statuses == {new[0].id.hex: JobStatus.SUCCEEDED, new[1].id.hex: JobStatus.CANCELLED}
     # and it keeps the tokens it made
     assert rows[1] is not None and rows[1].completion_tokens == 4
+
+
+class PickyRuntime(WordRuntime):
+    """Fails a whole batch that holds a prompt with 'bad' in it, as a tokenizer does."""
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        if any("bad" in p for p in prompts):
+            raise TypeError("TextEncodeInput must be Union[...]")
+        return super().encode(prompts)
+
+
+def test_a_prompt_the_tokenizer_refuses_fails_alone() -> None:
+    # Given a batch where one prompt makes the tokenizer raise
+    ok, bad = job("one two", max_new_tokens=2), job("a bad one", max_new_tokens=2)
+    # When the runner plans it
+    requests, rejected = runner(PickyRuntime()).plan([ok, bad])
+    # Then only that job is refused; its batch-mate is planned
+    assert [r.key for r in requests] == [str(ok.id)]
+    assert [(j.id, type(e)) for j, e in rejected] == [(bad.id, TypeError)]
