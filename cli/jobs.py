@@ -127,7 +127,8 @@ def _warn_unserved(client: CompletionClient, models: set[str]) -> None:
     flag_value=60.0,
     type=float,
     default=None,
-    help="Wait for the result (optionally: seconds, default 60).",
+    help="Wait for the result (optionally: seconds, default 60). Before the prompt, give the "
+    "seconds (--wait 60 PROMPT): a bare --wait takes the next word as them.",
 )
 @click.option(
     "--stream",
@@ -334,8 +335,8 @@ def list_(status_: str | None, batch_id: str | None, limit: int, as_json: bool) 
 def cancel(job_id: str) -> None:
     """Cancel a queued or running job (a running one stops and keeps its tokens so far).
 
-    JOB_ID: a full id or a unique prefix. A job already finished is printed as it
-    is, with exit code 6.
+    JOB_ID: a full id or a unique prefix. A job that already succeeded or failed is
+    printed as it is, with exit code 6; one already cancelled stays so (exit 0).
     """
     with client_for(settings_from_env()) as client:
         job = client.cancel(find_job_id(client, job_id))
