@@ -73,8 +73,11 @@ def job_failure(job: Job) -> ErrorInfo | None:
     error = job.error or {}
     kind, message = error.get("type", "ModelError"), error.get("message", "generation failed")
     if kind == "ContextLengthExceeded":
+        # The field to change: max_tokens when it fills the context alone, else the input.
+        budget = "max_new_tokens must be below" in message
+        param = "max_tokens" if budget else "messages" if job.messages else "prompt"
         return ErrorInfo(
-            400, _in_openai_terms(message), param="prompt", code="context_length_exceeded"
+            400, _in_openai_terms(message), param=param, code="context_length_exceeded"
         )
     if kind == "BatchExpired":
         return ErrorInfo(408, message, code="batch_expired")

@@ -239,6 +239,12 @@ def make_tiny(directory: Path, seed: int, shape: str) -> None:
     """
     if directory.exists() and any(directory.iterdir()):
         raise click.UsageError(f"{directory} exists and is not empty")
+    try:  # before the build, so a path that cannot be written is said at once
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot create {directory}: {exc.strerror}", param_hint="DIRECTORY"
+        ) from None
     tiny = None if shape == "tiny" else settings_from_env().model_path(TINY_MODEL_NAME)
     path = make_shaped_model(directory, shape=shape, seed=seed, tokenizer_from=tiny)
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6

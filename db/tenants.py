@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import JobRow, TenantRow
@@ -24,6 +24,20 @@ from db.snapshots import aware, utcnow
 KEY_PREFIX = "cq-"
 #: ``last_used_at`` is written at most this often per tenant (not on every request).
 TOUCH_EVERY = timedelta(minutes=1)
+
+
+#: PostgreSQL advisory lock key held by a submit under a queue bound, from its count to its
+#: commit: the bytes of "cq-quota". Without it, submits at once each counted the others out.
+QUOTA_LOCK_KEY = int.from_bytes(b"cq-quota", "big")
+
+
+def lock_queue_bounds(session: Session) -> None:
+    """Hold the queue bounds' lock until ``session``'s transaction ends (PostgreSQL), so
+    that submits from several API processes count and insert one at a time. On SQLite,
+    the client's own lock orders one process's threads; processes sharing one SQLite
+    file may still each count before the other writes."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": QUOTA_LOCK_KEY})
 
 
 def new_key() -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copy
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -20,7 +22,9 @@ from completion_queue import (
     Settings,
     ValidationError,
     create_app,
+    published_broker_url,
     redact_url,
+    resolve_broker_url,
     send_jobs,
     served_models,
 )
@@ -38,7 +42,7 @@ from db import (
     make_session_factory,
     withdraw_jobs,
 )
-from producer.quotas import check_quotas
+from producer.quotas import check_quotas, queue_bounded
 from producer.schema import CompletionRequest, Limits, validate_request
 from producer.stats import broker_client
 from producer.stream import follow, text_of
@@ -94,6 +98,10 @@ class CompletionClient:
         self._engine = make_engine(self.database_url)
         self._sessions = make_session_factory(self._engine)
         self._app: Celery | None = None
+        self._app_url: str | None = None
+        self._app_lock = threading.Lock()
+        #: Orders this process's submits under a queue bound (tenant views share it).
+        self._bounds_lock = threading.Lock()
         self._owner: CompletionClient | None = None
         #: A tenant's quotas, enforced on submit (the API's tenants; see :meth:`as_tenant`).
         self.quota: Tenant | None = None
@@ -120,9 +128,22 @@ class CompletionClient:
         """The Celery app used to send, created on first use."""
         if self._owner is not None:
             return self._owner.app
-        if self._app is None:
-            self._app = create_app(self.settings, self._broker_url)
-        return self._app
+        with self._app_lock:
+            if self._app is None or self._embedded_broker_moved():
+                if self._app is not None:
+                    self._app.close()
+                self._app_url = self._broker_url or resolve_broker_url(self.settings)
+                self._app = create_app(self.settings, self._app_url)
+            return self._app
+
+    def _embedded_broker_moved(self) -> bool:
+        """Whether the embedded broker (no URL configured) was restarted at another URL:
+        a ``cq up`` started again publishes its new redis-server's, and a long-lived
+        client (``cq api``) follows it rather than failing until it is restarted."""
+        if self._broker_url or self.settings.broker_url:
+            return False
+        published = published_broker_url(self.settings)
+        return bool(published) and published != self._app_url
 
     # -- submitting -------------------------------------------------------------
 
@@ -178,8 +199,6 @@ class CompletionClient:
             return []
         app = self.app  # a broker URL that is wrong (ConfigError) is refused before any write
         models = {req.model or self.settings.model for req in validated}
-        with self._sessions() as session:
-            check_quotas(session, self.settings, self.quota, models, len(validated))
         new_jobs = [
             NewJob(
                 model=req.model or self.settings.model,
@@ -194,7 +213,12 @@ class CompletionClient:
             )
             for req in validated
         ]
-        with self._sessions.begin() as session:
+        bounded = queue_bounded(self.settings, self.quota)
+        with (
+            self._bounds_lock if bounded else contextlib.nullcontext(),
+            self._sessions.begin() as session,
+        ):
+            check_quotas(session, self.settings, self.quota, models, len(validated))
             created = create_jobs(session, jobs=new_jobs)
             for new, (job, is_new) in zip(new_jobs, created, strict=True):
                 if not is_new and not same_request(new, job):

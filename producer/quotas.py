@@ -1,6 +1,9 @@
 """What a submit may add: the cluster's queue bound, and a tenant's models and queue bound.
 
-Checked before anything is written; each refusal says which limit and how full.
+Checked in the transaction that writes the jobs, under a lock while a queue bound
+applies (``lock_queue_bounds``; the client's own lock across its threads), so
+submits at once cannot each count the others out. Each refusal says which limit
+and how full.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from completion_queue import ModelNotAllowed, QueueFull, Settings
-from db import Tenant, count_queued
+from db import Tenant, count_queued, lock_queue_bounds
 
 
 def check_quotas(
@@ -25,6 +28,8 @@ def check_quotas(
             f"the model {model!r} does not exist or you do not have access to it; "
             f"you may use: {', '.join(tenant.models)}"
         )
+    if queue_bounded(settings, tenant):
+        lock_queue_bounds(session)
     if tenant is not None and tenant.max_queued is not None:
         queued = count_queued(session, tenant=tenant.name)
         if queued + count > tenant.max_queued:
@@ -40,3 +45,8 @@ def check_quotas(
                 f"the queue holds {queued} jobs and max_queued_jobs is {limit}: "
                 f"{count} more would not fit; retry later"
             )
+
+
+def queue_bounded(settings: Settings, tenant: Tenant | None) -> bool:
+    """Whether a submit must count queued jobs: ``CQ_MAX_QUEUED_JOBS`` or a ``--max-queued``."""
+    return bool(settings.max_queued_jobs) or (tenant is not None and tenant.max_queued is not None)

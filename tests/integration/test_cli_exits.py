@@ -83,6 +83,7 @@ def test_bad_options_and_paths_are_usage_errors_not_tracebacks(
     for args, named in (
         (("stats", "--window", "0s"), "--window"),
         (("results", "--batch", batch.strip(), "--out", str(tmp_path / "no" / "x.jsonl")), "--out"),
+        (("model", "make-tiny", "/proc/cq-no-such-dir"), "DIRECTORY"),
     ):
         done = cq(stack, *args, check=False)
         assert done.returncode == ExitCode.USAGE, done.stderr

@@ -19,7 +19,7 @@ import pytest
 
 from completion_queue import EmbeddedRedis, Settings, broker_url_file
 from completion_queue.redis_server import free_port
-from db import upgrade
+from db import JobStatus, upgrade
 from producer import CompletionClient
 from tests.conftest import until
 
@@ -127,6 +127,24 @@ def test_a_killed_up_leaves_no_worker_or_broker(tiny_model: Path, tmp_path: Path
         assert done.returncode == 5, done.stderr
         assert "is stale" in done.stderr
         assert not published.exists()
+
+
+def test_a_client_follows_the_broker_of_a_restarted_up(tiny_model: Path, tmp_path: Path) -> None:
+    env = cq_env(tmp_path / "data", CQ_MODEL=str(tiny_model))
+    settings = Settings(data_dir=tmp_path / "data", model=str(tiny_model))
+    # Given a long-lived client (as `cq api` holds one) of a `cq up` that served it
+    with running(env, tmp_path, "up", ready="serving") as up:
+        client = CompletionClient(settings=settings)
+        first = client.wait(client.submit("Hello", max_new_tokens=2), timeout=60)
+        before = client.app.conf.broker_url
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(120) == 0
+    # When `cq up` starts again, its redis-server on another port
+    with client, running(env, tmp_path, "up", ready="serving"):
+        # Then the same client submits and waits through the new broker
+        second = client.wait(client.submit("Hello", max_new_tokens=2), timeout=60)
+        assert client.app.conf.broker_url != before
+    assert first.status is second.status is JobStatus.SUCCEEDED
 
 
 def test_a_second_up_on_the_same_data_dir_is_refused(tiny_model: Path, tmp_path: Path) -> None:

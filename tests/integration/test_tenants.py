@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,6 +267,28 @@ def test_each_quota_refuses_without_writing_and_touches_no_other_tenant(
     assert capped.post("/v1/jobs", json={"prompt": "c", "model": idle}).status_code == 202
     capped.close()
     cq(stack, "keys", "revoke", "capped")
+
+
+def test_submits_at_once_never_pass_a_tenant_s_max_queued(stack: Stack, tenants: Tenants) -> None:
+    idle = "tenant-test-no-worker"  # a model no worker serves: its jobs stay queued
+    key = cq(stack, "keys", "create", "racer", "--models", idle, "--max-queued", "3")
+    headers = {"Authorization": f"Bearer {key.stdout.splitlines()[-1]}"}
+    # Given a tenant that may have 3 jobs queued
+    with httpx.Client(base_url=tenants.url, headers=headers, timeout=120) as racer:
+
+        def post(i: int) -> int:
+            return racer.post("/v1/jobs", json={"prompt": f"race {i}", "model": idle}).status_code
+
+        # When 24 submits arrive at once
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(post, range(24)))
+        # Then exactly 3 are queued and the rest refused: none counted before another wrote
+        listed = racer.get("/v1/jobs", params={"limit": 100}).json()["data"]
+        assert sorted(codes) == [202] * 3 + [429] * 21
+        assert len(listed) == 3
+        for job in listed:
+            racer.post(f"/v1/jobs/{job['id']}/cancel")
+    cq(stack, "keys", "revoke", "racer")
 
 
 def test_a_tenant_over_its_rate_gets_429_with_retry_after(stack: Stack, tenants: Tenants) -> None:

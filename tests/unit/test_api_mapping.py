@@ -113,6 +113,13 @@ def test_failed_jobs_map_to_status_codes() -> None:
         "prompt has 600 tokens and max_tokens is 3: 603 exceeds the model's context of 512 "
         "tokens (POST /v1/jobs with truncate: true keeps a too-long prompt's last tokens)"
     )
+    assert info.param == "prompt"
+    # a budget that fills the context alone names max_tokens
+    budget = "prompt has 2 tokens and max_new_tokens is 600: ...; max_new_tokens must be below 512"
+    alone = job_failure(job(JobStatus.FAILED, error={"type": "ContextLengthExceeded",
+                                                     "message": budget}))  # fmt: skip
+    assert alone is not None and alone.param == "max_tokens"
+    assert "max_tokens must be below 512" in alone.message
     crashed = job_failure(job(JobStatus.FAILED, error={"type": "ModelError", "message": "x"}))
     assert crashed is not None and crashed.status == 500 and crashed.type == "server_error"
     cancelled = job_failure(job(JobStatus.CANCELLED))
