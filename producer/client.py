@@ -7,6 +7,7 @@ import contextlib
 import copy
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -315,6 +316,9 @@ class CompletionClient:
         with WAITS_LOCK:
             if owner._shared_waits is None:
                 owner._shared_waits = Waits(owner._engine, owner._sessions)
+                # A client dropped without close(): its LISTEN thread (which holds the
+                # engine, so its pooled connection too) must not outlive it.
+                weakref.finalize(owner, owner._shared_waits.close)
             return owner._shared_waits
 
     def cancel(self, job_id: JobRef) -> Job:

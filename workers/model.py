@@ -165,7 +165,10 @@ class ModelRuntime:
             return [refused[i] if i in refused else next(kept) for i in range(len(requests))]
         rows = [r for r in requests for _ in range(r.n)]
         prompts = [r.prompt_ids for r in rows]
-        shared = shared_prefix_len(prompts, self.prefix_min_tokens)
+        # A shared prefix changes the logits' last bits (another attention path), so a
+        # seeded row would sample otherwise than alone: seeded groups compute everything.
+        seeded = any(r.seed is not None for r in rows)
+        shared = 0 if seeded else shared_prefix_len(prompts, self.prefix_min_tokens)
         input_ids, attention, starts = pad_rows(prompts, self.pad_id, shared)
         prompt_len = input_ids.shape[1]
         max_new = max(r.max_new_tokens for r in rows)

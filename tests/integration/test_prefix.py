@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,13 +250,21 @@ def test_sampled_and_penalized_texts_are_the_same_with_and_without_reuse(
     # When the group runs with reuse and without
     call = spy(reuse)
     with_reuse = texts(reuse.generate(requests))
-    assert call.cached_tokens == len(header)
+    # (seeded rows are never given a shared prefix: its attention path changes the
+    # logits' last bits, and a seed must sample the same text whatever its batch-mates)
+    assert call.cached_tokens == 0
     without = texts(plain.generate(requests))
     # Then every choice has the same text and length
     assert [[(c.text, c.completion_tokens) for c in mine] for mine in with_reuse] == [
         [(c.text, c.completion_tokens) for c in mine] for mine in without
     ]
     assert all(c.completion_tokens > 0 for mine in with_reuse for c in mine)
+    # and a group with no seed (penalized greedy jobs) reuses the header, to the same texts
+    penalized = [replace(requests[3], key=f"p{i}", prompt_ids=p) for i, p in enumerate(prompts)]
+    call = spy(reuse)
+    reused = texts(reuse.generate(penalized))
+    assert call.cached_tokens == len(header)
+    assert reused == texts(plain.generate(penalized))
 
 
 def test_jobs_sharing_a_header_through_the_queue_equal_a_direct_generate(
