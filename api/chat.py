@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.openai import STREAM_FIELDS, refuse_unsupported, streamed
+from api.openai import STREAM_FIELDS, is_neutral, refuse_unsupported, streamed
 from completion_queue import ValidationError, models_without_chat
 from producer import MAX_LOGPROBS, CompletionClient
 from producer.stats import broker_client
@@ -172,10 +172,7 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
         message = {
             key: value
             for key, value in message.items()
-            if not any(
-                value == neutral and type(value) is type(neutral)
-                for neutral in _NEUTRAL_MESSAGE_FIELDS.get(key, ())
-            )
+            if not is_neutral(value, _NEUTRAL_MESSAGE_FIELDS.get(key, ()))
         }
         extra = sorted(set(message) - {"role", "content", "name"})
         if extra:

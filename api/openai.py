@@ -15,7 +15,7 @@ too-long prompt fails with ``context_length_exceeded``; the native ``POST
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
@@ -96,6 +96,11 @@ def _same(value: Any, neutral: Any) -> bool:
     return type(value) is type(neutral) and bool(value == neutral)
 
 
+def is_neutral(value: Any, choices: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of ``choices``, values that ask for nothing we do not do."""
+    return any(_same(value, choice) for choice in choices)
+
+
 def refuse_unsupported(
     body: Any, supported: frozenset[str], neutral: Mapping[str, tuple[Any, ...]]
 ) -> None:
@@ -112,7 +117,7 @@ def refuse_unsupported(
         if name in supported:
             continue
         if name in neutral:
-            if any(_same(value, choice) for choice in neutral[name]):
+            if is_neutral(value, neutral[name]):
                 continue
             allowed = " or ".join(json.dumps(v) for v in neutral[name])
             raise ValidationError(f"{name} is not supported (only {allowed})", field=name)
@@ -234,10 +239,15 @@ def check_served(client: CompletionClient, requests: list[dict[str, Any]]) -> No
     served = client.served_models()
     missing = sorted(unknown - set(served))
     if missing:
-        raise ModelNotAllowed(
-            f"the model {missing[0]!r} does not exist or no worker serves it; "
-            f"served now: {', '.join(sorted(served)) or 'none'}"
-        )
+        raise not_served(missing[0], served)
+
+
+def not_served(model: str, served: Iterable[str]) -> ModelNotAllowed:
+    """The 404 ``model_not_found`` for a model no live worker serves, naming those served."""
+    return ModelNotAllowed(
+        f"the model {model!r} does not exist or no worker serves it; "
+        f"served now: {', '.join(sorted(served)) or 'none'}"
+    )
 
 
 def in_openai_names(exc: ValidationError, *, single: bool = True) -> ValidationError:

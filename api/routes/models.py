@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from api.openai import not_served
 from api.state import Caller, CallerDep
-from completion_queue import ModelNotAllowed
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -42,8 +42,5 @@ def retrieve_model(model: str, caller: CallerDep) -> dict[str, Any]:
     ``model_not_found`` if none does, or the caller may not use it."""
     served = _served(caller)
     if model not in served:
-        raise ModelNotAllowed(
-            f"the model {model!r} does not exist or no worker serves it; "
-            f"served now: {', '.join(sorted(served)) or 'none'}"
-        )
+        raise not_served(model, served)
     return _model(model, served[model], int(time.time()))
