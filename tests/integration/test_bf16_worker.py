@@ -21,6 +21,7 @@ from db import JobStatus
 from producer.client import CompletionClient
 from producer.stats import live_workers
 from tests.conftest import new_database
+from tests.integration.test_prefix import assert_seeded_job_ignores_batch_mates_sharing_its_header
 from tests.reference import Reference
 from workers.devices import cpu_runs_bf16_faster, resolve_dtype
 
@@ -128,3 +129,11 @@ def test_a_greedy_job_in_bfloat16_runs_to_its_length(
     assert logprobs[0]["logprob"] == pytest.approx(expected_logprob, abs=0.1)
     for entry in logprobs:
         assert entry["logprob"] == entry["top_logprobs"][0]["logprob"]
+
+
+def test_a_seeded_job_in_bfloat16_ignores_batch_mates_sharing_its_header(
+    default_dtype: tuple[Settings, WorkerProcess],
+) -> None:
+    settings, _ = default_dtype
+    with CompletionClient(settings=settings) as client:
+        assert_seeded_job_ignores_batch_mates_sharing_its_header(client)

@@ -285,3 +285,27 @@ def test_jobs_sharing_a_header_through_the_queue_equal_a_direct_generate(
         assert job.status is JobStatus.SUCCEEDED, job.error
         text, tokens = reference.greedy(request["prompt"], request["max_new_tokens"])
         assert (job.text, job.completion_tokens) == (text, tokens)
+
+
+def assert_seeded_job_ignores_batch_mates_sharing_its_header(client: CompletionClient) -> None:
+    """A seeded job, sampled at the default temperature, whose prompt has a long header,
+    gives the same text alone, beside jobs sharing that header, and as the first of n = 3
+    (README: the same text "whatever the batch-mates")."""
+    header = "The river runs through the old town and the people there speak of it often. " * 8
+    seeded = {"prompt": header + "Today", "max_new_tokens": 30, "seed": 11}
+    alone = client.wait(client.submit(**seeded), timeout=120)
+    mates = [{"prompt": header + f"Other {i}", "max_new_tokens": 30} for i in range(6)]
+    beside = client.wait(client.submit_many([seeded, *mates]), timeout=120)[0]
+    three = client.wait(client.submit(**seeded, n=3), timeout=120)
+    assert alone.status is beside.status is three.status is JobStatus.SUCCEEDED
+    assert beside.text == alone.text
+    assert three.choices[0].text == alone.text
+
+
+def test_a_seeded_job_samples_the_same_text_beside_jobs_sharing_its_header(
+    client: CompletionClient,
+) -> None:
+    # (in float32; tests/integration/test_bf16_worker.py runs it in bfloat16, where a shared
+    # prefix's last-bit differences turned sampled text another way before it was kept
+    # from seeded groups)
+    assert_seeded_job_ignores_batch_mates_sharing_its_header(client)
