@@ -17,7 +17,7 @@ class Direct:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from workers.devices import model_threads, resolve_device, resolve_dtype
+        from engine.devices import model_threads, resolve_device, resolve_dtype
 
         self.torch = torch
         self.device = resolve_device(device)

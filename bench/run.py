@@ -36,9 +36,9 @@ from completion_queue import (
     worker_env,
 )
 from db import Job, JobStatus, upgrade
+from engine.tiny import ensure_tiny_model
 from producer import CompletionClient
 from producer.stats import percentile
-from workers.tiny import ensure_tiny_model
 
 #: The JSON schema half of the structured-output workload's jobs carry.
 SCHEMA_FORMAT = {
@@ -359,7 +359,7 @@ def _hardware(
 
     A worker that runs float32 already has its raw figure: that one is reused.
     """
-    from workers.devices import model_threads, resolve_device, resolve_dtype
+    from engine.devices import model_threads, resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
     found: dict[str, Any] = {"fp32_raw_tokens_per_s": figures["raw_tokens_per_s"]}

@@ -21,9 +21,9 @@ from completion_queue import (
     worker_env,
 )
 from db import Job, JobStatus
+from engine.tiny import ensure_tiny_model, is_current
 from producer import CompletionClient
 from producer.stats import percentile
-from workers.tiny import ensure_tiny_model, is_current
 
 PROMPTS = [
     "The queue takes a job and",

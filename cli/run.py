@@ -31,7 +31,7 @@ from completion_queue import (
     worker_env,
 )
 from db import has_live_tenants
-from workers.shapes import SHAPES, make_shaped_model
+from engine.shapes import SHAPES, make_shaped_model
 
 
 @cli.command()
@@ -76,6 +76,7 @@ def run_up(settings: Settings) -> None:
         click.echo(f"broker: {redact_url(live.broker_url)}")
         click.echo(f"database: {redact_url(live.resolved_database_url())}")
         log_path = live.data_dir / "worker.log"
+        build_tiny_model(live)
         with WorkerProcess(worker_env(live), log_path) as worker:
             worker.wait_ready()
             click.echo(f"worker {worker.pid} serving {live.model}; log: {log_path}")
@@ -120,7 +121,18 @@ def worker(
         batch_wait_ms=batch_wait_ms,
         metrics_port=metrics_port,
     )
+    build_tiny_model(settings)
     run_worker(migrated(settings), hostname=hostname)
+
+
+def build_tiny_model(settings: Settings) -> None:
+    """Build the tiny model before a worker starts, when it is the model served and not built."""
+    from engine.tiny import ensure_tiny_model, is_current
+
+    path = settings.model_path()
+    if settings.model == TINY_MODEL_NAME and not is_current(path):
+        click.echo("building the tiny model (once, about 20 s on 2 cores)", err=True)
+        ensure_tiny_model(path)
 
 
 @cli.command()

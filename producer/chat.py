@@ -6,7 +6,7 @@ parts is joined with newlines (as vLLM does) and stored as one string, so any
 template renders it. A ``response_format`` is checked here as far as can be
 without the model: its shape, and that a JSON schema is itself a valid schema
 (``jsonschema``'s meta-schema check), and that the grammar library the workers
-use (llguidance, see ``workers/grammar.py``) implements every keyword it uses.
+use (llguidance, see ``engine/grammar.py``) implements every keyword it uses.
 """
 
 from __future__ import annotations

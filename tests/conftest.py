@@ -32,7 +32,7 @@ os.environ.setdefault("CQ_DTYPE", "float32")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GPT-2-style model, built once per session."""
-    from workers.tiny import make_tiny_model
+    from engine.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2")
 

@@ -1,7 +1,8 @@
-"""The worker side: the Celery batch task, the resident model runtime and the batching.
+"""The queue side of a worker: the Celery batch task, flushes, the runner, progress, metrics.
 
-This is the only package that imports torch; import its modules directly
-(``workers.model``, ``workers.app``) so that importing the package stays light.
+It runs an engine (``engine/``), which it builds in the model process; the
+engine never imports it. Import its modules directly (``workers.app``,
+``workers.main``) so that importing the package stays light.
 """
 
 __all__: list[str] = []

@@ -1,7 +1,7 @@
 """Micro-batch planning: which claimed jobs share one ``generate`` call.
 
-Pure logic, no torch. Every sampling parameter is applied per row by the model
-runtime, so any jobs may share a call; what grouping buys is less padding and
+Pure logic, no torch. Every sampling parameter is applied per row by the
+engine, so any jobs may share a call; what grouping buys is less padding and
 less waiting for the longest request, so rows are grouped by token budget and
 prompt length.
 """
@@ -10,51 +10,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from completion_queue import ContextLengthExceeded
-from db import Choice
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationResult:
-    """What one request produced: its choices and its prompt's token count."""
-
-    choices: list[Choice]
-    prompt_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """One job as the model runtime sees it: token ids and sampling parameters."""
-
-    key: str
-    prompt_ids: tuple[int, ...]
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    #: Prompt tokens dropped from the start so the prompt fits the context (``truncate``).
-    truncated_prompt_tokens: int = 0
-    #: Log probabilities to record per generated token: None for none, else how many
-    #: alternatives besides the chosen token (0 to 20).
-    logprobs: int | None = None
-    #: The job's ``response_format`` as compact JSON (keys in order); None: unconstrained.
-    response_format: str | None = None
-
-    @property
-    def greedy(self) -> bool:
-        """True when decoding is greedy (temperature 0, as in OpenAI's API)."""
-        return self.temperature == 0.0
-
-    @property
-    def plain_greedy(self) -> bool:
-        """True when ``generate``'s own arg-max decodes this row exactly: greedy, no penalty."""
-        return self.greedy and self.repetition_penalty == 1.0
+from engine import GenerationRequest
 
 
 def fit_context(
@@ -100,7 +58,7 @@ def plan_groups(
     little and stops near the same step. With ``prefix_tokens`` (the worker's
     ``CQ_PREFIX_MIN_TOKENS``), requests of one budget whose prompts start with the
     same ``prefix_tokens`` tokens sit next to each other, so their group can compute
-    the shared prefix once (:mod:`workers.prefix`). Every request lands in exactly
+    the shared prefix once (:mod:`engine.prefix`). Every request lands in exactly
     one group.
     """
     if max_rows < 1:
@@ -132,13 +90,3 @@ def plan_groups(
 def _has_head(request: GenerationRequest, prefix_tokens: int) -> bool:
     """True when ``request``'s prompt is long enough to share a prefix of ``prefix_tokens``."""
     return prefix_tokens > 0 and len(request.prompt_ids) > prefix_tokens
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Return ``text`` cut before the earliest stop string, and whether one was found."""
-    cut = len(text)
-    for stop in stops:
-        index = text.find(stop)
-        if 0 <= index < cut:
-            cut = index
-    return text[:cut], cut < len(text)

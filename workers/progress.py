@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue import EVENTS_MAXLEN, EVENTS_TTL_S, events_key
 from db import Job, JobStatus, Outcome, Progress, lost_jobs, write_progress
+from engine import GenerationRequest, cut_at_stop
 from workers.listeners import BatchListener
-from workers.planner import GenerationRequest, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Watch:
 
 
 class RowView:
-    """A watch's rows in one engine call's order."""
+    """A watch's rows in one engine call's order (the engine's :class:`engine.FollowedRows`)."""
 
     def __init__(self, watch: Watch, rows: list[Row]) -> None:
         self.watch = watch
@@ -167,6 +167,18 @@ class RowView:
         if row.request.key in watch.streamed:
             watch.writer.submit(("deltas", watch, [(row, len(tokens))]))
         watch.tick()
+
+    def finish(self, index: int) -> None:
+        """Mark row ``index`` ended (continuous)."""
+        self.rows[index].done = True
+
+    def tokens(self, index: int) -> list[int]:
+        """Row ``index``'s tokens so far."""
+        return list(self.rows[index].tokens)
+
+    def tick(self) -> None:
+        """Hand the writer a snapshot if the interval has passed (no step came meanwhile)."""
+        self.watch.tick()
 
     def to_stop(self) -> list[int]:
         """Mark the rows of jobs this attempt no longer holds; return those newly stopped."""

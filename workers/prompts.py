@@ -1,5 +1,4 @@
-"""A job as the model runtime sees it: its prompt (a chat rendered with the model's own
-template) and its parameters."""
+"""A job as the engine sees it: its parameters as a :class:`engine.GenerationRequest`."""
 
 from __future__ import annotations
 
@@ -7,26 +6,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from completion_queue import NoChatTemplate
 from db import Job
-from workers.planner import GenerationRequest
-
-
-def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, model: str) -> str:
-    """Return ``messages`` as the prompt text the model expects, ending with its assistant header.
-
-    Raises:
-        NoChatTemplate: the model's tokenizer has no chat template.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise NoChatTemplate(
-            f"model {model!r} has no chat template, so it cannot take messages: "
-            "send a prompt instead, or use a chat model"
-        )
-    text = tokenizer.apply_chat_template(
-        [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
-    )
-    return str(text)
+from engine import GenerationRequest
 
 
 def format_key(response_format: Mapping[str, Any] | None) -> str | None:

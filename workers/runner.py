@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,6 +47,7 @@ from completion_queue import (
     queue_name,
 )
 from db import (
+    Choice,
     Job,
     JobStatus,
     Outcome,
@@ -56,10 +57,11 @@ from db import (
     finish_jobs,
     get_unfinished_jobs,
 )
+from engine import Engine, GeneratedChoice, GenerationRequest, GenerationResult, render_chat
 from workers.listeners import BatchListener
-from workers.planner import GenerationRequest, GenerationResult, fit_context, plan_groups
+from workers.planner import fit_context, plan_groups
 from workers.progress import ProgressWriter, Watch
-from workers.prompts import render_chat, to_request
+from workers.prompts import to_request
 from workers.retry import retry_database
 
 log = logging.getLogger(__name__)
@@ -75,38 +77,12 @@ T = TypeVar("T")
 SUSPECT_AFTER_ATTEMPTS = 2
 
 
-class Engine(Protocol):
-    """What runs generation: the static :class:`ModelRuntime` or the continuous engine."""
-
-    context_length: int
-    #: The model's tokenizer (chat jobs are rendered with its template).
-    tokenizer: Any
-
-    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Return the token ids of each prompt."""
-
-    def generate(
-        self,
-        requests: Sequence[GenerationRequest],
-        *,
-        timeout_s: float | None = None,
-        watch: Watch | None = None,
-    ) -> list[GenerationResult | Exception]:
-        """Return one result per request, in order (an exception for a job past timeout_s).
-
-        ``watch`` follows the rows' tokens and stops those of jobs cancelled meanwhile.
-        """
-
-    def close(self) -> None:
-        """Stop any background work (the worker process is shutting down)."""
-
-
 class BatchRunner:
     """Runs flushes of job ids against one resident model and one database."""
 
     def __init__(
         self,
-        runtime: Engine,
+        engine: Engine,
         sessions: sessionmaker[Session],
         *,
         max_rows: int,
@@ -123,7 +99,7 @@ class BatchRunner:
         ``forward`` sends jobs for other models to their own queues; ``progress``
         shows running jobs' output in their rows and stops cancelled ones; jobs whose
         prompts start with the same ``prefix_tokens`` tokens are grouped together."""
-        self.runtime = runtime
+        self.engine = engine
         self.sessions = sessions
         self.max_rows = max_rows
         self.listeners = list(listeners)
@@ -286,14 +262,14 @@ class BatchRunner:
         refused = {job.id for job, _ in rejected}
         jobs = [job for job in jobs if job.id not in refused]
         try:
-            encoded = self.runtime.encode(prompts)
+            encoded = self.engine.encode(prompts)
         except Exception:
             # A prompt the tokenizer cannot take fails alone, never its batch (which would
             # otherwise be requeued and fail again for ever): encode them one by one.
             encoded, encodable = [], []
             for job, prompt in zip(jobs, prompts, strict=True):
                 try:
-                    encoded.append(self.runtime.encode([prompt])[0])
+                    encoded.append(self.engine.encode([prompt])[0])
                 except Exception as exc:
                     log.error("job %s: its prompt cannot be tokenized: %r", job.id, exc)
                     rejected.append((job, exc))
@@ -306,7 +282,7 @@ class BatchRunner:
                 kept, dropped = fit_context(
                     prompt_ids,
                     max_new_tokens=request.max_new_tokens,
-                    context_length=self.runtime.context_length,
+                    context_length=self.engine.context_length,
                     truncate=bool(job.params.get("truncate", False)),
                 )
             except ContextLengthExceeded as exc:
@@ -318,7 +294,7 @@ class BatchRunner:
     def _prompt(self, job: Job) -> str:
         if job.messages is None:
             return job.prompt
-        return render_chat(self.runtime.tokenizer, job.messages, model=job.model)
+        return render_chat(self.engine.tokenizer, job.messages, model=job.model)
 
     def _refuse(self, errors: dict[uuid.UUID, Exception], claimed: list[Job]) -> list[Outcome]:
         return [self._failed(job.id, job.attempts, errors[job.id], None) for job in claimed]
@@ -340,7 +316,7 @@ class BatchRunner:
                         job_id=job_id,
                         attempt=attempt,
                         status=JobStatus.CANCELLED if stopped else JobStatus.SUCCEEDED,
-                        choices=result.choices,
+                        choices=[stored(choice) for choice in result.choices],
                         prompt_tokens=result.prompt_tokens,
                         truncated_prompt_tokens=request.truncated_prompt_tokens or None,
                     )
@@ -361,7 +337,7 @@ class BatchRunner:
         if not group:
             return []
         try:
-            results = self.runtime.generate(group, timeout_s=self.job_timeout_s, watch=watch)
+            results = self.engine.generate(group, timeout_s=self.job_timeout_s, watch=watch)
             return list(zip(group, results, strict=True))
         except FatalModelError:
             raise
@@ -391,3 +367,13 @@ class BatchRunner:
             prompt_tokens=prompt_tokens,
             error=error_dict(exc),
         )
+
+
+def stored(choice: GeneratedChoice) -> Choice:
+    """Return an engine's choice as the row stores it."""
+    return Choice(
+        text=choice.text,
+        finish_reason=choice.finish_reason,
+        completion_tokens=choice.completion_tokens,
+        logprobs=choice.logprobs,
+    )

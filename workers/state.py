@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,6 +25,7 @@ from celery_batches import SimpleRequest
 
 from completion_queue import (
     TINY_MODEL_NAME,
+    ConfigError,
     FatalModelError,
     Metrics,
     QueueDepthCollector,
@@ -34,12 +36,12 @@ from completion_queue import (
     send_jobs,
 )
 from db import Job, JobStatus, Outcome, make_engine, make_session_factory
+from engine import Engine, Routed
 from workers.events import JobEvents
 from workers.listeners import BatchListener
 from workers.metrics import WorkerMetrics
 from workers.progress import ProgressWriter
-from workers.runner import BatchRunner, Engine
-from workers.tiny import ensure_tiny_model
+from workers.runner import BatchRunner
 
 log = logging.getLogger(__name__)
 
@@ -147,45 +149,50 @@ class WorkerState:
         """Load the model once, warm it up, connect to the database, serve /metrics."""
         # Imported here, in the pool process that holds the model: the main process
         # never imports torch (and nothing forks after CUDA starts).
-        from workers.model import ModelRuntime
+        from engine.static import StaticEngine
 
         settings = self.settings
         path = settings.model_path()
-        if settings.model == TINY_MODEL_NAME:
-            ensure_tiny_model(path)
+        if settings.model == TINY_MODEL_NAME and not Path(path, "config.json").exists():
+            # The CLI builds it (cq up, cq worker, cq demo); a worker only loads models.
+            raise ConfigError(
+                f"the tiny model is not built at {path}: run `cq model make-tiny` "
+                "(cq up, cq worker and cq demo build it before they start a worker)"
+            )
         started = time.perf_counter()
-        runtime = ModelRuntime(
+        static = StaticEngine(
             path,
             device=settings.device,
             dtype=settings.dtype,
             threads=settings.torch_threads,
             prefix_min_tokens=settings.prefix_min_tokens,
         )
-        runtime.warm_up()
+        static.warm_up()
         self.loaded.set(
-            device=str(runtime.device),
-            dtype=str(runtime.dtype).removeprefix("torch."),
+            device=str(static.device),
+            dtype=str(static.dtype).removeprefix("torch."),
             load_s=time.perf_counter() - started,
-            chat=bool(getattr(runtime.tokenizer, "chat_template", None)),
+            chat=bool(getattr(static.tokenizer, "chat_template", None)),
         )
-        engine: Engine = runtime
+        engine: Engine = static
         max_rows = settings.batch_size
         if settings.engine == "continuous":
-            from workers.continuous import ContinuousRuntime
+            from engine.continuous import ContinuousEngine
 
-            continuous = ContinuousRuntime(
-                runtime, max_new_tokens=settings.max_new_tokens_limit, max_rows=settings.batch_size
+            continuous = ContinuousEngine(
+                static, max_new_tokens=settings.max_new_tokens_limit, max_rows=settings.batch_size
             )
             continuous.warm_up()
-            engine = continuous
+            # What the manager cannot run exactly runs on the static engine of the same model.
+            engine = Routed(continuous, static)
             # The manager schedules rows itself: hand it the whole flush.
             max_rows = settings.batch_size * settings.batch_lookahead
         self.engine = engine
         sessions = make_session_factory(make_engine(settings.resolved_database_url()))
         progress = ProgressWriter(
             sessions,
-            decode=partial(runtime.tokenizer.decode, skip_special_tokens=True),
-            ends=[*runtime.eos_ids, runtime.pad_id],
+            decode=partial(static.tokenizer.decode, skip_special_tokens=True),
+            ends=[*static.eos_ids, static.pad_id],
             interval_ms=settings.progress_interval_ms,
             broker_url=self.broker_url,
         )
@@ -202,10 +209,10 @@ class WorkerState:
             progress=progress,
             prefix_tokens=settings.prefix_min_tokens,
         )
-        self._start_metrics(runtime)
+        self._start_metrics(static)
         log.info(
             "serving model %s on %s (%s engine), batch size %d, batch wait %d ms, database %s",
-            settings.model, runtime.device, settings.engine, settings.batch_size,
+            settings.model, static.device, settings.engine, settings.batch_size,
             settings.batch_wait_ms,
             redact_url(settings.resolved_database_url()),
         )  # fmt: skip
@@ -216,10 +223,10 @@ class WorkerState:
             raise RuntimeError("this worker has no Celery app to send jobs on with")
         send_jobs(self.app, jobs)
 
-    def _start_metrics(self, runtime: Any) -> None:
+    def _start_metrics(self, static: Any) -> None:
         settings, metrics = self.settings, self.metrics
         metrics.set_model_load(
-            model=settings.model, device=str(runtime.device), seconds=self.loaded.load_s or 0.0
+            model=settings.model, device=str(static.device), seconds=self.loaded.load_s or 0.0
         )
         static = ("model", "queue", "device", "dtype", "batch_size", "batch_wait_ms", "prefetch")
         described = self.describe()

@@ -92,8 +92,9 @@ def test_out_of_memory_splits_the_batch_in_halves_before_any_job_fails(
 def test_a_job_over_its_time_limit_fails_and_the_worker_keeps_serving(
     chaos: Chaos, engine: str
 ) -> None:
-    # Given a worker whose jobs may run half a second
-    chaos.start_worker(job_timeout_s=0.5, engine=engine)
+    # Given a worker whose jobs may run half a second, on a model whose steps take 10 ms
+    # (so the long job's 480 steps take seconds even if all its rows could end early)
+    chaos.start_worker(job_timeout_s=0.5, engine=engine, faults={"crawl_s": 0.01})
     # (the continuous engine runs greedy rows; sampled ones go to its static engine)
     sampling: dict[str, Any] = {"seed": 1} if engine == "static" else {"temperature": 0}
     with chaos.client() as client:

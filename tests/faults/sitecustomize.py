@@ -2,7 +2,7 @@
 
 The chaos tests start a worker with this directory on ``PYTHONPATH`` and a JSON
 object in ``CQ_TEST_FAULTS``; Python imports this module at start-up, and it
-wraps ``ModelRuntime._run_model`` (the one call into the model) when the model
+wraps ``StaticEngine._run_model`` (the one call into the model) when the model
 process starts. Production code knows nothing of it. Keys:
 
 - ``poison``: a string; a batch holding a prompt that contains it raises, every time.
@@ -14,6 +14,8 @@ process starts. Production code knows nothing of it. Keys:
   seconds before generating (a long generation on a big model).
 - ``crawl_s``: every forward pass of the model sleeps this long (a big model's
   decoding step), under either engine: a long job for tests of progress and cancel.
+- ``ignore_cancels``: the worker never stops a cancelled job's rows (its cancel checks
+  are off): the cancel tests must fail against it.
 - ``load_s``: the model process sleeps this long when it starts, before it loads the
   model (a big model's load from disk).
 - ``hold_restore_mutex``: the worker's main process, at its first restore sweep,
@@ -37,11 +39,11 @@ def _install(**_: Any) -> None:
     time.sleep(float(_FAULTS.get("load_s", 0)))
     import torch
 
-    from workers.model import ModelRuntime
+    from engine.static import StaticEngine
 
-    original = ModelRuntime._run_model
+    original = StaticEngine._run_model
 
-    def faulty(self: ModelRuntime, **kwargs: Any) -> Any:
+    def faulty(self: StaticEngine, **kwargs: Any) -> Any:
         input_ids = kwargs["input_ids"]
         rows = int(input_ids.shape[0])
         if "oom_above_rows" in _FAULTS and rows > int(_FAULTS["oom_above_rows"]):
@@ -58,12 +60,12 @@ def _install(**_: Any) -> None:
             raise RuntimeError(f"poisoned prompt {poison!r} (simulated model failure)")
         return original(self, **kwargs)
 
-    ModelRuntime._run_model = faulty  # type: ignore[method-assign]
+    StaticEngine._run_model = faulty  # type: ignore[method-assign]
     crawl_s = float(_FAULTS.get("crawl_s", 0))
     if crawl_s:
-        loaded = ModelRuntime.__init__
+        loaded = StaticEngine.__init__
 
-        def load_then_crawl(self: ModelRuntime, *args: Any, **kwargs: Any) -> None:
+        def load_then_crawl(self: StaticEngine, *args: Any, **kwargs: Any) -> None:
             loaded(self, *args, **kwargs)
             forward = self.model.forward
 
@@ -73,7 +75,11 @@ def _install(**_: Any) -> None:
 
             self.model.forward = crawling
 
-        ModelRuntime.__init__ = load_then_crawl  # type: ignore[method-assign]
+        StaticEngine.__init__ = load_then_crawl  # type: ignore[method-assign]
+    if _FAULTS.get("ignore_cancels"):
+        from workers.progress import RowView
+
+        RowView.to_stop = lambda self: []  # type: ignore[method-assign]
 
 
 def _hold_restore_mutex() -> None:

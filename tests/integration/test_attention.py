@@ -12,7 +12,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from workers.attention import decode_attention, written_out
+from engine.attention import decode_attention, written_out
 
 MODULE = torch.nn.Module()  # transformers passes the attention module; neither path reads it
 ROWS, HEADS, DIM, ROOM = 6, 8, 32, 16

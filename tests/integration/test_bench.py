@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench import decode
 from bench.report import ROWS, TARGETS
 from bench.run import PREFIX_MIN_TOKENS, BenchConfig, run_bench
 from bench.workloads import shared_prefix
-from workers.devices import resolve_device, resolve_dtype
-from workers.prefix import shared_prefix_len
+from benchmarks import decode
+from engine.devices import resolve_device, resolve_dtype
+from engine.prefix import shared_prefix_len
 
 
 def test_bench_reports_every_figure(tiny_model: Path) -> None:
@@ -76,7 +76,7 @@ def test_shared_prefix_workload_shares_its_header_in_tokens(tiny_model: Path) ->
 def test_the_decode_bench_compares_variants_against_the_default(
     tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # When `python -m bench.decode` runs the default and the worker's way (packed, growing cache)
+    # When `python -m benchmarks.decode` runs the default and the worker's way (packed, growing cache)
     decode.main(["--model", str(tiny_model), "--batch", "4", "--prompt", "8", "--new", "4",
                  "--variants", "worker", "--no-reshape", "--repeats", "1"])  # fmt: skip
     # Then its table has a row for each, the default's ratio 1.00 against itself

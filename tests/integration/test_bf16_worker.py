@@ -18,12 +18,12 @@ from transformers import AutoConfig
 
 from completion_queue import EmbeddedRedis, Settings, WorkerProcess, create_app, worker_env
 from db import JobStatus
+from engine.devices import cpu_runs_bf16_faster, resolve_dtype
 from producer.client import CompletionClient
 from producer.stats import live_workers
 from tests.conftest import new_database
 from tests.integration.test_prefix import assert_seeded_job_ignores_batch_mates_sharing_its_header
 from tests.reference import Reference
-from workers.devices import cpu_runs_bf16_faster, resolve_dtype
 
 BF16_REDIS_DB = 7
 #: What /proc/cpuinfo calls the instructions that compute in bfloat16 (x86, and Arm).

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessorList
 
 from completion_queue import UnsupportedResponseFormat
-from workers.grammar import ConstrainedRows, Grammars
-from workers.planner import GenerationRequest
-from workers.rows import RowSampler
+from engine import GenerationRequest
+from engine.grammar import ConstrainedRows, Grammars
+from engine.sampling import RowSampler
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

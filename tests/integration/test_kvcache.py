@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from workers.kvcache import ROOM, GrowingLayer, growing_cache
-from workers.model import ModelRuntime
-from workers.planner import GenerationRequest
+from engine import GenerationRequest
+from engine.kvcache import ROOM, GrowingLayer, growing_cache
+from engine.static import StaticEngine
 
 PROMPTS = ["Once upon a time", "The river", "What does the old man carry at night, and why?"]
 
@@ -144,7 +144,7 @@ def test_only_plain_layers_grow_and_a_named_cache_is_left_to_generate() -> None:
 
 def test_the_runtime_hands_generate_a_growing_cache(tiny_model: Path) -> None:
     # Given the worker's runtime (no shared prefix) and a spy on its generate call
-    runtime = ModelRuntime(str(tiny_model), device="cpu", dtype="float32")
+    runtime = StaticEngine(str(tiny_model), device="cpu", dtype="float32")
     seen: list[Any] = []
     run_model = runtime._run_model
 

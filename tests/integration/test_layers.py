@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workers.layers import PackedLinear, conv1d_to_linear, pack_linears, packing_applies
-from workers.model import ModelRuntime
-from workers.planner import GenerationRequest
+from engine import GenerationRequest
+from engine.layers import PackedLinear, conv1d_to_linear, pack_linears, packing_applies
+from engine.static import StaticEngine
 
 PROMPTS = torch.tensor([[5, 17, 99, 3, 250, 41], [8, 8, 8, 1000, 12, 7]])
 
@@ -66,8 +66,8 @@ def test_packed_layers_give_bit_equal_logits_in_bfloat16(tiny_model: Path) -> No
 
 def test_the_worker_runtime_packs_only_bfloat16_on_cpu(tiny_model: Path) -> None:
     # Given the runtime loaded in float32 and in bfloat16
-    fp32 = ModelRuntime(str(tiny_model), device="cpu", dtype="float32")
-    bf16 = ModelRuntime(str(tiny_model), device="cpu", dtype="bfloat16")
+    fp32 = StaticEngine(str(tiny_model), device="cpu", dtype="float32")
+    bf16 = StaticEngine(str(tiny_model), device="cpu", dtype="bfloat16")
     # Then float32 keeps its layers (the suite compares its texts with a direct generate)
     assert fp32.packed_layers == 0
     # And bfloat16 packs them all where the CPU can run the packed product (none elsewhere),

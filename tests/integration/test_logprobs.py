@@ -17,20 +17,20 @@ import pytest
 import torch
 
 from db import Choice
-from workers.continuous import continuous_row
-from workers.model import ModelRuntime
-from workers.planner import GenerationRequest
+from engine import GenerationRequest
+from engine.continuous import continuous_row
+from engine.static import StaticEngine
 
 TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_model: Path) -> ModelRuntime:
-    return ModelRuntime(str(tiny_model), device="cpu", dtype="float32")
+def runtime(tiny_model: Path) -> StaticEngine:
+    return StaticEngine(str(tiny_model), device="cpu", dtype="float32")
 
 
 def run(
-    runtime: ModelRuntime, requests: Sequence[GenerationRequest], monkeypatch: pytest.MonkeyPatch
+    runtime: StaticEngine, requests: Sequence[GenerationRequest], monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list[list[Choice]], list[list[int]]]:
     """Generate ``requests`` in one call; return each request's choices and each row's ids."""
     outputs: list[torch.Tensor] = []
@@ -52,7 +52,7 @@ def run(
     return choices, outputs[0][:, prompt_len:].tolist()
 
 
-def direct_logprobs(runtime: ModelRuntime, prompt: Sequence[int], tokens: Sequence[int]) -> Any:
+def direct_logprobs(runtime: StaticEngine, prompt: Sequence[int], tokens: Sequence[int]) -> Any:
     """The log-softmax that predicted each of ``tokens``, from one unpadded float32 pass."""
     ids = torch.tensor([[*prompt, *tokens]], dtype=torch.long)
     with torch.inference_mode():
@@ -61,7 +61,7 @@ def direct_logprobs(runtime: ModelRuntime, prompt: Sequence[int], tokens: Sequen
 
 
 def assert_matches_direct_pass(
-    runtime: ModelRuntime, request: GenerationRequest, choice: Choice, ids: list[int]
+    runtime: StaticEngine, request: GenerationRequest, choice: Choice, ids: list[int]
 ) -> None:
     assert request.logprobs is not None and choice.logprobs is not None
     tokens = ids[: choice.completion_tokens]
@@ -96,7 +96,7 @@ def pick_stop(text: str) -> str:
 
 
 def test_logprobs_equal_a_direct_forward_pass_and_change_nothing(
-    runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+    runtime: StaticEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def request(key: str, prompt: str, **kwargs: Any) -> GenerationRequest:
         ids = tuple(runtime.encode([prompt])[0])
@@ -170,7 +170,7 @@ def test_logprobs_equal_a_direct_forward_pass_and_change_nothing(
 
 
 def test_a_row_ends_at_any_eos_of_the_generation_config_with_its_logprobs_cut_alike(
-    runtime: ModelRuntime, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runtime: StaticEngine, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a seeded sampled row's tokens, and one token first drawn at step j >= 2
     ids = tuple(runtime.encode(["Once upon a time"])[0])
@@ -186,7 +186,7 @@ def test_a_row_ends_at_any_eos_of_the_generation_config_with_its_logprobs_cut_al
     config = json.loads(config_path.read_text())
     config["eos_token_id"] = [runtime.tokenizer.eos_token_id, tokens[j]]
     config_path.write_text(json.dumps(config))
-    two_eos = ModelRuntime(str(listed), device="cpu", dtype="float32")
+    two_eos = StaticEngine(str(listed), device="cpu", dtype="float32")
     assert two_eos.eos_ids == [runtime.tokenizer.eos_token_id, tokens[j]]
 
     # When the row runs on it

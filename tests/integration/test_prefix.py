@@ -17,13 +17,12 @@ import torch
 from transformers import LogitsProcessor
 
 from db import Choice, JobStatus
+from engine import GenerationRequest, prefix, static
+from engine.kvcache import GrowingLayer
+from engine.static import StaticEngine
+from engine.tiny import corpus
 from producer import CompletionClient
 from tests.reference import Reference
-from workers import model, prefix
-from workers.kvcache import GrowingLayer
-from workers.model import ModelRuntime
-from workers.planner import GenerationRequest
-from workers.tiny import corpus
 
 TOLERANCE = 1e-4
 PREFIX_TOKENS = 64
@@ -31,15 +30,15 @@ QUESTIONS = ["Why?", "What does the river carry at night", "Where", "And then th
 
 
 @pytest.fixture(scope="module")
-def reuse(tiny_model: Path) -> ModelRuntime:
-    return ModelRuntime(
+def reuse(tiny_model: Path) -> StaticEngine:
+    return StaticEngine(
         str(tiny_model), device="cpu", dtype="float32", prefix_min_tokens=PREFIX_TOKENS
     )
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_model: Path) -> ModelRuntime:
-    return ModelRuntime(str(tiny_model), device="cpu", dtype="float32", prefix_min_tokens=0)
+def plain(tiny_model: Path) -> StaticEngine:
+    return StaticEngine(str(tiny_model), device="cpu", dtype="float32", prefix_min_tokens=0)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +47,14 @@ def reference(tiny_model: Path) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def header(reuse: ModelRuntime) -> tuple[int, ...]:
+def header(reuse: StaticEngine) -> tuple[int, ...]:
     """A header of 80 tokens of the corpus: longer than the setting's 64."""
     ids = reuse.encode([" ".join(corpus()[:8])])[0]
     assert len(ids) >= 80
     return tuple(ids[:80])
 
 
-def questions(runtime: ModelRuntime, header: tuple[int, ...]) -> list[tuple[int, ...]]:
+def questions(runtime: StaticEngine, header: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The header, then a distinct question per prompt, of different token lengths."""
     prompts = [header + tuple(runtime.encode([" " + q])[0]) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) == len(prompts)
@@ -90,7 +89,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Watch a runtime's next ``generate``: its kwargs, raw scores, output and forward shapes."""
     handles = []
 
-    def start(runtime: ModelRuntime) -> Call:
+    def start(runtime: StaticEngine) -> Call:
         call = Call()
         original = runtime._run_model
 
@@ -114,7 +113,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
                 call.shared_layers = state.layers
 
         monkeypatch.setattr(runtime, "_run_model", recording)
-        monkeypatch.setattr(model, "sharing", sharing)
+        monkeypatch.setattr(static, "sharing", sharing)
         handles.append(runtime.model.register_forward_pre_hook(shape, with_kwargs=True))
         return call
 
@@ -132,7 +131,7 @@ def texts(results: Sequence[Any]) -> list[list[Choice]]:
 
 
 def test_reuse_changes_no_logit_beyond_tolerance_and_computes_the_prefix_once(
-    reuse: ModelRuntime, header: tuple[int, ...], spy: Any
+    reuse: StaticEngine, header: tuple[int, ...], spy: Any
 ) -> None:
     # Given prompts sharing an 80-token header, with questions of different lengths
     prompts = questions(reuse, header)
@@ -163,7 +162,7 @@ def test_reuse_changes_no_logit_beyond_tolerance_and_computes_the_prefix_once(
 
 
 def test_greedy_texts_with_reuse_equal_a_direct_generate(
-    reuse: ModelRuntime, reference: Reference, header: tuple[int, ...], spy: Any
+    reuse: StaticEngine, reference: Reference, header: tuple[int, ...], spy: Any
 ) -> None:
     # Given a group of greedy jobs sharing the header, one of them with two choices
     prompts = questions(reuse, header)
@@ -187,7 +186,7 @@ def test_greedy_texts_with_reuse_equal_a_direct_generate(
 
 
 def test_one_jobs_choices_share_all_of_its_prompt_but_the_last_token(
-    reuse: ModelRuntime, reference: Reference, header: tuple[int, ...], spy: Any
+    reuse: StaticEngine, reference: Reference, header: tuple[int, ...], spy: Any
 ) -> None:
     # Given one greedy job of three choices, its prompt just the header
     request = GenerationRequest(key="n", prompt_ids=header, max_new_tokens=10, temperature=0.0, n=3)
@@ -202,7 +201,7 @@ def test_one_jobs_choices_share_all_of_its_prompt_but_the_last_token(
 
 
 def test_without_a_shared_prefix_or_with_the_setting_off_nothing_changes(
-    reuse: ModelRuntime, plain: ModelRuntime, header: tuple[int, ...], spy: Any
+    reuse: StaticEngine, plain: StaticEngine, header: tuple[int, ...], spy: Any
 ) -> None:
     # Given a group whose prompts share only a few first tokens, and the header group
     distinct = [tuple(reuse.encode([q])[0]) + header for q in QUESTIONS]
@@ -233,7 +232,7 @@ def test_without_a_shared_prefix_or_with_the_setting_off_nothing_changes(
 
 
 def test_sampled_and_penalized_texts_are_the_same_with_and_without_reuse(
-    reuse: ModelRuntime, plain: ModelRuntime, header: tuple[int, ...], spy: Any
+    reuse: StaticEngine, plain: StaticEngine, header: tuple[int, ...], spy: Any
 ) -> None:
     # Given seeded sampled jobs, one with top-k, and a greedy one with a repetition penalty
     prompts = questions(reuse, header)

@@ -18,9 +18,9 @@ from db import (
     make_engine,
     make_session_factory,
 )
+from engine import GenerationRequest
+from engine.static import GenerationResult
 from tests.conftest import new_database
-from workers.model import GenerationResult
-from workers.planner import GenerationRequest
 from workers.runner import BatchRunner
 
 

@@ -36,7 +36,7 @@ SQLITE_ONLY = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 @pytest.fixture(scope="session")
 def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny model: same shape, other weights (seed 1, 20 training steps: 4 s, not 24)."""
-    from workers.tiny import make_tiny_model
+    from engine.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2-b", seed=1, steps=20)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from workers.model import ModelRuntime
-from workers.planner import GenerationRequest, GenerationResult
-from workers.shapes import make_shaped_model
+from engine import GenerationRequest, GenerationResult
+from engine.shapes import make_shaped_model
+from engine.static import StaticEngine
 
 PROMPT = "The queue takes a job, the worker takes a batch, and"
 
@@ -24,11 +24,11 @@ def gpt2_small(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def runtime(gpt2_small: Path) -> ModelRuntime:
-    return ModelRuntime(str(gpt2_small), device="cpu", dtype="float32")
+def runtime(gpt2_small: Path) -> StaticEngine:
+    return StaticEngine(str(gpt2_small), device="cpu", dtype="float32")
 
 
-def test_it_has_gpt2_smalls_shape_and_parameters(runtime: ModelRuntime) -> None:
+def test_it_has_gpt2_smalls_shape_and_parameters(runtime: StaticEngine) -> None:
     config = runtime.model.config
     assert (config.n_layer, config.n_embd, config.n_head) == (12, 768, 12)
     assert (config.n_positions, config.vocab_size) == (1024, 50_257)
@@ -39,7 +39,7 @@ def test_it_has_gpt2_smalls_shape_and_parameters(runtime: ModelRuntime) -> None:
 
 
 def test_it_speaks_the_tiny_models_tokens_and_every_id_decodes(
-    runtime: ModelRuntime, tiny_model: Path
+    runtime: StaticEngine, tiny_model: Path
 ) -> None:
     tiny = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer = runtime.tokenizer
@@ -57,7 +57,7 @@ def test_it_speaks_the_tiny_models_tokens_and_every_id_decodes(
     assert runtime.spell(50_256) == ("<|pad_50256|>", b"<|pad_50256|>")
 
 
-def test_a_worker_group_returns_choices(runtime: ModelRuntime) -> None:
+def test_a_worker_group_returns_choices(runtime: StaticEngine) -> None:
     # Given a group as a worker runs it: greedy, sampled with logprobs, and a JSON row
     ids = tuple(runtime.encode([PROMPT])[0])
     requests = [

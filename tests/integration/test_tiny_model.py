@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from completion_queue import ConfigError
-from workers.tiny import (
+from engine.tiny import (
     BUILD_VERSION,
     EOS_TOKEN,
     IM_END,

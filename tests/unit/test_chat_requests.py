@@ -209,7 +209,7 @@ def test_chat_batch_lines_are_one_request_each() -> None:
 
 def test_a_model_without_a_chat_template_fails_the_job_naming_it() -> None:
     from completion_queue import NoChatTemplate
-    from workers.prompts import render_chat
+    from engine import render_chat
 
     class PlainTokenizer:
         chat_template = None

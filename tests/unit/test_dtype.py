@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import workers.devices
+import engine.devices
 from completion_queue import ConfigError
-from workers.devices import (
+from engine.devices import (
     BF16_MIN_SPEEDUP,
     cpu_bf16_speedup,
     cpu_flags,
@@ -26,18 +26,18 @@ EMULATED = {"avx2", "avx512f", "avx512_bw", "avx512_vl", "avx512_dq", "fma3"}
 
 def fake_flags(monkeypatch: pytest.MonkeyPatch, flags: set[str], speedup: float = 3.0) -> None:
     """This CPU's flags, and how much faster its bf16 products measure than float32's."""
-    monkeypatch.setattr(workers.devices, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(workers.devices, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(engine.devices, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(engine.devices, "cpu_bf16_speedup", lambda: speedup)
 
 
 def unmeasured(monkeypatch: pytest.MonkeyPatch, flags: set[str]) -> None:
     """This CPU's flags; measuring bf16 products fails the test."""
-    monkeypatch.setattr(workers.devices, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(engine.devices, "cpu_flags", lambda: frozenset(flags))
 
     def measure() -> float:
         raise AssertionError("a CPU without bf16 instructions needs no measurement")
 
-    monkeypatch.setattr(workers.devices, "cpu_bf16_speedup", measure)
+    monkeypatch.setattr(engine.devices, "cpu_bf16_speedup", measure)
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,20 @@
-"""The layout docs/design.md describes: packages in floors, no import circles, small modules."""
+"""The layout docs/design.md describes: packages in floors, no import circles, an engine alone."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 #: The packages, bottom first: each may import only from those before it.
-FLOORS = ["db", "completion_queue", "workers", "producer", "api", "bench", "cli"]
+FLOORS = ["db", "completion_queue", "engine", "workers", "producer", "api", "bench", "cli"]
 
-#: Past this, a module holds two concepts (STYLE.md).
-MAX_LINES = 400
+#: What the engine runs without: the queue side's libraries.
+QUEUE_LIBRARIES = ["celery", "celery_batches", "kombu", "redis", "sqlalchemy", "alembic"]
 
 
 def project_modules() -> dict[str, Path]:
@@ -84,13 +87,56 @@ def test_the_import_graph_has_no_circle() -> None:
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
 
 
-def test_no_module_is_over_400_lines() -> None:
-    long = {
-        name: n
-        for name, path in project_modules().items()
-        if (n := len(path.read_text().splitlines())) > MAX_LINES
+def test_the_engine_imports_without_the_queue_side() -> None:
+    # Given a Python where Celery, kombu, redis and SQLAlchemy cannot be imported
+    blocker = textwrap.dedent(
+        f"""
+        import importlib.abc, pkgutil, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {QUEUE_LIBRARIES!r}:
+                    raise ImportError(f"blocked: {{name}}")
+
+        sys.meta_path.insert(0, Block())
+        import engine
+        for module in pkgutil.iter_modules(engine.__path__, "engine."):
+            __import__(module.name)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("workers", "db")))
+        """
+    )
+    # When every module of the engine package is imported there
+    done = subprocess.run(
+        [sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    # Then each imports, and none of them brings in the queue side's packages
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_worker_start_path_does_not_build_models() -> None:
+    # The tiny model's builder is a fixture of the CLI and the tests, not of a worker.
+    builders = {"engine.tiny", "engine.shapes"}
+    reaching = sorted(
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        if module.split(".")[0] in ("engine", "workers")
+        for target in targets & builders
+        if module not in builders
+    )
+    assert not reaching, "the worker's modules import a model builder:\n" + "\n".join(reaching)
+
+
+def test_no_package_imports_the_experiments() -> None:
+    # benchmarks/ holds one-off comparisons, outside the wheel: nothing installed imports them.
+    experiments = {
+        "benchmarks",
+        *(f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py")),
     }
-    assert not long, f"modules over {MAX_LINES} lines: {long}"
+    importing = sorted(
+        name for name, path in project_modules().items() if imports_of(path, experiments)
+    )
+    assert not importing, f"modules importing benchmarks/: {importing}"
 
 
 def test_the_design_doc_opens_with_the_layout() -> None:

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from completion_queue import ContextLengthExceeded
-from workers.planner import GenerationRequest, cut_at_stop, fit_context, plan_groups
+from engine import GenerationRequest, cut_at_stop
+from workers.planner import fit_context, plan_groups
 
 
 def request(key: str, prompt_len: int, new: int, n: int = 1) -> GenerationRequest:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from workers.prefix import (
+from engine.prefix import (
     common_prefix_len,
     pad_rows,
     shared_prefix_attention,

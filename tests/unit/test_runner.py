@@ -12,7 +12,6 @@ from sqlalchemy.exc import OperationalError
 
 from completion_queue import ContextLengthExceeded, ModelError, OutOfMemory
 from db import (
-    Choice,
     Job,
     JobStatus,
     NewJob,
@@ -24,9 +23,9 @@ from db import (
     make_session_factory,
     upgrade,
 )
+from engine import GeneratedChoice, GenerationRequest, GenerationResult
 from tests.factories import make_job
 from workers.listeners import BatchListener
-from workers.planner import GenerationRequest, GenerationResult
 from workers.retry import retry_database
 from workers.runner import BatchRunner
 
@@ -115,7 +114,7 @@ class WordRuntime:
 
     def generate(self, group: Sequence[GenerationRequest], **_: Any) -> list[GenerationResult]:
         return [
-            GenerationResult([Choice("ok", "length", r.max_new_tokens)], len(r.prompt_ids))
+            GenerationResult([GeneratedChoice("ok", "length", r.max_new_tokens)], len(r.prompt_ids))
             for r in group
         ]
 

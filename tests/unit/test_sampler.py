@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from workers.planner import GenerationRequest
-from workers.rows import RowSampler, ascending
+from engine import GenerationRequest
+from engine.sampling import RowSampler, ascending
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from completion_queue import ConfigError
-from workers.shapes import SHAPES, make_shaped_model, pad_vocabulary
+from engine.shapes import SHAPES, make_shaped_model, pad_vocabulary
 
 TEXT = "the queue takes a job, the worker takes a batch, and the database keeps the result"
 

@@ -1,7 +1,7 @@
-"""The resident model: load once, warm up, and run one batched ``generate`` per group.
+"""The static engine: load the model once, warm up, and run one batched ``generate`` per group.
 
-Each row decodes with its own parameters (see :mod:`workers.rows`), so any jobs
-may share one call.
+Each row decodes with its own parameters (see :mod:`engine.sampling`), so any jobs
+may share one call, and every request feature runs here.
 """
 
 from __future__ import annotations
@@ -31,16 +31,15 @@ from completion_queue import (
     OutOfMemory,
     UnsupportedResponseFormat,
 )
-from db import Choice
-from workers.devices import model_threads, resolve_device, resolve_dtype
-from workers.grammar import ConstrainedRows, Grammars
-from workers.kvcache import growing_cache
-from workers.layers import pack_linears, packing_applies
-from workers.logprobs import LogprobRecorder, RowLogprobs, TokenSpeller, stored_logprobs
-from workers.planner import GenerationRequest, GenerationResult, cut_at_stop
-from workers.prefix import pad_rows, prefix_cache, shared_prefix_len, sharing
-from workers.progress import Watch
-from workers.rows import RowSampler, RowStops
+from engine.devices import model_threads, resolve_device, resolve_dtype
+from engine.grammar import ConstrainedRows, Grammars
+from engine.kvcache import growing_cache
+from engine.layers import pack_linears, packing_applies
+from engine.logprobs import LogprobRecorder, RowLogprobs, TokenSpeller, stored_logprobs
+from engine.prefix import pad_rows, prefix_cache, shared_prefix_len, sharing
+from engine.protocol import Follower
+from engine.sampling import RowSampler, RowStops
+from engine.types import GeneratedChoice, GenerationRequest, GenerationResult, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def eos_ids(tokenizer_eos: int | None, config_eos: int | Sequence[int] | None) -
     return list(dict.fromkeys(ids + [int(i) for i in listed]))
 
 
-class ModelRuntime:
+class StaticEngine:
     """A causal LM and its tokenizer, loaded once and kept resident in this process."""
 
     def __init__(
@@ -125,6 +124,10 @@ class ModelRuntime:
         ids = self.encode(["Hello, world"])[0] or [self.pad_id]
         self.generate([GenerationRequest(key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2)])
 
+    def runs(self, request: GenerationRequest) -> bool:
+        """True: every feature a request may ask for runs here, row by row."""
+        return True
+
     def close(self) -> None:
         """Nothing runs in the background; the model is freed with the process."""
 
@@ -133,12 +136,12 @@ class ModelRuntime:
         requests: Sequence[GenerationRequest],
         *,
         timeout_s: float | None = None,
-        watch: Watch | None = None,
+        watch: Follower | None = None,
     ) -> list[GenerationResult | Exception]:
         """Run ``requests`` in one left-padded ``generate`` call; results in the same order.
 
         When every row's prompt starts with the same ``prefix_min_tokens`` tokens or
-        more, those are computed once for all rows (see :mod:`workers.prefix`).
+        more, those are computed once for all rows (see :mod:`engine.prefix`).
 
         A request still generating ``timeout_s`` seconds after the call began gets a
         :class:`GenerationTimeout` in place of its result; the others keep theirs.
@@ -301,7 +304,7 @@ class ModelRuntime:
         tokens: list[int],
         record: RowLogprobs | None = None,
         cancelled_at: int | None = None,
-    ) -> Choice:
+    ) -> GeneratedChoice:
         """Turn a row's generated tokens into a choice: cut at EOS, budget and stops.
 
         ``record`` is the row's logprobs as recorded in ``generate``; the choice keeps
@@ -325,6 +328,6 @@ class ModelRuntime:
             if found:
                 finish = "stop"
         logprobs = stored_logprobs(record, tokens, self.spell) if record is not None else None
-        return Choice(
+        return GeneratedChoice(
             text=text, finish_reason=finish, completion_tokens=len(tokens), logprobs=logprobs
         )

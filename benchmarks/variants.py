@@ -1,4 +1,4 @@
-"""The ``generate`` variants of ``python -m bench.decode``: how each loads and runs the model."""
+"""The ``generate`` variants of ``python -m benchmarks.decode``: how each loads and runs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from transformers import AttentionInterface, AutoModelForCausalLM, GenerationCon
 from transformers.generation.configuration_utils import CompileConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from workers.attention import decode_attention
-from workers.layers import conv1d_to_linear, pack_linears
+from engine.attention import decode_attention
+from engine.layers import conv1d_to_linear, pack_linears
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +26,8 @@ class Variant:
     freezing: bool = False
     linear: bool = False  # GPT-2's Conv1D swapped for nn.Linear (weights stored out x in)
     packed: bool = False  # nn.Linear weights prepacked for oneDNN, as the worker does in bf16
-    growing: bool = False  # the worker's KV cache, grown in place by chunks (workers.kvcache)
-    decode: bool = False  # the worker's attention function (workers.attention)
+    growing: bool = False  # the worker's KV cache, grown in place by chunks (engine.kvcache)
+    decode: bool = False  # the worker's attention function (engine.attention)
     help: str = ""
 
 

@@ -6,7 +6,7 @@ model) and runs the worker's kind of call: a left-padded batch, greedy,
 ``default`` measured in the same process; ``same`` is the share of rows whose
 tokens equal the default's.
 
-    .venv/bin/python -m bench.decode --model /tmp/gpt2-small --batch 32 --prompt 16,128 \
+    .venv/bin/python -m benchmarks.decode --model /tmp/gpt2-small --batch 32 --prompt 16,128 \
         --variants default,packed,static,compile,freeze
 
 ``--sampling`` times the worker's runtime instead, on ``--batch`` rows: greedy,
@@ -30,10 +30,10 @@ import torch
 from transformers import AutoTokenizer
 
 from bench.hardware import dtype_name, matmul_peak_gflops, mfu
-from bench.variants import VARIANTS, Variant, attention, generation_config, inductor, load
 from bench.workloads import prompt_of_length
-from workers.devices import model_threads, resolve_dtype
-from workers.kvcache import growing_cache
+from benchmarks.variants import VARIANTS, Variant, attention, generation_config, inductor, load
+from engine.devices import model_threads, resolve_dtype
+from engine.kvcache import growing_cache
 
 T = TypeVar("T")
 
@@ -164,10 +164,10 @@ def shared_prefix_paths(path: str, dtype: str, prefix: int, batch: int, new: int
     its KV cache copied to every row, and that with attention reading the prefix
     once per step (what the worker does): seconds per group, best of two.
     """
-    import workers.model
-    from workers.planner import GenerationRequest
+    import engine.static
+    from engine import GenerationRequest
 
-    runtime = workers.model.ModelRuntime(path, device="cpu", dtype=dtype, prefix_min_tokens=64)
+    runtime = engine.static.StaticEngine(path, device="cpu", dtype=dtype, prefix_min_tokens=64)
     header = runtime.encode([prompt_of_length(runtime.tokenizer, prefix, 7)])[0][:prefix]
     requests = [
         GenerationRequest(
@@ -195,10 +195,10 @@ def sampling_paths(path: str, dtype: str, batch: int, prompt: int, new: int) -> 
     Sampled at the API's defaults (temperature 1), with top_p 0.9 and with top_k
     50: seconds per call, best of two, and tokens/s against greedy's.
     """
-    import workers.model
-    from workers.planner import GenerationRequest
+    import engine.static
+    from engine import GenerationRequest
 
-    runtime = workers.model.ModelRuntime(path, device="cpu", dtype=dtype)
+    runtime = engine.static.StaticEngine(path, device="cpu", dtype=dtype)
     ids = [runtime.encode([prompt_of_length(runtime.tokenizer, prompt, 37 * i)])[0]
            for i in range(batch)]  # fmt: skip
     ways: list[tuple[str, dict[str, Any]]] = [
@@ -227,7 +227,7 @@ def sampling_paths(path: str, dtype: str, batch: int, prompt: int, new: int) -> 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the variants at each batch and prompt length and print the table."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.decode",
+        prog="python -m benchmarks.decode",
         description=__doc__,
         epilog="variants: " + "; ".join(f"{k}: {v.help}" for k, v in VARIANTS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -17,7 +17,7 @@ bit for bit.
 in bfloat16 or float16, with a plain mask (or none) and none of the options it
 does not implement (dropout, a softcap, attention sinks, a position bias);
 everything else goes to transformers' ``sdpa_attention_forward`` unchanged.
-It is what :func:`workers.prefix.shared_prefix_attention` hands a call that
+It is what :func:`engine.prefix.shared_prefix_attention` hands a call that
 reads no shared prefix. Its outputs are within two steps of the dtype (at the
 largest output) of float32 SDPA's: its weights are rounded to the dtype before
 they multiply the values, as transformers' eager attention does
@@ -34,7 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 #: The dtypes whose CPU SDPA is slower than the written-out product.
 HALF = (torch.bfloat16, torch.float16)
 #: Options of transformers' attention functions that the written-out products (here and
-#: in :mod:`workers.prefix`) do not implement.
+#: in :mod:`engine.prefix`) do not implement.
 UNSUPPORTED = ("softcap", "s_aux", "position_bias", "sinks")
 
 

@@ -1,11 +1,11 @@
 """Per-step overhead of JSON-constrained decoding, and JSON Schema support, per library.
 
-Run: ``.venv/bin/python -m bench.grammar``. Every installed candidate (xgrammar,
+Run: ``.venv/bin/python -m benchmarks.grammar``. Every installed candidate (xgrammar,
 llguidance, outlines-core, lm-format-enforcer; the project keeps llguidance, so
 ``pip install --no-deps`` the others to compare) at the tiny model's 2,048 tokens
 and at a 32,000-token byte-level BPE trained here on local text. Per step, 16 of
 32 rows constrained: fill the masks, advance the matchers by real tokens of valid
-JSON (each checked to be allowed), apply the masks (``workers.grammar``'s code,
+JSON (each checked to be allowed), apply the masks (``engine.grammar``'s code,
 whatever the library). Support: random walks through 16 schemas' grammars, each
 finished document validated with ``jsonschema``.
 """
@@ -67,7 +67,7 @@ def tokenizers() -> list[tuple[str, Any]]:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from workers.tiny import make_tiny_model
+    from engine.tiny import make_tiny_model
 
     tiny = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", steps=1)  # its tokenizer
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -127,12 +127,12 @@ class XGrammar(Candidate):
 
 
 class LLGuidance(Candidate):
-    """The production code, ``workers.grammar``: a compiled matcher deep-copied per row."""
+    """The production code, ``engine.grammar``: a compiled matcher deep-copied per row."""
 
     name, module = "llguidance", "llguidance"
 
     def prepare(self, tokenizer: Any, vocab: int, eos: int) -> None:
-        grammar = importlib.import_module("workers.grammar")
+        grammar = importlib.import_module("engine.grammar")
         self.grammars = grammar.Grammars(tokenizer, vocab_size=vocab, stop_ids=[eos], cache_size=0)
 
     def compile(self, schema: dict[str, Any]) -> Any:
@@ -243,8 +243,8 @@ SUPPORT: list[dict[str, Any]] = [
 
 
 def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """The production code: ``workers.grammar.apply_bitmask``."""
-    grammar = importlib.import_module("workers.grammar")
+    """The production code: ``engine.grammar.apply_bitmask``."""
+    grammar = importlib.import_module("engine.grammar")
     result: torch.Tensor = grammar.apply_bitmask(scores, bitmask, rows)
     return result
 

@@ -12,7 +12,7 @@ cannot loop on blank lines. Properties come in the order the schema lists them
 ``strict`` is accepted and changes nothing: every schema is enforced, or refused.
 A row cut by its token budget ends with the start of a document (``length``).
 
-Why llguidance: ``python -m bench.grammar`` (docs/benchmarks.md, "Structured
+Why llguidance: ``python -m benchmarks.grammar`` (docs/benchmarks.md, "Structured
 output") measured four libraries in a batched decoding step, 16 constrained rows
 of 32. Library time per step: xgrammar 0.02-0.03 ms at the tiny model's 2k
 tokens and 0.06-0.22 ms at 32k; llguidance 0.06-0.12 and 0.22-0.25 ms;

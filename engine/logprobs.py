@@ -23,7 +23,7 @@ import torch
 from transformers import LogitsProcessor
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from workers.planner import GenerationRequest
+from engine.types import GenerationRequest
 
 #: What OpenAI reports for a token the model cannot choose (a masked logit): JSON has no -inf.
 FLOOR_LOGPROB = -9999.0

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from workers.planner import GenerationRequest
-from workers.progress import RowView
+from engine.protocol import FollowedRows
+from engine.types import GenerationRequest
 
 
 class RowSampler(LogitsProcessor):  # type: ignore[misc]
@@ -152,7 +152,7 @@ class RowStops(StoppingCriteria):  # type: ignore[misc]
         tokenizer: Any,
         device: torch.device,
         deadline: float | None = None,
-        view: RowView | None = None,
+        view: FollowedRows | None = None,
     ) -> None:
         self.deadline = deadline
         self.view = view

@@ -34,7 +34,7 @@ rows, a 512-token prefix, 8-token questions, 16 new tokens): 12.2 s without
 reuse, 3.9 s with a dynamic cache, 1.6 s with the static one, the same tokens.
 Without a shared prefix the static cache gains nothing there (the prefill of
 every row's full prompt dominates), so the other path keeps a dynamic one
-(:mod:`workers.kvcache`, grown in place by chunks rather than concatenated).
+(:mod:`engine.kvcache`, grown in place by chunks rather than concatenated).
 
 While the rows decode, attention reads the prefix once per step, not once per
 row (:func:`shared_prefix_attention`): the cache still holds a copy of the
@@ -48,7 +48,7 @@ step was most of a reused step's time: 1.34 times as fast as with the copies
 on the GPT-2-small shape (bfloat16, one thread, 32 rows, 32 new tokens; see
 docs/benchmarks.md, "Shared prefixes"). It is installed as transformers' ``sdpa``
 attention function (``AttentionInterface.register``), and hands to
-:func:`workers.attention.decode_attention` (SDPA, or a faster decoding step on
+:func:`engine.attention.decode_attention` (SDPA, or a faster decoding step on
 CPU in half precision) every call outside :func:`sharing`, or where the mask
 does not let every query see the whole prefix, or on options it does not know
 (a softcap, attention sinks, a position bias); the model's config is not touched.
@@ -70,7 +70,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface, DynamicCache, StaticCache
 
-from workers.attention import UNSUPPORTED, decode_attention
+from engine.attention import UNSUPPORTED, decode_attention
 
 
 @dataclass(slots=True)

@@ -7,16 +7,17 @@ the longest job of their batch. That wins on GPUs with mixed lengths; on a few
 CPU cores its per-step scheduling costs more than it saves (see
 docs/benchmarks.md).
 
-It runs plain greedy rows. Rows whose exact semantics it cannot promise (sampling
-with a per-job seed, repetition penalty, or any sampling at all, whose draws the
-manager shares across requests) and rows that need a logits processor of their
-own (logprobs, a ``response_format`` grammar) go to the static engine of the same
-process, so every job means the same under either engine. Stop sequences are cut from
+It runs plain greedy rows (:meth:`ContinuousEngine.runs`). Rows whose exact
+semantics it cannot promise (sampling with a per-job seed, repetition penalty, or
+any sampling at all, whose draws the manager shares across requests) and rows
+that need a logits processor of their own (logprobs, a ``response_format``
+grammar) go to the static engine of the same process (:class:`engine.Routed`),
+so every job means the same under either engine. Stop sequences are cut from
 the text afterwards, and EOS ends a row, as in the static engine. A job still
 generating ``CQ_JOB_TIMEOUT_S`` after its rows were added is cancelled in the
 manager and fails with ``GenerationTimeout``, as in the static engine.
 
-With a :class:`~workers.progress.Watch` (progress in the rows, streamed jobs,
+With a :class:`~engine.protocol.Follower` (progress in the rows, streamed jobs,
 cancels), rows are added in the manager's streaming mode, so each step's tokens
 reach the watch; a cancelled job's rows are cancelled in the manager, which frees
 their slots for the next rows at once.
@@ -33,9 +34,9 @@ from typing import Any
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from completion_queue import FatalModelError, GenerationTimeout, ModelError
-from workers.model import ModelRuntime
-from workers.planner import GenerationRequest, GenerationResult
-from workers.progress import Watch
+from engine.protocol import Follower
+from engine.static import StaticEngine
+from engine.types import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ def continuous_row(request: GenerationRequest) -> bool:
     return request.plain_greedy and request.logprobs is None and request.response_format is None
 
 
-class ContinuousRuntime:
-    """Continuous batching for greedy rows, on the model a :class:`ModelRuntime` loaded."""
+class ContinuousEngine:
+    """Continuous batching for greedy rows, on the model a :class:`StaticEngine` loaded."""
 
-    def __init__(self, static: ModelRuntime, *, max_new_tokens: int, max_rows: int) -> None:
+    def __init__(self, static: StaticEngine, *, max_new_tokens: int, max_rows: int) -> None:
         self.static = static
         self.context_length = static.context_length
         self.tokenizer = static.tokenizer
@@ -88,30 +89,30 @@ class ContinuousRuntime:
         self.generate([GenerationRequest(key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2,
                                          temperature=0.0)])  # fmt: skip
 
+    def runs(self, request: GenerationRequest) -> bool:
+        """True when the manager runs ``request`` exactly: plain greedy, no processor of its own."""
+        return continuous_row(request)
+
     def generate(
         self,
         requests: Sequence[GenerationRequest],
         *,
         timeout_s: float | None = None,
-        watch: Watch | None = None,
+        watch: Follower | None = None,
     ) -> list[GenerationResult | Exception]:
-        """Run ``requests``; plain greedy ones through the manager, the rest statically.
+        """Run ``requests`` (each one this engine :meth:`runs`) through the manager.
 
         A job still generating ``timeout_s`` seconds after it started gets a
-        :class:`GenerationTimeout` in place of its result, under either engine.
+        :class:`GenerationTimeout` in place of its result, as in the static engine.
         """
-        greedy = [r for r in requests if continuous_row(r)]
-        other = [r for r in requests if not continuous_row(r)]
-        results: dict[str, GenerationResult | Exception] = {}
-        if other:
-            static = self.static.generate(other, timeout_s=timeout_s, watch=watch)
-            results.update(zip((r.key for r in other), static, strict=True))
-        if greedy:
-            results.update(self._continuous(greedy, timeout_s, watch))
+        refused = [r.key for r in requests if not continuous_row(r)]
+        if refused:
+            raise ValueError(f"the continuous engine does not run requests {refused}")
+        results = self._continuous(requests, timeout_s, watch)
         return [results[r.key] for r in requests]
 
     def _continuous(
-        self, requests: Sequence[GenerationRequest], timeout_s: float | None, watch: Watch | None
+        self, requests: Sequence[GenerationRequest], timeout_s: float | None, watch: Follower | None
     ) -> dict[str, GenerationResult | Exception]:
         started = time.monotonic()
         view = watch.follow(requests) if watch is not None else None
@@ -142,12 +143,12 @@ class ContinuousRuntime:
                 if output is not None and output.request_id in rows:
                     view.set(rows[output.request_id], list(output.generated_tokens))
                 else:
-                    view.watch.tick()
+                    view.tick()
                 for index in view.to_stop():
                     # A cancelled job: its slot goes to the next row at once.
                     request_id = index_ids[index]
                     self.manager.cancel_request(request_id)
-                    tokens[request_id] = list(view.rows[index].tokens)
+                    tokens[request_id] = view.tokens(index)
             if output is None:
                 if not self.manager.is_running():
                     raise FatalModelError("the continuous batching manager stopped")
@@ -160,7 +161,7 @@ class ContinuousRuntime:
                 raise ModelError(f"continuous batching failed: {output.error}")
             tokens[output.request_id] = list(output.generated_tokens)
             if view is not None:
-                view.rows[rows[output.request_id]].done = True
+                view.finish(rows[output.request_id])
         unfinished = ids.keys() - tokens.keys()
         for request_id in unfinished:
             # Free its slot; a result it still delivers has an id no later call waits for.

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from completion_queue import ConfigError
-from workers.tiny import ensure_tiny_model, make_tiny_model
+from engine.tiny import ensure_tiny_model, make_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def make_shaped_model(
 
     Args:
         out_dir: where the model goes; it must not exist, or be empty.
-        shape: ``tiny`` (:func:`workers.tiny.make_tiny_model`) or ``gpt2-small``.
+        shape: ``tiny`` (:func:`engine.tiny.make_tiny_model`) or ``gpt2-small``.
         seed: the weights' seed: the same seed gives the same weights.
         tokenizer_from: where the tiny model is (built there first if missing or
             outdated), whose tokenizer a random shape takes; None: build one in a

@@ -1,0 +1,75 @@
+"""What an engine takes and gives: one request per job, one result per request.
+
+Plain frozen dataclasses with no torch, Celery or SQL, so the queue side, the
+planner and ``cq bench`` build and read them without loading a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One job as an engine sees it: token ids and sampling parameters."""
+
+    key: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    #: Prompt tokens dropped from the start so the prompt fits the context (``truncate``).
+    truncated_prompt_tokens: int = 0
+    #: Log probabilities to record per generated token: None for none, else how many
+    #: alternatives besides the chosen token (0 to 20).
+    logprobs: int | None = None
+    #: The job's ``response_format`` as compact JSON (keys in order); None: unconstrained.
+    response_format: str | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (temperature 0, as in OpenAI's API)."""
+        return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """True when ``generate``'s own arg-max decodes this row exactly: greedy, no penalty."""
+        return self.greedy and self.repetition_penalty == 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedChoice:
+    """One completion an engine generated for a request (a row stores it as a choice)."""
+
+    text: str
+    #: ``stop``, ``length`` or ``cancelled``.
+    finish_reason: str
+    completion_tokens: int
+    #: Per kept token, when the request asked for logprobs: OpenAI's chat shape,
+    #: ``{"token", "bytes", "logprob", "top_logprobs": [{"token", "bytes", "logprob"}]}``.
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """What one request produced: its choices and its prompt's token count."""
+
+    choices: list[GeneratedChoice]
+    prompt_tokens: int
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Return ``text`` cut before the earliest stop string, and whether one was found."""
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if 0 <= index < cut:
+            cut = index
+    return text[:cut], cut < len(text)
