@@ -1,4 +1,4 @@
-"""The tables, their engine and their state transitions. Imports neither Celery nor torch.
+"""The tables, their engine, the jobs' transitions and reads. Imports neither Celery nor torch.
 
 Other packages import from here; the modules below are internal.
 """
@@ -21,20 +21,11 @@ from db.batch_store import (
 )
 from db.engine import make_engine, make_session_factory
 from db.jobs import (
-    batch_ids_by_prefix,
     cancel_job,
     cancel_jobs,
     claim_jobs,
-    count_queued,
-    count_unfinished,
     create_jobs,
     finish_jobs,
-    get_job,
-    get_jobs,
-    get_unfinished_jobs,
-    job_ids_by_prefix,
-    job_states,
-    list_jobs,
     prune_jobs,
     withdraw_jobs,
 )
@@ -50,6 +41,17 @@ from db.models import (
 )
 from db.notify import NOTIFY_CHANNEL, JobNotice, parse_notice, unfinished_ids
 from db.progress import Progress, lost_jobs, write_progress
+from db.queries import (
+    batch_ids_by_prefix,
+    count_queued,
+    count_unfinished,
+    get_job,
+    get_jobs,
+    get_unfinished_jobs,
+    job_ids_by_prefix,
+    job_states,
+    list_jobs,
+)
 from db.recovery import (
     Requeued,
     expire_batch_jobs,
@@ -111,23 +113,24 @@ __all__ = [
     "make_engine",
     "make_session_factory",
     "upgrade",
-    # job transitions and reads
+    # job transitions
     "cancel_job",
     "cancel_jobs",
     "claim_jobs",
-    "count_queued",
-    "count_unfinished",
     "create_jobs",
     "finish_jobs",
-    "get_job",
-    "batch_ids_by_prefix",
-    "get_jobs",
-    "job_ids_by_prefix",
-    "get_unfinished_jobs",
-    "job_states",
-    "list_jobs",
     "prune_jobs",
     "withdraw_jobs",
+    # job reads
+    "batch_ids_by_prefix",
+    "count_queued",
+    "count_unfinished",
+    "get_job",
+    "get_jobs",
+    "get_unfinished_jobs",
+    "job_ids_by_prefix",
+    "job_states",
+    "list_jobs",
     # notifications (PostgreSQL)
     "NOTIFY_CHANNEL",
     "JobNotice",

@@ -1,8 +1,10 @@
-"""The state transitions of jobs, and the reads that clients and workers make.
+"""The writes of jobs: their creation, their state transitions, and their pruning.
 
-Every transition is one statement (or one executemany) guarded by the status it
-expects, so a late or duplicate writer changes nothing: a result is written only
-by the attempt that currently holds the job.
+queued → running → succeeded | failed | cancelled. Every transition is one
+statement (or one executemany) guarded by the status it expects, so a late or
+duplicate writer changes nothing: a result is written only by the attempt that
+currently holds the job (:func:`finish_jobs` writes through :mod:`db.fence`).
+The reads are in :mod:`db.queries`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from db.fence import Fenced, fenced_update
 from db.models import FINISHED_STATUSES, UNFINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
-from db.snapshots import Finished, Job, JobState, NewJob, Outcome, aware, utcnow
+from db.queries import get_job, owned_by
+from db.snapshots import Finished, Job, NewJob, Outcome, utcnow
 
 _TABLE = cast(Table, JobRow.__table__)
 
@@ -32,11 +36,6 @@ def _insert_ignoring_duplicate_keys(session: Session) -> Any:
     if dialect == "sqlite":
         return sqlite.insert(_TABLE).on_conflict_do_nothing()
     return insert(_TABLE)
-
-
-def owned_by(tenant: str | None) -> tuple[Any, ...]:
-    """The filter of a tenant's jobs: none for None (the operator sees every job)."""
-    return () if tenant is None else (JobRow.tenant == tenant,)
 
 
 def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
@@ -134,169 +133,6 @@ def withdraw_jobs(session: Session, *, job_ids: Iterable[uuid.UUID], error: dict
     )
 
 
-def prune_jobs(
-    session: Session,
-    *,
-    finished_before: datetime,
-    statuses: Collection[JobStatus] = FINISHED_STATUSES,
-    limit: int = 10_000,
-) -> int:
-    """Delete up to ``limit`` jobs of ``statuses`` finished before ``finished_before``.
-
-    Returns how many rows went; call again (in a new transaction) until it returns 0,
-    so that a large prune never holds one long lock. Unfinished jobs are never pruned.
-    """
-    unfinished = set(statuses) - FINISHED_STATUSES
-    if unfinished:
-        names = ", ".join(sorted(s.value for s in unfinished))
-        raise ValueError(f"only finished jobs can be pruned, not {names}")
-    oldest = (
-        select(JobRow.id)
-        .where(JobRow.status.in_(list(statuses)), JobRow.finished_at < finished_before)
-        .limit(limit)
-    )
-    result = session.execute(
-        delete(JobRow).where(JobRow.id.in_(oldest)).execution_options(synchronize_session=False)
-    )
-    return max(int(getattr(result, "rowcount", 0) or 0), 0)
-
-
-def get_job(session: Session, *, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
-    """Return the job, or None if there is no such id (of ``tenant``'s, when given)."""
-    row = session.get(JobRow, job_id)
-    if row is None or (tenant is not None and row.tenant != tenant):
-        return None
-    return Job.from_row(row)
-
-
-def job_ids_by_prefix(
-    session: Session, *, prefix: str, tenant: str | None = None, limit: int = 2
-) -> list[uuid.UUID]:
-    """Return up to ``limit`` ids that start with the hex digits ``prefix`` (of ``tenant``'s).
-
-    A range on the primary key, so both backends answer from the index.
-    """
-    low, high = uuid.UUID(prefix.ljust(32, "0")), uuid.UUID(prefix.ljust(32, "f"))
-    stmt = (
-        select(JobRow.id)
-        .where(JobRow.id >= low, JobRow.id <= high, *owned_by(tenant))
-        .order_by(JobRow.id)
-        .limit(limit)
-    )
-    return list(session.scalars(stmt))
-
-
-def batch_ids_by_prefix(
-    session: Session, *, prefix: str, tenant: str | None = None, limit: int = 2
-) -> list[str]:
-    """Return up to ``limit`` batch ids of jobs that are ``prefix`` or start with it."""
-    exact = select(JobRow.batch_id).where(JobRow.batch_id == prefix, *owned_by(tenant)).limit(1)
-    if session.scalar(exact) is not None:
-        return [prefix]
-    pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    stmt = (
-        select(JobRow.batch_id)
-        .where(JobRow.batch_id.like(pattern, escape="\\"), *owned_by(tenant))
-        .distinct()
-        .order_by(JobRow.batch_id)
-        .limit(limit)
-    )
-    return [batch for batch in session.scalars(stmt) if batch is not None]
-
-
-def get_jobs(
-    session: Session, *, job_ids: Sequence[uuid.UUID], tenant: str | None = None
-) -> dict[uuid.UUID, Job]:
-    """Return the jobs that exist among ``job_ids`` (of ``tenant``'s, when given), by id."""
-    rows = session.scalars(select(JobRow).where(JobRow.id.in_(list(job_ids)), *owned_by(tenant)))
-    return {row.id: Job.from_row(row) for row in rows}
-
-
-def get_unfinished_jobs(session: Session, *, job_ids: Sequence[uuid.UUID]) -> list[Job]:
-    """Return the queued or running jobs among ``job_ids``, in the order given."""
-    rows = session.scalars(
-        select(JobRow).where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES))
-    )
-    by_id = {row.id: Job.from_row(row) for row in rows}
-    return [by_id[i] for i in job_ids if i in by_id]
-
-
-def job_states(session: Session, *, batch_id: str) -> dict[uuid.UUID, JobState]:
-    """Return the status, finish time and error type of every job of ``batch_id``, by id."""
-    stmt = select(JobRow.id, JobRow.status, JobRow.finished_at, JobRow.error).where(
-        JobRow.batch_id == batch_id
-    )
-    return {
-        job_id: JobState(JobStatus(status), aware(finished), (error or {}).get("type"))
-        for job_id, status, finished, error in session.execute(stmt)
-    }
-
-
-def cancel_jobs(
-    session: Session, *, job_ids: Sequence[uuid.UUID], tenant: str | None = None
-) -> int:
-    """Cancel the queued or running jobs among ``job_ids``; return how many changed."""
-    result = session.execute(
-        update(JobRow)
-        .where(
-            JobRow.id.in_(list(job_ids)),
-            JobRow.status.in_(UNFINISHED_STATUSES),
-            *owned_by(tenant),
-        )
-        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return max(int(result.rowcount), 0)  # type: ignore[attr-defined]
-
-
-def count_queued(session: Session, *, tenant: str | None = None) -> int:
-    """Return how many jobs are queued, over every model (of ``tenant``'s, when given)."""
-    stmt = select(func.count()).where(JobRow.status == JobStatus.QUEUED, *owned_by(tenant))
-    return int(session.scalar(stmt) or 0)
-
-
-def count_unfinished(
-    session: Session, *, job_ids: Sequence[uuid.UUID], tenant: str | None = None
-) -> int:
-    """Return how many of ``job_ids`` (of ``tenant``'s, when given) are still queued or running."""
-    stmt = select(func.count()).where(
-        JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES), *owned_by(tenant)
-    )
-    return int(session.scalar(stmt) or 0)
-
-
-def list_jobs(
-    session: Session,
-    *,
-    status: JobStatus | None = None,
-    batch_id: str | None = None,
-    tenant: str | None = None,
-    limit: int = 100,
-    after: tuple[datetime, uuid.UUID] | None = None,
-) -> list[Job]:
-    """Return up to ``limit`` jobs, newest first, filtered by status, batch and tenant.
-
-    ``after`` is the ``(created_at, id)`` of the last job of the previous page:
-    the page starts just after it (keyset pagination, stable under inserts).
-    """
-    stmt = (
-        select(JobRow)
-        .where(*owned_by(tenant))
-        .order_by(JobRow.created_at.desc(), JobRow.id)
-        .limit(limit)
-    )
-    if after is not None:
-        created, job_id = after
-        stmt = stmt.where(
-            (JobRow.created_at < created) | ((JobRow.created_at == created) & (JobRow.id > job_id))
-        )
-    if status is not None:
-        stmt = stmt.where(JobRow.status == status)
-    if batch_id is not None:
-        stmt = stmt.where(JobRow.batch_id == batch_id)
-    return [Job.from_row(row) for row in session.scalars(stmt)]
-
-
 def claim_jobs(session: Session, *, job_ids: Sequence[uuid.UUID], worker: str) -> list[Job]:
     """Mark the unfinished jobs among ``job_ids`` running (attempts + 1); return them.
 
@@ -334,29 +170,11 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> Finished:
     if not outcomes:
         return Finished(0)
     now = utcnow()
-    stmt = (
-        update(_TABLE)
-        .where(
-            _TABLE.c.id == bindparam("b_id"),
-            _TABLE.c.attempts == bindparam("b_attempt"),
-            _TABLE.c.status == bindparam("b_from"),
-        )
-        .values(
-            status=bindparam("b_status"),
-            choices=bindparam("b_choices"),
-            prompt_tokens=bindparam("b_prompt_tokens"),
-            truncated_prompt_tokens=bindparam("b_truncated_prompt_tokens"),
-            completion_tokens=bindparam("b_completion_tokens"),
-            error=bindparam("b_error"),
-            finished_at=now,
-        )
-    )
-    connection = session.connection()
-    changed = max(connection.execute(stmt, [_outcome_params(o) for o in outcomes]).rowcount, 0)
+    changed = fenced_update(session, [_outcome_write(o) for o in outcomes], finished_at=now)
     succeeded = {o.job_id: o for o in outcomes if o.status is JobStatus.SUCCEEDED}
     if changed == len(outcomes) or not succeeded:
         return Finished(changed)
-    rows = connection.execute(
+    rows = session.connection().execute(
         select(_TABLE.c.id, _TABLE.c.attempts).where(
             _TABLE.c.id.in_(list(succeeded)), _TABLE.c.status == JobStatus.CANCELLED
         )
@@ -368,23 +186,42 @@ def finish_jobs(session: Session, *, outcomes: Sequence[Outcome]) -> Finished:
     ]
     if not late:
         return Finished(changed)
-    changed += max(connection.execute(stmt, [_outcome_params(o) for o in late]).rowcount, 0)
+    changed += fenced_update(session, [_outcome_write(o) for o in late], finished_at=now)
     return Finished(changed, frozenset(o.job_id for o in late))
 
 
-def _outcome_params(o: Outcome) -> dict[str, Any]:
-    """The bound values of :func:`finish_jobs`' statement for one outcome."""
-    return {
-        "b_id": o.job_id,
-        "b_attempt": o.attempt,
-        "b_status": o.status,
-        "b_from": o.status if o.status is JobStatus.CANCELLED else JobStatus.RUNNING,
-        "b_choices": [c.to_dict() for c in o.choices] if o.choices else None,
-        "b_prompt_tokens": o.prompt_tokens,
-        "b_truncated_prompt_tokens": o.truncated_prompt_tokens,
-        "b_completion_tokens": o.completion_tokens if o.choices else None,
-        "b_error": o.error,
-    }
+def _outcome_write(o: Outcome) -> Fenced:
+    """One outcome as a fenced write: over its running row, or its cancelled one for a cancel."""
+    return Fenced(
+        job_id=o.job_id,
+        attempt=o.attempt,
+        expect=o.status if o.status is JobStatus.CANCELLED else JobStatus.RUNNING,
+        values={
+            "status": o.status,
+            "choices": [c.to_dict() for c in o.choices] if o.choices else None,
+            "prompt_tokens": o.prompt_tokens,
+            "truncated_prompt_tokens": o.truncated_prompt_tokens,
+            "completion_tokens": o.completion_tokens if o.choices else None,
+            "error": o.error,
+        },
+    )
+
+
+def cancel_jobs(
+    session: Session, *, job_ids: Sequence[uuid.UUID], tenant: str | None = None
+) -> int:
+    """Cancel the queued or running jobs among ``job_ids``; return how many changed."""
+    result = session.execute(
+        update(JobRow)
+        .where(
+            JobRow.id.in_(list(job_ids)),
+            JobRow.status.in_(UNFINISHED_STATUSES),
+            *owned_by(tenant),
+        )
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return max(int(result.rowcount), 0)  # type: ignore[attr-defined]
 
 
 def cancel_job(session: Session, *, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
@@ -396,3 +233,30 @@ def cancel_job(session: Session, *, job_id: uuid.UUID, tenant: str | None = None
     """
     cancel_jobs(session, job_ids=[job_id], tenant=tenant)
     return get_job(session, job_id=job_id, tenant=tenant)
+
+
+def prune_jobs(
+    session: Session,
+    *,
+    finished_before: datetime,
+    statuses: Collection[JobStatus] = FINISHED_STATUSES,
+    limit: int = 10_000,
+) -> int:
+    """Delete up to ``limit`` jobs of ``statuses`` finished before ``finished_before``.
+
+    Returns how many rows went; call again (in a new transaction) until it returns 0,
+    so that a large prune never holds one long lock. Unfinished jobs are never pruned.
+    """
+    unfinished = set(statuses) - FINISHED_STATUSES
+    if unfinished:
+        names = ", ".join(sorted(s.value for s in unfinished))
+        raise ValueError(f"only finished jobs can be pruned, not {names}")
+    oldest = (
+        select(JobRow.id)
+        .where(JobRow.status.in_(list(statuses)), JobRow.finished_at < finished_before)
+        .limit(limit)
+    )
+    result = session.execute(
+        delete(JobRow).where(JobRow.id.in_(oldest)).execution_options(synchronize_session=False)
+    )
+    return max(int(getattr(result, "rowcount", 0) or 0), 0)

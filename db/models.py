@@ -74,7 +74,7 @@ class Base(DeclarativeBase):
 
 
 class JobRow(Base):
-    """A completion job as stored; read through :class:`db.jobs.Job`."""
+    """A completion job as stored; read through :class:`db.snapshots.Job`."""
 
     __tablename__ = "jobs"
 

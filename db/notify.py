@@ -17,8 +17,8 @@ from typing import NamedTuple
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.jobs import owned_by
 from db.models import FINISHED_STATUSES, UNFINISHED_STATUSES, JobRow, JobStatus
+from db.queries import owned_by
 
 #: The channel the trigger notifies on: ``LISTEN cq_jobs``.
 NOTIFY_CHANNEL = "cq_jobs"

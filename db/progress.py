@@ -2,8 +2,8 @@
 
 A worker refreshes the rows of the jobs it is generating with the text so far:
 one executemany per refresh, fenced like the final write (``status = running AND
-attempts = n``), so a late refresh never overwrites a result, a cancel, or
-another attempt. Rows the fence missed are the ones to stop generating.
+attempts = n``, :mod:`db.fence`), so a late refresh never overwrites a result, a
+cancel, or another attempt. Rows the fence missed are the ones to stop generating.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.fence import Fenced, fenced_update
 from db.models import JobRow, JobStatus
-
-_TABLE = cast(Table, JobRow.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,30 +43,18 @@ def write_progress(
     A row changes only while it has ``status`` under the same attempt: running,
     or cancelled for the tokens a cancelled job kept when its rows stopped.
     """
-    if not progress:
-        return 0
-    stmt = (
-        update(_TABLE)
-        .where(
-            _TABLE.c.id == bindparam("b_id"),
-            _TABLE.c.attempts == bindparam("b_attempt"),
-            _TABLE.c.status == status,
-        )
-        .values(choices=bindparam("b_choices"), completion_tokens=bindparam("b_tokens"))
-    )
-    result = session.connection().execute(
-        stmt,
+    return fenced_update(
+        session,
         [
-            {
-                "b_id": p.job_id,
-                "b_attempt": p.attempt,
-                "b_choices": p.choices,
-                "b_tokens": p.completion_tokens,
-            }
+            Fenced(
+                job_id=p.job_id,
+                attempt=p.attempt,
+                expect=status,
+                values={"choices": p.choices, "completion_tokens": p.completion_tokens},
+            )
             for p in progress
         ],
     )
-    return max(result.rowcount, 0)
 
 
 def lost_jobs(session: Session, *, held: Sequence[tuple[uuid.UUID, int]]) -> set[uuid.UUID]:

@@ -1,8 +1,9 @@
 """Transitions for jobs that lost their way: retried too often, stuck running, queued too long.
 
 Each is one fenced statement, like those of :mod:`db.jobs`: a row changes only
-in the state it was read in (status and attempt), so a worker that finishes the
-job meanwhile, or another reaper, wins or loses cleanly and nothing is doubled.
+in the state it was read in (status and attempt, :mod:`db.fence`), so a worker
+that finishes the job meanwhile, or another reaper, wins or loses cleanly and
+nothing is doubled.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
+from db.fence import Fenced, fenced_update
 from db.models import UNFINISHED_STATUSES, BatchRow, JobRow, JobStatus
 from db.snapshots import utcnow
-
-_TABLE = cast(Table, JobRow.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,21 +34,9 @@ def fail_attempts(
     session: Session, *, jobs: Sequence[tuple[uuid.UUID, int]], error: dict[str, str]
 ) -> int:
     """Fail unfinished jobs still at the given ``(id, attempts)``; return how many changed."""
-    if not jobs:
-        return 0
-    stmt = (
-        update(_TABLE)
-        .where(
-            _TABLE.c.id == bindparam("b_id"),
-            _TABLE.c.attempts == bindparam("b_attempt"),
-            _TABLE.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-        )
-        .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
-    )
-    result = session.connection().execute(
-        stmt, [{"b_id": job_id, "b_attempt": attempt} for job_id, attempt in jobs]
-    )
-    return max(result.rowcount, 0)
+    writes = [Fenced(job_id, attempt, UNFINISHED_STATUSES) for job_id, attempt in jobs]
+    now = utcnow()
+    return fenced_update(session, writes, status=JobStatus.FAILED, error=error, finished_at=now)
 
 
 def stuck_jobs(

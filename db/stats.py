@@ -41,9 +41,13 @@ def count_by_status(session: Session) -> dict[JobStatus, int]:
 def finished_since(session: Session, *, since: datetime) -> list[FinishedJob]:
     """Return the timings of every job that finished at or after ``since``."""
     stmt = select(
-        JobRow.status, JobRow.model, JobRow.created_at, JobRow.started_at,
-        JobRow.finished_at, JobRow.completion_tokens,
-    ).where(JobRow.status.in_(FINISHED_STATUSES), JobRow.finished_at >= since)  # fmt: skip
+        JobRow.status,
+        JobRow.model,
+        JobRow.created_at,
+        JobRow.started_at,
+        JobRow.finished_at,
+        JobRow.completion_tokens,
+    ).where(JobRow.status.in_(FINISHED_STATUSES), JobRow.finished_at >= since)
     result: list[FinishedJob] = []
     for status, model, created, started, finished, tokens in session.execute(stmt):
         created_at, finished_at = aware(created), aware(finished)
