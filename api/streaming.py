@@ -8,6 +8,18 @@ in OpenAI's error shape, then ``[DONE]``. A client that goes away before the end
 cancels the call's jobs, as vLLM aborts its requests; so does a call whose jobs
 show no new text for ``CQ_API_WAIT_TIMEOUT_S``. ``GET /v1/jobs/{id}/events``
 only reads: ``event: delta`` per new text, then ``event: end`` with the job.
+
+Every stream says ``: ping - <time>`` (an SSE comment, which OpenAI's clients and any SSE
+client skip) every :data:`PING_INTERVAL_S` while it is open, so a call whose job waits in
+the queue keeps its connection through a proxy's read timeout (nginx's is 60 s) as long as
+that timeout exceeds the interval.
+
+The response is sse-starlette's ``EventSourceResponse``, not FastAPI's (0.135 and later):
+FastAPI's sends its pings only around a *path operation* that is itself a generator, with
+a module-private interval, so a route that validates the body (answering 400 or 404 as
+JSON) and then decides between a JSON answer and a stream cannot have them; sse-starlette's
+is a response like any other, returned by the route, with ``ping=`` per response; like
+Starlette's ``StreamingResponse`` it watches for the client's disconnect while it waits.
 """
 
 from __future__ import annotations
@@ -22,8 +34,8 @@ from typing import Any
 
 import anyio
 from fastapi.concurrency import run_in_threadpool
-from fastapi.sse import format_sse_event
-from starlette.responses import StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import AppStatus
 from starlette.types import Receive, Scope, Send
 
 from api.errors import completion_error_info
@@ -37,17 +49,30 @@ from producer import CompletionClient, Delta, Finished, follow_async
 log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
+#: Seconds between a stream's pings: below every common proxy's read timeout (nginx's
+#: ``proxy_read_timeout`` 60 s, AWS ALB's idle timeout 60 s, Cloudflare's 100 s).
+PING_INTERVAL_S = 15
+#: Lines end with ``\n`` alone, in the events and the pings alike.
+SEPARATOR = "\n"
+
+# sse-starlette ends every open stream as soon as uvicorn is told to stop; a stream here
+# runs to its end instead (its jobs finish, or its idle timeout ends it), as it did before,
+# while uvicorn waits for it: the jobs are not cancelled by a restart of the API. (What
+# AppStatus.disable_automatic_graceful_drain() does, which is untyped.)
+AppStatus.enable_automatic_graceful_drain = False
 
 
 def sse(data: Any, event: str | None = None) -> bytes:
     """One Server-Sent Event holding ``data`` as compact JSON."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return format_sse_event(data_str=text, event=event)
+    return ServerSentEvent(text, event=event, sep=SEPARATOR).encode()
 
 
-class EventStream(StreamingResponse):
-    """A ``text/event-stream`` response that runs ``on_close`` however it ends."""
+class EventStream(EventSourceResponse):
+    """A ``text/event-stream`` response that pings while idle and runs ``on_close`` however
+    it ends."""
 
+    # For the OpenAPI document, which reads the class (``response_class=EventStream``).
     media_type = "text/event-stream"
 
     def __init__(
@@ -56,9 +81,11 @@ class EventStream(StreamingResponse):
         on_close: Callable[[], Awaitable[None]] | None = None,
         status_code: int = 200,
     ) -> None:
-        # No caching, and no buffering by a proxy (nginx): each event goes out as it comes.
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(events, status_code=status_code, headers=headers)
+        # No caching; sse-starlette adds X-Accel-Buffering: no (nginx sends each event on).
+        headers = {"Cache-Control": "no-cache"}
+        super().__init__(
+            events, status_code=status_code, headers=headers, ping=PING_INTERVAL_S, sep=SEPARATOR
+        )
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from api.streaming import PING_INTERVAL_S
 from completion_queue import WorkerProcess, free_port, queue_name, worker_env
 from db import JobStatus
 from producer import CompletionClient
@@ -237,6 +239,106 @@ def test_a_streaming_client_that_leaves_cancels_its_job(
     job = client.get(job_id)
     assert job.choices[0].finish_reason == "cancelled"
     assert 0 < job.choices[0].completion_tokens < LONG
+
+
+#: How long a streamed call's job cannot start at least (no worker serves its model yet):
+#: longer than the ping interval, and than the read timeout of the client below.
+HOLD_S = 20.0
+#: The client's read timeout, as a proxy's ``proxy_read_timeout``: above the ping interval,
+#: below the silence before the first token.
+READ_TIMEOUT_S = 18.0
+
+
+def test_a_call_whose_job_waits_in_the_queue_is_kept_alive_by_pings(
+    stack: Stack, client: CompletionClient, reference: Reference, tiny_model: Path, tmp_path: Path
+) -> None:
+    # Given an API whose model (the tiny one under another name) no worker serves yet, and a
+    # worker for it that starts only at the first ping HOLD_S or more after the call (its job
+    # cannot start before; the call stays within CQ_API_WAIT_TIMEOUT_S, 60 s)
+    name = tmp_path / "late-tiny"
+    name.symlink_to(tiny_model, target_is_directory=True)
+    process, url = start_api(stack, tmp_path / "api.log", CQ_API_KEYS=KEY, CQ_MODEL=str(name))
+    settings = stack.settings.model_copy(
+        update={"model": str(name), "data_dir": tmp_path, "metrics_port": free_port()}
+    )
+    worker = WorkerProcess(worker_env(settings), tmp_path / "worker.log")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    http = httpx.Client(base_url=url, headers=auth, timeout=httpx.Timeout(10, read=READ_TIMEOUT_S))
+    body = {"model": str(name), "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    lines: list[tuple[float, str]] = []
+    try:
+        # When a client whose reads time out after READ_TIMEOUT_S streams a completion
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            called = time.monotonic()
+            for line in response.iter_lines():
+                lines.append((time.monotonic() - called, line))
+                # The first ping HOLD_S or more after the call starts the model's worker
+                if line.startswith(":") and lines[-1][0] >= HOLD_S and worker.process is None:
+                    worker.start()
+    finally:
+        worker.stop()
+        http.close()
+        process.terminate()
+        process.wait(30)
+        keys = stack.redis.keys(queue_name(str(name)) + "*")
+        if keys:
+            stack.redis.delete(*keys)
+    # Then pings (SSE comments) came while the job waited, one every PING_INTERVAL_S before
+    # its first token, and kept the connection open past the client's read timeout
+    pings = [(at, line) for at, line in lines if line.startswith(":")]
+    data = [(at, line.removeprefix("data: ")) for at, line in lines if line.startswith("data:")]
+    assert all(line.startswith(": ping") for _, line in pings), lines
+    before = [at for at, _ in pings if at < data[0][0]]
+    assert len(before) >= 2, lines
+    for number, at in enumerate(before, start=1):
+        assert number * PING_INTERVAL_S - 1 < at < number * PING_INTERVAL_S + 3, lines
+    assert data[0][0] >= HOLD_S > READ_TIMEOUT_S > PING_INTERVAL_S
+    # And the stream then went on as any: chunks joining into the greedy text, then [DONE]
+    assert data[-1][1] == "[DONE]"
+    chunks = [json.loads(payload) for _, payload in data[:-1]]
+    text = "".join(chunk["choices"][0]["text"] for chunk in chunks)
+    job = client.get(job_of(chunks[0]["id"]))
+    assert job.status is JobStatus.SUCCEEDED and text == job.text
+    assert text == reference.greedy(PROMPT, 8)[0]
+    # And the job did wait in the queue all that time
+    assert job.started_at is not None
+    assert (job.started_at - job.created_at).total_seconds() >= HOLD_S
+
+
+def test_an_api_told_to_stop_finishes_its_open_streams(
+    stack: Stack, client: CompletionClient, slow_model: str, tmp_path: Path
+) -> None:
+    process, url = start_api(stack, tmp_path / "api.log", CQ_API_KEYS=KEY)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {
+        "model": slow_model,
+        "prompt": PROMPT,
+        "max_tokens": LONG,
+        "temperature": 0,
+        "stream": True,
+    }
+    try:
+        # Given a long job streaming to a client
+        with (
+            httpx.Client(base_url=url, headers=auth, timeout=60) as http,
+            http.stream("POST", "/v1/completions", json=body) as response,
+        ):
+            events = read_events(response)
+            _, first = next(events)
+            assert client.get(job_of(json.loads(first)["id"])).status is JobStatus.RUNNING
+            # When the API is told to stop (SIGTERM, as a restart does) in the middle
+            process.terminate()
+            rest = [data for _, data in events]
+    finally:
+        process.terminate()
+        # uvicorn waits for the open stream before it exits
+        process.wait(30)
+    # Then the stream ran to its end: the job's whole text, then [DONE]
+    chunks = [json.loads(data) for data in [first, *rest[:-1]]]
+    job = client.get(job_of(chunks[0]["id"]))
+    assert rest[-1] == "[DONE]" and job.status is JobStatus.SUCCEEDED
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == job.text
+    assert job.completion_tokens == LONG
 
 
 def test_a_job_that_fails_ends_the_stream_with_an_error(api: Api, client: CompletionClient) -> None:
