@@ -16,8 +16,9 @@ the start, about every second, and at an ``end`` entry; it stops when every
 row is finished. Reading the stream from ``0-0``, a late reader first gets
 everything written so far.
 
-:class:`Follower` is the pure state; :func:`follow` (redis-py) and
-:func:`follow_async` (``redis.asyncio``, holding no thread while it waits) drive it.
+:class:`Follower` is the pure state; :func:`follow_async` (``redis.asyncio``, holding no
+thread while it waits) drives it, and :func:`follow` runs that on an event loop of its own
+for blocking code (see :mod:`producer.blocking`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue import BrokerUnavailable, JobNotFound, JobTimeout, events_key, redact_url
 from db import Job, get_jobs
+from producer.blocking import iterate_blocking
 
 #: How long one XREAD waits for entries, and how often unfinished rows are read.
 BLOCK_MS = 1000
@@ -251,39 +253,19 @@ _REDIS_OPTIONS: dict[str, Any] = {
 _BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError)
 
 
-def follow(
+async def follow_async(
     source: Source, job_ids: Sequence[uuid.UUID], *, idle_timeout_s: float | None = None
-) -> Iterator[StreamEvent]:
+) -> AsyncGenerator[StreamEvent, None]:
     """Yield the jobs' :class:`Delta` as they generate, and a :class:`Finished` for each.
+
+    XREAD runs on ``redis.asyncio`` and rows are read in a thread: no thread is held while
+    it waits.
 
     Raises:
         JobNotFound: a job does not exist (or is another tenant's).
         JobTimeout: no job showed new text for ``idle_timeout_s`` seconds.
         BrokerUnavailable: the broker cannot be reached.
     """
-    follower = Follower(job_ids, idle_timeout_s=idle_timeout_s)
-    broker = redis.Redis.from_url(source.app.conf.broker_url, **_REDIS_OPTIONS)
-    try:
-        while True:
-            due = follower.rows_due()
-            if due:
-                yield from follower.on_rows(read_jobs(source, due), due)
-            if follower.done:
-                return
-            follower.check_idle()
-            try:
-                reply = broker.xread(follower.cursors(), count=READ_COUNT, block=BLOCK_MS)
-            except _BROKER_ERRORS as exc:
-                raise _unavailable(source, exc) from None
-            yield from follower.on_reply(reply)
-    finally:
-        broker.close()
-
-
-async def follow_async(
-    source: Source, job_ids: Sequence[uuid.UUID], *, idle_timeout_s: float | None = None
-) -> AsyncGenerator[StreamEvent, None]:
-    """:func:`follow` for asyncio code: XREAD on ``redis.asyncio``, rows read in a thread."""
     follower = Follower(job_ids, idle_timeout_s=idle_timeout_s)
     broker = redis.asyncio.Redis.from_url(source.app.conf.broker_url, **_REDIS_OPTIONS)
     try:
@@ -305,6 +287,13 @@ async def follow_async(
     finally:
         # Closed even when the reader is cancelled (a client that went away).
         await asyncio.shield(broker.aclose())
+
+
+def follow(
+    source: Source, job_ids: Sequence[uuid.UUID], *, idle_timeout_s: float | None = None
+) -> Iterator[StreamEvent]:
+    """:func:`follow_async` for blocking code, on an event loop of its own; raises as it does."""
+    return iterate_blocking(follow_async(source, job_ids, idle_timeout_s=idle_timeout_s))
 
 
 def text_of(events: Iterable[StreamEvent], choice: int = 0) -> Iterator[str]:

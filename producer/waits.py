@@ -13,6 +13,12 @@ reads the jobs once at the end.
 If the listener cannot connect, or its connection fails, it says so in the log and the
 waits poll instead (those in progress from then on); a later wait tries to listen again.
 SQLite polls with a backoff, as does everything after :meth:`Waits.close`.
+
+A wait is one coroutine: :meth:`Waits.wait_async` runs it on the caller's event loop (the
+HTTP API's), reading the database in threads; :meth:`Waits.wait` runs it on a private loop
+per call (see :mod:`producer.blocking`), reading the database on that loop, where nothing
+else runs. The listener's thread is the same for both: it wakes each wait through that
+wait's own loop, and a wake that comes after a private loop closed is dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue import JobNotFound, JobTimeout
 from db import NOTIFY_CHANNEL, Job, count_unfinished, get_jobs, parse_notice, unfinished_ids
+from producer.blocking import Offload, inline, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +180,12 @@ class Listener:
         except Exception as exc:
             if conn is not None:
                 conn.close()
-            log.warning("could not LISTEN on %s (%s): waits poll, for %gs at least",
-                        NOTIFY_CHANNEL, exc, RELISTEN_AFTER_S)  # fmt: skip
+            log.warning(
+                "could not LISTEN on %s (%s): waits poll, for %gs at least",
+                NOTIFY_CHANNEL,
+                exc,
+                RELISTEN_AFTER_S,
+            )
             with self._lock:
                 self._attempt, self._failed_at = None, time.monotonic()
             attempt.set()
@@ -188,8 +199,11 @@ class Listener:
                     self._dispatch(notify.payload)
         except Exception as exc:
             if not self._closed:  # a server that stops after close() is no news
-                log.warning("lost the LISTEN connection on %s (%s): waits poll until one "
-                            "listens again", NOTIFY_CHANNEL, exc)  # fmt: skip
+                log.warning(
+                    "lost the LISTEN connection on %s (%s): waits poll until one listens again",
+                    NOTIFY_CHANNEL,
+                    exc,
+                )
         finally:
             with self._lock:
                 self._listening, self._attempt = False, None
@@ -245,92 +259,76 @@ class Waits:
     ) -> list[Job]:
         """Block until the jobs ``ids`` are finished; return them in that order.
 
+        It runs :meth:`wait_async` on an event loop of its own, reading the database on it.
+
         Raises:
             JobTimeout: some job is still queued or running after ``timeout`` seconds.
             JobNotFound: an id does not exist (of ``tenant``'s, when given).
         """
-        deadline = time.monotonic() + timeout
-        woken = threading.Event()
-        watch = self.listener.watch(ids, woken.set, deadline) if self.listener and ids else None
-        if watch is not None:
-            try:
-                if self._wait_notified(watch, woken, ids, tenant, deadline, timeout, on_progress):
-                    return self.collect(ids, tenant=tenant)
-            finally:
-                self._forget(watch)
-        interval = POLL_FIRST_S
-        while True:
-            unfinished = self.unfinished(ids, tenant=tenant)
-            if on_progress is not None:
-                on_progress(len(ids) - unfinished, len(ids))
-            if unfinished == 0:
-                return self.collect(ids, tenant=tenant)
-            time.sleep(_next_poll(interval, deadline, unfinished, len(ids), timeout))
-            interval = min(interval * POLL_FACTOR, POLL_MAX_S)
-
-    def _wait_notified(
-        self,
-        watch: Watch,
-        woken: threading.Event,
-        ids: Sequence[uuid.UUID],
-        tenant: str | None,
-        deadline: float,
-        timeout: float,
-        on_progress: Progress | None,
-    ) -> bool:
-        """Count down from notifications: True once all finished, False if the listener is lost."""
-        watch.start(self.unfinished_ids(ids, tenant=tenant))
-        told = None
-        while True:
-            woken.clear()  # before reading the count: a wake after it is not missed
-            left = watch.left()
-            if left is None:
-                return False
-            if on_progress is not None and left != told:
-                on_progress(len(ids) - left, len(ids))
-                told = left
-            if left == 0:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _timeout(left, len(ids), timeout)
-            woken.wait(remaining)
+        return run_blocking(self._wait(ids, tenant, timeout, on_progress, inline))
 
     async def wait_async(
-        self, ids: Sequence[uuid.UUID], *, tenant: str | None, timeout: float
+        self,
+        ids: Sequence[uuid.UUID],
+        *,
+        tenant: str | None,
+        timeout: float,
+        on_progress: Progress | None = None,
     ) -> list[Job]:
-        """:meth:`wait` for asyncio code: no thread is held while it waits."""
+        """:meth:`wait` for asyncio code: it reads the database in threads, and holds none while
+        it waits."""
+        return await self._wait(ids, tenant, timeout, on_progress, asyncio.to_thread)
+
+    async def _wait(
+        self,
+        ids: Sequence[uuid.UUID],
+        tenant: str | None,
+        timeout: float,
+        on_progress: Progress | None,
+        offload: Offload,
+    ) -> list[Job]:
+        """The one wait: count down from notifications while listening, else poll."""
         deadline = time.monotonic() + timeout
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
 
-        def wake() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+        def wake() -> None:  # called by the listener's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the wait is over
                 loop.call_soon_threadsafe(woken.set)
 
         watch = None
         if self.listener is not None and ids:
-            watch = await asyncio.to_thread(self.listener.watch, ids, wake, deadline)
+            watch = await offload(self.listener.watch, ids, wake, deadline)
         if watch is not None:
             try:
-                watch.start(await asyncio.to_thread(self.unfinished_ids, ids, tenant=tenant))
+                watch.start(await offload(self.unfinished_ids, ids, tenant=tenant))
+                told = None
                 while (left := watch.left()) is not None:
+                    if on_progress is not None and left != told:
+                        on_progress(len(ids) - left, len(ids))
+                        told = left
                     if left == 0:
-                        return await asyncio.to_thread(self.collect, ids, tenant=tenant)
+                        return await offload(self.collect, ids, tenant=tenant)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise _timeout(left, len(ids), timeout)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(remaining):
                             await woken.wait()
+                    # Cleared before the count is read again: a wake after it is not missed.
                     woken.clear()
             finally:
                 self._forget(watch)
+        # Not listening, or the listener was lost: poll.
         interval = POLL_FIRST_S
-        while unfinished := await asyncio.to_thread(self.unfinished, ids, tenant=tenant):
+        while True:
+            unfinished = await offload(self.unfinished, ids, tenant=tenant)
+            if on_progress is not None:
+                on_progress(len(ids) - unfinished, len(ids))
+            if unfinished == 0:
+                return await offload(self.collect, ids, tenant=tenant)
             await asyncio.sleep(_next_poll(interval, deadline, unfinished, len(ids), timeout))
             interval = min(interval * POLL_FACTOR, POLL_MAX_S)
-        return await asyncio.to_thread(self.collect, ids, tenant=tenant)
 
     def _forget(self, watch: Watch) -> None:
         if self.listener is not None:

@@ -23,6 +23,7 @@ from completion_queue import Settings
 from db import (
     NOTIFY_CHANNEL,
     Choice,
+    Job,
     JobNotice,
     JobStatus,
     NewJob,
@@ -233,6 +234,66 @@ def test_concurrent_waits_share_one_listening_connection(pg_url: str, tmp_path: 
     assert len(statements) == 2 * len(ids)
     finisher.join(10)
     engine.dispose()
+
+
+def test_blocking_waits_share_the_listener_with_the_loop_s_waits(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # Given 8 running jobs, and a client whose first blocking wait (on an event loop of its
+    # own, closed since) started its listener
+    engine = make_engine(pg_url)
+    first, *ids = running_jobs(engine, 9)
+    succeed(engine, [first])
+    finisher = Finisher(pg_url, ids)
+    finisher.start()
+    with client_on(pg_url, tmp_path) as client:
+        assert client.wait(first, timeout=60).status is JobStatus.SUCCEEDED
+
+        def wait_blocking(job_id: uuid.UUID) -> list[Job]:
+            return [client.wait(job_id, timeout=60)]
+
+        async def waits() -> tuple[list[uuid.UUID], int]:
+            # When an event loop waits for half of the jobs while threads wait for the other
+            # half in blocking calls (as a server runs its sync routes)
+            tasks = [
+                asyncio.create_task(client.wait_async([i], timeout=60))
+                if n % 2
+                else asyncio.create_task(asyncio.to_thread(wait_blocking, i))
+                for n, i in enumerate(ids)
+            ]
+            await asyncio.sleep(0.2)
+            listening = await asyncio.to_thread(listening_backends, engine)
+            finisher.go.set()
+            return [job.id for task in tasks for job in await task], listening
+
+        with statements_of(client) as statements:
+            done, listening = asyncio.run(waits())
+    # Then all of them listened on the one connection, and each read twice
+    assert listening == 1
+    assert done == ids
+    assert len(statements) == 2 * len(ids), statements
+    finisher.join(10)
+    engine.dispose()
+
+
+def test_a_blocking_wait_inside_a_coroutine_still_returns(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Given 3 running jobs, which another connection finishes after ~1 s
+    url = new_database("sqlite", request, tmp_path)
+    with client_on(url, tmp_path) as client:
+        ids = running_jobs(make_engine(url), 3)
+        finisher = Finisher(url, ids)
+        finisher.start()
+
+        async def caller() -> list[uuid.UUID]:
+            finisher.go.set()
+            # When a coroutine calls the blocking wait (its loop is busy running it)
+            return [job.id for job in client.wait(ids, timeout=60)]
+
+        # Then the wait returns the jobs all the same
+        assert asyncio.run(caller()) == ids
+        finisher.join(10)
 
 
 def test_a_wait_whose_listener_is_killed_polls_and_finishes(

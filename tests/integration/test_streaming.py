@@ -433,6 +433,28 @@ def test_client_stream_yields_the_text_as_it_generates(
     assert len(parts) > 2 and statuses[0] is JobStatus.RUNNING
 
 
+def test_client_stream_left_early_closes_its_broker_connection(
+    stack: Stack, client: CompletionClient, slow_model: str
+) -> None:
+    def readers() -> int:
+        """Broker connections that read events streams (XREAD is all a reader sends)."""
+        return sum(1 for info in stack.redis.client_list() if info["cmd"] == "xread")
+
+    # Given a long streamed job whose first two deltas the Python client has read (the first
+    # may come from its row, the second comes from XREAD)
+    job = client.submit(PROMPT, model=slow_model, max_new_tokens=LONG, temperature=0, stream=True)
+    reader = client.stream(job.id)
+    assert next(reader) and next(reader)
+    assert readers() == 1
+    # When the reader leaves in the middle
+    reader.close()
+    # Then its connection is closed at once, while the job goes on
+    assert readers() == 0
+    assert client.get(job.id).status is JobStatus.RUNNING
+    client.cancel(job.id)
+    until(lambda: client.get(job.id).status is JobStatus.CANCELLED, timeout_s=30)
+
+
 def test_cq_submit_stream_prints_tokens_as_they_come(
     stack: Stack, client: CompletionClient, reference: Reference, slow_model: str
 ) -> None:
