@@ -44,6 +44,7 @@ from completion_queue.errors import (
     IdempotencyConflict,
     JobNotFound,
     JobTimeout,
+    MissingExtra,
     ModelError,
     ModelNotAllowed,
     NoChatTemplate,
@@ -54,6 +55,7 @@ from completion_queue.errors import (
     ValidationError,
     WrongModel,
 )
+from completion_queue.extras import EXTRAS, missing_modules, require_extra
 from completion_queue.flower import check_auth, flower_command, run_flower
 from completion_queue.local import (
     Stopped,
@@ -100,6 +102,7 @@ __all__ = [
     "IdempotencyConflict",
     "JobNotFound",
     "JobTimeout",
+    "MissingExtra",
     "ModelError",
     "ModelNotAllowed",
     "NoChatTemplate",
@@ -108,6 +111,10 @@ __all__ = [
     "QueueTimeout",
     "UnsupportedResponseFormat",
     "ValidationError",
+    # the optional extras
+    "EXTRAS",
+    "missing_modules",
+    "require_extra",
     # names
     "DEFAULT_DATA_DIR",
     "EVENTS_MAXLEN",
