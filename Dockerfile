@@ -5,7 +5,7 @@ WORKDIR /app
 # torch from PyPI carries CUDA; pin TORCH_SPEC to match the hosts' drivers.
 ARG TORCH_SPEC=torch
 RUN pip install "${TORCH_SPEC}"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY completion_queue ./completion_queue
 COPY db ./db
 COPY workers ./workers
@@ -13,7 +13,8 @@ COPY producer ./producer
 COPY api ./api
 COPY bench ./bench
 COPY cli ./cli
-RUN pip install ".[worker]"
+# Every extra: the same image runs the worker, the API and Flower; at the tested releases.
+RUN pip install -c constraints.txt ".[all]"
 ENV CQ_DATA_DIR=/data
 VOLUME /data
 # Flower, and the worker's Prometheus /metrics.

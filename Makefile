@@ -6,15 +6,25 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+PIP_QUIET := --quiet --disable-pip-version-check
+# The release of every package CI tested, torch aside (TORCH_SPEC picks it, so GPU hosts
+# keep their CUDA build); `make constraints` writes it anew.
+CONSTRAINTS := constraints.txt
+# A venv with every direct dependency at its floor in pyproject.toml (`make test-lowest`).
+LOWEST := .venv-lowest
+# What `make test-lowest` runs there: the unit tests, the continuous engine (the newest
+# transformers API we use) and one job through a real worker, redis-server and SQLite.
+LOWEST_TESTS ?= tests/unit tests/integration/test_continuous_engine.py \
+	'tests/integration/test_pipeline.py::test_greedy_jobs_equal_direct_generate[sqlite]'
 
-.PHONY: install demo test lint services clean
+.PHONY: install demo test test-lowest constraints lint services clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[worker,dev]'
+	$(BIN)/pip install $(PIP_QUIET) "$(TORCH_SPEC)"
+	$(BIN)/pip install $(PIP_QUIET) -c $(CONSTRAINTS) -e '.[all,dev]'
 	touch $@
 
 demo: $(STAMP)
@@ -22,6 +32,35 @@ demo: $(STAMP)
 
 test: $(STAMP) services
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The floors are true: every direct dependency at the lowest release pyproject.toml allows
+# (uv's lowest-direct resolution; what they pull in at its newest), torch at TORCH_SPEC's.
+# uv cannot see the local CPU torch wheel, so pip installs torch and uv is held to it.
+test-lowest: services
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install $(PIP_QUIET) uv
+	# torch alone: its requirements (filelock among them) are uv's to resolve, at their floors.
+	$(LOWEST)/bin/pip install $(PIP_QUIET) --no-deps "$(TORCH_SPEC)"
+	$(LOWEST)/bin/python -c "from importlib.metadata import version as v; \
+		print('torch==' + v('torch').split('+')[0])" > $(LOWEST)/torch.txt
+	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python \
+		--resolution lowest-direct -c $(LOWEST)/torch.txt -e '.[all,dev]'
+	$(LOWEST)/bin/python .ci/floors.py
+	$(LOWEST)/bin/pytest -p no:cacheprovider $(LOWEST_TESTS)
+
+# Write constraints.txt: the newest releases pyproject.toml allows, installed as `make
+# install` does, then frozen (torch left out; see CONSTRAINTS). Run `make test` after it.
+constraints:
+	rm -rf $(VENV)-pins
+	$(PYTHON) -m venv $(VENV)-pins
+	$(VENV)-pins/bin/pip install $(PIP_QUIET) "$(TORCH_SPEC)"
+	$(VENV)-pins/bin/pip install $(PIP_QUIET) '.[all,dev]'
+	{ echo "# Every package \`make install\` and CI install, at the release CI tested;"; \
+	  echo "# torch is left to TORCH_SPEC. Regenerate with \`make constraints\`."; \
+	  $(VENV)-pins/bin/pip freeze --exclude completion-queue --exclude torch \
+		| grep -viE '^(nvidia-|triton)'; } > $(CONSTRAINTS)
+	rm -rf $(VENV)-pins
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -49,4 +88,4 @@ services:
 	fi
 
 clean:
-	rm -rf $(VENV) .cq .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .cq .pytest_cache .mypy_cache .ruff_cache

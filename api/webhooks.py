@@ -3,7 +3,8 @@
 Each POST is signed twice: ``X-CQ-Signature`` (HMAC-SHA256 of the body), and the
 Standard Webhooks headers (``webhook-id``, the same for every attempt of a job so a
 receiver can drop repeats; ``webhook-timestamp``; ``webhook-signature`` over
-id.timestamp.body), so a receiver can refuse replays with any Standard Webhooks library.
+id.timestamp.body, made by the ``standardwebhooks`` library itself), so a receiver can
+refuse replays with any Standard Webhooks library.
 
 Delivery runs in a dispatcher thread of the API process that reads finished jobs
 from the database, not in the worker: a worker's time belongs to the GPU, and a
@@ -43,9 +44,10 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
+import standardwebhooks
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.views import job_view
@@ -90,10 +92,13 @@ def signing_key(secret: str) -> bytes:
     return key
 
 
-def standard_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+def standard_signature(
+    signer: standardwebhooks.Webhook, msg_id: str, timestamp: int, body: bytes
+) -> str:
     """Return the ``webhook-signature`` value: ``v1,`` base64 HMAC-SHA256 of id.timestamp.body."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    # The body is JSON encoded as UTF-8, so its text signs the very same bytes; a str is
+    # what every standardwebhooks release from our floor (1.1) on signs.
+    return signer.sign(msg_id, datetime.fromtimestamp(timestamp, tz=UTC), body.decode())
 
 
 class WebhookDispatcher:
@@ -104,7 +109,7 @@ class WebhookDispatcher:
             raise ValueError("webhook_secret is required to sign webhooks")
         self.settings = settings
         self.secret = settings.webhook_secret
-        self.key = signing_key(settings.webhook_secret)
+        self.signer = standardwebhooks.Webhook(signing_key(settings.webhook_secret))
         self.sessions = sessions
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,7 +245,7 @@ class WebhookDispatcher:
             "X-CQ-Job-Id": str(job.id),
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": standard_signature(self.key, msg_id, timestamp, body),
+            "webhook-signature": standard_signature(self.signer, msg_id, timestamp, body),
         }
         extensions = {}
         if not self.settings.webhook_allow_private:

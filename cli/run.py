@@ -26,6 +26,7 @@ from completion_queue import (
     embedded_broker,
     is_loopback,
     redact_url,
+    require_extra,
     run_flower,
     stop_on_signals,
     worker_env,
@@ -40,6 +41,7 @@ from engine.shapes import SHAPES, make_shaped_model
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for all jobs.")
 def demo(n_jobs: int, new_tokens: int, timeout: float) -> None:
     """Start Redis and one worker, run prompts through the queue, print the results."""
+    require_extra("worker", "cq demo")
     sys.exit(
         run_demo(
             migrated(settings_from_env()), n_jobs=n_jobs, new_tokens=new_tokens, timeout=timeout
@@ -55,6 +57,7 @@ def up() -> None:
     (warm shutdown; killed after 30 s), then the broker stops and its URL file is
     removed. One `cq up` per CQ_DATA_DIR: a second one is refused.
     """
+    require_extra("worker", "cq up")
     settings = settings_from_env()
     try:
         with stop_on_signals():
@@ -111,6 +114,7 @@ def worker(
     hostname: str | None,
 ) -> None:
     """Run one worker process: load the model once, then serve its queue in micro-batches."""
+    require_extra("worker", "cq worker")
     from workers.main import run_worker
 
     settings = settings_from_env(
@@ -170,6 +174,7 @@ def build_tiny_model(settings: Settings) -> None:
               help="Also write the figures to this JSON file.")  # fmt: skip
 def bench(json_path: Path | None, model: str | None, **options: Any) -> None:
     """Measure the pipeline against direct generate and bare Celery, in one run."""
+    require_extra("worker", "cq bench")
     from bench.report import print_report
     from bench.run import BenchConfig, run_bench
 
@@ -191,6 +196,7 @@ def api(host: str, port: int, log_level: str) -> None:
     (`cq keys create`, or CQ_API_KEYS). With no key at all, it binds to and
     answers loopback only, without auth. OpenAPI docs at /docs.
     """
+    require_extra("api", "cq api")
     import uvicorn
 
     from api import create_api
@@ -249,6 +255,7 @@ def make_tiny(directory: Path, seed: int, shape: str) -> None:
     instead; its tokenizer is the tiny model's, taken from CQ_DATA_DIR (built there
     first if missing).
     """
+    require_extra("worker", "cq model make-tiny")
     if directory.exists() and any(directory.iterdir()):
         raise click.UsageError(f"{directory} exists and is not empty")
     try:  # before the build, so a path that cannot be written is said at once

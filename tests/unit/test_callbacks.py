@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import hashlib
+import hmac
 import json
 import time
 
@@ -185,6 +188,24 @@ def test_a_whsec_secret_that_is_not_base64_is_refused() -> None:
         webhooks.signing_key("whsec_n*t")
     with pytest.raises(ValueError, match="no key"):
         webhooks.signing_key("whsec_")
+
+
+def test_the_standard_signature_is_the_specs_hmac_of_the_bytes_sent() -> None:
+    # Given a job whose body holds text beyond ASCII, under a whsec_ secret
+    settings = Settings(webhook_secret=WHSEC, webhook_allow_private=True)
+    job = dataclasses.replace(
+        job_with_callback("https://hooks.example.com/cq"), prompt="héllo ✓ 日本"
+    )
+    # When it is delivered
+    request = delivered(settings, job)
+    # Then webhook-signature is v1, base64 HMAC-SHA256 of "id.timestamp." + the body's bytes
+    assert "héllo ✓ 日本".encode() in request.content
+    signed = (
+        f"{request.headers['webhook-id']}.{request.headers['webhook-timestamp']}.".encode()
+        + request.content
+    )
+    digest = hmac.new(b"k" * 32, signed, hashlib.sha256).digest()
+    assert request.headers["webhook-signature"] == "v1," + base64.b64encode(digest).decode()
 
 
 def delivered(settings: Settings, job: Job) -> httpx.Request:
