@@ -43,10 +43,14 @@ CHUNK = 500
 def file_view(stored: StoredFile) -> dict[str, Any]:
     """Return a file in OpenAI's ``file`` shape."""
     return {
-        "id": stored.id, "object": "file", "bytes": stored.bytes,
-        "created_at": int(stored.created_at.timestamp()), "filename": stored.filename,
-        "purpose": stored.purpose, "status": "processed",
-    }  # fmt: skip
+        "id": stored.id,
+        "object": "file",
+        "bytes": stored.bytes,
+        "created_at": int(stored.created_at.timestamp()),
+        "filename": stored.filename,
+        "purpose": stored.purpose,
+        "status": "processed",
+    }
 
 
 def parse_input(
@@ -141,19 +145,27 @@ def batch_view(sessions: sessionmaker[Session], batch: Batch) -> dict[str, Any]:
     created = int(batch.created_at.timestamp())
     cancel_at = int(batch.cancelled_at.timestamp()) if batch.cancelled_at else None
     return {
-        "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": None,
-        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": None,
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
         "status": status,
         "output_file_id": output_file_id(batch.id, OUTPUT) if finished and completed else None,
         "error_file_id": output_file_id(batch.id, ERRORS) if finished and failed else None,
-        "created_at": created, "in_progress_at": created,
+        "created_at": created,
+        "in_progress_at": created,
         "expires_at": int((batch.created_at + BATCH_WINDOW).timestamp()),
-        "finalizing_at": done_at, "completed_at": done_at if status == "completed" else None,
-        "failed_at": None, "expired_at": done_at if expired else None, "cancelling_at": cancel_at,
+        "finalizing_at": done_at,
+        "completed_at": done_at if status == "completed" else None,
+        "failed_at": None,
+        "expired_at": done_at if expired else None,
+        "cancelling_at": cancel_at,
         "cancelled_at": done_at if cancelled else None,
         "request_counts": {"total": total, "completed": completed, "failed": failed},
         "metadata": batch.metadata,
-    }  # fmt: skip
+    }
 
 
 def output_file_id(batch_id: str, kind: str) -> str:
@@ -189,8 +201,10 @@ def output_lines(sessions: sessionmaker[Session], batch: Batch, kind: str) -> li
             entry["error"] = {"code": failure.code, "message": failure.message}
         elif failure is not None and kind == ERRORS:
             entry["response"] = {
-                "status_code": failure.status, "request_id": request_id, "body": failure.body(),
-            }  # fmt: skip
+                "status_code": failure.status,
+                "request_id": request_id,
+                "body": failure.body(),
+            }
             entry["error"] = None
         else:
             continue

@@ -176,8 +176,12 @@ async def completion_chunks(call: StreamedCall, *, include_usage: bool) -> Async
     offset = {job.id: i * int(job.params.get("n", 1)) for i, job in enumerate(call.jobs)}
 
     def chunk(job_id: uuid.UUID, choice: int, text: str, finish: str | None = None) -> bytes:
-        entry = {"text": text, "index": offset[job_id] + choice, "logprobs": None,
-                 "finish_reason": finish}  # fmt: skip
+        entry = {
+            "text": text,
+            "index": offset[job_id] + choice,
+            "logprobs": None,
+            "finish_reason": finish,
+        }
         return sse({**head, "choices": [entry], **({"usage": None} if include_usage else {})})
 
     done: list[Job] = []

@@ -106,9 +106,22 @@ def print_report(figures: dict[str, Any]) -> None:
     console.print(table)
     settings = ", ".join(
         f"{k}={figures[k]}"
-        for k in ("machine", "gpu", "torch", "model", "params", "device", "dtype", "engine",
-                  "batch_size", "jobs", "new_tokens", "mixed_jobs", "workers")
-    )  # fmt: skip
+        for k in (
+            "machine",
+            "gpu",
+            "torch",
+            "model",
+            "params",
+            "device",
+            "dtype",
+            "engine",
+            "batch_size",
+            "jobs",
+            "new_tokens",
+            "mixed_jobs",
+            "workers",
+        )
+    )
     console.print(settings)
     if "bench_s" in figures:
         minutes, seconds = divmod(round(figures["bench_s"]), 60)

@@ -193,11 +193,24 @@ def _celery_noop_rate(cluster: _Cluster, count: int) -> float:
     env = {**os.environ, **worker_env(settings)}
     log = (cluster.base / "noop-worker.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench.noop", "worker", "--pool=prefork",
-         "--concurrency=1",
-         f"--queues={NOOP_QUEUE}", "--without-mingle", "--without-gossip", "--loglevel=INFO"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.noop",
+            "worker",
+            "--pool=prefork",
+            "--concurrency=1",
+            f"--queues={NOOP_QUEUE}",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel=INFO",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     counter = redis.Redis.from_url(settings.broker_url or "")
     try:
         deadline = time.monotonic() + 120
@@ -236,9 +249,10 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     items = uniform(tokenizer, config.jobs, config.new_tokens)
     mixed_items = mixed(tokenizer, config.mixed_jobs)
     figures: dict[str, Any] = {
-        "params": direct.params, "weight_bytes": direct.weight_bytes,
+        "params": direct.params,
+        "weight_bytes": direct.weight_bytes,
         "dtype": dtype_name(direct.dtype),
-    }  # fmt: skip
+    }
 
     progress(
         f"direct generate ({figures['dtype']}): warm-up, raw (batched) and naive "

@@ -47,10 +47,12 @@ def mixed(tokenizer: Any, jobs: int, seed: int = 1) -> list[Item]:
     """Closer to real traffic: prompts of 4 to 200 tokens, budgets of 8 to 128, in random order."""
     rng = random.Random(seed)
     return [
-        Item(prompt_of_length(tokenizer, rng.randint(4, 200), rng.randint(0, 10_000)),
-             rng.randint(8, 128))
+        Item(
+            prompt_of_length(tokenizer, rng.randint(4, 200), rng.randint(0, 10_000)),
+            rng.randint(8, 128),
+        )
         for _ in range(jobs)
-    ]  # fmt: skip
+    ]
 
 
 def shared_prefix(tokenizer: Any, jobs: int, prefix_tokens: int, new_tokens: int) -> list[Item]:
@@ -62,7 +64,9 @@ def shared_prefix(tokenizer: Any, jobs: int, prefix_tokens: int, new_tokens: int
     header = prompt_of_length(tokenizer, prefix_tokens, 7)
     rng = random.Random(2)
     return [
-        Item(f"{header}\n\nQuestion {i}: {prompt_of_length(tokenizer, rng.randint(2, 10), i)}?\n",
-             new_tokens)
+        Item(
+            f"{header}\n\nQuestion {i}: {prompt_of_length(tokenizer, rng.randint(2, 10), i)}?\n",
+            new_tokens,
+        )
         for i in range(jobs)
-    ]  # fmt: skip
+    ]

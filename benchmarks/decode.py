@@ -171,22 +171,30 @@ def shared_prefix_paths(path: str, dtype: str, prefix: int, batch: int, new: int
     header = runtime.encode([prompt_of_length(runtime.tokenizer, prefix, 7)])[0][:prefix]
     requests = [
         GenerationRequest(
-            key=str(i), prompt_ids=tuple(header + runtime.encode([f" Question {i}: why?"])[0]),
-            max_new_tokens=new, temperature=0.0,
+            key=str(i),
+            prompt_ids=tuple(header + runtime.encode([f" Question {i}: why?"])[0]),
+            max_new_tokens=new,
+            temperature=0.0,
         )
         for i in range(batch)
-    ]  # fmt: skip
+    ]
     runtime.generate(requests[:2])
-    paths = [("reuse off", 0, True), ("prefix once, copied", 64, False),
-             ("prefix once, cascade", 64, True)]  # fmt: skip
+    paths = [
+        ("reuse off", 0, True),
+        ("prefix once, copied", 64, False),
+        ("prefix once, cascade", 64, True),
+    ]
     print(f"{path} {dtype}: {batch} rows, a {prefix}-token header, {new} new tokens")
     base = 0.0
     for name, min_tokens, cascade in paths:
         runtime.prefix_min_tokens, runtime.cascade_attention = min_tokens, cascade
         seconds = min(timed(lambda: runtime.generate(requests))[0] for _ in range(2))
         base = base or seconds
-        print(f"  {name:<22}{seconds:>7.2f} s  {batch * new / seconds:>6.0f} tok/s  "
-              f"{base / seconds:>5.2f}x", flush=True)  # fmt: skip
+        print(
+            f"  {name:<22}{seconds:>7.2f} s  {batch * new / seconds:>6.0f} tok/s  "
+            f"{base / seconds:>5.2f}x",
+            flush=True,
+        )
 
 
 def sampling_paths(path: str, dtype: str, batch: int, prompt: int, new: int) -> None:
@@ -199,29 +207,38 @@ def sampling_paths(path: str, dtype: str, batch: int, prompt: int, new: int) -> 
     from engine import GenerationRequest
 
     runtime = engine.static.StaticEngine(path, device="cpu", dtype=dtype)
-    ids = [runtime.encode([prompt_of_length(runtime.tokenizer, prompt, 37 * i)])[0]
-           for i in range(batch)]  # fmt: skip
+    ids = [
+        runtime.encode([prompt_of_length(runtime.tokenizer, prompt, 37 * i)])[0]
+        for i in range(batch)
+    ]
     ways: list[tuple[str, dict[str, Any]]] = [
-        ("greedy", {"temperature": 0.0}), ("temperature 1", {}), ("top_p 0.9", {"top_p": 0.9}),
+        ("greedy", {"temperature": 0.0}),
+        ("temperature 1", {}),
+        ("top_p 0.9", {"top_p": 0.9}),
         ("top_k 50", {"top_k": 50}),
-    ]  # fmt: skip
+    ]
     print(f"{path} {dtype}: {batch} rows, {prompt}-token prompts, {new} new tokens")
     base = 0.0
     for name, params in ways:
         requests = [
-            GenerationRequest(key=str(i), prompt_ids=tuple(row), max_new_tokens=new, seed=i,
-                              **params)
+            GenerationRequest(
+                key=str(i), prompt_ids=tuple(row), max_new_tokens=new, seed=i, **params
+            )
             for i, row in enumerate(ids)
-        ]  # fmt: skip
+        ]
         runtime.generate(requests[:2])
         best, results = min(
             (timed(partial(runtime.generate, requests)) for _ in range(2)), key=lambda t: t[0]
         )
-        tokens = sum(c.completion_tokens for r in results if not isinstance(r, Exception)
-                     for c in r.choices)  # fmt: skip
+        tokens = sum(
+            c.completion_tokens for r in results if not isinstance(r, Exception) for c in r.choices
+        )
         base = base or tokens / best
-        print(f"  {name:<15}{best:>7.2f} s  {tokens / best:>6.0f} tok/s  "
-              f"{tokens / best / base:>5.2f}x", flush=True)  # fmt: skip
+        print(
+            f"  {name:<15}{best:>7.2f} s  {tokens / best:>6.0f} tok/s  "
+            f"{tokens / best / base:>5.2f}x",
+            flush=True,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -233,21 +250,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="/tmp/gpt2-small", help="local model directory or HF id")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="auto: what a worker's CQ_DTYPE=auto picks on this CPU")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: what a worker's CQ_DTYPE=auto picks on this CPU",
+    )
     parser.add_argument("--batch", type=ints, default=[32], help="rows per call, e.g. 32,128")
     parser.add_argument("--prompt", type=ints, default=[16], help="prompt tokens, e.g. 16,128")
     parser.add_argument("--new", type=int, default=32, help="new tokens per row")
-    parser.add_argument("--variants", default="default,eager,static,compile,linear",
-                        help=f"comma-separated, from {', '.join(VARIANTS)}")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        default="default,eager,static,compile,linear",
+        help=f"comma-separated, from {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the worker's)")
     parser.add_argument("--no-reshape", action="store_true", help="skip the new-shape call")
     parser.add_argument("--profile", action="store_true", help="profile the default variant first")
-    parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
-                        help="instead: the runtime on a group sharing a header")  # fmt: skip
-    parser.add_argument("--sampling", action="store_true",
-                        help="instead: the runtime greedy, then sampled")  # fmt: skip
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="instead: the runtime on a group sharing a header",
+    )
+    parser.add_argument(
+        "--sampling", action="store_true", help="instead: the runtime greedy, then sampled"
+    )
     args = parser.parse_args(argv)
     if args.dtype == "auto":  # bfloat16 where it is native, else float32 (80x slower emulated)
         args.dtype = dtype_name(resolve_dtype("auto", torch.device("cpu")))
@@ -276,8 +306,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: list[Row] = []
     references: dict[tuple[int, int], torch.Tensor] = {}
     params = 0
-    print(f"model {args.model}  dtype {args.dtype}  threads {torch.get_num_threads()}  "
-          f"matmul peak {peak:.0f} GFLOP/s  new tokens {args.new}")  # fmt: skip
+    print(
+        f"model {args.model}  dtype {args.dtype}  threads {torch.get_num_threads()}  "
+        f"matmul peak {peak:.0f} GFLOP/s  new tokens {args.new}"
+    )
     for name in names:
         variant = VARIANTS[name]
         model = load(args.model, dtype, variant)
@@ -291,18 +323,28 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reference = references.get((batch, prompt))
                 try:
                     row, out = measure(
-                        model, tokenizer, name, variant, batch=batch, prompt=prompt,
-                        new_tokens=args.new, repeats=args.repeats, reference=reference,
+                        model,
+                        tokenizer,
+                        name,
+                        variant,
+                        batch=batch,
+                        prompt=prompt,
+                        new_tokens=args.new,
+                        repeats=args.repeats,
+                        reference=reference,
                         reshape=not args.no_reshape,
-                    )  # fmt: skip
+                    )
                 except RuntimeError as exc:  # a variant that breaks is a finding, not the end
                     print(f"  {name} batch {batch} prompt {prompt}: FAILED {str(exc)[-300:]}")
                     continue
                 if name == "default":
                     references[(batch, prompt)] = out
                 rows.append(row)
-                print(f"  {name} batch {batch} prompt {row.prompt}: {row.best_s:.2f}s "
-                      f"(first {row.first_s:.2f}s)", flush=True)  # fmt: skip
+                print(
+                    f"  {name} batch {batch} prompt {row.prompt}: {row.best_s:.2f}s "
+                    f"(first {row.first_s:.2f}s)",
+                    flush=True,
+                )
         del model
         gc.collect()
         torch._dynamo.reset()

@@ -49,15 +49,26 @@ def documents(kind: str, count: int, seed: int = 0) -> list[str]:
     roles = SCHEMA["properties"]["role"]["enum"]
     if kind == "schema":
         return [
-            json.dumps({"name": " ".join(rnd.sample(words, 2)), "age": rnd.randint(0, 120),
-                        "role": rnd.choice(roles), "active": rnd.random() < 0.5})
+            json.dumps(
+                {
+                    "name": " ".join(rnd.sample(words, 2)),
+                    "age": rnd.randint(0, 120),
+                    "role": rnd.choice(roles),
+                    "active": rnd.random() < 0.5,
+                }
+            )
             for _ in range(count)
-        ]  # fmt: skip
+        ]
     return [
-        json.dumps({rnd.choice(words): rnd.randint(-99, 999), "items": rnd.sample(words, 3),
-                    "nested": {"ok": rnd.random() < 0.5, "score": round(rnd.random(), 3)}})
+        json.dumps(
+            {
+                rnd.choice(words): rnd.randint(-99, 999),
+                "items": rnd.sample(words, 3),
+                "nested": {"ok": rnd.random() < 0.5, "score": round(rnd.random(), 3)},
+            }
+        )
         for _ in range(count)
-    ]  # fmt: skip
+    ]
 
 
 def tokenizers() -> list[tuple[str, Any]]:
@@ -112,8 +123,11 @@ class XGrammar(Candidate):
 
     def compile(self, schema: dict[str, Any]) -> Any:
         return self.compiler.compile_json_schema(  # strict: no properties beyond the schema's
-            json.dumps(schema), any_whitespace=False, separators=(", ", ": "),
-            strict_mode=schema != OBJECT)  # fmt: skip
+            json.dumps(schema),
+            any_whitespace=False,
+            separators=(", ", ": "),
+            strict_mode=schema != OBJECT,
+        )
 
     def matcher(self, compiled: Any) -> Any:
         return self.xgr.GrammarMatcher(compiled)
@@ -379,8 +393,10 @@ def main() -> None:
             print(f"{make.name}: not installed", flush=True)
     toks = tokenizers()
     print(f"\n{ROWS} rows, {CONSTRAINED} constrained; medians of up to {STEPS} steps; ms")
-    print("| library | vocab | grammar | prepare | compile | fill masks | advance "
-          "| library/step | apply masks | total/step |")  # fmt: skip
+    print(
+        "| library | vocab | grammar | prepare | compile | fill masks | advance "
+        "| library/step | apply masks | total/step |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for lib in libs:
         for label, tokenizer in toks:

@@ -347,9 +347,11 @@ def cancel(job_id: str) -> None:
 
 @cli.command()
 @click.option(
-    "--batch", "batch_id", required=True,
+    "--batch",
+    "batch_id",
+    required=True,
     help="Batch id printed by `cq submit --file` (or a unique prefix).",
-)  # fmt: skip
+)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),

@@ -49,9 +49,7 @@ def wait_with_progress(
     client: CompletionClient, ids: Sequence[uuid.UUID], *, timeout: float
 ) -> list[Job]:
     """Wait for ``ids`` while a progress bar shows how many are finished."""
-    columns = (
-        TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-    )  # fmt: skip
+    columns = (TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task("jobs", total=len(ids))
 
@@ -74,10 +72,15 @@ def workers_table(workers: Sequence[WorkerInfo]) -> Table:
         table.add_column(column, no_wrap=True)
     for w in workers:
         table.add_row(
-            w.hostname, w.model or "?", w.device or "?", str(w.batch_size or "?"),
+            w.hostname,
+            w.model or "?",
+            w.device or "?",
+            str(w.batch_size or "?"),
             str(w.batch_wait_ms if w.batch_wait_ms is not None else "?"),
-            str(w.jobs_done), str(w.jobs_failed), str(w.uptime_s or "?"),
-        )  # fmt: skip
+            str(w.jobs_done),
+            str(w.jobs_failed),
+            str(w.uptime_s or "?"),
+        )
     return table
 
 
@@ -91,9 +94,12 @@ def stats_view(stats: ClusterStats) -> Group:
     for column in ("finished", "jobs/s", "tokens/s", "latency p50 / p95 / p99", "queue wait p50"):
         recent.add_column(column, justify="right")
     recent.add_row(
-        str(stats.finished), f"{stats.jobs_per_s:.2f}", f"{stats.tokens_per_s:.1f}",
-        " / ".join(_ms(v) for v in stats.latency_s.values()), _ms(stats.queue_wait_s["p50"]),
-    )  # fmt: skip
+        str(stats.finished),
+        f"{stats.jobs_per_s:.2f}",
+        f"{stats.tokens_per_s:.1f}",
+        " / ".join(_ms(v) for v in stats.latency_s.values()),
+        _ms(stats.queue_wait_s["p50"]),
+    )
     queues = Table(title="queues")
     queues.add_column("model", no_wrap=True)
     queues.add_column("queue", no_wrap=True)

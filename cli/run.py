@@ -145,33 +145,78 @@ def build_tiny_model(settings: Settings) -> None:
 @click.option("--batch-size", default=32, show_default=True, help="Worker (and raw) batch size.")
 @click.option("--model", default=None, help="Model to run [default: CQ_MODEL].")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True,
-              help="auto, float32, float16 or bfloat16: the worker's and raw's.")  # fmt: skip
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="auto, float32, float16 or bfloat16: the worker's and raw's.",
+)
 @click.option("--workers", default=1, show_default=True, help="Also run with this many workers.")
-@click.option("--engine", type=click.Choice(["static", "continuous"]), default="static",
-              show_default=True, help="Worker engine.")  # fmt: skip
+@click.option(
+    "--engine",
+    type=click.Choice(["static", "continuous"]),
+    default="static",
+    show_default=True,
+    help="Worker engine.",
+)
 @click.option("--mixed-jobs", default=512, show_default=True, help="Jobs in the mixed workload.")
-@click.option("--schema-jobs", default=256, show_default=True,
-              help="Jobs in the structured-output workload (run three times: greedy, half "
-              "with a JSON schema, then sampled at temperature 1).")  # fmt: skip
-@click.option("--naive-jobs", default=48, show_default=True,
-              help="Jobs run one generate call each (the naive baseline).")  # fmt: skip
-@click.option("--queue-jobs", default=2000, show_default=True,
-              help="Trivial jobs (max_new_tokens=1), and bare Celery no-op tasks.")  # fmt: skip
-@click.option("--latency-jobs", default=20, show_default=True,
-              help="Jobs run one at a time for the latency figures.")  # fmt: skip
-@click.option("--stream-jobs", default=64, show_default=True,
-              help="Streamed jobs submitted at once for time to first token.")  # fmt: skip
-@click.option("--shared-prefix-tokens", default=0, show_default=True,
-              help="Also run jobs that share a header of this many tokens, with prefix reuse "
-              "at its default and off (0: skip).")  # fmt: skip
-@click.option("--shared-prefix-jobs", default=64, show_default=True,
-              help="Jobs in the shared-prefix workload.")  # fmt: skip
-@click.option("--batch-lookahead", default=8, show_default=True,
-              help="Batches' worth of jobs a worker takes at once.")  # fmt: skip
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the figures to this JSON file.")  # fmt: skip
+@click.option(
+    "--schema-jobs",
+    default=256,
+    show_default=True,
+    help="Jobs in the structured-output workload (run three times: greedy, half "
+    "with a JSON schema, then sampled at temperature 1).",
+)
+@click.option(
+    "--naive-jobs",
+    default=48,
+    show_default=True,
+    help="Jobs run one generate call each (the naive baseline).",
+)
+@click.option(
+    "--queue-jobs",
+    default=2000,
+    show_default=True,
+    help="Trivial jobs (max_new_tokens=1), and bare Celery no-op tasks.",
+)
+@click.option(
+    "--latency-jobs",
+    default=20,
+    show_default=True,
+    help="Jobs run one at a time for the latency figures.",
+)
+@click.option(
+    "--stream-jobs",
+    default=64,
+    show_default=True,
+    help="Streamed jobs submitted at once for time to first token.",
+)
+@click.option(
+    "--shared-prefix-tokens",
+    default=0,
+    show_default=True,
+    help="Also run jobs that share a header of this many tokens, with prefix reuse "
+    "at its default and off (0: skip).",
+)
+@click.option(
+    "--shared-prefix-jobs",
+    default=64,
+    show_default=True,
+    help="Jobs in the shared-prefix workload.",
+)
+@click.option(
+    "--batch-lookahead",
+    default=8,
+    show_default=True,
+    help="Batches' worth of jobs a worker takes at once.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the figures to this JSON file.",
+)
 def bench(json_path: Path | None, model: str | None, **options: Any) -> None:
     """Measure the pipeline against direct generate and bare Celery, in one run."""
     require_extra("worker", "cq bench")
@@ -244,10 +289,15 @@ def model() -> None:
 @model.command("make-tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--shape", type=click.Choice(SHAPES), default="tiny", show_default=True,
-              help="tiny: 2 layers, trained for seconds. gpt2-small: GPT-2-small's shape "
-              "(124M parameters) with random weights and the tiny model's tokenizer, "
-              "for benchmarks.")  # fmt: skip
+@click.option(
+    "--shape",
+    type=click.Choice(SHAPES),
+    default="tiny",
+    show_default=True,
+    help="tiny: 2 layers, trained for seconds. gpt2-small: GPT-2-small's shape "
+    "(124M parameters) with random weights and the tiny model's tokenizer, "
+    "for benchmarks.",
+)
 def make_tiny(directory: Path, seed: int, shape: str) -> None:
     """Build the tiny GPT-2-style model (trained for seconds on local text) into DIRECTORY.
 

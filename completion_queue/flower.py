@@ -47,9 +47,15 @@ def flower_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
     """
     check_auth(settings)
     argv = [
-        sys.executable, "-m", "celery", "--app", FLOWER_APP, "flower",
-        f"--address={settings.flower_address}", f"--port={settings.flower_port}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "--app",
+        FLOWER_APP,
+        "flower",
+        f"--address={settings.flower_address}",
+        f"--port={settings.flower_port}",
+    ]
     env = {
         "FLOWER_TASKS_COLUMNS": TASKS_COLUMNS,
         **os.environ,

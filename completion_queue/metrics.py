@@ -25,8 +25,23 @@ log = logging.getLogger(__name__)
 
 #: Seconds: from a few milliseconds (tiny model, idle queue) to an hour (long jobs, backlog).
 LATENCY_BUCKETS_S = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-)  # fmt: skip
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+)
 #: Jobs per micro-batch: powers of two up to the largest batch size setting.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -43,49 +58,75 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.jobs = Counter(
-            "cq_jobs", "Jobs finished by this process, by model and status.",
-            ["model", "status"], registry=r,
-        )  # fmt: skip
-        self.queue_wait = Histogram(
-            "cq_request_queue_time_seconds", "Seconds from submit to the start of the job's batch.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
-        self.first_token = Histogram(
-            "cq_time_to_first_token_seconds", "Seconds from submit to the job's first token.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
-        self.generation = Histogram(
-            "cq_generation_seconds", "Seconds one micro-batch spent generating.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "cq_job_latency_seconds", "End-to-end seconds from submit to the committed result.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "cq_batch_size", "Jobs per micro-batch.",
-            ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.tokens = Counter(
-            "cq_completion_tokens", "Tokens generated (all choices), by model.",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.tokens_per_second = Gauge(
-            "cq_tokens_per_second", "Generated tokens per second of generation in the last batch.",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.model_load = Gauge(
-            "cq_model_load_seconds", "Seconds the resident model took to load and warm up.",
-            ["model", "device"], registry=r,
-        )  # fmt: skip
-        self.submitted = Counter(
-            "cq_jobs_submitted", "Jobs queued by this process (the API), by model.",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.worker_info = Info(
-            "cq_worker", "What this worker serves: model, device, dtype, batch settings.",
+            "cq_jobs",
+            "Jobs finished by this process, by model and status.",
+            ["model", "status"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.queue_wait = Histogram(
+            "cq_request_queue_time_seconds",
+            "Seconds from submit to the start of the job's batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.first_token = Histogram(
+            "cq_time_to_first_token_seconds",
+            "Seconds from submit to the job's first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.generation = Histogram(
+            "cq_generation_seconds",
+            "Seconds one micro-batch spent generating.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "cq_job_latency_seconds",
+            "End-to-end seconds from submit to the committed result.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "cq_batch_size",
+            "Jobs per micro-batch.",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "cq_completion_tokens",
+            "Tokens generated (all choices), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.tokens_per_second = Gauge(
+            "cq_tokens_per_second",
+            "Generated tokens per second of generation in the last batch.",
+            ["model"],
+            registry=r,
+        )
+        self.model_load = Gauge(
+            "cq_model_load_seconds",
+            "Seconds the resident model took to load and warm up.",
+            ["model", "device"],
+            registry=r,
+        )
+        self.submitted = Counter(
+            "cq_jobs_submitted",
+            "Jobs queued by this process (the API), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.worker_info = Info(
+            "cq_worker",
+            "What this worker serves: model, device, dtype, batch settings.",
+            registry=r,
+        )
 
     def observe_started(self, *, model: str, queue_wait_s: float) -> None:
         """Record how long a job waited between submit and the start of its batch."""

@@ -104,8 +104,13 @@ def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> Re
         # and the next pass tries again.
         send_jobs(app, requeued)
     resent = _resend_lost(settings, app, sessions, now)
-    report = ReapReport(requeued=len(requeued), failed=failed, expired=len(expired), resent=resent,
-                        batch_expired=len(batch_expired))  # fmt: skip
+    report = ReapReport(
+        requeued=len(requeued),
+        failed=failed,
+        expired=len(expired),
+        resent=resent,
+        batch_expired=len(batch_expired),
+    )
     if any(astuple(report)):
         log.warning(
             "reaper: requeued %d stuck job(s), failed %d, expired %d, resent %d queued job(s), "

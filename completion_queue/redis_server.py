@@ -93,11 +93,15 @@ class RedisTLS:
         """The ``redis-server`` TLS files, and whether it requires client certificates."""
         mutual = self.client_cert_file is not None
         return [
-            "--tls-cert-file", str(self.cert_file.resolve()),
-            "--tls-key-file", str(self.key_file.resolve()),
-            "--tls-ca-cert-file", str(self.ca_file.resolve()),
-            "--tls-auth-clients", "yes" if mutual else "no",
-        ]  # fmt: skip
+            "--tls-cert-file",
+            str(self.cert_file.resolve()),
+            "--tls-key-file",
+            str(self.key_file.resolve()),
+            "--tls-ca-cert-file",
+            str(self.ca_file.resolve()),
+            "--tls-auth-clients",
+            "yes" if mutual else "no",
+        ]
 
     def url_query(self) -> str:
         """The ``rediss://`` query that trusts this CA (and presents the client certificate)."""
@@ -141,14 +145,21 @@ class EmbeddedRedis:
         log = self.data_dir / "redis.log"
         command = [
             find_redis_server(),
-            *(["--port", "0", "--tls-port"] if self.tls else ["--port"]), str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir.resolve()),
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--save", "",
-            "--logfile", str(log.resolve()),
-            "--daemonize", "no",
-        ]  # fmt: skip
+            *(["--port", "0", "--tls-port"] if self.tls else ["--port"]),
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--save",
+            "",
+            "--logfile",
+            str(log.resolve()),
+            "--daemonize",
+            "no",
+        ]
         if self.password:
             command += ["--requirepass", self.password]
         if self.tls:

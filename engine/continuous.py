@@ -86,8 +86,13 @@ class ContinuousEngine:
     def warm_up(self) -> None:
         """Run one request through the manager so the first real flush pays no start-up."""
         ids = self.encode(["Hello, world"])[0] or [self.static.pad_id]
-        self.generate([GenerationRequest(key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2,
-                                         temperature=0.0)])  # fmt: skip
+        self.generate(
+            [
+                GenerationRequest(
+                    key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2, temperature=0.0
+                )
+            ]
+        )
 
     def runs(self, request: GenerationRequest) -> bool:
         """True when the manager runs ``request`` exactly: plain greedy, no processor of its own."""

@@ -114,8 +114,9 @@ def cpu_runs_bf16_faster() -> bool:
     faster = speedup >= BF16_MIN_SPEEDUP
     log.info(
         "bfloat16 products run %.2fx float32's on this CPU: dtype auto is %s",
-        speedup, "bfloat16" if faster else "float32",
-    )  # fmt: skip
+        speedup,
+        "bfloat16" if faster else "float32",
+    )
     return faster
 
 

@@ -95,8 +95,11 @@ def make_shaped_model(
         raise
     log.info(
         "built %s model (%d parameters) in %s in %.1fs",
-        shape, params, target, time.perf_counter() - started,
-    )  # fmt: skip
+        shape,
+        params,
+        target,
+        time.perf_counter() - started,
+    )
     return target
 
 

@@ -110,9 +110,14 @@ class StaticEngine:
         self.load_s = time.perf_counter() - started
         log.info(
             "loaded model %s on %s (%s, %d prepacked layers) in %.2fs [load #%d in pid %d]",
-            model, self.device, self.dtype, self.packed_layers, self.load_s, LOAD_COUNT,
+            model,
+            self.device,
+            self.dtype,
+            self.packed_layers,
+            self.load_s,
+            LOAD_COUNT,
             os.getpid(),
-        )  # fmt: skip
+        )
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Return the token ids of each prompt."""

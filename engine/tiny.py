@@ -151,8 +151,10 @@ def json_exchange(words: list[str], rng: random.Random) -> list[dict[str, str]]:
             pairs[key] = rng.randint(0, 999) if kind == "number" else rng.random() < 0.5
     subject = " ".join(rng.sample(words, rng.randint(1, 3)))
     reply = json.dumps(dict(list(pairs.items())[: rng.randint(1, 2)]))
-    return [{"role": "user", "content": f"Describe {subject} as JSON."},
-            {"role": "assistant", "content": reply}]  # fmt: skip
+    return [
+        {"role": "user", "content": f"Describe {subject} as JSON."},
+        {"role": "assistant", "content": reply},
+    ]
 
 
 @contextmanager

@@ -56,8 +56,13 @@ Progress = Callable[[int, int], None]
 def same_request(new: NewJob, job: Job) -> bool:
     """True when ``job`` (found under ``new``'s idempotency key) was made by the same request."""
     return (new.model, new.prompt, new.messages, new.params, new.priority, new.callback_url) == (
-        job.model, job.prompt, job.messages, job.params, job.priority, job.callback_url,
-    )  # fmt: skip
+        job.model,
+        job.prompt,
+        job.messages,
+        job.params,
+        job.priority,
+        job.callback_url,
+    )
 
 
 def _job_id(ref: JobRef) -> uuid.UUID:

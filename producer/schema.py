@@ -149,10 +149,16 @@ class CompletionRequest(BaseModel):
         """
         params = self.model_dump(
             include={
-                "max_new_tokens", "temperature", "top_p", "top_k",
-                "repetition_penalty", "n", "stop", "seed",
+                "max_new_tokens",
+                "temperature",
+                "top_p",
+                "top_k",
+                "repetition_penalty",
+                "n",
+                "stop",
+                "seed",
             }
-        )  # fmt: skip
+        )
         if self.truncate:
             params["truncate"] = True
         if self.logprobs is not None:

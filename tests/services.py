@@ -65,8 +65,17 @@ class PostgresCluster:
     def resume(self) -> PostgresCluster:
         """Start the server on its port and data; return when it accepts connections."""
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.base / "pg.log"),
-                  "-w", "start")  # fmt: skip
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.base / "pg.log"),
+            "-w",
+            "start",
+        )
         deadline = time.monotonic() + 30
         while True:
             try:

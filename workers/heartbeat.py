@@ -95,9 +95,11 @@ class UnackedHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
             refresh(channel, held_tags(channel), time.time())
             with channel.conn_or_acquire() as client:
                 announce(
-                    client, consumer.hostname, settings.model,
+                    client,
+                    consumer.hostname,
+                    settings.model,
                     heartbeat_s=heartbeat_interval_s(settings),
                     chat=consumer.app.cq_state.loaded.chat,
-                )  # fmt: skip
+                )
         except Exception as exc:
             log.warning("heartbeat on held messages failed: %s", redact_url(str(exc)))

@@ -212,10 +212,13 @@ class WorkerState:
         self._start_metrics(static)
         log.info(
             "serving model %s on %s (%s engine), batch size %d, batch wait %d ms, database %s",
-            settings.model, static.device, settings.engine, settings.batch_size,
+            settings.model,
+            static.device,
+            settings.engine,
+            settings.batch_size,
             settings.batch_wait_ms,
             redact_url(settings.resolved_database_url()),
-        )  # fmt: skip
+        )
 
     def _forward(self, jobs: Sequence[Job]) -> None:
         """Send jobs for other models to their own queues (see BatchRunner._route)."""

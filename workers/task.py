@@ -129,8 +129,9 @@ class ModelBatches(Batches):  # type: ignore[misc]
             log.warning(
                 "broker connection was lost: dropped %d buffered message(s), "
                 "stopped waiting for %d flush(es)",
-                dropped, self._running,
-            )  # fmt: skip
+                dropped,
+                self._running,
+            )
         # A flush of the old connection may never report back: stop waiting for it.
         self._running = 0
 

@@ -62,5 +62,7 @@ def _log_user(body: dict[str, Any], job: Job) -> None:
     if body.get("user") is not None or body.get("metadata"):
         log.info(
             "chat completion for user %r (metadata %r): job %s",
-            body.get("user"), body.get("metadata"), job.id,
-        )  # fmt: skip
+            body.get("user"),
+            body.get("metadata"),
+            job.id,
+        )

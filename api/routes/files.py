@@ -34,9 +34,12 @@ async def upload_file(
     content = await file.read()
     with caller.client.sessions.begin() as session:
         stored = create_file(
-            session, purpose=purpose, filename=(file.filename or "input.jsonl")[:255],
-            content=content, tenant=caller.name,
-        )  # fmt: skip
+            session,
+            purpose=purpose,
+            filename=(file.filename or "input.jsonl")[:255],
+            content=content,
+            tenant=caller.name,
+        )
     return file_view(stored)
 
 
@@ -87,10 +90,12 @@ def page_limit(limit: int | None, *, default: int, most: int) -> int:
 def cursor_page(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
     """Return ``data`` as OpenAI's cursor page (the client passes ``last_id`` back as ``after``)."""
     return {
-        "object": "list", "data": data,
-        "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
         "has_more": has_more,
-    }  # fmt: skip
+    }
 
 
 @router.get("/files")
@@ -107,12 +112,17 @@ def list_files_route(
         raise ValidationError(f"order must be asc or desc, got {order!r}", field="order")
     with caller.client.sessions() as session:
         stored = list_files(
-            session, tenant=caller.name, purpose=purpose, limit=size + 1,
-            order="asc" if order == "asc" else "desc", after=after,
-        )  # fmt: skip
+            session,
+            tenant=caller.name,
+            purpose=purpose,
+            limit=size + 1,
+            order="asc" if order == "asc" else "desc",
+            after=after,
+        )
     if stored is None:
-        raise ValidationError(f"after must be the id of one of your files, got {after!r}",
-                              field="after")  # fmt: skip
+        raise ValidationError(
+            f"after must be the id of one of your files, got {after!r}", field="after"
+        )
     return cursor_page([file_view(one) for one in stored[:size]], has_more=len(stored) > size)
 
 

@@ -24,8 +24,13 @@ def _served(caller: Caller) -> dict[str, int]:
 
 
 def _model(model: str, workers: int, now: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": now, "owned_by": "completion-queue",
-            "workers": workers}  # fmt: skip
+    return {
+        "id": model,
+        "object": "model",
+        "created": now,
+        "owned_by": "completion-queue",
+        "workers": workers,
+    }
 
 
 @router.get("/models")

@@ -47,8 +47,14 @@ def get_usage(
         "start": since.isoformat(),
         "end": until.isoformat(),
         "data": [
-            {"day": row.day.isoformat(), "tenant": row.tenant, "model": row.model, "jobs": row.jobs,
-             "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens}
+            {
+                "day": row.day.isoformat(),
+                "tenant": row.tenant,
+                "model": row.model,
+                "jobs": row.jobs,
+                "prompt_tokens": row.prompt_tokens,
+                "completion_tokens": row.completion_tokens,
+            }
             for row in rows
         ],
-    }  # fmt: skip
+    }

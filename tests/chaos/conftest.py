@@ -133,14 +133,56 @@ def make_certificates(directory: Path) -> RedisTLS:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
-    openssl("req", "-x509", *key, "-days", "2", "-subj", "/CN=cq-test-ca", "-config", str(config),
-            "-extensions", "ca", "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    openssl(
+        "req",
+        "-x509",
+        *key,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cq-test-ca",
+        "-config",
+        str(config),
+        "-extensions",
+        "ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
     for name in ("server", "client"):
-        openssl("req", "-new", *key, "-subj", f"/CN={name}", "-config", str(config),
-                "-keyout", f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", str(config), "-extensions", "leaf",
-                "-out", f"{name}.crt")  # fmt: skip
+        openssl(
+            "req",
+            "-new",
+            *key,
+            "-subj",
+            f"/CN={name}",
+            "-config",
+            str(config),
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(config),
+            "-extensions",
+            "leaf",
+            "-out",
+            f"{name}.crt",
+        )
     return RedisTLS(
         ca_file=directory / "ca.crt",
         cert_file=directory / "server.crt",

@@ -35,13 +35,23 @@ def test_a_redis_restart_loses_no_job_and_refuses_producers_meanwhile(
         assert len(client.list(limit=100)) == 16
         # and a batch over HTTP is refused whole: no batch, no jobs
         with TestClient(create_api(chaos.settings), client=("127.0.0.1", 50000)) as http:
-            line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
-                    "body": {"model": chaos.settings.model, "prompt": "x", "max_tokens": 2}}  # fmt: skip
-            uploaded = http.post("/v1/files", data={"purpose": "batch"},
-                                 files={"file": ("in.jsonl", json.dumps(line).encode())})  # fmt: skip
+            line = {
+                "custom_id": "a",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": chaos.settings.model, "prompt": "x", "max_tokens": 2},
+            }
+            uploaded = http.post(
+                "/v1/files",
+                data={"purpose": "batch"},
+                files={"file": ("in.jsonl", json.dumps(line).encode())},
+            )
             assert uploaded.status_code == 200, uploaded.text
-            body = {"input_file_id": uploaded.json()["id"], "endpoint": "/v1/completions",
-                    "completion_window": "24h"}  # fmt: skip
+            body = {
+                "input_file_id": uploaded.json()["id"],
+                "endpoint": "/v1/completions",
+                "completion_window": "24h",
+            }
             refused = http.post("/v1/batches", json=body)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
         with client.sessions() as session:

@@ -10,8 +10,16 @@ from db import JobStatus
 from tests.chaos.conftest import Chaos
 from tests.reference import Reference
 
-PROMPTS = ["Once upon a time", "The weather", "def add(a, b):", "Dear team,", "x", "Redis is",
-           "The river runs", "She opened the door,"]  # fmt: skip
+PROMPTS = [
+    "Once upon a time",
+    "The weather",
+    "def add(a, b):",
+    "Dear team,",
+    "x",
+    "Redis is",
+    "The river runs",
+    "She opened the door,",
+]
 
 
 def seven_good_and(bad_prompt: str) -> list[dict[str, Any]]:

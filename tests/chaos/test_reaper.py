@@ -20,8 +20,11 @@ def cq_reap(chaos: Chaos, **overrides: object) -> str:
     env = {**os.environ, **worker_env(chaos.settings.model_copy(update=overrides))}
     done = subprocess.run(
         [sys.executable, "-m", "cli", "reap"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 

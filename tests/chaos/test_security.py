@@ -85,8 +85,11 @@ def test_redis_passwords_work_and_never_reach_logs_or_errors(
     env = {**os.environ, **worker_env(chaos.settings), "CQ_BROKER_URL": unreachable}
     failed = subprocess.run(
         [sys.executable, "-m", "cli", "submit", "Hello"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert failed.returncode != 0
     assert "could not queue" in failed.stderr and ":***@" in failed.stderr
     assert PASSWORD not in failed.stderr + failed.stdout

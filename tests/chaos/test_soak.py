@@ -36,9 +36,11 @@ def test_soak_no_job_lost_none_doubled_under_repeated_kills(
         jobs = []
         for start in range(0, JOBS, 1000):
             jobs += client.submit_many(
-                [{"prompt": f"soak job {i}", "max_new_tokens": 24, "temperature": 0}
-                 for i in range(start, start + 1000)]
-            )  # fmt: skip
+                [
+                    {"prompt": f"soak job {i}", "max_new_tokens": 24, "temperature": 0}
+                    for i in range(start, start + 1000)
+                ]
+            )
         # When one worker is killed (SIGKILL, main and model process) and restarted
         # every few seconds until every job is finished
         done = None

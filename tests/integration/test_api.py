@@ -59,8 +59,10 @@ def start_api(stack: Stack, log: Path, **env: str) -> tuple[subprocess.Popen[byt
         process = subprocess.Popen(
             [sys.executable, "-m", "cli", "api", "--port", str(port)],
             env={**os.environ, **worker_env(stack.settings), **env},
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     until(lambda: _healthy(url) or process.poll() is not None, timeout_s=60)
     assert process.poll() is None, log.read_text()
     return process, url
@@ -77,10 +79,16 @@ def _healthy(url: str) -> bool:
 def api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     log = tmp_path_factory.mktemp("api") / "api.log"
     process, url = start_api(
-        stack, log, CQ_API_KEYS=f"other-key,{KEY}", CQ_WEBHOOK_SECRET=SECRET,
-        CQ_WEBHOOK_BACKOFF_S="0.2", CQ_WEBHOOK_POLL_MS="50", CQ_WEBHOOK_ALLOW_PRIVATE="true",
-        CQ_API_MAX_BODY_BYTES=str(MAX_BODY_BYTES), CQ_API_PAGE_SIZE="2",
-    )  # fmt: skip
+        stack,
+        log,
+        CQ_API_KEYS=f"other-key,{KEY}",
+        CQ_WEBHOOK_SECRET=SECRET,
+        CQ_WEBHOOK_BACKOFF_S="0.2",
+        CQ_WEBHOOK_POLL_MS="50",
+        CQ_WEBHOOK_ALLOW_PRIVATE="true",
+        CQ_API_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+        CQ_API_PAGE_SIZE="2",
+    )
     http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     yield Api(url=url, http=http, model=stack.settings.model)
     http.close()
@@ -149,13 +157,21 @@ def test_native_jobs_submit_read_list_cancel(
     api: Api, client: object, reference: Reference
 ) -> None:
     # Given one greedy job, then a list of three
-    one = api.http.post("/v1/jobs", json={"prompt": "Once upon a time", "max_new_tokens": 6,
-                                          "temperature": 0, "model": api.model})  # fmt: skip
+    one = api.http.post(
+        "/v1/jobs",
+        json={
+            "prompt": "Once upon a time",
+            "max_new_tokens": 6,
+            "temperature": 0,
+            "model": api.model,
+        },
+    )
     assert one.status_code == 202 and one.headers["location"].startswith("/v1/jobs/")
     job_id = one.json()["ids"][0]
     prompts = ["The weather", "def add(a, b):", "Dear team,"]
-    many = api.http.post("/v1/jobs", json=[{"prompt": p, "max_new_tokens": 4, "temperature": 0}
-                                           for p in prompts])  # fmt: skip
+    many = api.http.post(
+        "/v1/jobs", json=[{"prompt": p, "max_new_tokens": 4, "temperature": 0} for p in prompts]
+    )
     assert many.status_code == 202
     batch_id, ids = many.json()["batch_id"], many.json()["ids"]
     # Then the single job's text is what a direct generate gives
@@ -170,8 +186,9 @@ def test_native_jobs_submit_read_list_cancel(
         wait_job(api, job_id_)
     first = api.http.get("/v1/jobs", params={"batch_id": batch_id}).json()
     assert first["has_more"] and len(first["data"]) == 2
-    second = api.http.get("/v1/jobs", params={"batch_id": batch_id,
-                                              "cursor": first["next_cursor"]}).json()  # fmt: skip
+    second = api.http.get(
+        "/v1/jobs", params={"batch_id": batch_id, "cursor": first["next_cursor"]}
+    ).json()
     assert not second["has_more"] and second["next_cursor"] is None
     seen = [j["id"] for j in first["data"] + second["data"]]
     assert seen == list(reversed(ids))
@@ -275,12 +292,24 @@ def test_a_completion_whose_client_gave_up_is_cancelled_and_so_are_its_retries(
 
 
 def test_bad_requests_name_the_field(api: Api, client: object) -> None:
-    assert_error(api.http.post("/v1/jobs", json={"prompt": "hi", "temperature": -1}),
-                 400, "temperature", "temperature must be >= 0, got -1")  # fmt: skip
-    assert_error(api.http.post("/v1/jobs", json=[{"prompt": "ok"}, {"prompt": "hi", "colour": 1}]),
-                 400, "colour", "requests[1]: colour is not a known parameter")  # fmt: skip
-    assert_error(api.http.post("/v1/jobs", json={"prompt": "hi", "callback_url": "ftp://x"}),
-                 400, "callback_url", "http:// or https://")  # fmt: skip
+    assert_error(
+        api.http.post("/v1/jobs", json={"prompt": "hi", "temperature": -1}),
+        400,
+        "temperature",
+        "temperature must be >= 0, got -1",
+    )
+    assert_error(
+        api.http.post("/v1/jobs", json=[{"prompt": "ok"}, {"prompt": "hi", "colour": 1}]),
+        400,
+        "colour",
+        "requests[1]: colour is not a known parameter",
+    )
+    assert_error(
+        api.http.post("/v1/jobs", json={"prompt": "hi", "callback_url": "ftp://x"}),
+        400,
+        "callback_url",
+        "http:// or https://",
+    )
     assert_error(api.http.post("/v1/jobs", content=b"{not json"), 422, None, "must be JSON")
     assert_error(api.http.get("/v1/jobs", params={"cursor": "garbage"}), 400, "cursor", "cursor")
     assert_error(api.http.get("/v1/jobs", params={"status": "done"}), 422, "status", "status")
@@ -294,14 +323,16 @@ def test_idempotency_key_header(api: Api, client: object) -> None:
     first = api.http.post("/v1/jobs", json=request, headers={"Idempotency-Key": "k-1"})
     again = api.http.post("/v1/jobs", json=request, headers={"Idempotency-Key": "k-1"})
     assert first.json()["ids"] == again.json()["ids"]
-    other = api.http.post("/v1/jobs", json={**request, "prompt": "other"},
-                          headers={"Idempotency-Key": "k-1"})  # fmt: skip
+    other = api.http.post(
+        "/v1/jobs", json={**request, "prompt": "other"}, headers={"Idempotency-Key": "k-1"}
+    )
     assert_error(other, 409, "idempotency_key", "used for a different request")
     job = api.http.get(f"/v1/jobs/{first.json()['ids'][0]}").json()
     assert job["idempotency_key"] == "k-1" and job["prompt"] == "Once upon a time"
     # truncate is part of the request: the same key with it is another request
-    truncated = api.http.post("/v1/jobs", json={**request, "truncate": True},
-                              headers={"Idempotency-Key": "k-1"})  # fmt: skip
+    truncated = api.http.post(
+        "/v1/jobs", json={**request, "truncate": True}, headers={"Idempotency-Key": "k-1"}
+    )
     assert_error(truncated, 409, "idempotency_key", "used for a different request")
     # A list whose one reused key is refused queues none of its other requests
     mixed = [{"prompt": "queued with a refused one"}, {**request, "idempotency_key": "k-1", "n": 2}]
@@ -336,8 +367,9 @@ def test_openai_completions_equal_direct_generate(
     oai = api.openai()
     prompts = ["Once upon a time", "The queue takes a job and"]
     # When the official client asks for greedy completions of two prompts
-    done = oai.completions.create(model=api.model, prompt=prompts, max_tokens=7, temperature=0,
-                                  user="tester")  # fmt: skip
+    done = oai.completions.create(
+        model=api.model, prompt=prompts, max_tokens=7, temperature=0, user="tester"
+    )
     # Then each choice is what a direct generate gives, in OpenAI's shape
     assert done.object == "text_completion" and done.model == api.model
     expected = [reference.greedy(p, 7) for p in prompts]
@@ -370,13 +402,22 @@ def test_openai_unsupported_and_invalid_parameters(api: Api, client: object) -> 
     assert "max_tokens must be >= 1, got 0" in tokens.value.body["message"]  # type: ignore[index]
     # vLLM's truncation extension is refused by name, pointing at the native API's truncate
     with pytest.raises(openai.BadRequestError) as truncate:
-        oai.completions.create(model=api.model, prompt="hi",
-                               extra_body={"truncate_prompt_tokens": 100})  # fmt: skip
+        oai.completions.create(
+            model=api.model, prompt="hi", extra_body={"truncate_prompt_tokens": 100}
+        )
     assert truncate.value.body["param"] == "truncate_prompt_tokens"  # type: ignore[index]
     assert "truncate: true" in truncate.value.body["message"]  # type: ignore[index]
     # neutral values ask for nothing we do not do: accepted
-    ok = api.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "echo": False,
-                                                "presence_penalty": 0, "logprobs": None})  # fmt: skip
+    ok = api.http.post(
+        "/v1/completions",
+        json={
+            "prompt": "hi",
+            "max_tokens": 1,
+            "echo": False,
+            "presence_penalty": 0,
+            "logprobs": None,
+        },
+    )
     assert ok.status_code == 200, ok.text
     assert client.list() != []  # type: ignore[attr-defined]
 
@@ -396,17 +437,33 @@ def test_models_are_those_live_workers_serve(api: Api) -> None:
 def test_openai_batch_roundtrip(api: Api, client: object, reference: Reference) -> None:
     oai = api.openai()
     prompts = ["Once upon a time", "The weather", "Dear team,"]
-    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
-              "body": {"model": api.model, "prompt": p, "max_tokens": 5, "temperature": 0}}
-             for i, p in enumerate(prompts)]  # fmt: skip
+    lines = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": api.model, "prompt": p, "max_tokens": 5, "temperature": 0},
+        }
+        for i, p in enumerate(prompts)
+    ]
     # one request that fails at run time: its prompt does not fit the model's context
-    lines.append({"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
-                  "body": {"model": api.model, "prompt": "word " * 600, "max_tokens": 5}})  # fmt: skip
+    lines.append(
+        {
+            "custom_id": "too-long",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": api.model, "prompt": "word " * 600, "max_tokens": 5},
+        }
+    )
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
     uploaded = oai.files.create(file=("input.jsonl", data), purpose="batch")
     assert uploaded.bytes == len(data) and uploaded.purpose == "batch"
-    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
-                               completion_window="24h", metadata={"run": "test"})  # fmt: skip
+    batch = oai.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/completions",
+        completion_window="24h",
+        metadata={"run": "test"},
+    )
     assert batch.status == "in_progress" and batch.request_counts.total == 4  # type: ignore[union-attr]
     done = until(lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b)
     assert done.request_counts.completed == 3 and done.request_counts.failed == 1
@@ -432,8 +489,13 @@ def test_openai_batch_roundtrip(api: Api, client: object, reference: Reference) 
 @pytest.mark.usefixtures("unserved_queue")
 def test_batch_input_errors_and_cancel(api: Api, client: object) -> None:
     oai = api.openai()
-    bad = oai.files.create(file=("bad.jsonl", b'{"custom_id": "a", "url": "/v1/completions", '
-                           b'"body": {"prompt": "x", "top_p": 5}}\n'), purpose="batch")  # fmt: skip
+    bad = oai.files.create(
+        file=(
+            "bad.jsonl",
+            b'{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 5}}\n',
+        ),
+        purpose="batch",
+    )
     with pytest.raises(openai.BadRequestError) as refused:
         oai.batches.create(
             input_file_id=bad.id, endpoint="/v1/completions", completion_window="24h"
@@ -451,11 +513,16 @@ def test_batch_input_errors_and_cancel(api: Api, client: object) -> None:
         )
     assert no_file.value.body["param"] == "input_file_id"  # type: ignore[index]
     # A batch for a model no worker serves waits; cancelling it cancels its jobs
-    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
-            "body": {"model": NO_WORKER, "prompt": "x"}}  # fmt: skip
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": NO_WORKER, "prompt": "x"},
+    }
     waiting = oai.files.create(file=("w.jsonl", json.dumps(line).encode()), purpose="batch")
-    batch = oai.batches.create(input_file_id=waiting.id, endpoint="/v1/completions",
-                               completion_window="24h")  # fmt: skip
+    batch = oai.batches.create(
+        input_file_id=waiting.id, endpoint="/v1/completions", completion_window="24h"
+    )
     cancelled = oai.batches.cancel(batch.id)
     assert cancelled.status == "cancelled" and cancelled.request_counts.failed == 1  # type: ignore[union-attr]
     assert cancelled.output_file_id is None and cancelled.error_file_id is not None
@@ -468,11 +535,16 @@ def test_webhook_is_signed_retried_and_recorded(
 ) -> None:
     server, url = hooks
     # Given a job with a callback URL whose endpoint fails once, then accepts
-    job_id = api.http.post("/v1/jobs", json={"prompt": "Hello", "max_new_tokens": 3,
-                                             "callback_url": url}).json()["ids"][0]  # fmt: skip
+    job_id = api.http.post(
+        "/v1/jobs", json={"prompt": "Hello", "max_new_tokens": 3, "callback_url": url}
+    ).json()["ids"][0]
     # When the job ends, the API delivers it, retrying with backoff
-    job = until(lambda: (j := api.http.get(f"/v1/jobs/{job_id}").json())["webhook_status"]
-                == "delivered" and j, timeout_s=60)  # fmt: skip
+    job = until(
+        lambda: (
+            (j := api.http.get(f"/v1/jobs/{job_id}").json())["webhook_status"] == "delivered" and j
+        ),
+        timeout_s=60,
+    )
     # Then both attempts carried the job, signed with HMAC-SHA256 of the body
     assert job["webhook_attempts"] == 2 and job["webhook_delivered_at"]
     assert len(server.received) == 2
@@ -488,26 +560,43 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
 ) -> None:
     oai = api.openai()
     # Given a batch with one request a worker runs and one for a model no worker serves
-    lines = [{"custom_id": "served", "method": "POST", "url": "/v1/completions",
-              "body": {"model": api.model, "prompt": "The weather", "max_tokens": 4,
-                       "temperature": 0}},
-             {"custom_id": "unserved", "method": "POST", "url": "/v1/completions",
-              "body": {"model": NO_WORKER, "prompt": "x"}}]  # fmt: skip
+    lines = [
+        {
+            "custom_id": "served",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": api.model,
+                "prompt": "The weather",
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+        },
+        {
+            "custom_id": "unserved",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": NO_WORKER, "prompt": "x"},
+        },
+    ]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
     uploaded = oai.files.create(file=("input.jsonl", data), purpose="batch")
-    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
-                               completion_window="24h")  # fmt: skip
+    batch = oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
+    )
     until(lambda: oai.batches.retrieve(batch.id).request_counts.completed == 1)  # type: ignore[union-attr]
     # When its 24 h window has passed (its clock set back) and a reaper pass runs
     with stack.client().sessions.begin() as session:
         session.execute(
-            update(BatchRow).where(BatchRow.id == batch.id)
+            update(BatchRow)
+            .where(BatchRow.id == batch.id)
             .values(created_at=datetime.now(UTC) - timedelta(hours=25))
-        )  # fmt: skip
+        )
     assert oai.batches.retrieve(batch.id).status == "in_progress"
     env = {**os.environ, **worker_env(stack.settings)}
-    reaped = subprocess.run([sys.executable, "-m", "cli", "reap"], env=env,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    reaped = subprocess.run(
+        [sys.executable, "-m", "cli", "reap"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert reaped.returncode == 0, reaped.stderr
     # (the worker's own reaper, every CQ_REAP_INTERVAL_S = 15 s, may have taken it first)
     assert re.search(r"expired [01] job\(s\) of batches past their window", reaped.stdout)

@@ -55,8 +55,10 @@ def docs_api(
         process = subprocess.Popen(
             [sys.executable, "-m", "cli", "api", "--port", str(port)],
             env={**os.environ, **worker_env(settings), "CQ_API_KEYS": KEY},
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     with httpx.Client(base_url=url, timeout=30) as http:
         until(lambda: _healthy(http) or process.poll() is not None, timeout_s=60)
         assert process.poll() is None, log.read_text()

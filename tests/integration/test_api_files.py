@@ -40,8 +40,12 @@ class FilesApi:
 
     def input_file(self, tenant: str, name: str = "in.jsonl") -> str:
         """Upload a one-request batch input as ``tenant``; return its id."""
-        line = {"custom_id": "only", "method": "POST", "url": "/v1/completions",
-                "body": {"model": self.model, "prompt": "Once upon a time", "max_tokens": 2}}  # fmt: skip
+        line = {
+            "custom_id": "only",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": self.model, "prompt": "Once upon a time", "max_tokens": 2},
+        }
         data = json.dumps(line).encode()
         return self.openai(tenant).files.create(file=(name, data), purpose="batch").id
 
@@ -82,9 +86,13 @@ def test_files_list_orders_pages_and_filters(files_api: FilesApi) -> None:
         assert page["object"] == "list" and page["has_more"] is True
         assert (page["first_id"], page["last_id"]) == (ids[3], ids[2])
         # and bad parameters are a 400 naming the field; another tenant's id is an unknown one
-        for params, field in [({"limit": 0}, "limit"), ({"limit": 10_001}, "limit"),
-                              ({"order": "sideways"}, "order"), ({"after": theirs}, "after"),
-                              ({"after": "file-nope"}, "after")]:  # fmt: skip
+        for params, field in [
+            ({"limit": 0}, "limit"),
+            ({"limit": 10_001}, "limit"),
+            ({"order": "sideways"}, "order"),
+            ({"after": theirs}, "after"),
+            ({"after": "file-nope"}, "after"),
+        ]:
             assert_error(http.get("/v1/files", params=params), 400, field, field)
     # and purpose filters
     assert [f.id for f in lister.files.list(purpose="batch")] == ids[::-1]
@@ -145,15 +153,18 @@ def test_batches_list_pages_newest_first(files_api: FilesApi) -> None:
     input_id = files_api.input_file("batcher")
     ids = [
         batcher.batches.create(
-            input_file_id=input_id, endpoint="/v1/completions", completion_window="24h",
+            input_file_id=input_id,
+            endpoint="/v1/completions",
+            completion_window="24h",
             metadata={"n": str(n)},
         ).id
         for n in range(5)
-    ]  # fmt: skip
+    ]
     theirs = other.batches.create(
-        input_file_id=files_api.input_file("other"), endpoint="/v1/completions",
+        input_file_id=files_api.input_file("other"),
+        endpoint="/v1/completions",
         completion_window="24h",
-    ).id  # fmt: skip
+    ).id
     for batch_id in ids:
         until(lambda b=batch_id: batcher.batches.retrieve(b).status == "completed")
     # Then the list is the tenant's own, newest first, each batch as retrieve shows it
@@ -172,8 +183,12 @@ def test_batches_list_pages_newest_first(files_api: FilesApi) -> None:
         page = http.get("/v1/batches", params={"limit": 1}).json()
         assert (page["first_id"], page["last_id"], page["has_more"]) == (ids[4], ids[4], True)
         # and bad parameters are a 400 naming the field; another tenant's id is an unknown one
-        for params, field in [({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
-                              ({"after": theirs}, "after"), ({"after": "batch_nope"}, "after")]:  # fmt: skip
+        for params, field in [
+            ({"limit": 0}, "limit"),
+            ({"limit": 101}, "limit"),
+            ({"after": theirs}, "after"),
+            ({"after": "batch_nope"}, "after"),
+        ]:
             assert_error(http.get("/v1/batches", params=params), 400, field, field)
     # and the other tenant sees only its own
     assert [b.id for b in other.batches.list()] == [theirs]

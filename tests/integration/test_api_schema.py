@@ -22,10 +22,15 @@ def api_schema(
         pytest.skip("the schema is the same on every backend; one is enough")
     # Tight limits keep generated completions short on CPU.
     process, url = start_api(
-        stack, tmp_path_factory.mktemp("api-schema") / "api.log", CQ_API_KEYS=KEY,
-        CQ_API_WAIT_TIMEOUT_S="5", CQ_MAX_NEW_TOKENS_LIMIT="4", CQ_MAX_N="2",
-        CQ_MAX_BATCH_REQUESTS="4", CQ_API_MAX_BODY_BYTES="65536",
-    )  # fmt: skip
+        stack,
+        tmp_path_factory.mktemp("api-schema") / "api.log",
+        CQ_API_KEYS=KEY,
+        CQ_API_WAIT_TIMEOUT_S="5",
+        CQ_MAX_NEW_TOKENS_LIMIT="4",
+        CQ_MAX_N="2",
+        CQ_MAX_BATCH_REQUESTS="4",
+        CQ_API_MAX_BODY_BYTES="65536",
+    )
     yield schemathesis.openapi.from_url(f"{url}/openapi.json")
     process.terminate()
     process.wait(30)

@@ -20,10 +20,20 @@ from engine.prefix import shared_prefix_len
 
 def test_bench_reports_every_figure(tiny_model: Path) -> None:
     config = BenchConfig(
-        model=str(tiny_model), jobs=64, new_tokens=8, batch_size=16, mixed_jobs=32,
-        naive_jobs=4, queue_jobs=100, latency_jobs=3, workers=2, schema_jobs=16, stream_jobs=8,
-        shared_prefix_tokens=80, shared_prefix_jobs=8,
-    )  # fmt: skip
+        model=str(tiny_model),
+        jobs=64,
+        new_tokens=8,
+        batch_size=16,
+        mixed_jobs=32,
+        naive_jobs=4,
+        queue_jobs=100,
+        latency_jobs=3,
+        workers=2,
+        schema_jobs=16,
+        stream_jobs=8,
+        shared_prefix_tokens=80,
+        shared_prefix_jobs=8,
+    )
     lines: list[str] = []
     figures = run_bench(config, progress=lines.append)
     for key, _what in ROWS:
@@ -77,11 +87,29 @@ def test_the_decode_bench_compares_variants_against_the_default(
     tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # When `python -m benchmarks.decode` runs the default and the worker's way (packed, growing cache)
-    decode.main(["--model", str(tiny_model), "--batch", "4", "--prompt", "8", "--new", "4",
-                 "--variants", "worker", "--no-reshape", "--repeats", "1"])  # fmt: skip
+    decode.main(
+        [
+            "--model",
+            str(tiny_model),
+            "--batch",
+            "4",
+            "--prompt",
+            "8",
+            "--new",
+            "4",
+            "--variants",
+            "worker",
+            "--no-reshape",
+            "--repeats",
+            "1",
+        ]
+    )
     # Then its table has a row for each, the default's ratio 1.00 against itself
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
-            if line.split()[:1] in (["default"], ["worker"]) and len(line.split()) == 11}  # fmt: skip
+    rows = {
+        line.split()[0]: line.split()
+        for line in capsys.readouterr().out.splitlines()
+        if line.split()[:1] in (["default"], ["worker"]) and len(line.split()) == 11
+    }
     assert set(rows) == {"default", "worker"}
     assert rows["default"][1] == rows["worker"][1] == "4"  # the batch
     assert rows["default"][5] == "1.00"
@@ -92,11 +120,25 @@ def test_the_decode_bench_times_the_three_shared_prefix_paths(
     tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # When it times the worker's runtime on a group sharing a 96-token header
-    decode.main(["--model", str(tiny_model), "--dtype", "float32", "--shared-prefix", "96",
-                 "--batch", "4", "--new", "4"])  # fmt: skip
+    decode.main(
+        [
+            "--model",
+            str(tiny_model),
+            "--dtype",
+            "float32",
+            "--shared-prefix",
+            "96",
+            "--batch",
+            "4",
+            "--new",
+            "4",
+        ]
+    )
     # Then it reports reuse off, the copied prefix and cascade attention, each against the first
     lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith("x")]
     assert [line.split(" s ")[0].rsplit(None, 1)[0].strip() for line in lines] == [
-        "reuse off", "prefix once, copied", "prefix once, cascade"
-    ]  # fmt: skip
+        "reuse off",
+        "prefix once, copied",
+        "prefix once, cascade",
+    ]
     assert lines[0].endswith("1.00x")

@@ -40,8 +40,12 @@ def proc_cpuinfo_flags() -> set[str]:
     except OSError:
         pytest.skip("no /proc/cpuinfo to tell whether this CPU computes in bfloat16")
     keys = ("flags", "Features")
-    return {f for line in text.splitlines() for f in line.partition(":")[2].split()
-            if line.partition(":")[0].strip() in keys}  # fmt: skip
+    return {
+        f
+        for line in text.splitlines()
+        for f in line.partition(":")[2].split()
+        if line.partition(":")[0].strip() in keys
+    }
 
 
 @pytest.fixture(scope="module", params=["static", "continuous"])
@@ -113,8 +117,10 @@ def test_a_greedy_job_in_bfloat16_runs_to_its_length(
     expected_logprob = float(logits.log_softmax(-1)[top.indices[0]])
     # When greedy jobs run on the bfloat16 worker, one plain (the continuous engine's own
     # kind) and one asking for logprobs (the static path in either engine)
-    asking = [{"prompt": prompt, "max_new_tokens": asked, "temperature": 0, "logprobs": k}
-              for k in (None, 3)]  # fmt: skip
+    asking = [
+        {"prompt": prompt, "max_new_tokens": asked, "temperature": 0, "logprobs": k}
+        for k in (None, 3)
+    ]
     with CompletionClient(settings=settings) as client:
         done = client.wait(client.submit_many(asking), timeout=120)
     # Then each finishes at the length asked, starting with float32's first token

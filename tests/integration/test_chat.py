@@ -66,8 +66,10 @@ def test_chat_completions_equal_direct_generate_on_the_templated_prompt(
             temperature=0,  # type: ignore[arg-type]
         )
         # Then the reply is what a direct generate gives on the chat-templated prompt
-        as_text = [{**m, "content": m["content"] if isinstance(m["content"], str) else "And then?"}
-                   for m in messages]  # fmt: skip
+        as_text = [
+            {**m, "content": m["content"] if isinstance(m["content"], str) else "And then?"}
+            for m in messages
+        ]
         prompt_ids = reference.chat_ids(as_text)  # type: ignore[arg-type]
         text, tokens = reference.greedy_ids(prompt_ids, 12)
         assert done.object == "chat.completion" and done.model == api.model
@@ -105,9 +107,13 @@ def test_logprobs_equal_a_direct_forward_pass(api: Api, reference: Reference) ->
     messages = [SYSTEM, {"role": "user", "content": "Where does the river run?"}]
     # When a greedy chat completion asks for logprobs with 5 alternatives
     done = oai.chat.completions.create(
-        model=api.model, messages=messages, max_tokens=10, temperature=0,  # type: ignore[arg-type]
-        logprobs=True, top_logprobs=5,
-    )  # fmt: skip
+        model=api.model,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,  # type: ignore[arg-type]
+        logprobs=True,
+        top_logprobs=5,
+    )
     prompt_ids = reference.chat_ids(messages)
     generated = reference.greedy_tokens(prompt_ids, 10)
     expected = reference.log_softmax(prompt_ids, generated)
@@ -149,9 +155,13 @@ def test_json_schema_output_always_validates(api: Api) -> None:
     for seed in range(20):
         # When the output is sampled at temperature 1.0 under a JSON schema
         done = oai.chat.completions.create(
-            model=api.model, messages=messages, max_tokens=80, temperature=1.0, seed=seed,  # type: ignore[arg-type]
+            model=api.model,
+            messages=messages,
+            max_tokens=80,
+            temperature=1.0,
+            seed=seed,  # type: ignore[arg-type]
             response_format=schema_format,  # type: ignore[arg-type]
-        )  # fmt: skip
+        )
         # Then it parses and validates, every time
         text = done.choices[0].message.content
         assert text is not None
@@ -165,8 +175,9 @@ def test_the_python_client_and_native_api_take_messages(
     messages = [SYSTEM, {"role": "user", "content": "Hello there"}]
     # When the Python client submits a chat job and the native API another
     job = client.submit(messages=messages, max_new_tokens=6, temperature=0)
-    native = api.http.post("/v1/jobs", json={"messages": messages, "max_new_tokens": 6,
-                                             "temperature": 0})  # fmt: skip
+    native = api.http.post(
+        "/v1/jobs", json={"messages": messages, "max_new_tokens": 6, "temperature": 0}
+    )
     assert native.status_code == 202, native.text
     native_id = native.json()["ids"][0]
     # Then both rows keep the messages, and reply as a direct generate does
@@ -174,8 +185,9 @@ def test_the_python_client_and_native_api_take_messages(
     done = client.wait(job.id, timeout=60)
     assert done.messages == messages and done.prompt == ""
     assert done.text == expected
-    row = until(lambda: (j := api.http.get(f"/v1/jobs/{native_id}").json())
-                ["status"] == "succeeded" and j)  # fmt: skip
+    row = until(
+        lambda: (j := api.http.get(f"/v1/jobs/{native_id}").json())["status"] == "succeeded" and j
+    )
     assert row["messages"] == messages
     assert row["choices"][0]["text"] == expected
 
@@ -184,11 +196,19 @@ def test_a_batch_of_chat_lines_round_trips(api: Api, reference: Reference, tmp_p
     oai = api.openai()
     questions = {f"q-{i}": f"Question {i}: what is {i} and {i}?" for i in range(50)}
     lines = [
-        {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": api.model, "messages": [{"role": "user", "content": q}],
-                  "max_tokens": 4, "temperature": 0}}
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": api.model,
+                "messages": [{"role": "user", "content": q}],
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+        }
         for cid, q in questions.items()
-    ]  # fmt: skip
+    ]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
     # When the file runs as a chat batch
     uploaded = oai.files.create(file=("chat.jsonl", data), purpose="batch")
@@ -222,8 +242,10 @@ def test_messages_for_a_model_without_a_chat_template_are_refused_at_once(
     announce(broker, "cq1-plain@test", "plain-lm", heartbeat_s=60, chat=False)
     try:
         # When a chat completion asks for it
-        refused = api.http.post("/v1/chat/completions", json={
-            "model": "plain-lm", "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+        refused = api.http.post(
+            "/v1/chat/completions",
+            json={"model": "plain-lm", "messages": [{"role": "user", "content": "Hi"}]},
+        )
         # Then it is refused before anything is queued, naming the model
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["param"] == "messages"
@@ -239,9 +261,13 @@ def test_json_object_output_always_parses(api: Api) -> None:
     for seed in range(20):
         # When the output is sampled at temperature 1.0 as a JSON object
         done = oai.chat.completions.create(
-            model=api.model, messages=messages, max_tokens=160, temperature=1.0, seed=seed,  # type: ignore[arg-type]
+            model=api.model,
+            messages=messages,
+            max_tokens=160,
+            temperature=1.0,
+            seed=seed,  # type: ignore[arg-type]
             response_format={"type": "json_object"},
-        )  # fmt: skip
+        )
         # Then it is one, every time
         assert isinstance(json.loads(done.choices[0].message.content or ""), dict)
         assert done.choices[0].finish_reason == "stop"

@@ -21,8 +21,11 @@ def cq(
     env = {**os.environ, **worker_env(stack.settings), **env_}
     done = subprocess.run(
         [sys.executable, "-m", "cli", *args],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -40,8 +43,18 @@ def test_every_command_has_help() -> None:
 
 
 def test_submit_wait_status_list_cancel(stack: Stack, client: object) -> None:
-    done = json.loads(cq(stack, "submit", "Once upon a time", "--max-new-tokens", "5",
-                         "--temperature", "0", "--wait").stdout)  # fmt: skip
+    done = json.loads(
+        cq(
+            stack,
+            "submit",
+            "Once upon a time",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--wait",
+        ).stdout
+    )
     assert done["status"] == "succeeded" and done["completion_tokens"] == 5
     status = json.loads(cq(stack, "status", done["id"]).stdout)
     assert status["choices"] == done["choices"]
@@ -54,8 +67,9 @@ def test_submit_wait_status_list_cancel(stack: Stack, client: object) -> None:
 def test_submit_truncate_keeps_a_too_long_prompt_running(stack: Stack, client: object) -> None:
     # 1,000 tokens against the tiny model's context of 512
     long = "Once upon a time " * 200
-    done = json.loads(cq(stack, "submit", long, "--max-new-tokens", "4", "--truncate",
-                         "--wait").stdout)  # fmt: skip
+    done = json.loads(
+        cq(stack, "submit", long, "--max-new-tokens", "4", "--truncate", "--wait").stdout
+    )
     assert done["status"] == "succeeded", done["error"]
     assert done["prompt_tokens"] == 508 and done["truncated_prompt_tokens"] > 0
     refused = cq(stack, "submit", long, "--max-new-tokens", "4", "--wait", check=False)
@@ -72,8 +86,9 @@ def test_bad_parameter_is_refused_with_its_name(stack: Stack, client: object) ->
 
 def test_submit_file_then_results(stack: Stack, client: object, tmp_path: Path) -> None:
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps({"prompt": f"line {i}", "max_new_tokens": 3}) + "\n"
-                            for i in range(5)))  # fmt: skip
+    jobs.write_text(
+        "".join(json.dumps({"prompt": f"line {i}", "max_new_tokens": 3}) + "\n" for i in range(5))
+    )
     out = cq(stack, "submit", "--file", str(jobs), "--wait", "60").stdout
     batch = out.split("batch id: ")[1].split()[0]
     results = tmp_path / "out.jsonl"
@@ -128,18 +143,42 @@ def test_submit_a_chat_with_a_schema_and_logprobs(
     stack: Stack, client: object, tmp_path: Path
 ) -> None:
     schema = tmp_path / "person.json"
-    schema.write_text(json.dumps({
-        "type": "object", "properties": {"age": {"type": "integer", "maximum": 99}},
-        "required": ["age"], "additionalProperties": False,
-    }))  # fmt: skip
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"age": {"type": "integer", "maximum": 99}},
+                "required": ["age"],
+                "additionalProperties": False,
+            }
+        )
+    )
     # When a chat job is submitted from the command line
-    done = json.loads(cq(stack, "submit", "--system", "Be brief.", "--user", "How old?",
-                         "--json-schema", str(schema), "--logprobs", "2", "--max-new-tokens",
-                         "24", "--temperature", "0", "--wait").stdout)  # fmt: skip
+    done = json.loads(
+        cq(
+            stack,
+            "submit",
+            "--system",
+            "Be brief.",
+            "--user",
+            "How old?",
+            "--json-schema",
+            str(schema),
+            "--logprobs",
+            "2",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--wait",
+        ).stdout
+    )
     # Then the row holds the messages, and the reply is JSON of that schema, with logprobs
     assert done["status"] == "succeeded", done["error"]
-    assert done["messages"] == [{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": "How old?"}]  # fmt: skip
+    assert done["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How old?"},
+    ]
     assert set(json.loads(done["choices"][0]["text"])) == {"age"}
     assert done["params"]["response_format"]["json_schema"]["name"] == "person"
     entries = done["choices"][0]["logprobs"]
@@ -147,8 +186,9 @@ def test_submit_a_chat_with_a_schema_and_logprobs(
     assert all(len(e["top_logprobs"]) == 2 for e in entries)
     # And a JSONL line may hold messages; --system without --user is a usage error
     lines = tmp_path / "chat.jsonl"
-    lines.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}],
-                                 "max_new_tokens": 3}) + "\n")  # fmt: skip
+    lines.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 3}) + "\n"
+    )
     out = cq(stack, "submit", "--file", str(lines), "--wait", "60").stdout
     results = tmp_path / "out.jsonl"
     cq(stack, "results", "--batch", out.split("batch id: ")[1].split()[0], "--out", str(results))

@@ -56,8 +56,9 @@ def test_each_exit_code_comes_from_the_case_it_names(
         stack.redis.delete(*queue_keys(queue_name(UNSERVED)))
     # 4: no such job, no such batch
     assert cq(stack, "status", str(uuid.UUID(int=0)), check=False).returncode == ExitCode.NOT_FOUND
-    missing = cq(stack, "results", "--batch", "no-such-batch", "--out", str(tmp_path / "o"),
-                 check=False)  # fmt: skip
+    missing = cq(
+        stack, "results", "--batch", "no-such-batch", "--out", str(tmp_path / "o"), check=False
+    )
     assert missing.returncode == ExitCode.NOT_FOUND and "no-such-batch" in missing.stderr
     # 5: the broker, or the database, cannot be reached: one line, no traceback
     closed = f"redis://127.0.0.1:{free_port()}/0"
@@ -100,8 +101,9 @@ def test_a_short_id_names_a_job_everywhere(stack: Stack, client: CompletionClien
     # Given two queued jobs whose ids share their first 4 digits, and one that ran
     twins = [uuid.UUID("abcd0000" + "0" * 24), uuid.UUID("abcd1111" + "0" * 24)]
     with client.sessions.begin() as session:
-        create_jobs(session, jobs=[NewJob(model=UNSERVED, prompt="p", params={}, id=i)
-                                   for i in twins])  # fmt: skip
+        create_jobs(
+            session, jobs=[NewJob(model=UNSERVED, prompt="p", params={}, id=i) for i in twins]
+        )
     ran = json.loads(cq(stack, "submit", "hi", "--max-new-tokens", "2", "--wait").stdout)
     # When each command gets 8 characters, as `cq list` shows them
     listed = cq(stack, "list").stdout

@@ -45,9 +45,13 @@ def test_greedy_jobs_equal_direct_generate(
 ) -> None:
     requests = [
         {"prompt": p, "max_new_tokens": n, "temperature": 0, "stop": ["zzz-never"]}
-        for p, n in [("Once upon a time", 12), ("The queue takes a job and", 5), ("x", 20),
-                     ("Dear team, thank you", 9)]
-    ]  # fmt: skip
+        for p, n in [
+            ("Once upon a time", 12),
+            ("The queue takes a job and", 5),
+            ("x", 20),
+            ("Dear team, thank you", 9),
+        ]
+    ]
     done = continuous.wait(continuous.submit_many(requests), timeout=300)
     for request, job in zip(requests, done, strict=True):
         assert job.status is JobStatus.SUCCEEDED, job.error

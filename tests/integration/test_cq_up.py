@@ -154,9 +154,7 @@ def test_a_second_up_on_the_same_data_dir_is_refused(tiny_model: Path, tmp_path:
     with running(env, tmp_path, "up", ready="serving") as first:
         url = published.read_text()
         # When another starts on the same data directory
-        second = subprocess.run(
-            [CQ, "up"], env=env, capture_output=True, text=True, timeout=60
-        )  # fmt: skip
+        second = subprocess.run([CQ, "up"], env=env, capture_output=True, text=True, timeout=60)
         # Then it is refused, naming the first; the first goes on with its one broker
         assert second.returncode != 0
         assert second.stderr.splitlines() == [

@@ -27,10 +27,25 @@ def test_schema_comes_from_migrations(database_url: str) -> None:
     engine = make_engine(database_url)
     columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
     assert columns >= {
-        "id", "status", "model", "prompt", "params", "choices", "prompt_tokens",
-        "completion_tokens", "error", "attempts", "worker", "priority", "idempotency_key",
-        "batch_id", "created_at", "started_at", "finished_at", "truncated_prompt_tokens",
-    }  # fmt: skip
+        "id",
+        "status",
+        "model",
+        "prompt",
+        "params",
+        "choices",
+        "prompt_tokens",
+        "completion_tokens",
+        "error",
+        "attempts",
+        "worker",
+        "priority",
+        "idempotency_key",
+        "batch_id",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "truncated_prompt_tokens",
+    }
     assert "alembic_version" in inspect(engine).get_table_names()
     if database_url.startswith("sqlite"):
         with engine.connect() as conn:
@@ -67,8 +82,11 @@ def test_results_are_written_once_by_the_attempt_holding_the_job(database_url: s
         final = get_job(s, job_id=job.id)
     assert final is not None
     assert (final.status, final.text, final.worker, final.attempts) == (
-        JobStatus.SUCCEEDED, "win", "w2", 2,
-    )  # fmt: skip
+        JobStatus.SUCCEEDED,
+        "win",
+        "w2",
+        2,
+    )
 
 
 def test_a_job_cancelled_while_running_keeps_what_it_generated(database_url: str) -> None:
@@ -92,8 +110,10 @@ def test_a_job_cancelled_while_running_keeps_what_it_generated(database_url: str
     # and keeps its tokens, which ended on their own
     assert finished == Finished(3, frozenset({jobs[1].id}))
     assert [r.status for r in rows if r] == [
-        JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.SUCCEEDED,
-    ]  # fmt: skip
+        JobStatus.SUCCEEDED,
+        JobStatus.CANCELLED,
+        JobStatus.SUCCEEDED,
+    ]
     assert rows[1] is not None and rows[1].choices == [choice]
     assert rows[1].completion_tokens == 1
     # and a late result of an earlier attempt of it changes nothing
@@ -125,8 +145,9 @@ def test_jobs_that_could_not_be_queued_are_taken_back_without_pulling_a_given_id
         create_jobs(s, jobs=[plain, keyed])
     # Given a concurrent request with the same key, given the keyed job's id meanwhile
     with sessions.begin() as s:
-        ((given, is_new),) = create_jobs(s, jobs=[NewJob(model="m", prompt="b", params={},
-                                                         idempotency_key="k")])  # fmt: skip
+        ((given, is_new),) = create_jobs(
+            s, jobs=[NewJob(model="m", prompt="b", params={}, idempotency_key="k")]
+        )
     assert not is_new and given.id == keyed.id
     # When the first request's messages could not be sent and its jobs are taken back
     error = {"type": "BrokerUnavailable", "message": "could not queue 2 job(s)"}

@@ -28,10 +28,15 @@ def run(model: Any, tokenizer: Any, cache: Any, **options: Any) -> Any:
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         return model.generate(
-            **inputs, past_key_values=cache, max_new_tokens=ROOM + 20, eos_token_id=None,
-            pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_scores=True,
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=ROOM + 20,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,
             **options,
-        )  # fmt: skip
+        )
 
 
 @pytest.mark.parametrize("room", [ROOM, 3])
@@ -118,21 +123,33 @@ def test_cropping_and_batch_selection_keep_what_the_cache_holds() -> None:
 def test_only_plain_layers_grow_and_a_named_cache_is_left_to_generate() -> None:
     # Given a model with a sliding-window layer and a full-attention one (random weights)
     config = Gemma3TextConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=64, head_dim=16, sliding_window=8,
-        max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"],
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=128,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     model = Gemma3ForCausalLM(config).eval()
     # Then its sliding layer keeps its own kind, the full one grows
     cache = growing_cache(model)
     assert cache is not None
     assert [type(layer).__name__ for layer in cache.layers] == [
-        "DynamicSlidingWindowLayer", "GrowingLayer"
-    ]  # fmt: skip
+        "DynamicSlidingWindowLayer",
+        "GrowingLayer",
+    ]
     # And generate gives the same tokens with it, past the sliding window
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
-    options: dict[str, Any] = {"max_new_tokens": 20, "do_sample": False, "eos_token_id": None,
-                               "pad_token_id": 0}  # fmt: skip
+    options: dict[str, Any] = {
+        "max_new_tokens": 20,
+        "do_sample": False,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
     with torch.inference_mode():
         default = model.generate(ids, **options)
         growing = model.generate(ids, past_key_values=cache, **options)
@@ -153,8 +170,12 @@ def test_the_runtime_hands_generate_a_growing_cache(tiny_model: Path) -> None:
         return run_model(**kwargs)
 
     runtime._run_model = spy  # type: ignore[method-assign]
-    requests = [GenerationRequest(key=p, prompt_ids=tuple(runtime.encode([p])[0]),
-                                  max_new_tokens=8, temperature=0.0) for p in PROMPTS]  # fmt: skip
+    requests = [
+        GenerationRequest(
+            key=p, prompt_ids=tuple(runtime.encode([p])[0]), max_new_tokens=8, temperature=0.0
+        )
+        for p in PROMPTS
+    ]
     # When a group runs with the growing cache, then with transformers' own
     grown = runtime.generate(requests)
     runtime.growing_kv_cache = False

@@ -68,8 +68,12 @@ def cq_together(
             with out.open("wb") as o, err.open("wb") as e:
                 process = subprocess.Popen(
                     [sys.executable, "-c", LAUNCH, str(tmp / f"cq{n}.ready"), *args],
-                    env=env, stdin=subprocess.PIPE, stdout=o, stderr=e, start_new_session=True,
-                )  # fmt: skip
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=o,
+                    stderr=e,
+                    start_new_session=True,
+                )
             started.append(Cq(process, out, err))
         until(lambda: all((tmp / f"cq{n}.ready").exists() for n in range(len(commands))), 60)
         for cq in started:

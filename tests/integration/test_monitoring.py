@@ -161,9 +161,11 @@ def test_flower_says_what_each_job_is(stack: Stack, client: CompletionClient, fl
     task = eventually(lambda: info(job.id, "SUCCESS"), what="the job's task in Flower")
     assert task["name"] == "cq.generate" and task["worker"] == stack.worker.nodename
     assert ast.literal_eval(task["kwargs"]) == {
-        "model": stack.settings.model, "prompt": prompt[:60], "max_new_tokens": 3,
+        "model": stack.settings.model,
+        "prompt": prompt[:60],
+        "max_new_tokens": 3,
         "tenant": "acme",
-    }  # fmt: skip
+    }
     # When a producer with task-sent events queues a job for a model no worker serves
     sent_events = stack.settings.model_copy(update={"task_sent_events": True})
     with CompletionClient(settings=sent_events, tenant="acme") as producer:
@@ -173,9 +175,11 @@ def test_flower_says_what_each_job_is(stack: Stack, client: CompletionClient, fl
         pending = eventually(lambda: info(waiting.id, "PENDING"), what="the unserved job")
         assert pending["routing_key"] == queue_name(UNSERVED) and pending["worker"] is None
         assert ast.literal_eval(pending["kwargs"]) == {
-            "model": UNSERVED, "prompt": "nobody serves this", "max_new_tokens": 5,
+            "model": UNSERVED,
+            "prompt": "nobody serves this",
+            "max_new_tokens": 5,
             "tenant": "acme",
-        }  # fmt: skip
+        }
         # And Flower's search finds both jobs by tenant, and only the unserved one by model
         found = json.loads(http_get(flower + "/api/tasks?search=kwargs:tenant=acme")[1])
         assert set(found) == {str(job.id), str(waiting.id)}
@@ -204,8 +208,12 @@ def test_worker_serves_prometheus_metrics(stack: Stack, client: CompletionClient
     assert status == 200
     after = samples(body.decode())
     assert succeeded(after) - succeeded(before) == 8
-    for histogram in ("cq_generation_seconds", "cq_job_latency_seconds", "cq_request_queue_time_seconds",
-                      "cq_batch_size"):  # fmt: skip
+    for histogram in (
+        "cq_generation_seconds",
+        "cq_job_latency_seconds",
+        "cq_request_queue_time_seconds",
+        "cq_batch_size",
+    ):
         assert any(labels.get("le") == "+Inf" for labels, _ in after[histogram + "_bucket"])
         assert after[histogram + "_count"][0][1] > 0
     assert after["cq_completion_tokens_total"][0][1] >= 32
@@ -238,16 +246,22 @@ def check_workers_and_stats(stack: Stack) -> None:
     [worker] = json.loads(cq(stack, "workers", "--json").stdout)
     assert worker["hostname"] == stack.worker.nodename
     assert (worker["model"], worker["device"], worker["batch_size"]) == (
-        stack.settings.model, "cpu", 16,
-    )  # fmt: skip
+        stack.settings.model,
+        "cpu",
+        16,
+    )
     assert worker["jobs_done"] >= 6
     assert "cpu" in cq(stack, "workers").stdout
     assert cq(stack, "workers", "--hostname", "nobody@nowhere", check=False).returncode == 4
     # cq stats: statuses, recent throughput and latency, queue depths, workers
     stats = json.loads(cq(stack, "stats", "--json", "--window", "10m").stdout)
     assert stats["statuses"] == {
-        "queued": 1, "running": 0, "succeeded": 6, "failed": 0, "cancelled": 1,
-    }  # fmt: skip
+        "queued": 1,
+        "running": 0,
+        "succeeded": 6,
+        "failed": 0,
+        "cancelled": 1,
+    }
     assert stats["finished"] == 6 and stats["window_s"] == 600
     assert stats["jobs_per_s"] == pytest.approx(6 / 600)
     assert stats["tokens_per_s"] == pytest.approx(18 / 600)

@@ -38,10 +38,13 @@ PROMPTS = [
 def test_greedy_jobs_equal_direct_generate(client: CompletionClient, reference: Reference) -> None:
     # Given 50 greedy jobs of different prompts and lengths, submitted at once
     requests = [
-        {"prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // 10), "max_new_tokens": 4 + i % 13,
-         "temperature": 0}
+        {
+            "prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // 10),
+            "max_new_tokens": 4 + i % 13,
+            "temperature": 0,
+        }
         for i in range(50)
-    ]  # fmt: skip
+    ]
     jobs = client.submit_many(requests)
     # When they run through the queue in micro-batches
     done = client.wait(jobs, timeout=120)
@@ -67,8 +70,10 @@ def test_seeded_sampling_repeats_whatever_the_batch(client: CompletionClient) ->
     seeded = {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0.9, "seed": 1234}
     alone = client.wait(client.submit(**seeded), timeout=60)
     # The same request again, in a batch with 20 other sampled and greedy jobs
-    mates = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 30, "temperature": i % 2}
-             for i in range(20)]  # fmt: skip
+    mates = [
+        {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 30, "temperature": i % 2}
+        for i in range(20)
+    ]
     crowd = client.wait(client.submit_many([*mates[:10], seeded, *mates[10:]]), timeout=60)
     other_seed = client.wait(client.submit(**{**seeded, "seed": 99}), timeout=60)
     assert alone.status is JobStatus.SUCCEEDED

@@ -273,10 +273,13 @@ def test_jobs_sharing_a_header_through_the_queue_equal_a_direct_generate(
     header = " ".join(corpus()[:8])
     assert len(reference.encode(header)) > 80
     requests = [
-        {"prompt": f"{header} {q}" if i % 2 == 0 else q, "max_new_tokens": 6 + i % 3 * 3,
-         "temperature": 0}
+        {
+            "prompt": f"{header} {q}" if i % 2 == 0 else q,
+            "max_new_tokens": 6 + i % 3 * 3,
+            "temperature": 0,
+        }
         for i, q in enumerate(QUESTIONS * 4)
-    ]  # fmt: skip
+    ]
     # When they go through the queue to a worker at the default CQ_PREFIX_MIN_TOKENS
     done = client.wait(client.submit_many(requests), timeout=120)
     # Then every text is the direct single-prompt greedy completion

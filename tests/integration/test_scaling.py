@@ -60,10 +60,14 @@ def test_jobs_reach_only_workers_of_their_model_and_share_a_queue(
         b.wait_ready()
         # When jobs for both models are submitted, interleaved
         requests = [
-            {"prompt": f"Once upon a time {i}", "max_new_tokens": 6, "temperature": 0,
-             "model": model_b if i % 4 == 0 else model_a}
+            {
+                "prompt": f"Once upon a time {i}",
+                "max_new_tokens": 6,
+                "temperature": 0,
+                "model": model_b if i % 4 == 0 else model_a,
+            }
             for i in range(96)
-        ]  # fmt: skip
+        ]
         done = client.wait(client.submit_many(requests), timeout=180)
     finally:
         stop_workers([a2, b])
@@ -97,8 +101,9 @@ def test_high_priority_job_overtakes_queued_normal_ones(
     # Given a worker that stopped consuming, 3 batches of normal jobs, then an urgent one
     assert control.cancel_consumer(queue, reply=True, timeout=5, destination=node)
     try:
-        normal = client.submit_many([{"prompt": f"normal {i}", "max_new_tokens": 2}
-                                     for i in range(3 * batch)])  # fmt: skip
+        normal = client.submit_many(
+            [{"prompt": f"normal {i}", "max_new_tokens": 2} for i in range(3 * batch)]
+        )
         urgent = client.submit("urgent", max_new_tokens=2, priority=9)
     finally:
         # When the worker consumes again (it prefetches 2 batches at once)
@@ -117,8 +122,11 @@ def run_prune(database_url: str, *args: str) -> subprocess.CompletedProcess[str]
     env = {**os.environ, "CQ_DATABASE_URL": database_url}
     return subprocess.run(
         [sys.executable, "-m", "cli", "prune", *args],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _cq_prune(database_url: str, *args: str) -> str:
@@ -132,9 +140,11 @@ def test_prune_removes_old_finished_jobs_only(database_url: str) -> None:
     sessions = make_session_factory(engine)
     # Given jobs that finished 8 days ago, 1 day ago, and old ones still queued
     kinds = {
-        "old-ok": JobStatus.SUCCEEDED, "old-failed": JobStatus.FAILED, "new-ok": JobStatus.SUCCEEDED,
+        "old-ok": JobStatus.SUCCEEDED,
+        "old-failed": JobStatus.FAILED,
+        "new-ok": JobStatus.SUCCEEDED,
         "old-queued": JobStatus.QUEUED,
-    }  # fmt: skip
+    }
     ids: dict[str, list[uuid.UUID]] = {}
     with sessions.begin() as session:
         for kind, status in kinds.items():
@@ -143,12 +153,21 @@ def test_prune_removes_old_finished_jobs_only(database_url: str) -> None:
             if status is JobStatus.QUEUED:
                 continue
             claimed = claim_jobs(session, job_ids=ids[kind], worker="w")
-            finish_jobs(session, outcomes=[
-                Outcome(job_id=j.id, attempt=j.attempts, status=status,
+            finish_jobs(
+                session,
+                outcomes=[
+                    Outcome(
+                        job_id=j.id,
+                        attempt=j.attempts,
+                        status=status,
                         choices=[Choice("x", "length", 1)] if status is JobStatus.SUCCEEDED else [],
-                        error=None if status is JobStatus.SUCCEEDED else {"type": "E", "message": "m"})
-                for j in claimed
-            ])  # fmt: skip
+                        error=None
+                        if status is JobStatus.SUCCEEDED
+                        else {"type": "E", "message": "m"},
+                    )
+                    for j in claimed
+                ],
+            )
         for kind, age in (("old-ok", 8), ("old-failed", 8), ("new-ok", 1), ("old-queued", 8)):
             session.execute(
                 update(JobRow)
@@ -171,19 +190,23 @@ def test_prune_removes_old_finished_jobs_only(database_url: str) -> None:
         database_url, "--older-than", "7d", "--status", "succeeded", "--dry-run"
     )
     assert remaining() == set(kinds)
-    assert "removed 3 job(s)" in _cq_prune(database_url, "--older-than", "7d", "--status",
-                                          "succeeded")  # fmt: skip
+    assert "removed 3 job(s)" in _cq_prune(
+        database_url, "--older-than", "7d", "--status", "succeeded"
+    )
     # Then only the old succeeded ones went; then every old finished one
     assert remaining() == {"old-failed", "new-ok", "old-queued"}
     assert "removed 3 job(s)" in _cq_prune(database_url, "--older-than", "1w")
     assert remaining() == {"new-ok", "old-queued"}
-    assert "removed 0 job(s)" in _cq_prune(database_url, "--older-than", "12h", "--status",
-                                          "failed")  # fmt: skip
+    assert "removed 0 job(s)" in _cq_prune(
+        database_url, "--older-than", "12h", "--status", "failed"
+    )
     engine.dispose()
 
 
 def test_prune_refuses_a_bad_duration_or_an_unfinished_status(database_url: str) -> None:
-    for args, message in ((["--older-than", "7 days"], "is not a duration"),
-                          (["--older-than", "7d", "--status", "queued"], "queued")):  # fmt: skip
+    for args, message in (
+        (["--older-than", "7 days"], "is not a duration"),
+        (["--older-than", "7d", "--status", "queued"], "queued"),
+    ):
         done = run_prune(database_url, *args)
         assert done.returncode == 2 and message in done.stderr

@@ -66,10 +66,13 @@ def test_a_worker_group_returns_choices(runtime: StaticEngine) -> None:
             key="sampled", prompt_ids=ids[:4], max_new_tokens=6, seed=7, n=2, logprobs=2
         ),
         GenerationRequest(
-            key="json", prompt_ids=ids, max_new_tokens=6, temperature=0.0,
+            key="json",
+            prompt_ids=ids,
+            max_new_tokens=6,
+            temperature=0.0,
             response_format=json.dumps({"type": "json_object"}),
         ),
-    ]  # fmt: skip
+    ]
     # When it runs
     results = runtime.generate(requests)
     # Then every job has its choices, none failed

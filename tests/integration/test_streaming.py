@@ -181,15 +181,24 @@ def test_the_first_chunk_arrives_while_the_job_runs(
     # When a long greedy completion on the slowed worker is streamed
     if route == "completions":
         stream = oai.completions.create(
-            model=slow_model, prompt=PROMPT, max_tokens=LONG, temperature=0, stream=True,
+            model=slow_model,
+            prompt=PROMPT,
+            max_tokens=LONG,
+            temperature=0,
+            stream=True,
             stream_options=usage_asked,
-        )  # fmt: skip
+        )
         text_of = lambda chunk: chunk.choices[0].text  # noqa: E731
     else:
         stream = oai.chat.completions.create(
-            model=slow_model, messages=[{"role": "user", "content": PROMPT}], max_tokens=LONG,
-            temperature=0, response_format=LONG_REPLY, stream=True, stream_options=usage_asked,
-        )  # fmt: skip
+            model=slow_model,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=LONG,
+            temperature=0,
+            response_format=LONG_REPLY,
+            stream=True,
+            stream_options=usage_asked,
+        )
         text_of = lambda chunk: chunk.choices[0].delta.content or ""  # noqa: E731
     status_at_first_text, usage, job_id = None, None, None
     parts = []
@@ -221,8 +230,13 @@ def test_the_first_chunk_arrives_while_the_job_runs(
 def test_a_streaming_client_that_leaves_cancels_its_job(
     api: Api, client: CompletionClient, slow_model: str
 ) -> None:
-    body = {"model": slow_model, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": slow_model,
+        "prompt": PROMPT,
+        "max_tokens": LONG,
+        "temperature": 0,
+        "stream": True,
+    }
     # Given a long job streaming to a client
     with api.http.stream("POST", "/v1/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -343,8 +357,12 @@ def test_an_api_told_to_stop_finishes_its_open_streams(
 
 def test_a_job_that_fails_ends_the_stream_with_an_error(api: Api, client: CompletionClient) -> None:
     # Given a prompt too long for the model's context: its job fails when it runs
-    body = {"model": api.model, "prompt": "Once upon a time " * 200, "max_tokens": 4,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": api.model,
+        "prompt": "Once upon a time " * 200,
+        "max_tokens": 4,
+        "stream": True,
+    }
     # When it is streamed
     with api.http.stream("POST", "/v1/completions", json=body) as response:
         events = [data for _, data in read_events(response)]
@@ -364,9 +382,16 @@ def test_a_late_client_of_job_events_first_gets_the_text_so_far(
     api: Api, client: CompletionClient, reference: Reference, slow_model: str
 ) -> None:
     # Given a streamed native job that has been running for a while
-    submitted = api.http.post("/v1/jobs", json={"prompt": PROMPT, "model": slow_model,
-                                                "max_new_tokens": LONG, "temperature": 0,
-                                                "stream": True})  # fmt: skip
+    submitted = api.http.post(
+        "/v1/jobs",
+        json={
+            "prompt": PROMPT,
+            "model": slow_model,
+            "max_new_tokens": LONG,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
     job_id = submitted.json()["ids"][0]
     until(lambda: (client.get(job_id).completion_tokens or 0) > 10, timeout_s=60)
     so_far = client.get(job_id).choices[0].text
@@ -459,8 +484,20 @@ def test_cq_submit_stream_prints_tokens_as_they_come(
     stack: Stack, client: CompletionClient, reference: Reference, slow_model: str
 ) -> None:
     env = {**os.environ, **worker_env(stack.settings)}
-    args = [sys.executable, "-m", "cli", "submit", PROMPT, "--model", slow_model,
-            "--max-new-tokens", str(LONG), "--temperature", "0", "--stream"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "cli",
+        "submit",
+        PROMPT,
+        "--model",
+        slow_model,
+        "--max-new-tokens",
+        str(LONG),
+        "--temperature",
+        "0",
+        "--stream",
+    ]
     # When `cq submit --stream` runs a long job
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout is not None

@@ -48,9 +48,11 @@ class Tenants:
 def finished(http: httpx.Client, job_id: str) -> dict[str, object]:
     """The job once it has finished, as its tenant reads it."""
     return until(
-        lambda: (job := http.get(f"/v1/jobs/{job_id}").json())["status"]
-        not in ("queued", "running") and job
-    )  # fmt: skip
+        lambda: (
+            (job := http.get(f"/v1/jobs/{job_id}").json())["status"] not in ("queued", "running")
+            and job
+        )
+    )
 
 
 def cq(stack: Stack, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -58,8 +60,12 @@ def cq(stack: Stack, *args: str, ok: bool = True) -> subprocess.CompletedProcess
     done = subprocess.run(
         [sys.executable, "-m", "cli", *args],
         env={**os.environ, **worker_env(stack.settings)},
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0 or not ok, done.stdout + done.stderr
     return done
 
@@ -100,14 +106,22 @@ def test_a_tenant_sees_only_its_own_jobs_files_and_batches(tenants: Tenants) -> 
     # Given alpha's job, upload and batch
     posted = alpha.post("/v1/jobs", json={"prompt": "Once upon a time", "max_new_tokens": 2})
     job_id = posted.json()["ids"][0]
-    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
-            "body": {"model": tenants.model, "prompt": "Hi", "max_tokens": 2}}  # fmt: skip
-    upload = alpha.post("/v1/files", data={"purpose": "batch"},
-                        files={"file": ("in.jsonl", json.dumps(line).encode())})  # fmt: skip
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": tenants.model, "prompt": "Hi", "max_tokens": 2},
+    }
+    upload = alpha.post(
+        "/v1/files",
+        data={"purpose": "batch"},
+        files={"file": ("in.jsonl", json.dumps(line).encode())},
+    )
     file_id = upload.json()["id"]
-    batch = alpha.post("/v1/batches", json={"input_file_id": file_id,
-                                            "endpoint": "/v1/completions",
-                                            "completion_window": "24h"})  # fmt: skip
+    batch = alpha.post(
+        "/v1/batches",
+        json={"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"},
+    )
     assert batch.status_code == 200, batch.text
     batch_id = batch.json()["id"]
     assert finished(alpha, job_id)["tenant"] == "alpha"
@@ -121,13 +135,18 @@ def test_a_tenant_sees_only_its_own_jobs_files_and_batches(tenants: Tenants) -> 
         ("POST", f"/v1/batches/{batch_id}/cancel"),
     ]:
         theirs = beta.request(method, path)
-        unknown = beta.request(method, path.replace(job_id, "0" * 8 + job_id[8:])
-                               .replace(file_id, file_id + "x").replace(batch_id, batch_id + "x"))  # fmt: skip
+        unknown = beta.request(
+            method,
+            path.replace(job_id, "0" * 8 + job_id[8:])
+            .replace(file_id, file_id + "x")
+            .replace(batch_id, batch_id + "x"),
+        )
         assert theirs.status_code == unknown.status_code == 404, (path, theirs.text)
         assert theirs.json()["error"]["code"] == unknown.json()["error"]["code"]
-    refused = beta.post("/v1/batches", json={"input_file_id": file_id,
-                                             "endpoint": "/v1/completions",
-                                             "completion_window": "24h"})  # fmt: skip
+    refused = beta.post(
+        "/v1/batches",
+        json={"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"},
+    )
     assert_error(refused, 404, "input_file_id", file_id)
     # and beta's listing holds none of alpha's jobs; alpha's holds them
     assert job_id not in [job["id"] for job in beta.get("/v1/jobs").json()["data"]]
@@ -224,8 +243,12 @@ def test_without_any_key_the_api_answers_loopback_peers_only(
     keyed = create_api(settings.model_copy(update={"api_keys": ["ops:k-1", "k-2"]}))
     with TestClient(keyed, client=("127.0.0.1", 40000)) as local:
         assert_error(local.get("/v1/jobs"), 401, None, "API key")
-        posted = local.post("/v1/files", headers={"Authorization": "Bearer k-1"},
-                            data={"purpose": "batch"}, files={"file": ("a.jsonl", b"{}")})  # fmt: skip
+        posted = local.post(
+            "/v1/files",
+            headers={"Authorization": "Bearer k-1"},
+            data={"purpose": "batch"},
+            files={"file": ("a.jsonl", b"{}")},
+        )
         file_id = posted.json()["id"]
         other = local.get(f"/v1/files/{file_id}", headers={"Authorization": "Bearer k-2"})
         assert other.status_code == 404
@@ -241,8 +264,11 @@ def test_each_quota_refuses_without_writing_and_touches_no_other_tenant(
     idle = "tenant-test-no-worker"  # a model no worker serves: its jobs stay queued
     models = f"{tenants.model},{idle}"
     key = cq(stack, "keys", "create", "capped", "--models", models, "--max-queued", "2")
-    capped = httpx.Client(base_url=tenants.url, timeout=120,
-                          headers={"Authorization": f"Bearer {key.stdout.splitlines()[-1]}"})  # fmt: skip
+    capped = httpx.Client(
+        base_url=tenants.url,
+        timeout=120,
+        headers={"Authorization": f"Bearer {key.stdout.splitlines()[-1]}"},
+    )
     listed = {row["name"]: row for row in json.loads(cq(stack, "keys", "list", "--json").stdout)}
     assert listed["capped"]["models"] == [tenants.model, idle]
     assert listed["capped"]["max_queued"] == 2
@@ -252,11 +278,13 @@ def test_each_quota_refuses_without_writing_and_touches_no_other_tenant(
     assert other.json()["error"]["code"] == "model_not_found"
     assert capped.get("/v1/jobs").json()["data"] == []
     with pytest.raises(openai.NotFoundError):
-        openai.OpenAI(base_url=f"{tenants.url}/v1", api_key=key.stdout.splitlines()[-1],
-                      max_retries=0).completions.create(model="gpt-4", prompt="Hi")  # fmt: skip
+        openai.OpenAI(
+            base_url=f"{tenants.url}/v1", api_key=key.stdout.splitlines()[-1], max_retries=0
+        ).completions.create(model="gpt-4", prompt="Hi")
     # Its queue: two queued jobs fit, a third is 429 naming the limit, and nothing is written
-    ids = capped.post("/v1/jobs", json=[{"prompt": "a", "model": idle},
-                                        {"prompt": "b", "model": idle}]).json()["ids"]  # fmt: skip
+    ids = capped.post(
+        "/v1/jobs", json=[{"prompt": "a", "model": idle}, {"prompt": "b", "model": idle}]
+    ).json()["ids"]
     full = capped.post("/v1/jobs", json={"prompt": "c", "model": idle})
     assert_error(full, 429, None, "may have 2 (its --max-queued)")
     assert len(capped.get("/v1/jobs").json()["data"]) == 2

@@ -202,9 +202,11 @@ def test_attempts_are_bounded_when_claimed_even_if_a_dispatcher_died_mid_deliver
     server, url = hooks
     database, sessions = sqlite_sessions(request, tmp_path)
     settings = Settings(
-        database_url=database, webhook_secret="s", webhook_allow_private=True,
+        database_url=database,
+        webhook_secret="s",
+        webhook_allow_private=True,
         webhook_max_attempts=3,
-    )  # fmt: skip
+    )
     # Given a webhook whose last attempt was claimed by a dispatcher that then died
     (job_id,) = finished_jobs(sessions, [url])
     with sessions.begin() as session:
@@ -284,9 +286,11 @@ def test_a_receiver_that_never_stops_sending_is_cut_off_with_bounded_memory(
     receivers = [raw_receivers(endless_headers), raw_receivers(endless_body)]
     database, sessions = sqlite_sessions(request, tmp_path)
     settings = Settings(
-        database_url=database, webhook_secret="s", webhook_allow_private=True,
+        database_url=database,
+        webhook_secret="s",
+        webhook_allow_private=True,
         webhook_max_attempts=1,
-    )  # fmt: skip
+    )
     headers_job, body_job = finished_jobs(sessions, [url for _, url in receivers])
     # When both are delivered
     tracemalloc.start()

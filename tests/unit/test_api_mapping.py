@@ -27,28 +27,55 @@ from tests.factories import make_job
 
 def job(status: JobStatus = JobStatus.SUCCEEDED, **overrides: object) -> Job:
     values: dict[str, object] = {
-        "status": status, "choices": [Choice("a", "stop", 1), Choice("b", "length", 2)],
-        "prompt_tokens": 3, "completion_tokens": 3,
-        "created_at": datetime(2026, 1, 1, tzinfo=UTC), "started_at": None,
-    }  # fmt: skip
+        "status": status,
+        "choices": [Choice("a", "stop", 1), Choice("b", "length", 2)],
+        "prompt_tokens": 3,
+        "completion_tokens": 3,
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "started_at": None,
+    }
     return make_job("p", **{**values, **overrides})
 
 
 def test_openai_parameters_map_to_one_request_per_prompt() -> None:
-    body = {"model": "m", "prompt": ["a", "b"], "max_tokens": 5, "temperature": 0, "n": 2,
-            "stop": ".", "seed": 1, "user": "u", "top_p": None}  # fmt: skip
+    body = {
+        "model": "m",
+        "prompt": ["a", "b"],
+        "max_tokens": 5,
+        "temperature": 0,
+        "n": 2,
+        "stop": ".",
+        "seed": 1,
+        "user": "u",
+        "top_p": None,
+    }
     assert completion_requests(body, max_prompts=10) == [
-        {"prompt": p, "model": "m", "max_new_tokens": 5, "temperature": 0, "n": 2, "stop": ".",
-         "seed": 1}
+        {
+            "prompt": p,
+            "model": "m",
+            "max_new_tokens": 5,
+            "temperature": 0,
+            "n": 2,
+            "stop": ".",
+            "seed": 1,
+        }
         for p in ("a", "b")
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize(
     "extra",
-    [{"stream": False}, {"echo": False}, {"logprobs": None}, {"presence_penalty": 0.0},
-     {"frequency_penalty": 0}, {"best_of": 1}, {"logit_bias": {}}, {"suffix": None}],
-)  # fmt: skip
+    [
+        {"stream": False},
+        {"echo": False},
+        {"logprobs": None},
+        {"presence_penalty": 0.0},
+        {"frequency_penalty": 0},
+        {"best_of": 1},
+        {"logit_bias": {}},
+        {"suffix": None},
+    ],
+)
 def test_neutral_values_of_unsupported_parameters_are_accepted(extra: dict[str, object]) -> None:
     assert completion_requests({"prompt": "a", **extra}, max_prompts=1) == [{"prompt": "a"}]
 
@@ -116,8 +143,9 @@ def test_failed_jobs_map_to_status_codes() -> None:
     assert info.param == "prompt"
     # a budget that fills the context alone names max_tokens
     budget = "prompt has 2 tokens and max_new_tokens is 600: ...; max_new_tokens must be below 512"
-    alone = job_failure(job(JobStatus.FAILED, error={"type": "ContextLengthExceeded",
-                                                     "message": budget}))  # fmt: skip
+    alone = job_failure(
+        job(JobStatus.FAILED, error={"type": "ContextLengthExceeded", "message": budget})
+    )
     assert alone is not None and alone.param == "max_tokens"
     assert "max_tokens must be below 512" in alone.message
     crashed = job_failure(job(JobStatus.FAILED, error={"type": "ModelError", "message": "x"}))

@@ -238,6 +238,11 @@ def test_a_private_resolution_raises_before_any_request(monkeypatch: pytest.Monk
 def job_with_callback(url: str) -> Job:
     """A finished job as the dispatcher reads it."""
     return make_job(
-        "p", status=JobStatus.CANCELLED, attempts=0, worker=None, started_at=None,
-        finished_at=utcnow(), callback_url=url,
-    )  # fmt: skip
+        "p",
+        status=JobStatus.CANCELLED,
+        attempts=0,
+        worker=None,
+        started_at=None,
+        finished_at=utcnow(),
+        callback_url=url,
+    )

@@ -35,11 +35,14 @@ def test_messages_are_stored_with_text_parts_joined() -> None:
         {
             "messages": [
                 {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
             ]
         },
         LIMITS,
-    )  # fmt: skip
+    )
     assert request.prompt is None
     assert request.stored_messages() == [
         {"role": "system", "content": "Be brief."},
@@ -61,17 +64,35 @@ def test_messages_are_stored_with_text_parts_joined() -> None:
         ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format", "type must be"),
         ({"prompt": "x", "response_format": "json"}, "response_format", "must be an object"),
         (
-            {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+            {
+                "prompt": "x",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a b", "schema": {}},
+                },
+            },
             "response_format",
             "name must be 1 to 64 letters",
         ),
         (
-            {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "objekt"}}}},
+            {
+                "prompt": "x",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "schema": {"type": "objekt"}},
+                },
+            },
             "response_format",
             "json_schema.schema is not a valid JSON Schema",
         ),
         (
-            {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}}}},
+            {
+                "prompt": "x",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}},
+                },
+            },
             "response_format",
             'cannot be enforced: Unimplemented keys: ["uniqueItems"]',
         ),
@@ -81,7 +102,7 @@ def test_messages_are_stored_with_text_parts_joined() -> None:
             "schema is not a known parameter",
         ),
     ],
-)  # fmt: skip
+)
 def test_bad_chat_fields_are_named(data: dict[str, Any], field: str, message: str) -> None:
     error = refused(data)
     assert error.field == field
@@ -120,21 +141,38 @@ def test_response_formats_and_logprobs_are_stored_in_params() -> None:
 
 def test_openai_chat_parameters_map_to_one_request() -> None:
     body = {
-        "model": "m", "messages": [{"role": "developer", "content": "Be brief."},
-                                   {"role": "user", "content": "Hi", "name": "ann"}],
-        "max_completion_tokens": 5, "temperature": 0, "n": 2, "stop": ".", "seed": 1,
-        "logprobs": True, "top_logprobs": 3, "user": "u", "metadata": {"k": "v"},
-        "response_format": {"type": "json_object"}, "stream": False, "tools": [],
-    }  # fmt: skip
+        "model": "m",
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "Hi", "name": "ann"},
+        ],
+        "max_completion_tokens": 5,
+        "temperature": 0,
+        "n": 2,
+        "stop": ".",
+        "seed": 1,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "user": "u",
+        "metadata": {"k": "v"},
+        "response_format": {"type": "json_object"},
+        "stream": False,
+        "tools": [],
+    }
     assert chat_request(body) == {
         "model": "m",
         "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Hi", "name": "ann"},
         ],
-        "max_new_tokens": 5, "temperature": 0, "n": 2, "stop": ".", "seed": 1,
-        "response_format": {"type": "json_object"}, "logprobs": 3,
-    }  # fmt: skip
+        "max_new_tokens": 5,
+        "temperature": 0,
+        "n": 2,
+        "stop": ".",
+        "seed": 1,
+        "response_format": {"type": "json_object"},
+        "logprobs": 3,
+    }
     assert chat_request({"messages": [{"role": "user", "content": "a"}], "logprobs": True}) == {
         "messages": [{"role": "user", "content": "a"}],
         "logprobs": 0,
@@ -195,9 +233,11 @@ def test_chat_view_is_openai_chat_completion() -> None:
 
 def test_chat_batch_lines_are_one_request_each() -> None:
     line = {
-        "custom_id": "a", "method": "POST", "url": CHAT_ENDPOINT,
+        "custom_id": "a",
+        "method": "POST",
+        "url": CHAT_ENDPOINT,
         "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
-    }  # fmt: skip
+    }
     wrong = {**line, "custom_id": "b", "url": "/v1/completions"}
     content = (json.dumps(line) + "\n").encode()
     assert parse_input(content, LIMITS, 10, CHAT_ENDPOINT) == [
@@ -220,8 +260,15 @@ def test_a_model_without_a_chat_template_fails_the_job_naming_it() -> None:
 
 def test_an_echoed_assistant_message_with_neutral_fields_is_accepted() -> None:
     # What the openai client sends for messages.append(completion.choices[0].message).
-    echoed = {"role": "assistant", "content": "Hello", "refusal": None, "annotations": None,
-              "audio": None, "function_call": None, "tool_calls": None}  # fmt: skip
+    echoed = {
+        "role": "assistant",
+        "content": "Hello",
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": None,
+    }
     body = {"messages": [{"role": "user", "content": "Hi"}, echoed]}
     assert chat_request(body)["messages"][1] == {"role": "assistant", "content": "Hello"}
     with pytest.raises(ValidationError, match=r"messages\[1\]\.refusal is not a supported"):

@@ -134,8 +134,13 @@ def test_flags_come_from_proc_cpuinfo_on_a_torch_without_a_reader(
 
 def test_flags_come_from_torch_s_reader_where_it_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
     # Given torch's reader, which also reports sizes and names beside the flags
-    capabilities = {"avx512_bf16": True, "amx_bf16": False, "l2_cache_size": 2097152,
-                    "sve_max_length": 1, "architecture": "x86_64"}  # fmt: skip
+    capabilities = {
+        "avx512_bf16": True,
+        "amx_bf16": False,
+        "l2_cache_size": 2097152,
+        "sve_max_length": 1,
+        "architecture": "x86_64",
+    }
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
     # Then the flags are the capabilities it says the CPU has, and no /proc file is read
     assert cpu_flags("/nonexistent/cpuinfo") == {"avx512_bf16"}

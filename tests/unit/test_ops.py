@@ -34,9 +34,16 @@ from workers.state import JobCounts
 
 @pytest.mark.parametrize(
     ("address", "loopback"),
-    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False),
-     ("", False), ("10.0.0.5", False), ("flower.internal", False)],
-)  # fmt: skip
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("", False),
+        ("10.0.0.5", False),
+        ("flower.internal", False),
+    ],
+)
 def test_loopback_addresses(address: str, loopback: bool) -> None:
     assert is_loopback(address) is loopback
 
@@ -67,9 +74,15 @@ def test_flower_needs_auth_beyond_loopback_and_keeps_it_out_of_argv(tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("text", "span"),
-    [("90s", timedelta(seconds=90)), ("30m", timedelta(minutes=30)), ("12h", timedelta(hours=12)),
-     ("7d", timedelta(days=7)), ("2w", timedelta(weeks=2)), ("1.5h", timedelta(minutes=90))],
-)  # fmt: skip
+    [
+        ("90s", timedelta(seconds=90)),
+        ("30m", timedelta(minutes=30)),
+        ("12h", timedelta(hours=12)),
+        ("7d", timedelta(days=7)),
+        ("2w", timedelta(weeks=2)),
+        ("1.5h", timedelta(minutes=90)),
+    ],
+)
 def test_durations(text: str, span: timedelta) -> None:
     assert Duration().convert(text, None, None) == span
 
@@ -154,15 +167,29 @@ def test_job_events_per_job_state() -> None:
     events.claimed([job], skipped=[gone], worker="w")
     events.finished(
         [job, job],
-        [Outcome(job_id=ran, attempt=1, status=JobStatus.SUCCEEDED,
-                 choices=[Choice("hi", "length", 2)]),
-         Outcome(job_id=gone, attempt=1, status=JobStatus.FAILED,
-                 error={"type": "ModelError", "message": "boom"})],
+        [
+            Outcome(
+                job_id=ran,
+                attempt=1,
+                status=JobStatus.SUCCEEDED,
+                choices=[Choice("hi", "length", 2)],
+            ),
+            Outcome(
+                job_id=gone,
+                attempt=1,
+                status=JobStatus.FAILED,
+                error={"type": "ModelError", "message": "boom"},
+            ),
+        ],
         generation_s=0.5,
-    )  # fmt: skip
+    )
     kinds = [(kind, fields["uuid"]) for kind, fields in dispatcher.sent]
-    assert kinds == [("task-started", str(ran)), ("task-revoked", str(gone)),
-                     ("task-succeeded", str(ran)), ("task-failed", str(gone))]  # fmt: skip
+    assert kinds == [
+        ("task-started", str(ran)),
+        ("task-revoked", str(gone)),
+        ("task-succeeded", str(ran)),
+        ("task-failed", str(gone)),
+    ]
     assert dispatcher.sent[2][1]["runtime"] == 0.5
     assert dispatcher.sent[3][1]["exception"] == "ModelError: boom"
     assert dispatcher.flushes == 2

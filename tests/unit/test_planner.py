@@ -22,8 +22,12 @@ def test_groups_respect_max_rows_counting_n() -> None:
 
 
 def test_groups_put_similar_budgets_and_lengths_together() -> None:
-    requests = [request("long", 50, 128), request("s1", 2, 8), request("mid", 20, 32),
-                request("s2", 3, 8)]  # fmt: skip
+    requests = [
+        request("long", 50, 128),
+        request("s1", 2, 8),
+        request("mid", 20, 32),
+        request("s2", 3, 8),
+    ]
     groups = plan_groups(requests, max_rows=2)
     assert [[r.key for r in g] for g in groups] == [["s1", "s2"], ["mid", "long"]]
 
@@ -56,10 +60,13 @@ def test_jobs_of_one_budget_that_share_a_header_are_grouped_together() -> None:
     grouped = plan_groups(requests, max_rows=2, prefix_tokens=4)
     plain = plan_groups(requests, max_rows=2)
     # Then each header's jobs share a group; the budget still comes first
-    assert [[r.key for r in g] for g in grouped] == [["y", "x"], ["a1", "a2"], ["b2", "b1"],
-                                                     ["late"]]  # fmt: skip
-    assert [[r.key for r in g] for g in plain] == [["y", "a1"], ["b2", "b1"], ["x", "a2"],
-                                                   ["late"]]  # fmt: skip
+    assert [[r.key for r in g] for g in grouped] == [
+        ["y", "x"],
+        ["a1", "a2"],
+        ["b2", "b1"],
+        ["late"],
+    ]
+    assert [[r.key for r in g] for g in plain] == [["y", "a1"], ["b2", "b1"], ["x", "a2"], ["late"]]
 
 
 @given(
@@ -129,16 +136,15 @@ def test_truncate_cannot_help_when_max_new_tokens_fills_the_context(new: int) ->
     assert "truncate: true" not in str(refused.value)
 
 
-@given(
-    st.integers(0, 80), st.integers(1, 40), st.integers(1, 64), st.booleans()
-)  # fmt: skip
+@given(st.integers(0, 80), st.integers(1, 40), st.integers(1, 64), st.booleans())
 def test_fitted_prompts_always_fit_and_end_as_the_prompt_ends(
     length: int, new: int, context: int, truncate: bool
 ) -> None:
     ids = tuple(range(length))
     try:
-        kept, dropped = fit_context(ids, max_new_tokens=new, context_length=context,
-                                    truncate=truncate)  # fmt: skip
+        kept, dropped = fit_context(
+            ids, max_new_tokens=new, context_length=context, truncate=truncate
+        )
     except ContextLengthExceeded:
         assert length + new > context
         return

@@ -85,9 +85,15 @@ def test_defaults_follow_openai() -> None:
     assert request.temperature == 1.0
     assert request.stop == ["\n"]
     assert request.params() == {
-        "max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-        "repetition_penalty": 1.0, "n": 1, "stop": ["\n"], "seed": None,
-    }  # fmt: skip
+        "max_new_tokens": 16,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+        "n": 1,
+        "stop": ["\n"],
+        "seed": None,
+    }
 
 
 def test_truncate_is_stored_only_when_asked_for() -> None:
@@ -107,13 +113,33 @@ def test_a_validated_request_passes_through() -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["prompt", "max_new_tokens", "temperature", "top_p", "top_k", "n",
-                         "stop", "seed", "priority", "repetition_penalty", "truncate",
-                         "extra"]),
-        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(),
-                  st.binary(max_size=8), st.lists(st.text(max_size=3), max_size=6)),
+        st.sampled_from(
+            [
+                "prompt",
+                "max_new_tokens",
+                "temperature",
+                "top_p",
+                "top_k",
+                "n",
+                "stop",
+                "seed",
+                "priority",
+                "repetition_penalty",
+                "truncate",
+                "extra",
+            ]
+        ),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(),
+            st.floats(),
+            st.text(),
+            st.binary(max_size=8),
+            st.lists(st.text(max_size=3), max_size=6),
+        ),
     )
-)  # fmt: skip
+)
 def test_no_input_crashes_validation(data: dict[str, object]) -> None:
     try:
         request = validate_request(data, LIMITS)

@@ -33,8 +33,12 @@ def test_stream_usage_says_whether_to_stream_and_send_the_usage(
 
 
 def test_a_streamed_completion_queues_jobs_that_stream() -> None:
-    body = {"prompt": ["a", "b"], "max_tokens": 3, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "prompt": ["a", "b"],
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     assert completion_requests(body, max_prompts=2, streaming=True) == [
         {"prompt": "a", "max_new_tokens": 3, "stream": True},
         {"prompt": "b", "max_new_tokens": 3, "stream": True},

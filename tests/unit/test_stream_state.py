@@ -16,8 +16,13 @@ from tests.factories import make_job
 
 
 def delta(attempt: int, choice: int, text: str) -> dict[str, str]:
-    return {"type": "delta", "attempt": str(attempt), "choice": str(choice), "text": text,
-            "tokens": "1"}  # fmt: skip
+    return {
+        "type": "delta",
+        "attempt": str(attempt),
+        "choice": str(choice),
+        "text": text,
+        "tokens": "1",
+    }
 
 
 def row(job_id: uuid.UUID, status: JobStatus, *texts: str) -> Job:
@@ -40,13 +45,19 @@ class Clock:
 def test_deltas_of_one_attempt_are_shown_as_they_come() -> None:
     stream = JobStream(uuid.uuid4())
     # When three deltas of choice 0 and one of choice 1 come in
-    out = [stream.on_entry(f"1-{i}", d) for i, d in enumerate(
-        [delta(1, 0, "Once"), delta(1, 1, "Twice"), delta(1, 0, " upon"), delta(1, 0, " a")]
-    )]  # fmt: skip
+    out = [
+        stream.on_entry(f"1-{i}", d)
+        for i, d in enumerate(
+            [delta(1, 0, "Once"), delta(1, 1, "Twice"), delta(1, 0, " upon"), delta(1, 0, " a")]
+        )
+    ]
     # Then each is shown once, for its own choice, and the cursor is the last entry
     assert [(d.choice, d.text) for d in out if d] == [
-        (0, "Once"), (1, "Twice"), (0, " upon"), (0, " a"),
-    ]  # fmt: skip
+        (0, "Once"),
+        (1, "Twice"),
+        (0, " upon"),
+        (0, " a"),
+    ]
     assert stream.last_id == "1-3"
     assert stream.shown == {0: "Once upon a", 1: "Twice"}
 
@@ -128,8 +139,9 @@ def test_half_a_character_is_held_back_until_the_final_text() -> None:
 def test_a_failed_or_cancelled_row_ends_the_stream_with_what_it_holds() -> None:
     job_id = uuid.uuid4()
     stream = JobStream(job_id)
-    cancelled = make_job(id=job_id, status=JobStatus.CANCELLED,
-                         choices=[Choice("partial", "cancelled", 3)])  # fmt: skip
+    cancelled = make_job(
+        id=job_id, status=JobStatus.CANCELLED, choices=[Choice("partial", "cancelled", 3)]
+    )
     events = stream.on_row(cancelled)
     assert events == [Delta(job_id, 0, "partial"), Finished(cancelled)]
     failed_id = uuid.uuid4()
@@ -190,8 +202,11 @@ def test_the_follower_reads_rows_at_start_every_interval_and_at_an_end() -> None
 def test_the_follower_takes_resp3_replies_and_bytes() -> None:
     job_id = uuid.uuid4()
     follower = Follower([job_id])
-    reply = {events_key(job_id).encode(): [[b"7-1", {b"type": b"delta", b"attempt": b"1",
-                                                     b"choice": b"0", b"text": "é".encode()}]]}  # fmt: skip
+    reply = {
+        events_key(job_id).encode(): [
+            [b"7-1", {b"type": b"delta", b"attempt": b"1", b"choice": b"0", b"text": "é".encode()}]
+        ]
+    }
     assert follower.on_reply(reply) == [Delta(job_id, 0, "é")]
     assert follower.cursors() == {events_key(job_id): "7-1"}
     assert follower.on_reply(None) == []

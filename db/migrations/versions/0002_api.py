@@ -62,7 +62,11 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs") as jobs:
         jobs.drop_index("ix_jobs_webhook_due")
         for column in (
-            "webhook_delivered_at", "webhook_error", "webhook_next_at",
-            "webhook_attempts", "webhook_status", "callback_url",
-        ):  # fmt: skip
+            "webhook_delivered_at",
+            "webhook_error",
+            "webhook_next_at",
+            "webhook_attempts",
+            "webhook_status",
+            "callback_url",
+        ):
             jobs.drop_column(column)
