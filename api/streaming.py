@@ -40,8 +40,9 @@ from starlette.types import Receive, Scope, Send
 
 from api.errors import completion_error_info
 from api.openai import submit_completions
+from api.shapes import CompletionShape
 from api.state import APIState, Caller
-from api.views import ErrorInfo, job_failure, job_view, system_fingerprint, usage
+from api.views import ErrorInfo, job_failure, job_view, usage
 from completion_queue import CompletionError, JobTimeout
 from db import Job
 from producer import CompletionClient, Delta, Finished, follow_async
@@ -164,26 +165,18 @@ async def start_streamed(
     return StreamedCall(caller.client, jobs, slot.close, state.settings.api_wait_timeout_s)
 
 
-async def completion_chunks(call: StreamedCall, *, include_usage: bool) -> AsyncIterator[bytes]:
-    """``text_completion`` chunks: choice ``index`` = prompt's index * ``n`` + choice."""
-    first = call.jobs[0]
-    head = {
-        "id": f"cmpl-{first.id.hex}",
-        "object": "text_completion",
-        "created": int(first.created_at.timestamp()),
-        "model": first.model,
-    }
+async def openai_chunks(
+    call: StreamedCall, shape: CompletionShape, *, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """The call's chunks in ``shape``: choice ``index`` = prompt's index * ``n`` + choice."""
+    head = shape.chunk_head(call.jobs[0])
     offset = {job.id: i * int(job.params.get("n", 1)) for i, job in enumerate(call.jobs)}
 
-    def chunk(job_id: uuid.UUID, choice: int, text: str, finish: str | None = None) -> bytes:
-        entry = {
-            "text": text,
-            "index": offset[job_id] + choice,
-            "logprobs": None,
-            "finish_reason": finish,
-        }
-        return sse({**head, "choices": [entry], **({"usage": None} if include_usage else {})})
+    def chunk(choice: dict[str, Any]) -> bytes:
+        return sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
+    for choice in shape.opening(call.jobs):
+        yield chunk(choice)
     done: list[Job] = []
     async for outcome in call.outcomes():
         if isinstance(outcome, ErrorInfo):
@@ -191,45 +184,14 @@ async def completion_chunks(call: StreamedCall, *, include_usage: bool) -> Async
             yield DONE
             return
         if isinstance(outcome, Delta):
-            yield chunk(outcome.job_id, outcome.choice, outcome.text)
+            yield chunk(shape.delta(offset[outcome.job_id] + outcome.choice, outcome.text))
             continue
         done.append(outcome.job)
         for index, c in enumerate(outcome.job.choices):
-            yield chunk(outcome.job.id, index, "", c.finish_reason)
+            yield chunk(shape.finish(offset[outcome.job.id] + index, c.finish_reason))
     if include_usage:
+        # The outcomes end right after the last job's Finished: the usage follows it at once.
         yield sse({**head, "choices": [], "usage": usage(done)})
-    yield DONE
-
-
-async def chat_chunks(call: StreamedCall, *, include_usage: bool) -> AsyncIterator[bytes]:
-    """``chat.completion.chunk``s: a role first per choice, then content, then finish."""
-    job = call.jobs[0]
-    head = {
-        "id": f"chatcmpl-{job.id.hex}",
-        "object": "chat.completion.chunk",
-        "created": int(job.created_at.timestamp()),
-        "model": job.model,
-        "system_fingerprint": system_fingerprint(job.model),
-    }
-
-    def chunk(choice: int, delta: dict[str, str], finish: str | None = None) -> bytes:
-        entry = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return sse({**head, "choices": [entry], **({"usage": None} if include_usage else {})})
-
-    for choice in range(int(job.params.get("n", 1))):
-        yield chunk(choice, {"role": "assistant", "content": ""})
-    async for outcome in call.outcomes():
-        if isinstance(outcome, ErrorInfo):
-            yield sse(outcome.body())
-            yield DONE
-            return
-        if isinstance(outcome, Delta):
-            yield chunk(outcome.choice, {"content": outcome.text})
-            continue
-        for index, c in enumerate(outcome.job.choices):
-            yield chunk(index, {}, c.finish_reason)
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": usage([outcome.job])})
     yield DONE
 
 

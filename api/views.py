@@ -112,14 +112,8 @@ def completion_view(jobs: Sequence[Job], *, model: str) -> dict[str, Any]:
     ]
     for index, choice in enumerate(choices):
         choice["index"] = index
-    return {
-        "id": f"cmpl-{jobs[0].id.hex}",
-        "object": "text_completion",
-        "created": int(jobs[0].created_at.timestamp()),
-        "model": model,
-        "choices": choices,
-        "usage": usage(jobs),
-    }
+    head = response_head(jobs[0], "cmpl", "text_completion", model=model)
+    return {**head, "choices": choices, "usage": usage(jobs)}
 
 
 def chat_view(job: Job, *, model: str) -> dict[str, Any]:
@@ -133,14 +127,23 @@ def chat_view(job: Job, *, model: str) -> dict[str, Any]:
         }
         for index, c in enumerate(job.choices)
     ]
+    head = response_head(job, "chatcmpl", "chat.completion", model=model)
     return {
-        "id": f"chatcmpl-{job.id.hex}",
-        "object": "chat.completion",
-        "created": int(job.created_at.timestamp()),
-        "model": model,
+        **head,
         "choices": choices,
         "usage": usage([job]),
         "system_fingerprint": system_fingerprint(model),
+    }
+
+
+def response_head(job: Job, prefix: str, kind: str, *, model: str) -> dict[str, Any]:
+    """Return the fields an OpenAI completion object opens with: its ``id`` (``prefix`` and the
+    first job's id), ``object`` (``kind``), ``created`` and ``model``."""
+    return {
+        "id": f"{prefix}-{job.id.hex}",
+        "object": kind,
+        "created": int(job.created_at.timestamp()),
+        "model": model,
     }
 
 
