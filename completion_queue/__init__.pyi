@@ -68,6 +68,7 @@ from .metrics import JobStatusCollector, Metrics, QueueDepthCollector
 from .presence import announce, models_without_chat, served_models, withdraw
 from .reaper import ReapReport, reap
 from .redis_server import EmbeddedRedis, RedisTLS, find_redis_server, free_port
+from .response_format import ResponseFormat, parse_response_format
 from .settings import Settings, is_loopback, redact_url
 
 __all__ = [
@@ -107,6 +108,9 @@ __all__ = [
     "QueueTimeout",
     "UnsupportedResponseFormat",
     "ValidationError",
+    # a job's response_format, as the producer and the engine read it
+    "ResponseFormat",
+    "parse_response_format",
     # the optional extras
     "EXTRAS",
     "missing_modules",

@@ -1,7 +1,8 @@
 """Structured output: OpenAI's ``response_format`` as a per-row logits processor.
 
 A job's ``response_format`` (``{"type": "json_object"}`` or ``{"type": "json_schema",
-"json_schema": {"name", "schema", "strict"}}``) is compiled once per model by
+"json_schema": {"name", "schema", "strict"}}``, parsed by the model both sides share,
+``completion_queue/response_format.py``) is compiled once per model by
 :class:`Grammars` (an LRU keyed by the canonical JSON text); each constrained row
 of a ``generate`` call gets its own matcher in :class:`ConstrainedRows`, which sets
 the tokens its grammar does not allow next to -inf and lets the other rows pass.
@@ -43,7 +44,7 @@ import llguidance.hf
 import torch
 from transformers import LogitsProcessor
 
-from completion_queue import UnsupportedResponseFormat
+from completion_queue import UnsupportedResponseFormat, parse_response_format
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -56,8 +57,6 @@ JSON_OPTIONS: JsonCompileOptions = {
     "item_separator": ", ",
     "key_separator": ": ",
 }
-#: Any JSON object: what ``{"type": "json_object"}`` asks for.
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 # Byte value -> the 8 additive biases of its bits (bit i set: token allowed, 0; else -inf).
 # Adding a gathered bias is branch-free: 4x quicker on CPU than masked_fill on a
@@ -67,41 +66,20 @@ _BYTE_BIAS = torch.tensor(
 )
 
 
-def parse_response_format(response_format: str) -> dict[str, Any] | None:
-    """Return the JSON schema a ``response_format`` asks for; None for ``{"type": "text"}``.
+def _requested_schema(response_format: str) -> dict[str, Any] | None:
+    """Return the JSON schema a stored ``response_format`` asks for; None for ``{"type": "text"}``.
 
     Raises:
         UnsupportedResponseFormat: not JSON, or not one of OpenAI's three forms.
     """
     try:
-        spec = json.loads(response_format)
+        value = json.loads(response_format)
     except ValueError as exc:
         raise UnsupportedResponseFormat(f"response_format is not valid JSON: {exc}") from exc
-    kind = spec.get("type") if isinstance(spec, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return ANY_OBJECT
-    if kind != "json_schema":
-        raise UnsupportedResponseFormat(
-            f"response_format.type must be text, json_object or json_schema, got {kind!r}"
-        )
-    body = spec.get("json_schema")
-    if not isinstance(body, dict):
-        raise UnsupportedResponseFormat("response_format.json_schema must be an object")
-    schema = body.get("schema", {})
-    if isinstance(schema, bool):
-        if not schema:
-            raise UnsupportedResponseFormat(
-                "response_format.json_schema.schema is false: no document can match it"
-            )
-        schema = {}
-    if not isinstance(schema, dict):
-        raise UnsupportedResponseFormat(
-            "response_format.json_schema.schema must be a JSON Schema object, "
-            f"got {type(schema).__name__}"
-        )
-    return schema
+    try:
+        return parse_response_format(value).grammar_schema
+    except ValueError as exc:
+        raise UnsupportedResponseFormat(f"response_format {exc}") from exc
 
 
 @functools.cache
@@ -177,7 +155,7 @@ class Grammars:
         if response_format in self._cache:
             self._cache.move_to_end(response_format)
             return self._cache[response_format]
-        schema = parse_response_format(response_format)
+        schema = _requested_schema(response_format)
         compiled = None if schema is None else self._compile_schema(schema)
         self._cache[response_format] = compiled
         if len(self._cache) > self.cache_size:

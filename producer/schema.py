@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from completion_queue import Settings, ValidationError
+from completion_queue import Settings, ValidationError, parse_response_format
 from producer.callbacks import (
     InvalidCallback,
     NonPublicAddress,
@@ -17,12 +17,7 @@ from producer.callbacks import (
     parse_callback,
     refuse_literal,
 )
-from producer.chat import (
-    MAX_MESSAGES,
-    Message,
-    check_response_format,
-    conversation_chars,
-)
+from producer.chat import MAX_MESSAGES, Message, conversation_chars
 
 MAX_STOP_SEQUENCES = 4
 #: Longest stop string: a stop is matched against the decoded tail at every step.
@@ -83,7 +78,11 @@ class CompletionRequest(BaseModel):
     @field_validator("response_format", mode="before")
     @classmethod
     def _check_response_format(cls, value: Any) -> Any:
-        return check_response_format(value)
+        if value is None:
+            return None
+        response_format = parse_response_format(value)
+        response_format.check_schema()
+        return response_format.stored()
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -255,6 +255,9 @@ def test_a_rejected_token_fails_that_row_alone(tiny: Tiny) -> None:
         ('{"type": "json_schema"}', "json_schema must be an object"),
         ('{"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}}', "got list"),
         ('{"type": "json_schema", "json_schema": {"name": "a", "schema": false}}', "false"),
+        # The shape rules the producer applies at submit, from the same model
+        ('{"type": "json_object", "schema": {}}', "schema is not a known parameter"),
+        ('{"type": "json_schema", "json_schema": {"name": "a b"}}', "json_schema.name must be"),
         (
             '{"type": "json_schema", "json_schema": {"name": "a", "schema": '
             '{"type": "array", "uniqueItems": true}}}',
