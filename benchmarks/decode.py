@@ -94,7 +94,7 @@ def measure(
         cache = growing_cache(model) if variant.growing else None
         with torch.inference_mode(), inductor(variant), attention(variant):
             return model.generate(  # type: ignore[no-any-return]
-                **kw, past_key_values=cache, generation_config=config
+                **kw, cache=cache, generation_config=config
             )
 
     graphs = unique_graphs()

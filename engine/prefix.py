@@ -148,7 +148,7 @@ def prefix_cache(model: Any, prefix_ids: torch.Tensor, rows: int, max_len: int) 
     prefix's own predictions are not needed.
     """
     first = DynamicCache(config=model.config)
-    model(input_ids=prefix_ids, past_key_values=first, use_cache=True, logits_to_keep=1)
+    model(input_ids=prefix_ids, cache=first, use_cache=True, logits_to_keep=1)
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     for layer, (keys, values, *_) in zip(cache.layers, first, strict=True):
         layer.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))

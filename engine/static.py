@@ -222,7 +222,7 @@ class StaticEngine:
                         generation_config=config,
                         logits_processor=processors,
                         stopping_criteria=criteria,
-                        past_key_values=cache,
+                        cache=cache,
                     )
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":

@@ -111,7 +111,7 @@ def test_the_tiny_model_in_bfloat16_decodes_the_same_next_tokens(tiny_model: Pat
             out = model(input_ids=ids, attention_mask=attention, use_cache=True)
             return (
                 model(  # type: ignore[no-any-return]
-                    input_ids=step, attention_mask=full, past_key_values=out.past_key_values
+                    input_ids=step, attention_mask=full, cache=out.cache
                 )
                 .logits[:, -1]
                 .float()

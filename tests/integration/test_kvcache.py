@@ -29,7 +29,7 @@ def run(model: Any, tokenizer: Any, cache: Any, **options: Any) -> Any:
     with torch.inference_mode():
         return model.generate(
             **inputs,
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=ROOM + 20,
             eos_token_id=None,
             pad_token_id=tokenizer.pad_token_id,
@@ -152,7 +152,7 @@ def test_only_plain_layers_grow_and_a_named_cache_is_left_to_generate() -> None:
     }
     with torch.inference_mode():
         default = model.generate(ids, **options)
-        growing = model.generate(ids, past_key_values=cache, **options)
+        growing = model.generate(ids, cache=cache, **options)
     assert torch.equal(default, growing)
     # When the model's generation config names a cache, generate makes that one
     model.generation_config.cache_implementation = "static"
@@ -166,7 +166,7 @@ def test_the_runtime_hands_generate_a_growing_cache(tiny_model: Path) -> None:
     run_model = runtime._run_model
 
     def spy(**kwargs: Any) -> Any:
-        seen.append(kwargs["past_key_values"])
+        seen.append(kwargs["cache"])
         return run_model(**kwargs)
 
     runtime._run_model = spy  # type: ignore[method-assign]

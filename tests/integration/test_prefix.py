@@ -96,7 +96,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         def recording(**kwargs: Any) -> Any:
             kwargs["logits_processor"].insert(0, call.scores)
             call.kwargs = kwargs
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache")
             call.cached_tokens = int(cache.get_seq_length()) if cache is not None else 0
             call.output = original(**kwargs)
             return call.output
@@ -216,9 +216,7 @@ def test_without_a_shared_prefix_or_with_the_setting_off_nothing_changes(
         choices = texts(runtime.generate(requests))
         # Then generate gets an empty cache (one that grows) and the left-padded rows it always got
         assert call.cached_tokens == 0
-        assert all(
-            isinstance(layer, GrowingLayer) for layer in call.kwargs["past_key_values"].layers
-        )
+        assert all(isinstance(layer, GrowingLayer) for layer in call.kwargs["cache"].layers)
         width = max(len(p) for p in prompts)
         ids = call.kwargs["input_ids"].tolist()
         mask = call.kwargs["attention_mask"].tolist()
