@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from bench.run import COUNTER_KEY, NOOP_TASK
+from bench.pipeline import COUNTER_KEY, NOOP_TASK
 from completion_queue import Settings, create_app
 
 _settings = Settings()
