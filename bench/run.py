@@ -104,6 +104,8 @@ class _Run:
         """Load the model plainly (the direct baselines' copy) and make the workloads."""
         self.config = config
         self.progress = progress
+        # A phase of its own: a second or more, which bench_s counts and phase_s must too.
+        progress(f"load {config.model} and make the workloads")
         self.path = Settings(model=config.model).model_path()
         if config.model == TINY_MODEL_NAME:
             ensure_tiny_model(self.path)
