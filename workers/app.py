@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 from celery import Celery, bootsteps, signals
@@ -106,7 +108,18 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
 
     @signals.worker_process_init.connect(weak=False)
     def _load_model(**_: Any) -> None:
-        state.start()
+        try:
+            state.start()
+        except Exception:
+            # Celery only logs a failing init handler, and its main process already says
+            # ready: without a model this worker would take batches and hand them back for
+            # ever. A cold shutdown instead: the worker stops, and its supervisor restarts it.
+            log.critical(
+                "could not load the model %s; stopping the worker", settings.model, exc_info=True
+            )
+            sys.stderr.flush()
+            os.kill(os.getppid(), signal.SIGQUIT)
+            os._exit(70)
         log.info("%s: model loaded and warmed up in pid %d", WORKER_READY_LINE, os.getpid())
 
     @signals.worker_process_shutdown.connect(weak=False)

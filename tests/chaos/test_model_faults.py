@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -122,3 +123,25 @@ def test_a_job_over_its_time_limit_fails_and_the_worker_keeps_serving(
         # and the worker goes on serving
         after = client.wait(client.submit("after", max_new_tokens=4), timeout=60)
         assert after.status is JobStatus.SUCCEEDED
+
+
+def test_a_worker_whose_model_cannot_load_exits_and_leaves_its_jobs_queued(
+    chaos: Chaos, tmp_path: Path
+) -> None:
+    # Given a job for a model whose directory holds no model
+    missing = tmp_path / "no-model"
+    missing.mkdir()
+    with chaos.client(model=str(missing)) as client:
+        job = client.submit("Hello", max_new_tokens=2)
+        # When a worker starts to serve it
+        worker = chaos.start_worker(ready=False, model=str(missing))
+        # Then it stops (a cold shutdown) with an error naming the model, not standing ready
+        # without one (Celery's cold shutdown exits 0: a supervisor that restarts only on
+        # failure would not start it again)
+        assert worker.process is not None
+        worker.process.wait(timeout=120)
+        log = worker.log_text()
+        assert f"could not load the model {missing}; stopping the worker" in log
+        assert "Cold shutdown" in log
+        # and the job waits, queued, for a worker that can load its model
+        assert client.get(job.id).status is JobStatus.QUEUED
