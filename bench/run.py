@@ -171,7 +171,9 @@ class _Run:
         config = self.config
         return Cluster(
             base,
-            model=config.model,
+            # The model where it was loaded above (the tiny one built in CQ_DATA_DIR): the
+            # workers' data dir is ``base``, where a model named tiny-gpt2 was never built.
+            model=self.path,
             device=config.device,
             dtype=config.dtype,
             engine=config.engine,
