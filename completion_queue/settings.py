@@ -33,8 +33,10 @@ class Settings(BaseSettings):
     dtype: str = Field(
         default="auto", description="Worker dtype: auto, float32, float16, bfloat16."
     )
-    engine: Literal["static", "continuous"] = Field(
-        default="static", description="Worker engine: static batches or continuous batching."
+    engine: Literal["static", "continuous", "vllm"] = Field(
+        default="static",
+        description="Worker engine: static batches, continuous batching, or vLLM (`make "
+        "install-vllm`).",
     )
     torch_threads: int = Field(
         default=0,

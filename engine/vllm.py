@@ -1,0 +1,400 @@
+"""The vLLM engine: one resident vLLM engine in the worker's model process, stepped in a loop.
+
+Why vLLM: its paged KV cache, continuous batching and prefix caching outrun
+Hugging Face ``generate`` (issue 33's figures), yet it has no queue of its own;
+here it is one more :class:`~engine.protocol.Engine` behind the worker.
+
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
+the worker already gives the model a process of its own, which Celery
+supervises, and a dead engine must end that process. Each row (one choice of
+one request) is one vLLM request with ``n=1``, so a row can be aborted alone
+(a cancel) and a seeded choice gets its own stream, ``(seed, choice)`` as in
+the static engine: its text does not depend on its batch-mates.
+
+Semantics are ours, not vLLM's defaults: the generated token ids come from
+vLLM, and the text, ``finish_reason`` and ``completion_tokens`` are made from
+them as :meth:`engine.static.StaticEngine.choice` does (cut at the first EOS,
+then at the earliest stop string). vLLM is given the stop strings only so it
+stops early. Log probabilities are vLLM's raw ones (before any penalty or
+temperature), as the static engine records them.
+
+vllm is imported only when an engine is built, so this module imports (and its
+pure mapping, :func:`sampling_kwargs`, is tested) where vllm is not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from completion_queue import (
+    FatalModelError,
+    GenerationTimeout,
+    ModelError,
+    UnsupportedResponseFormat,
+)
+from engine.logprobs import RowLogprobs, TokenSpeller, stored_logprobs
+from engine.protocol import FollowedRows, Follower
+from engine.types import GeneratedChoice, GenerationRequest, GenerationResult, cut_at_stop
+
+log = logging.getLogger(__name__)
+
+#: Bytes per KV-cache token when the model's config does not say (1 GiB / 16k tokens).
+FALLBACK_KV_BYTES_PER_TOKEN = 65_536
+
+
+def unsupported_field(request: GenerationRequest) -> str | None:
+    """Return the first field of ``request`` this engine cannot honour exactly, or None."""
+    if request.response_format is not None:
+        return "response_format"
+    return None
+
+
+def row_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of one choice of a seeded request: its own stream, as in the static engine."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + choice) % (2**63)
+
+
+def sampling_kwargs(
+    request: GenerationRequest, choice: int, *, stop_token_ids: Sequence[int]
+) -> dict[str, Any]:
+    """Return vLLM ``SamplingParams`` keywords for one choice (row) of ``request``.
+
+    Greedy is temperature 0 (vLLM then ignores top_p and top_k, as we do); top_k 0
+    is off in both. Log probabilities are the raw ones and ``logprobs`` counts the
+    alternatives besides the chosen token, as ours does. Stop strings and the end
+    tokens only end the row early: the text is cut from the token ids afterwards.
+    """
+    kwargs: dict[str, Any] = {
+        "n": 1,
+        "max_tokens": request.max_new_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "repetition_penalty": request.repetition_penalty,
+        "seed": row_seed(request.seed, choice),
+        "stop": list(request.stop),
+        "stop_token_ids": list(stop_token_ids),
+        # Our end tokens are the tokenizer's and the generation config's; no other.
+        "ignore_eos": False,
+        "skip_special_tokens": True,
+        "logprobs": request.logprobs,
+    }
+    return kwargs
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+    """Bytes one token takes in the KV cache of a model with this Hugging Face ``config``."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return FALLBACK_KV_BYTES_PER_TOKEN
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return int(2 * layers * kv_heads * head_dim * dtype_bytes)
+
+
+@dataclass
+class _Row:
+    """One vLLM request: a choice of one of the call's requests, and what it generated."""
+
+    request: GenerationRequest
+    choice: int
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Any]] = field(default_factory=list)
+    done: bool = False
+    cancelled_at: int | None = None
+
+
+class VllmEngine:
+    """A vLLM ``LLMEngine`` loaded once and kept resident in this process."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        max_rows: int = 32,
+        kv_rows: int = 0,
+        prefix_caching: bool = True,
+    ) -> None:
+        started = time.perf_counter()
+        # The worker's model process is the engine's process: no engine-core child.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import torch
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        from vllm import EngineArgs, LLMEngine
+
+        from engine.devices import resolve_dtype
+
+        self.name = model
+        self.device = "cpu" if not torch.cuda.is_available() else "cuda"
+        resolved = resolve_dtype(dtype, torch.device(self.device))
+        self.dtype = str(resolved).removeprefix("torch.")
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model)
+        self.context_length: int = int(
+            getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None)
+            or self.tokenizer.model_max_length
+        )
+        try:
+            generation_eos = GenerationConfig.from_pretrained(model).eos_token_id
+        except OSError:
+            generation_eos = None
+        listed = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+        eos = self.tokenizer.eos_token_id
+        #: Every token that ends a row: the tokenizer's EOS, then the generation config's.
+        self.eos_ids: list[int] = list(
+            dict.fromkeys(([eos] if eos is not None else []) + [int(i) for i in listed])
+        )
+        pad = self.tokenizer.pad_token_id
+        self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
+        self.spell = TokenSpeller(self.tokenizer)
+        # vLLM's own default takes most of the host's memory for the KV cache (and refuses
+        # to start when another process holds more than a tenth): size it for kv_rows rows
+        # at full context (max_rows by default); rows beyond it wait in vLLM's queue.
+        tokens = (kv_rows or max_rows) * self.context_length
+        kv_bytes = tokens * kv_bytes_per_token(config, resolved.itemsize)
+        args = EngineArgs(
+            model=model,
+            dtype=self.dtype,
+            max_model_len=self.context_length,
+            max_num_seqs=max_rows,
+            kv_cache_memory_bytes=max(kv_bytes, 16 << 20),
+            enable_prefix_caching=prefix_caching,
+            # The engine's global generator draws for unseeded rows: fresh per process.
+            seed=secrets.randbits(31),
+            disable_log_stats=True,
+        )
+        self.engine: Any = LLMEngine.from_engine_args(args)
+        self._counter = 0
+        #: The rows of the call now running (aborted on close).
+        self._running: dict[str, _Row] = {}
+        self.load_s = time.perf_counter() - started
+        log.info(
+            "loaded model %s in vLLM on %s (%s, KV cache %.0f MiB) in %.2fs [pid %d]",
+            model,
+            self.device,
+            self.dtype,
+            kv_bytes / 2**20,
+            self.load_s,
+            os.getpid(),
+        )
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Return the token ids of each prompt."""
+        encoded = self.tokenizer(list(prompts), add_special_tokens=False)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def runs(self, request: GenerationRequest) -> bool:
+        """True unless ``request`` uses a field this engine does not honour exactly yet."""
+        return unsupported_field(request) is None
+
+    def warm_up(self) -> None:
+        """Run one small greedy request, so the first real batch pays no start-up cost."""
+        ids = self.encode(["Hello, world"])[0] or [self.pad_id]
+        request = GenerationRequest(
+            key="warm-up", prompt_ids=tuple(ids), max_new_tokens=2, temperature=0.0
+        )
+        self.generate([request])
+
+    def close(self) -> None:
+        """Abort whatever is left in the engine (the process is shutting down)."""
+        if self._running:
+            self.engine.abort_request(list(self._running))
+            self._running = {}
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        timeout_s: float | None = None,
+        watch: Follower | None = None,
+    ) -> list[GenerationResult | Exception]:
+        """Run ``requests`` to the end in the resident engine; results in the same order.
+
+        A request this engine does not run gets a :class:`ModelError` naming the field.
+        A request still generating ``timeout_s`` seconds after the call began is
+        aborted and gets a :class:`GenerationTimeout`; the others keep theirs. ``watch``
+        sees every row's tokens after each step and names rows to abort (cancels).
+
+        Raises:
+            FatalModelError: the engine died; the process must exit.
+            ModelError: a step failed for another reason.
+        """
+        refused: dict[int, Exception] = {}
+        for i, request in enumerate(requests):
+            name = unsupported_field(request)
+            if name is not None:
+                refused[i] = UnsupportedResponseFormat(
+                    f"{name} is not supported by the vllm engine yet (CQ_ENGINE=vllm)"
+                )
+        kept = [r for i, r in enumerate(requests) if i not in refused]
+        done = iter(self._generate(kept, timeout_s, watch) if kept else [])
+        return [refused[i] if i in refused else next(done) for i in range(len(requests))]
+
+    def _generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        timeout_s: float | None,
+        watch: Follower | None,
+    ) -> list[GenerationResult | Exception]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        started = time.monotonic()
+        deadline = started + timeout_s if timeout_s is not None else math.inf
+        view = watch.follow(requests) if watch is not None else None
+        rows: dict[str, _Row] = {}
+        for request in requests:
+            for choice in range(request.n):
+                self._counter += 1
+                request_id = f"cq-{self._counter}"
+                rows[request_id] = _Row(request, choice, len(rows))
+        order = list(rows)
+        self._running = rows
+        timed_out = False
+        try:
+            for request_id, row in rows.items():
+                params = SamplingParams(
+                    **sampling_kwargs(row.request, row.choice, stop_token_ids=self.eos_ids),
+                    output_kind=RequestOutputKind.DELTA,
+                )
+                self.engine.add_request(
+                    request_id, {"prompt_token_ids": list(row.request.prompt_ids)}, params
+                )
+            while not all(row.done for row in rows.values()):
+                if time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                outputs = self._step()
+                for output in outputs:
+                    found = rows.get(output.request_id)
+                    if found is None or found.done:
+                        continue
+                    row = found
+                    completion = output.outputs[0]
+                    row.tokens.extend(completion.token_ids)
+                    if completion.logprobs:
+                        row.logprobs.extend(completion.logprobs)
+                    if view is not None:
+                        view.set(row.index, list(row.tokens))
+                    if output.finished:
+                        row.done = True
+                        if view is not None:
+                            view.finish(row.index)
+                if view is not None:
+                    if not outputs:
+                        view.tick()
+                    self._stop_rows(view, rows, order)
+        finally:
+            unfinished = [i for i, row in rows.items() if not row.done]
+            if unfinished:
+                # Free their slots now; nothing waits for these ids any more.
+                self.engine.abort_request(unfinished)
+            self._running = {}
+        return self._results(requests, rows, timed_out, timeout_s)
+
+    def _step(self) -> list[Any]:
+        """One engine step: every running row's next token; the one place vLLM runs the model."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return list(self.engine.step())
+        except EngineDeadError as exc:
+            raise FatalModelError(f"the vLLM engine died: {exc}") from exc
+        except RuntimeError as exc:
+            if "CUDA error" in str(exc):
+                raise FatalModelError(f"CUDA failure in the vLLM engine: {exc}") from exc
+            raise ModelError(f"vLLM step failed: {exc}") from exc
+
+    def _stop_rows(self, view: FollowedRows, rows: dict[str, _Row], order: list[str]) -> None:
+        """Abort the rows the follower says to stop (their jobs were cancelled)."""
+        stopped = []
+        for index in view.to_stop():
+            request_id = order[index]
+            row = rows[request_id]
+            if not row.done:
+                row.done = True
+                row.cancelled_at = view.cancelled_at(index)
+                stopped.append(request_id)
+        if stopped:
+            self.engine.abort_request(stopped)
+
+    def _results(
+        self,
+        requests: Sequence[GenerationRequest],
+        rows: dict[str, _Row],
+        timed_out: bool,
+        timeout_s: float | None,
+    ) -> list[GenerationResult | Exception]:
+        by_request: dict[str, list[_Row]] = {}
+        for row in rows.values():
+            by_request.setdefault(row.request.key, []).append(row)
+        results: list[GenerationResult | Exception] = []
+        for request in requests:
+            mine = by_request[request.key]
+            if timed_out and any(not r.done for r in mine):
+                generated = max(len(r.tokens) for r in mine)
+                results.append(
+                    GenerationTimeout(
+                        f"generation exceeded the job time limit of {timeout_s:g}s "
+                        f"(CQ_JOB_TIMEOUT_S) after {generated} tokens"
+                    )
+                )
+                continue
+            choices = [self.choice(row) for row in mine]
+            results.append(GenerationResult(choices=choices, prompt_tokens=len(request.prompt_ids)))
+        return results
+
+    def choice(self, row: _Row) -> GeneratedChoice:
+        """Turn a row's tokens into a choice as the static engine does: EOS, cancel, stops."""
+        request = row.request
+        tokens = row.tokens[: request.max_new_tokens]
+        finish = "length"
+        if row.cancelled_at is not None:
+            if row.cancelled_at < len(tokens):
+                tokens = tokens[: row.cancelled_at]
+            if row.cancelled_at < request.max_new_tokens:
+                finish = "cancelled"
+        ends = {*self.eos_ids, self.pad_id}
+        for i, token in enumerate(tokens):
+            if token in ends:
+                tokens, finish = tokens[:i], "stop"
+                break
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if request.stop:
+            text, found = cut_at_stop(text, request.stop)
+            if found:
+                finish = "stop"
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = stored_logprobs(self._record(row, request.logprobs), tokens, self.spell)
+        return GeneratedChoice(
+            text=text, finish_reason=finish, completion_tokens=len(tokens), logprobs=logprobs
+        )
+
+    @staticmethod
+    def _record(row: _Row, k: int) -> RowLogprobs:
+        """The row's vLLM logprobs as the static engine records them: chosen, then top ``k``."""
+        chosen, top_ids, top_values = [], [], []
+        for token, step in zip(row.tokens, row.logprobs, strict=False):
+            chosen.append(float(step[token].logprob))
+            ranked = sorted(
+                (item for item in step.items() if item[1].rank is not None and item[1].rank <= k),
+                key=lambda item: item[1].rank,
+            )
+            top_ids.append([token_id for token_id, _ in ranked])
+            top_values.append([float(value.logprob) for _, value in ranked])
+        return RowLogprobs(k=k, chosen=chosen, top_ids=top_ids, top_values=top_values)
