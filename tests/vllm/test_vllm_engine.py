@@ -1,0 +1,151 @@
+"""Jobs through the real pipeline on the vLLM engine mean what vLLM's own offline LLM gives.
+
+client -> redis-server -> worker process (CQ_ENGINE=vllm, one resident vLLM engine)
+-> SQLite, against ``vllm.LLM.generate`` on the same tiny model in this process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from db import JobStatus
+from engine.vllm import row_seed
+from producer.client import CompletionClient
+
+PROMPTS = [
+    "Once upon a time",
+    "The queue takes a job and",
+    "x",
+    "Dear team, thank you",
+    "Question: what is the capital of France? Answer:",
+    "def add(a, b):",
+]
+
+#: The tiny model's end tokens (its tokenizer's EOS and its generation config's).
+EOS_IDS = [0, 2]
+
+
+def offline_choice(offline: Any, prompt: str, max_tokens: int, **params: Any) -> Any:
+    """vLLM's own completion of ``prompt`` (its first choice)."""
+    from vllm import SamplingParams
+
+    sampling = SamplingParams(max_tokens=max_tokens, stop_token_ids=EOS_IDS, **params)
+    return offline.generate([prompt], sampling, use_tqdm=False)[0].outputs[0]
+
+
+def kept_tokens(completion: Any) -> int:
+    """Tokens vLLM generated, less the end token it appends when EOS ends the row."""
+    ids = list(completion.token_ids)
+    return len(ids) - (1 if ids and ids[-1] in EOS_IDS else 0)
+
+
+@pytest.mark.timeout(900)
+def test_greedy_jobs_equal_vllms_offline_generate(
+    vllm_client: CompletionClient, offline: Any
+) -> None:
+    # Given greedy jobs of different prompts and lengths, submitted at once
+    requests = [
+        {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 3 + 5 * i, "temperature": 0}
+        for i in range(12)
+    ]
+    # When they run through the queue on the vLLM worker
+    done = vllm_client.wait(vllm_client.submit_many(requests), timeout=300)
+    # Then each text is what vLLM's offline generate gives for that prompt alone
+    for request, job in zip(requests, done, strict=True):
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        expected = offline_choice(
+            offline, request["prompt"], request["max_new_tokens"], temperature=0
+        )
+        assert job.text == expected.text
+        assert job.completion_tokens == kept_tokens(expected)
+        assert job.choices[0].finish_reason == expected.finish_reason
+        assert job.prompt_tokens and job.attempts == 1
+
+
+@pytest.mark.timeout(600)
+def test_a_stop_string_cuts_the_text_as_vllm_does(
+    vllm_client: CompletionClient, offline: Any
+) -> None:
+    # Given a stop string taken from the middle of a prompt's greedy completion
+    prompt = "Once upon a time"
+    full = offline_choice(offline, prompt, 24, temperature=0).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"no stop string to take from {full!r}"
+    # When a job asks for it
+    job = vllm_client.wait(
+        vllm_client.submit(prompt=prompt, max_new_tokens=24, temperature=0, stop=[stop]),
+        timeout=120,
+    )
+    # Then its text ends before the stop's first occurrence, with finish_reason stop, as vLLM's
+    expected = offline_choice(offline, prompt, 24, temperature=0, stop=[stop])
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    assert job.text == full[: full.index(stop)] == expected.text
+    assert job.choices[0].finish_reason == "stop" == expected.finish_reason
+
+
+@pytest.mark.timeout(600)
+def test_a_seeded_job_with_n_choices_keeps_its_texts_whatever_the_batch(
+    vllm_client: CompletionClient, offline: Any
+) -> None:
+    seeded = {"prompt": "Once upon a time", "max_new_tokens": 16, "temperature": 0.9, "seed": 5}
+    # Given a seeded sampled job with 3 choices, run alone
+    alone = vllm_client.wait(vllm_client.submit(**seeded, n=3), timeout=120)
+    # When the same job runs again among 10 sampled and greedy batch-mates
+    mates = [
+        {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 20, "temperature": i % 2}
+        for i in range(10)
+    ]
+    crowd = vllm_client.wait(
+        vllm_client.submit_many([*mates[:5], {**seeded, "n": 3}, *mates[5:]]), timeout=120
+    )
+    # Then every choice repeats, the choices differ, and each is vLLM's own draw at its seed
+    assert alone.status is JobStatus.SUCCEEDED, alone.error
+    texts = [c.text for c in alone.choices]
+    assert [c.text for c in crowd[5].choices] == texts
+    assert len(set(texts)) == 3
+    for choice, text in enumerate(texts):
+        expected = offline_choice(
+            offline, "Once upon a time", 16, temperature=0.9, seed=row_seed(5, choice)
+        )
+        assert text == expected.text
+
+
+@pytest.mark.timeout(600)
+def test_logprobs_are_vllms_raw_logprobs_in_our_shape(
+    vllm_client: CompletionClient, offline: Any
+) -> None:
+    # Given a greedy job that asks for 3 alternatives per token
+    prompt = "The queue takes a job and"
+    job = vllm_client.wait(
+        vllm_client.submit(prompt=prompt, max_new_tokens=8, temperature=0, logprobs=3),
+        timeout=120,
+    )
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    entries = job.choices[0].logprobs
+    expected = offline_choice(offline, prompt, 8, temperature=0, logprobs=3)
+    # Then one entry per kept token, each with the top 3 in order, the chosen one first
+    # (greedy), and the values vLLM's offline run reports
+    assert entries is not None and len(entries) == job.completion_tokens
+    assert "".join(e["token"] for e in entries) == job.text
+    for entry, step, token in zip(entries, expected.logprobs, expected.token_ids, strict=False):
+        assert len(entry["top_logprobs"]) == 3
+        values = [alt["logprob"] for alt in entry["top_logprobs"]]
+        assert values == sorted(values, reverse=True)
+        assert entry["top_logprobs"][0]["token"] == entry["token"]
+        assert entry["logprob"] == pytest.approx(step[token].logprob, abs=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_a_response_format_job_fails_naming_the_field(vllm_client: CompletionClient) -> None:
+    # Given a job with a response_format, which this engine does not run yet
+    job = vllm_client.wait(
+        vllm_client.submit(
+            prompt="Give JSON:", max_new_tokens=8, response_format={"type": "json_object"}
+        ),
+        timeout=120,
+    )
+    # Then it fails alone, with an error that names the field
+    assert job.status is JobStatus.FAILED
+    assert "response_format" in str(job.error)
