@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make test runs two lanes side by side (tests/conftest.py): the chaos tests, which mostly wait
+# on default timers, beside the rest. LANES= runs them one after another.
+LANES ?= -n 2 --dist loadgroup
 PIP_QUIET := --quiet --disable-pip-version-check
 # The release of every package CI tested, torch aside (TORCH_SPEC picks it, so GPU hosts
 # keep their CUDA build); `make constraints` writes it anew.
@@ -61,7 +64,7 @@ demo: $(STAMP)
 	$(BIN)/cq demo
 
 test: $(STAMP) services
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(LANES) $(PYTEST_ARGS)
 
 # The floors are true: every direct dependency at the lowest release pyproject.toml allows
 # (uv's lowest-direct resolution; what they pull in at its newest), torch at TORCH_SPEC's.

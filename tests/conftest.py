@@ -29,12 +29,31 @@ BACKENDS = ["sqlite", "postgresql"]
 os.environ.setdefault("CQ_DTYPE", "float32")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put each test in one of two lanes, which `make test` runs side by side (pytest-xdist).
+
+    The waiting lane holds the tests whose time goes to default timers rather than the CPU:
+    every chaos test (a fault, then the recovery the defaults promise) and those marked
+    ``waits``. They run beside the rest, one test at a time in each lane, so the suite takes
+    about as long as its longer lane; without ``-n`` the lanes mean nothing.
+    """
+    if not config.pluginmanager.hasplugin("xdist"):
+        return  # a venv without it (vLLM's) runs one lane
+    chaos = Path(__file__).resolve().parent / "chaos"
+    for item in items:
+        waiting = item.path.is_relative_to(chaos) or item.get_closest_marker("waits")
+        item.add_marker(pytest.mark.xdist_group("waiting" if waiting else "main"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny GPT-2-style model, built once per session."""
-    from engine.tiny import make_tiny_model
+    """The tiny GPT-2-style model, built once per run: the lanes of `make test` share it."""
+    from engine.tiny import ensure_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+    # Under pytest-xdist each lane has its own base temp; their parent is the run's.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return ensure_tiny_model(shared / "models" / "tiny-gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -263,6 +263,7 @@ HOLD_S = 20.0
 READ_TIMEOUT_S = 18.0
 
 
+@pytest.mark.waits
 def test_a_call_whose_job_waits_in_the_queue_is_kept_alive_by_pings(
     stack: Stack, client: CompletionClient, reference: Reference, tiny_model: Path, tmp_path: Path
 ) -> None:

@@ -224,6 +224,7 @@ def test_attempts_are_bounded_when_claimed_even_if_a_dispatcher_died_mid_deliver
     assert server.received == []
 
 
+@pytest.mark.waits
 def test_a_slow_receiver_takes_one_slot_and_is_cut_off_at_the_default_deadline(
     request: pytest.FixtureRequest,
     tmp_path: Path,
