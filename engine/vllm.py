@@ -18,12 +18,22 @@ then at the earliest stop string). vLLM is given the stop strings only so it
 stops early. Log probabilities are vLLM's raw ones (before any penalty or
 temperature), as the static engine records them.
 
+A ``response_format`` runs through vLLM's structured outputs on its guidance
+(llguidance) backend, handed the very grammar the static engine compiles
+(:func:`guidance_schema`: fixed separators, no free whitespace), so a job's JSON
+has the same language on either engine; the kept tokens are then checked with the
+static engine's own matcher, and a row that left its format fails its job, as there.
+A job's ``priority`` feeds vLLM's priority scheduling (:func:`vllm_priority`): rows
+beyond ``max_rows`` wait in vLLM's queue, the most urgent job's first.
+
 vllm is imported only when an engine is built, so this module imports (and its
 pure mapping, :func:`sampling_kwargs`, is tested) where vllm is not installed.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import os
@@ -33,12 +43,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import llguidance
+
 from completion_queue import (
     FatalModelError,
     GenerationTimeout,
     ModelError,
     UnsupportedResponseFormat,
+    parse_response_format,
 )
+from engine.grammar import JSON_OPTIONS, Grammars
 from engine.logprobs import RowLogprobs, TokenSpeller, stored_logprobs
 from engine.protocol import FollowedRows, Follower
 from engine.types import GeneratedChoice, GenerationRequest, GenerationResult, cut_at_stop
@@ -49,11 +63,35 @@ log = logging.getLogger(__name__)
 FALLBACK_KV_BYTES_PER_TOKEN = 65_536
 
 
-def unsupported_field(request: GenerationRequest) -> str | None:
-    """Return the first field of ``request`` this engine cannot honour exactly, or None."""
-    if request.response_format is not None:
-        return "response_format"
-    return None
+def vllm_priority(priority: int) -> int:
+    """Map a job's priority (0 normal .. 9 most urgent) to vLLM's, which runs the lowest first."""
+    return -priority
+
+
+@functools.lru_cache(maxsize=64)
+def guidance_schema(response_format: str) -> str | None:
+    """The JSON schema to hand vLLM's guidance backend for a stored ``response_format``.
+
+    It is the schema inside the grammar :class:`engine.grammar.Grammars` compiles, with
+    our options (fixed separators, no free whitespace) written into its ``x-guidance``:
+    the backend, whatever its own whitespace setting, then builds that very grammar.
+    None for ``{"type": "text"}``.
+
+    Raises:
+        UnsupportedResponseFormat: malformed, or a schema llguidance cannot take.
+    """
+    try:
+        schema = parse_response_format(json.loads(response_format)).grammar_schema
+    except ValueError as exc:
+        raise UnsupportedResponseFormat(f"response_format {exc}") from exc
+    if schema is None:
+        return None
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as exc:
+        raise UnsupportedResponseFormat(f"unsupported JSON schema: {exc}") from exc
+    (only,) = json.loads(grammar)["grammars"]
+    return json.dumps(only["json_schema"])
 
 
 def row_seed(seed: int | None, choice: int) -> int | None:
@@ -110,6 +148,8 @@ class _Row:
     request: GenerationRequest
     choice: int
     index: int
+    #: What the row's response format hands vLLM's guidance backend; None: unconstrained.
+    schema: str | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Any]] = field(default_factory=list)
     done: bool = False
@@ -134,6 +174,7 @@ class VllmEngine:
         import torch
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
         from vllm import EngineArgs, LLMEngine
+        from vllm.config import StructuredOutputsConfig
 
         from engine.devices import resolve_dtype
 
@@ -143,6 +184,8 @@ class VllmEngine:
         self.dtype = str(resolved).removeprefix("torch.")
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model)
         config = AutoConfig.from_pretrained(model)
+        self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
+        self.grammars: Grammars | None = None
         self.context_length: int = int(
             getattr(config, "max_position_embeddings", None)
             or getattr(config, "n_positions", None)
@@ -176,6 +219,13 @@ class VllmEngine:
             # The engine's global generator draws for unseeded rows: fresh per process.
             seed=secrets.randbits(31),
             disable_log_stats=True,
+            # Rows wait in vLLM's queue beyond max_rows: the most urgent job's rows start first.
+            scheduling_policy="priority",
+            # llguidance, as the static engine: each row is handed the very grammar that
+            # engine builds (see guidance_schema); no free whitespace either way.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="guidance", disable_any_whitespace=True
+            ),
         )
         self.engine: Any = LLMEngine.from_engine_args(args)
         self._counter = 0
@@ -198,8 +248,8 @@ class VllmEngine:
         return [list(ids) for ids in encoded["input_ids"]]
 
     def runs(self, request: GenerationRequest) -> bool:
-        """True unless ``request`` uses a field this engine does not honour exactly yet."""
-        return unsupported_field(request) is None
+        """True: this engine honours every field of a request (README's engine table)."""
+        return True
 
     def warm_up(self) -> None:
         """Run one small greedy request, so the first real batch pays no start-up cost."""
@@ -224,7 +274,8 @@ class VllmEngine:
     ) -> list[GenerationResult | Exception]:
         """Run ``requests`` to the end in the resident engine; results in the same order.
 
-        A request this engine does not run gets a :class:`ModelError` naming the field.
+        A request whose ``response_format`` cannot be enforced gets an
+        :class:`UnsupportedResponseFormat`; one whose row left its format, a :class:`ModelError`.
         A request still generating ``timeout_s`` seconds after the call began is
         aborted and gets a :class:`GenerationTimeout`; the others keep theirs. ``watch``
         sees every row's tokens after each step and names rows to abort (cancels).
@@ -233,13 +284,7 @@ class VllmEngine:
             FatalModelError: the engine died; the process must exit.
             ModelError: a step failed for another reason.
         """
-        refused: dict[int, Exception] = {}
-        for i, request in enumerate(requests):
-            name = unsupported_field(request)
-            if name is not None:
-                refused[i] = UnsupportedResponseFormat(
-                    f"{name} is not supported by the vllm engine yet (CQ_ENGINE=vllm)"
-                )
+        refused = self._refuse_formats(requests)
         kept = [r for i, r in enumerate(requests) if i not in refused]
         done = iter(self._generate(kept, timeout_s, watch) if kept else [])
         return [refused[i] if i in refused else next(done) for i in range(len(requests))]
@@ -251,7 +296,7 @@ class VllmEngine:
         watch: Follower | None,
     ) -> list[GenerationResult | Exception]:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         started = time.monotonic()
         deadline = started + timeout_s if timeout_s is not None else math.inf
@@ -261,18 +306,28 @@ class VllmEngine:
             for choice in range(request.n):
                 self._counter += 1
                 request_id = f"cq-{self._counter}"
-                rows[request_id] = _Row(request, choice, len(rows))
+                schema = (
+                    guidance_schema(request.response_format) if request.response_format else None
+                )
+                rows[request_id] = _Row(request, choice, len(rows), schema)
         order = list(rows)
         self._running = rows
         timed_out = False
         try:
             for request_id, row in rows.items():
+                structured = None
+                if row.schema is not None:
+                    structured = StructuredOutputsParams(json=row.schema)
                 params = SamplingParams(
                     **sampling_kwargs(row.request, row.choice, stop_token_ids=self.eos_ids),
+                    structured_outputs=structured,
                     output_kind=RequestOutputKind.DELTA,
                 )
                 self.engine.add_request(
-                    request_id, {"prompt_token_ids": list(row.request.prompt_ids)}, params
+                    request_id,
+                    {"prompt_token_ids": list(row.request.prompt_ids)},
+                    params,
+                    priority=vllm_priority(row.request.priority),
                 )
             while not all(row.done for row in rows.values()):
                 if time.monotonic() >= deadline:
@@ -354,9 +409,56 @@ class VllmEngine:
                     )
                 )
                 continue
+            strayed = [error for row in mine if (error := self._left_format(row)) is not None]
+            if strayed:
+                results.append(ModelError(f"generation left the response format: {strayed[0]}"))
+                continue
             choices = [self.choice(row) for row in mine]
             results.append(GenerationResult(choices=choices, prompt_tokens=len(request.prompt_ids)))
         return results
+
+    def _grammars(self) -> Grammars:
+        """The response formats' compiler for this tokenizer, made on the first use."""
+        if self.grammars is None:
+            self.grammars = Grammars(
+                self.tokenizer, vocab_size=self.vocab_size, stop_ids=self.eos_ids
+            )
+        return self.grammars
+
+    def _refuse_formats(self, requests: Sequence[GenerationRequest]) -> dict[int, Exception]:
+        """Compile each request's response format; return the errors of those that fail."""
+        refused: dict[int, Exception] = {}
+        for index, request in enumerate(requests):
+            if request.response_format is not None:
+                try:
+                    self._grammars().compile(request.response_format)
+                    guidance_schema(request.response_format)
+                except UnsupportedResponseFormat as exc:
+                    refused[index] = exc
+        return refused
+
+    def _left_format(self, row: _Row) -> str | None:
+        """Why the row's kept tokens leave its response format; None when they keep to it.
+
+        vLLM masks with the very grammar the static engine's matcher checks here, so this
+        finds nothing unless a mask went wrong; then the job fails, as on the static
+        engine, rather than store text outside its format.
+        """
+        if row.request.response_format is None:
+            return None
+        compiled = self._grammars().compile(row.request.response_format)
+        if compiled is None:
+            return None
+        matcher = compiled.matcher()
+        kept = row.tokens[: row.request.max_new_tokens]
+        if row.cancelled_at is not None:
+            kept = kept[: row.cancelled_at]
+        for token in kept:
+            if not matcher.consume_token(token):
+                return matcher.get_error() or f"token {token} was rejected"
+            if token in self.eos_ids:
+                break
+        return None
 
     def choice(self, row: _Row) -> GeneratedChoice:
         """Turn a row's tokens into a choice as the static engine does: EOS, cancel, stops."""
