@@ -32,6 +32,9 @@ class GenerationRequest:
     logprobs: int | None = None
     #: The job's ``response_format`` as compact JSON (keys in order); None: unconstrained.
     response_format: str | None = None
+    #: The job's priority, 0 (normal) to 9 (most urgent): an engine that queues rows
+    #: (vLLM's priority scheduling) starts the more urgent first; the others ignore it.
+    priority: int = 0
 
     @property
     def greedy(self) -> bool:

@@ -11,6 +11,13 @@ one request) is one vLLM request with ``n=1``, so a row can be aborted alone
 (a cancel) and a seeded choice gets its own stream, ``(seed, choice)`` as in
 the static engine: its text does not depend on its batch-mates.
 
+One resident thread steps vLLM for as long as any row runs (continuous batching):
+:meth:`VllmEngine.generate` hands its call's rows to that thread and waits. Calls
+from several threads may run at once: a call's rows join the running ones at the
+next step, never waiting for another call to end, and each caller is woken when
+its own rows end (or its time limit passes, or a step fails it). Only that thread
+touches vLLM's engine after loading, since ``LLMEngine`` is not thread-safe.
+
 Semantics are ours, not vLLM's defaults: the generated token ids come from
 vLLM, and the text, ``finish_reason`` and ``completion_tokens`` are made from
 them as :meth:`engine.static.StaticEngine.choice` does (cut at the first EOS,
@@ -18,27 +25,42 @@ then at the earliest stop string). vLLM is given the stop strings only so it
 stops early. Log probabilities are vLLM's raw ones (before any penalty or
 temperature), as the static engine records them.
 
+A ``response_format`` runs through vLLM's structured outputs on its guidance
+(llguidance) backend, handed the very grammar the static engine compiles
+(:func:`guidance_schema`: fixed separators, no free whitespace), so a job's JSON
+has the same language on either engine; the kept tokens are then checked with the
+static engine's own matcher, and a row that left its format fails its job, as there.
+A job's ``priority`` feeds vLLM's priority scheduling (:func:`vllm_priority`): rows
+beyond ``max_rows`` wait in vLLM's queue, the most urgent job's first.
+
 vllm is imported only when an engine is built, so this module imports (and its
 pure mapping, :func:`sampling_kwargs`, is tested) where vllm is not installed.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import os
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import llguidance
 
 from completion_queue import (
     FatalModelError,
     GenerationTimeout,
     ModelError,
     UnsupportedResponseFormat,
+    parse_response_format,
 )
+from engine.grammar import JSON_OPTIONS, Grammars
 from engine.logprobs import RowLogprobs, TokenSpeller, stored_logprobs
 from engine.protocol import FollowedRows, Follower
 from engine.types import GeneratedChoice, GenerationRequest, GenerationResult, cut_at_stop
@@ -47,13 +69,41 @@ log = logging.getLogger(__name__)
 
 #: Bytes per KV-cache token when the model's config does not say (1 GiB / 16k tokens).
 FALLBACK_KV_BYTES_PER_TOKEN = 65_536
+#: How often a caller waiting for its rows checks that the step thread still runs.
+THREAD_CHECK_S = 1.0
+#: Longest ``close`` waits for the step thread to finish its step and abort the rows.
+CLOSE_WAIT_S = 10.0
 
 
-def unsupported_field(request: GenerationRequest) -> str | None:
-    """Return the first field of ``request`` this engine cannot honour exactly, or None."""
-    if request.response_format is not None:
-        return "response_format"
-    return None
+def vllm_priority(priority: int) -> int:
+    """Map a job's priority (0 normal .. 9 most urgent) to vLLM's, which runs the lowest first."""
+    return -priority
+
+
+@functools.lru_cache(maxsize=64)
+def guidance_schema(response_format: str) -> str | None:
+    """The JSON schema to hand vLLM's guidance backend for a stored ``response_format``.
+
+    It is the schema inside the grammar :class:`engine.grammar.Grammars` compiles, with
+    our options (fixed separators, no free whitespace) written into its ``x-guidance``:
+    the backend, whatever its own whitespace setting, then builds that very grammar.
+    None for ``{"type": "text"}``.
+
+    Raises:
+        UnsupportedResponseFormat: malformed, or a schema llguidance cannot take.
+    """
+    try:
+        schema = parse_response_format(json.loads(response_format)).grammar_schema
+    except ValueError as exc:
+        raise UnsupportedResponseFormat(f"response_format {exc}") from exc
+    if schema is None:
+        return None
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as exc:
+        raise UnsupportedResponseFormat(f"unsupported JSON schema: {exc}") from exc
+    (only,) = json.loads(grammar)["grammars"]
+    return json.dumps(only["json_schema"])
 
 
 def row_seed(seed: int | None, choice: int) -> int | None:
@@ -110,14 +160,32 @@ class _Row:
     request: GenerationRequest
     choice: int
     index: int
+    #: What the row's response format hands vLLM's guidance backend; None: unconstrained.
+    schema: str | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Any]] = field(default_factory=list)
     done: bool = False
     cancelled_at: int | None = None
 
 
+@dataclass(eq=False)
+class _Call:
+    """One ``generate`` call's rows, handed to the step thread; its caller waits on ``done``."""
+
+    requests: Sequence[GenerationRequest]
+    view: FollowedRows | None
+    #: ``time.monotonic()`` past which its unfinished rows are aborted (the job time limit).
+    deadline: float
+    #: Its rows by vLLM request id, in the call's order (each request's ``n`` rows).
+    rows: dict[str, _Row] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+    timed_out: bool = False
+    #: What failed the whole call (a step, or vLLM refusing a row); raised to its caller.
+    error: BaseException | None = None
+
+
 class VllmEngine:
-    """A vLLM ``LLMEngine`` loaded once and kept resident in this process."""
+    """A vLLM ``LLMEngine`` loaded once, kept resident in this process, stepped by one thread."""
 
     def __init__(
         self,
@@ -134,6 +202,7 @@ class VllmEngine:
         import torch
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
         from vllm import EngineArgs, LLMEngine
+        from vllm.config import StructuredOutputsConfig
 
         from engine.devices import resolve_dtype
 
@@ -143,6 +212,8 @@ class VllmEngine:
         self.dtype = str(resolved).removeprefix("torch.")
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model)
         config = AutoConfig.from_pretrained(model)
+        self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
+        self.grammars: Grammars | None = None
         self.context_length: int = int(
             getattr(config, "max_position_embeddings", None)
             or getattr(config, "n_positions", None)
@@ -176,11 +247,31 @@ class VllmEngine:
             # The engine's global generator draws for unseeded rows: fresh per process.
             seed=secrets.randbits(31),
             disable_log_stats=True,
+            # Rows wait in vLLM's queue beyond max_rows: the most urgent job's rows start first.
+            scheduling_policy="priority",
+            # llguidance, as the static engine: each row is handed the very grammar that
+            # engine builds (see guidance_schema); no free whitespace either way.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="guidance", disable_any_whitespace=True
+            ),
         )
         self.engine: Any = LLMEngine.from_engine_args(args)
         self._counter = 0
-        #: The rows of the call now running (aborted on close).
+        #: Guards the inbox, the counter and the flags; step thread and callers wait on it.
+        self._wake = threading.Condition()
+        #: Calls handed in and not yet added to vLLM (the step thread adds them between steps).
+        self._inbox: list[_Call] = []
+        self._closing = False
+        #: Set when the engine died: every later call raises it.
+        self._dead: FatalModelError | None = None
+        self._thread: threading.Thread | None = None
+        # The step thread's own, never touched by callers:
+        #: Every row in vLLM now, of every call, by request id (aborted on close).
         self._running: dict[str, _Row] = {}
+        #: The call each running row belongs to.
+        self._owners: dict[str, _Call] = {}
+        #: The calls whose rows are in vLLM, oldest first.
+        self._calls: list[_Call] = []
         self.load_s = time.perf_counter() - started
         log.info(
             "loaded model %s in vLLM on %s (%s, KV cache %.0f MiB) in %.2fs [pid %d]",
@@ -198,8 +289,8 @@ class VllmEngine:
         return [list(ids) for ids in encoded["input_ids"]]
 
     def runs(self, request: GenerationRequest) -> bool:
-        """True unless ``request`` uses a field this engine does not honour exactly yet."""
-        return unsupported_field(request) is None
+        """True: this engine honours every field of a request (README's engine table)."""
+        return True
 
     def warm_up(self) -> None:
         """Run one small greedy request, so the first real batch pays no start-up cost."""
@@ -210,10 +301,13 @@ class VllmEngine:
         self.generate([request])
 
     def close(self) -> None:
-        """Abort whatever is left in the engine (the process is shutting down)."""
-        if self._running:
-            self.engine.abort_request(list(self._running))
-            self._running = {}
+        """Stop the step thread and abort whatever is left in the engine (the process ends)."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(CLOSE_WAIT_S)
 
     def generate(
         self,
@@ -224,22 +318,19 @@ class VllmEngine:
     ) -> list[GenerationResult | Exception]:
         """Run ``requests`` to the end in the resident engine; results in the same order.
 
-        A request this engine does not run gets a :class:`ModelError` naming the field.
+        Callers in several threads may generate at once: each call's rows join the
+        running ones at the next engine step, and each call returns when its own rows
+        end. A request whose ``response_format`` cannot be enforced gets an
+        :class:`UnsupportedResponseFormat`; one whose row left its format, a :class:`ModelError`.
         A request still generating ``timeout_s`` seconds after the call began is
         aborted and gets a :class:`GenerationTimeout`; the others keep theirs. ``watch``
         sees every row's tokens after each step and names rows to abort (cancels).
 
         Raises:
             FatalModelError: the engine died; the process must exit.
-            ModelError: a step failed for another reason.
+            ModelError: a step failed for another reason (every call running then gets it).
         """
-        refused: dict[int, Exception] = {}
-        for i, request in enumerate(requests):
-            name = unsupported_field(request)
-            if name is not None:
-                refused[i] = UnsupportedResponseFormat(
-                    f"{name} is not supported by the vllm engine yet (CQ_ENGINE=vllm)"
-                )
+        refused = self._refuse_formats(requests)
         kept = [r for i, r in enumerate(requests) if i not in refused]
         done = iter(self._generate(kept, timeout_s, watch) if kept else [])
         return [refused[i] if i in refused else next(done) for i in range(len(requests))]
@@ -250,61 +341,166 @@ class VllmEngine:
         timeout_s: float | None,
         watch: Follower | None,
     ) -> list[GenerationResult | Exception]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
+        """Hand one call's rows to the step thread; wait until they end; make the results."""
         started = time.monotonic()
         deadline = started + timeout_s if timeout_s is not None else math.inf
         view = watch.follow(requests) if watch is not None else None
-        rows: dict[str, _Row] = {}
-        for request in requests:
-            for choice in range(request.n):
-                self._counter += 1
-                request_id = f"cq-{self._counter}"
-                rows[request_id] = _Row(request, choice, len(rows))
-        order = list(rows)
-        self._running = rows
-        timed_out = False
+        call = _Call(requests=requests, view=view, deadline=deadline)
+        with self._wake:
+            if self._dead is not None:
+                raise FatalModelError(str(self._dead)) from self._dead
+            if self._closing:
+                raise ModelError("the vLLM engine is closing")
+            for request in requests:
+                schema = (
+                    guidance_schema(request.response_format) if request.response_format else None
+                )
+                for choice in range(request.n):
+                    self._counter += 1
+                    call.rows[f"cq-{self._counter}"] = _Row(request, choice, len(call.rows), schema)
+            self._inbox.append(call)
+            self._start_thread()
+            self._wake.notify()
+        # The step thread ends every call it takes, even when it fails; a thread that died
+        # of something else leaves its calls for ever, so the wait checks on it.
+        while not call.done.wait(THREAD_CHECK_S):
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                raise FatalModelError("the vLLM step thread stopped")
+        if call.error is not None:
+            raise call.error
+        return self._results(requests, call.rows, call.timed_out, timeout_s)
+
+    def _start_thread(self) -> None:
+        """Start the step thread on the first call (held: ``self._wake``)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="cq-vllm-steps", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        """The step thread: admit new calls, step, hand each row its tokens, end finished calls.
+
+        The only thread that touches vLLM's engine after loading (add, step, abort).
+        """
         try:
-            for request_id, row in rows.items():
+            while True:
+                with self._wake:
+                    while not (self._inbox or self._calls or self._closing):
+                        self._wake.wait()
+                    if self._closing:
+                        break
+                    arrived, self._inbox = self._inbox, []
+                for call in arrived:
+                    self._admit(call)
+                try:
+                    self._turn()
+                except FatalModelError as exc:
+                    with self._wake:
+                        self._dead = exc
+                    self._fail_all(exc)
+                except Exception as exc:
+                    # ModelError from a step, or anything else: every row running shared it.
+                    log.warning("vLLM step failed for %d call(s): %s", len(self._calls), exc)
+                    self._fail_all(exc)
+        finally:
+            with self._wake:
+                self._closing = True
+                arrived, self._inbox = self._inbox, []
+            self._calls.extend(arrived)
+            self._fail_all(self._dead or ModelError("the vLLM engine is closing"))
+
+    def _admit(self, call: _Call) -> None:
+        """Add a call's rows to vLLM's engine; a row vLLM refuses fails the call alone."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        added: list[str] = []
+        try:
+            for request_id, row in call.rows.items():
+                structured = None
+                if row.schema is not None:
+                    structured = StructuredOutputsParams(json=row.schema)
                 params = SamplingParams(
                     **sampling_kwargs(row.request, row.choice, stop_token_ids=self.eos_ids),
+                    structured_outputs=structured,
                     output_kind=RequestOutputKind.DELTA,
                 )
                 self.engine.add_request(
-                    request_id, {"prompt_token_ids": list(row.request.prompt_ids)}, params
+                    request_id,
+                    {"prompt_token_ids": list(row.request.prompt_ids)},
+                    params,
+                    priority=vllm_priority(row.request.priority),
                 )
-            while not all(row.done for row in rows.values()):
-                if time.monotonic() >= deadline:
-                    timed_out = True
-                    break
-                outputs = self._step()
-                for output in outputs:
-                    found = rows.get(output.request_id)
-                    if found is None or found.done:
-                        continue
-                    row = found
-                    completion = output.outputs[0]
-                    row.tokens.extend(completion.token_ids)
-                    if completion.logprobs:
-                        row.logprobs.extend(completion.logprobs)
-                    if view is not None:
-                        view.set(row.index, list(row.tokens))
-                    if output.finished:
-                        row.done = True
-                        if view is not None:
-                            view.finish(row.index)
-                if view is not None:
-                    if not outputs:
-                        view.tick()
-                    self._stop_rows(view, rows, order)
-        finally:
-            unfinished = [i for i, row in rows.items() if not row.done]
+                added.append(request_id)
+        except Exception as exc:
+            if added:
+                self.engine.abort_request(added)
+            call.error = exc
+            call.done.set()
+            return
+        for request_id, row in call.rows.items():
+            self._running[request_id] = row
+            self._owners[request_id] = call
+        self._calls.append(call)
+
+    def _turn(self) -> None:
+        """End the calls past their deadline, run one step, end the calls whose rows all ended."""
+        now = time.monotonic()
+        for call in list(self._calls):
+            if now >= call.deadline:
+                call.timed_out = True
+                self._end(call)
+        if not self._calls:
+            return
+        outputs = self._step()
+        reported: set[int] = set()
+        for output in outputs:
+            row = self._running.get(output.request_id)
+            if row is None or row.done:
+                continue
+            call = self._owners[output.request_id]
+            reported.add(id(call))
+            completion = output.outputs[0]
+            row.tokens.extend(completion.token_ids)
+            if completion.logprobs:
+                row.logprobs.extend(completion.logprobs)
+            if call.view is not None:
+                call.view.set(row.index, list(row.tokens))
+            if output.finished:
+                row.done = True
+                if call.view is not None:
+                    call.view.finish(row.index)
+        for call in list(self._calls):
+            if call.view is not None:
+                if id(call) not in reported:
+                    call.view.tick()
+                self._stop_rows(call)
+            if all(row.done for row in call.rows.values()):
+                self._end(call)
+
+    def _end(self, call: _Call, error: BaseException | None = None) -> None:
+        """Abort a call's unfinished rows, forget its rows and wake its caller."""
+        unfinished = [i for i, row in call.rows.items() if not row.done and i in self._running]
+        for request_id in call.rows:
+            self._running.pop(request_id, None)
+            self._owners.pop(request_id, None)
+        if call in self._calls:
+            self._calls.remove(call)
+        call.error = error
+        try:
             if unfinished:
                 # Free their slots now; nothing waits for these ids any more.
                 self.engine.abort_request(unfinished)
-            self._running = {}
-        return self._results(requests, rows, timed_out, timeout_s)
+        finally:
+            call.done.set()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """End every call the thread holds with ``exc``."""
+        for call in list(self._calls):
+            try:
+                self._end(call, exc)
+            except Exception:
+                log.warning("could not abort the rows of a failed call", exc_info=True)
 
     def _step(self) -> list[Any]:
         """One engine step: every running row's next token; the one place vLLM runs the model."""
@@ -319,15 +515,17 @@ class VllmEngine:
                 raise FatalModelError(f"CUDA failure in the vLLM engine: {exc}") from exc
             raise ModelError(f"vLLM step failed: {exc}") from exc
 
-    def _stop_rows(self, view: FollowedRows, rows: dict[str, _Row], order: list[str]) -> None:
-        """Abort the rows the follower says to stop (their jobs were cancelled)."""
+    def _stop_rows(self, call: _Call) -> None:
+        """Abort the rows the call's follower says to stop (their jobs were cancelled)."""
+        assert call.view is not None
+        order = list(call.rows)
         stopped = []
-        for index in view.to_stop():
+        for index in call.view.to_stop():
             request_id = order[index]
-            row = rows[request_id]
+            row = call.rows[request_id]
             if not row.done:
                 row.done = True
-                row.cancelled_at = view.cancelled_at(index)
+                row.cancelled_at = call.view.cancelled_at(index)
                 stopped.append(request_id)
         if stopped:
             self.engine.abort_request(stopped)
@@ -354,9 +552,56 @@ class VllmEngine:
                     )
                 )
                 continue
+            strayed = [error for row in mine if (error := self._left_format(row)) is not None]
+            if strayed:
+                results.append(ModelError(f"generation left the response format: {strayed[0]}"))
+                continue
             choices = [self.choice(row) for row in mine]
             results.append(GenerationResult(choices=choices, prompt_tokens=len(request.prompt_ids)))
         return results
+
+    def _grammars(self) -> Grammars:
+        """The response formats' compiler for this tokenizer, made on the first use."""
+        if self.grammars is None:
+            self.grammars = Grammars(
+                self.tokenizer, vocab_size=self.vocab_size, stop_ids=self.eos_ids
+            )
+        return self.grammars
+
+    def _refuse_formats(self, requests: Sequence[GenerationRequest]) -> dict[int, Exception]:
+        """Compile each request's response format; return the errors of those that fail."""
+        refused: dict[int, Exception] = {}
+        for index, request in enumerate(requests):
+            if request.response_format is not None:
+                try:
+                    self._grammars().compile(request.response_format)
+                    guidance_schema(request.response_format)
+                except UnsupportedResponseFormat as exc:
+                    refused[index] = exc
+        return refused
+
+    def _left_format(self, row: _Row) -> str | None:
+        """Why the row's kept tokens leave its response format; None when they keep to it.
+
+        vLLM masks with the very grammar the static engine's matcher checks here, so this
+        finds nothing unless a mask went wrong; then the job fails, as on the static
+        engine, rather than store text outside its format.
+        """
+        if row.request.response_format is None:
+            return None
+        compiled = self._grammars().compile(row.request.response_format)
+        if compiled is None:
+            return None
+        matcher = compiled.matcher()
+        kept = row.tokens[: row.request.max_new_tokens]
+        if row.cancelled_at is not None:
+            kept = kept[: row.cancelled_at]
+        for token in kept:
+            if not matcher.consume_token(token):
+                return matcher.get_error() or f"token {token} was rejected"
+            if token in self.eos_ids:
+                break
+        return None
 
     def choice(self, row: _Row) -> GeneratedChoice:
         """Turn a row's tokens into a choice as the static engine does: EOS, cancel, stops."""

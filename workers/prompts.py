@@ -36,4 +36,5 @@ def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
         seed=params.get("seed"),
         logprobs=params.get("logprobs"),
         response_format=format_key(params.get("response_format")),
+        priority=job.priority,
     )

@@ -1,11 +1,25 @@
-"""The vLLM engine's pure parts, without vLLM: each request field mapped to SamplingParams."""
+"""The vLLM engine's pure parts, without vLLM: each request field mapped to what vLLM takes."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
+import llguidance
+import pytest
+
+from completion_queue import UnsupportedResponseFormat
+from engine.grammar import JSON_OPTIONS
 from engine.types import GenerationRequest
-from engine.vllm import kv_bytes_per_token, row_seed, sampling_kwargs, unsupported_field
+from engine.vllm import (
+    guidance_schema,
+    kv_bytes_per_token,
+    row_seed,
+    sampling_kwargs,
+    vllm_priority,
+)
+from tests.factories import make_job
+from workers.prompts import to_request
 
 
 def request(**fields: object) -> GenerationRequest:
@@ -61,9 +75,63 @@ def test_each_choice_of_a_seeded_request_gets_its_own_stream_as_in_the_static_en
     assert row_seed(2**62, 1) == (2**62 * 1_000_003 + 1) % 2**63
 
 
-def test_a_response_format_is_refused_naming_the_field() -> None:
-    assert unsupported_field(request(response_format='{"type":"json_object"}')) == "response_format"
-    assert unsupported_field(request(n=3, logprobs=2, stop=("x",), seed=1)) is None
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def stored(value: object) -> str:
+    """A response_format as a job's request carries it (workers.prompts.format_key)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}},
+    ],
+    ids=["json_object", "json_schema"],
+)
+def test_vllms_guidance_backend_builds_the_static_engines_very_grammar(
+    response_format: dict[str, object],
+) -> None:
+    # Given the schema the static engine compiles, and what the vLLM engine hands vLLM
+    inner = response_format.get("json_schema")
+    schema = inner["schema"] if isinstance(inner, dict) else {"type": "object"}
+    ours = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    handed = guidance_schema(stored(response_format))
+    assert handed is not None
+    # When vLLM's guidance backend compiles it, with free whitespace on or off
+    # (vllm/v1/structured_output/backend_guidance.py: serialize_guidance_grammar)
+    for flexible in (True, False):
+        built = llguidance.LLMatcher.grammar_from_json_schema(
+            handed, defaults={"whitespace_flexible": flexible}
+        )
+        # Then it is the grammar the static engine builds, byte for byte: the same language
+        assert built == ours
+    assert json.loads(handed)["x-guidance"] == {**JSON_OPTIONS}
+
+
+def test_text_needs_no_grammar_and_a_bad_format_is_refused_naming_it() -> None:
+    assert guidance_schema(stored({"type": "text"})) is None
+    with pytest.raises(UnsupportedResponseFormat, match="response_format type must be"):
+        guidance_schema(stored({"type": "yaml"}))
+
+
+def test_a_more_urgent_job_gets_a_lower_vllm_priority_which_vllm_runs_first() -> None:
+    # Ours: 0 normal .. 9 most urgent. vLLM's priority scheduler runs the lowest value first.
+    mapped = [vllm_priority(p) for p in range(10)]
+    assert mapped == sorted(mapped, reverse=True) and len(set(mapped)) == 10
+    # A normal job keeps vLLM's default priority (0)
+    assert vllm_priority(0) == 0
+
+
+def test_a_jobs_priority_reaches_its_generation_request() -> None:
+    assert to_request(make_job(priority=7), [1, 2]).priority == 7
+    assert GenerationRequest(key="k", prompt_ids=(1,), max_new_tokens=1).priority == 0
 
 
 def test_the_kv_cache_is_sized_from_the_models_config() -> None:

@@ -13,6 +13,7 @@ import pytest
 from db import JobStatus
 from engine.vllm import row_seed
 from producer.client import CompletionClient
+from tests.vllm.conftest import kept_tokens, offline_choice
 
 PROMPTS = [
     "Once upon a time",
@@ -22,23 +23,6 @@ PROMPTS = [
     "Question: what is the capital of France? Answer:",
     "def add(a, b):",
 ]
-
-#: The tiny model's end tokens (its tokenizer's EOS and its generation config's).
-EOS_IDS = [0, 2]
-
-
-def offline_choice(offline: Any, prompt: str, max_tokens: int, **params: Any) -> Any:
-    """vLLM's own completion of ``prompt`` (its first choice)."""
-    from vllm import SamplingParams
-
-    sampling = SamplingParams(max_tokens=max_tokens, stop_token_ids=EOS_IDS, **params)
-    return offline.generate([prompt], sampling, use_tqdm=False)[0].outputs[0]
-
-
-def kept_tokens(completion: Any) -> int:
-    """Tokens vLLM generated, less the end token it appends when EOS ends the row."""
-    ids = list(completion.token_ids)
-    return len(ids) - (1 if ids and ids[-1] in EOS_IDS else 0)
 
 
 @pytest.mark.timeout(900)
@@ -135,17 +119,3 @@ def test_logprobs_are_vllms_raw_logprobs_in_our_shape(
         assert values == sorted(values, reverse=True)
         assert entry["top_logprobs"][0]["token"] == entry["token"]
         assert entry["logprob"] == pytest.approx(step[token].logprob, abs=1e-4)
-
-
-@pytest.mark.timeout(600)
-def test_a_response_format_job_fails_naming_the_field(vllm_client: CompletionClient) -> None:
-    # Given a job with a response_format, which this engine does not run yet
-    job = vllm_client.wait(
-        vllm_client.submit(
-            prompt="Give JSON:", max_new_tokens=8, response_format={"type": "json_object"}
-        ),
-        timeout=120,
-    )
-    # Then it fails alone, with an error that names the field
-    assert job.status is JobStatus.FAILED
-    assert "response_format" in str(job.error)
