@@ -99,6 +99,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     import vllm
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from vllm import LLM, SamplingParams
+    from vllm.config import SchedulerConfig
 
     from engine.types import GenerationRequest
     from engine.vllm import kv_bytes_per_token, sampling_kwargs
@@ -129,6 +130,8 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
         dtype=dtype,
         max_model_len=context,
         max_num_seqs=spec["max_rows"],
+        # LLM's own default on CPU is 4,096 tokens a step; the worker's LLMEngine gets this.
+        max_num_batched_tokens=SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS,
         kv_cache_memory_bytes=max(kv_bytes, 16 << 20),
         enable_prefix_caching=True,
         seed=0,
