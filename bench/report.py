@@ -57,6 +57,26 @@ ROWS = [
 ]
 
 
+#: The vLLM run's targets (issue 33, the GPT-2-small shape), beside those above.
+VLLM_TARGETS = {
+    "pipeline_over_vllm_offline": 0.9,
+    "mixed_pipeline_over_vllm_offline": 0.9,
+}
+
+#: The vLLM run's own rows (``cq bench --engine vllm``), shown after those above.
+VLLM_ROWS = [
+    ("vllm_offline_tokens_per_s", "vLLM's own offline LLM.generate, same items, dtype, engine"),
+    ("pipeline_over_vllm_offline", "pipeline / vLLM offline"),
+    ("mixed_vllm_offline_tokens_per_s", "mixed: vLLM offline"),
+    ("mixed_pipeline_over_vllm_offline", "mixed: pipeline / vLLM offline"),
+    ("prefix_vllm_offline_tokens_per_s", "shared prefix: vLLM offline, prefix caching on"),
+    ("prefix_pipeline_over_vllm_offline", "shared prefix: pipeline / vLLM offline"),
+    ("prefix_off_vllm_offline_tokens_per_s", "shared prefix: vLLM offline, each request salted"),
+    ("prefix_off_pipeline_over_vllm_offline", "shared prefix, reuse off: pipeline / vLLM offline"),
+    ("vllm_offline_prefix_reuse_speedup", "shared prefix: vLLM offline, reuse / off"),
+]
+
+
 class Phases:
     """Time each step of the run, from one progress line to the next, to size job counts by.
 
@@ -93,17 +113,20 @@ def print_report(figures: dict[str, Any]) -> None:
     table = Table(title="cq bench")
     for column in ("figure", "value", "target", "what"):
         table.add_column(column)
-    for key, what in ROWS:
+    targets = {**TARGETS, **VLLM_TARGETS}
+    for key, what in [*ROWS, *VLLM_ROWS]:
         if key not in figures:
             continue
         value = figures[key]
-        target = TARGETS.get(key)
+        target = targets.get(key)
         mark = ""
         if target is not None:
             mark = f"≥ {target:g} " + ("[green]met[/]" if value >= target else "[red]missed[/]")
         table.add_row(key, f"{value:,.2f}", mark, what)
     console = Console()
     console.print(table)
+    for phase, why in figures.get("skipped", {}).items():
+        console.print(f"skipped: {phase}: {why}")
     settings = ", ".join(
         f"{k}={figures[k]}"
         for k in (
@@ -120,7 +143,10 @@ def print_report(figures: dict[str, Any]) -> None:
             "new_tokens",
             "mixed_jobs",
             "workers",
+            "vllm",
+            "vllm_offline_threads",
         )
+        if k in figures
     )
     console.print(settings)
     if "bench_s" in figures:

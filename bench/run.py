@@ -3,6 +3,12 @@
 Every ratio compares figures measured in the same run on the same machine, so a
 shared, noisy machine moves both sides together. :func:`run_bench` lists the run's
 phases; each is one step of :class:`_Run`, which holds what the steps share.
+
+With ``engine="vllm"`` (run from vLLM's venv, ``make install-vllm``) the workers run the
+vLLM engine and the baseline is vLLM's own offline ``LLM.generate`` on the same items
+(:mod:`bench.vllm_offline`). The direct ``generate`` baselines do not run there: that
+venv's transformers is older than the one the static engine and its baselines are
+measured on; the figures say so under ``skipped``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from bench.pipeline import (
     run_jobs,
 )
 from bench.report import Phases
+from bench.vllm_offline import measure_offline
 from bench.workloads import Item, mixed, shared_prefix, uniform
 from completion_queue import TINY_MODEL_NAME, Settings, WorkerProcess, stop_workers
 from engine.tiny import ensure_tiny_model
@@ -46,7 +53,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     workers: int = 1
-    engine: Literal["static", "continuous"] = "static"
+    engine: Literal["static", "continuous", "vllm"] = "static"
     batch_wait_ms: int = 20
     batch_lookahead: int = Settings.model_fields["batch_lookahead"].default
     mixed_jobs: int = 512
@@ -70,6 +77,7 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
     run.matmul_peak()
     run.memory_bandwidth()
     with tempfile.TemporaryDirectory(prefix="cq-bench-") as tmp:
+        run.vllm_offline(Path(tmp))
         cluster = run.start_cluster(Path(tmp))
         try:
             workers = cluster.start_workers(1)
@@ -81,6 +89,7 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
                 run.time_to_first_token(client)
                 run.structured(client)
                 run.sampled(client)
+                run.vllm_shared_prefix(client)
             stop_workers(workers)
             run.celery_noop(cluster)
             run.shared_prefix(cluster)
@@ -122,6 +131,10 @@ class _Run:
     def direct_baselines(self) -> None:
         """Raw (batched), naive (one prompt per call) and mixed raw ``generate``; free the model."""
         config, direct = self.config, self.direct
+        if config.engine == "vllm":
+            self.figures["skipped"] = {"direct generate": DIRECT_SKIPPED}
+            direct.close()
+            return
         self.progress(
             f"direct generate ({self.figures['dtype']}): warm-up, raw (batched) and naive "
             "(one prompt per call)"
@@ -138,6 +151,8 @@ class _Run:
     def fp32_baseline(self) -> None:
         """Raw ``generate`` in float32, the same items; a float32 run reuses its raw figure."""
         config = self.config
+        if config.engine == "vllm":
+            return
         self.figures["fp32_raw_tokens_per_s"] = self.figures["raw_tokens_per_s"]
         if self.figures["dtype"] == "float32":
             return
@@ -166,6 +181,42 @@ class _Run:
         self.progress(f"memory bandwidth: a 256 MiB copy on {device}{_threads(device)}")
         self.figures["memory_gbps"] = memory_gbps(device, threads=model_threads())
 
+    def vllm_offline(self, base: Path) -> None:
+        """With the vLLM engine: vLLM's own ``LLM.generate`` on the pipeline's very items."""
+        config = self.config
+        if config.engine != "vllm":
+            return
+        workloads = {"": self.items, "mixed_": self.mixed_items}
+        salted = []
+        if config.shared_prefix_tokens:
+            workloads["prefix_"] = workloads["prefix_off_"] = self.prefix_items()
+            salted.append("prefix_off_")
+        self.progress(
+            f"vLLM offline LLM.generate ({self.figures['dtype']}): start, warm-up, then "
+            + ", ".join(
+                f"{(name or 'uniform_')[:-1]} {len(items)} jobs"
+                for name, items in workloads.items()
+            )
+        )
+        found = measure_offline(
+            self.path,
+            dtype=self.figures["dtype"],
+            max_rows=config.batch_size * config.batch_lookahead,
+            kv_rows=config.batch_size,
+            warm_up=config.batch_size,
+            workloads=workloads,
+            salted=salted,
+            base=base,
+        )
+        for name, result in found["results"].items():
+            self.figures[f"{name}vllm_offline_tokens_per_s"] = result["tokens"] / result["seconds"]
+        self.figures.update(
+            vllm=found["vllm"],
+            vllm_offline_threads=found["threads"],
+            vllm_offline_dtype=found["dtype"],
+            vllm_offline_load_s=found["load_s"],
+        )
+
     def start_cluster(self, base: Path) -> Cluster:
         """An embedded Redis and a fresh database under ``base``, for workers of this config."""
         config = self.config
@@ -175,7 +226,9 @@ class _Run:
             # workers' data dir is ``base``, where a model named tiny-gpt2 was never built.
             model=self.path,
             device=config.device,
-            dtype=config.dtype,
+            # vLLM's workers get the dtype its offline baseline ran, not their own ``auto``:
+            # auto times bf16 against float32 in each process, and may choose otherwise.
+            dtype=self.figures["dtype"] if config.engine == "vllm" else config.dtype,
             engine=config.engine,
             batch_size=config.batch_size,
             batch_wait_ms=config.batch_wait_ms,
@@ -245,19 +298,48 @@ class _Run:
         self.progress(f"celery no-op baseline: {self.config.queue_jobs} tasks")
         self.figures["celery_noop_jobs_per_s"] = celery_noop_rate(cluster, self.config.queue_jobs)
 
-    def shared_prefix(self, cluster: Cluster) -> None:
-        """With ``shared_prefix_tokens``: one worker with prefix reuse at its default, then off."""
+    def prefix_items(self) -> list[Item]:
+        """The shared-prefix workload's items: ``shared_prefix_jobs`` jobs, one header."""
         config = self.config
-        if not config.shared_prefix_tokens:
-            return
-        items = shared_prefix(
+        return shared_prefix(
             self.tokenizer,
             config.shared_prefix_jobs,
             config.shared_prefix_tokens,
             config.new_tokens,
         )
+
+    def vllm_shared_prefix(self, client: CompletionClient) -> None:
+        """With the vLLM engine: the shared prefix through the worker at hand, caching on.
+
+        Its prefix caching is on at the default ``CQ_PREFIX_MIN_TOKENS``, as a fresh
+        worker's would be; this saves one start of vLLM (20 to 60 s here).
+        """
+        config = self.config
+        if config.engine != "vllm" or not config.shared_prefix_tokens:
+            return
+        items = self.prefix_items()
+        self.progress(
+            f"shared prefix: {len(items)} jobs, a {config.shared_prefix_tokens}-token header, "
+            f"CQ_PREFIX_MIN_TOKENS={PREFIX_MIN_TOKENS} (vLLM's prefix caching on), "
+            "the same worker"
+        )
+        tokens, seconds, _ = run_jobs(client, items)
+        self.figures["prefix_pipeline_tokens_per_s"] = tokens / seconds
+
+    def shared_prefix(self, cluster: Cluster) -> None:
+        """With ``shared_prefix_tokens``: one worker with prefix reuse at its default, then off.
+
+        With the vLLM engine the first was measured on the run's worker already.
+        """
+        config = self.config
+        if not config.shared_prefix_tokens:
+            return
+        items = self.prefix_items()
         found: dict[str, float] = {}
         for key, min_tokens in (("prefix", PREFIX_MIN_TOKENS), ("prefix_off", 0)):
+            if f"{key}_pipeline_tokens_per_s" in self.figures:
+                found[f"{key}_pipeline_tokens_per_s"] = self.figures[f"{key}_pipeline_tokens_per_s"]
+                continue
             self.progress(
                 f"shared prefix: {len(items)} jobs, a {config.shared_prefix_tokens}-token header, "
                 f"CQ_PREFIX_MIN_TOKENS={min_tokens}"
@@ -296,9 +378,12 @@ class _Run:
         )
 
     def ratios(self) -> None:
-        """Each ratio of :data:`RATIOS`, from its two figures of this run."""
-        for name, (numerator, denominator) in RATIOS.items():
-            self.figures[name] = self.figures[numerator] / self.figures[denominator]
+        """Each ratio of :data:`RATIOS` (the vLLM run's: :data:`VLLM_RATIOS`), from this run."""
+        figures = self.figures
+        ratios = VLLM_RATIOS if self.config.engine == "vllm" else RATIOS
+        for name, (numerator, denominator) in ratios.items():
+            if numerator in figures and denominator in figures:
+                figures[name] = figures[numerator] / figures[denominator]
 
     def describe(self) -> None:
         """The machine, the GPU, torch's version and the config the figures come from."""
@@ -309,6 +394,7 @@ class _Run:
             machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
             gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             torch=torch.__version__,
+            transformers=importlib.import_module("transformers").__version__,
             # ``dtype`` is the worker's resolved dtype; the option asked for (auto...) is this one.
             dtype_option=settings.pop("dtype"),
             **settings,
@@ -338,3 +424,33 @@ RATIOS = {
     "pipeline_over_fp32_raw": ("pipeline_tokens_per_s", "fp32_raw_tokens_per_s"),
     "pipeline_over_roofline": ("pipeline_tokens_per_s", "decode_roofline_tokens_per_s"),
 }
+
+#: The vLLM run's ratios: those of :data:`RATIOS` it has figures for (no direct
+#: ``generate`` there), and the pipeline against vLLM's own offline ``LLM.generate``.
+VLLM_RATIOS = {
+    **RATIOS,
+    "pipeline_over_vllm_offline": ("pipeline_tokens_per_s", "vllm_offline_tokens_per_s"),
+    "mixed_pipeline_over_vllm_offline": (
+        "mixed_pipeline_tokens_per_s",
+        "mixed_vllm_offline_tokens_per_s",
+    ),
+    "prefix_pipeline_over_vllm_offline": (
+        "prefix_pipeline_tokens_per_s",
+        "prefix_vllm_offline_tokens_per_s",
+    ),
+    "prefix_off_pipeline_over_vllm_offline": (
+        "prefix_off_pipeline_tokens_per_s",
+        "prefix_off_vllm_offline_tokens_per_s",
+    ),
+    "vllm_offline_prefix_reuse_speedup": (
+        "prefix_vllm_offline_tokens_per_s",
+        "prefix_off_vllm_offline_tokens_per_s",
+    ),
+}
+
+#: Why the vLLM run has no direct ``generate`` baselines (raw, naive, mixed raw, fp32 raw).
+DIRECT_SKIPPED = (
+    "not run with --engine vllm: vLLM's venv pins transformers below the release the static "
+    "engine and its baselines are measured on (cq bench in the default venv measures them); "
+    "the baseline here is vLLM's own offline LLM.generate"
+)

@@ -163,10 +163,11 @@ def build_tiny_model(settings: Settings) -> None:
 @click.option("--workers", default=1, show_default=True, help="Also run with this many workers.")
 @click.option(
     "--engine",
-    type=click.Choice(["static", "continuous"]),
+    type=click.Choice(["static", "continuous", "vllm"]),
     default="static",
     show_default=True,
-    help="Worker engine.",
+    help="Worker engine; vllm (from `make install-vllm`'s venv) is measured against "
+    "vLLM's own offline LLM.generate instead of direct generate.",
 )
 @click.option("--mixed-jobs", default=512, show_default=True, help="Jobs in the mixed workload.")
 @click.option(
@@ -228,6 +229,8 @@ def build_tiny_model(settings: Settings) -> None:
 def bench(json_path: Path | None, model: str | None, **options: Any) -> None:
     """Measure the pipeline against direct generate and bare Celery, in one run."""
     require_extra("worker", "cq bench")
+    if options["engine"] == "vllm":
+        require_extra("vllm", "cq bench --engine vllm")
     from bench.report import print_report
     from bench.run import BenchConfig, run_bench
 
