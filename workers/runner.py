@@ -29,6 +29,7 @@ Faults the runner absorbs, each without losing or doubling a job:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -110,6 +111,8 @@ class BatchRunner:
         self.forward = forward
         self.progress = progress
         self.prefix_tokens = prefix_tokens
+        # Flushes may run in several threads (the vLLM engine): listeners see one at a time.
+        self._tell_lock = threading.Lock()
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
@@ -236,6 +239,10 @@ class BatchRunner:
         return retry_database(work, within_s=self.db_retry_s)
 
     def _tell(self, event: str, *args: object, **kwargs: object) -> None:
+        with self._tell_lock:
+            self._tell_each(event, *args, **kwargs)
+
+    def _tell_each(self, event: str, *args: object, **kwargs: object) -> None:
         for listener in self.listeners:
             try:
                 getattr(listener, event)(*args, **kwargs)
