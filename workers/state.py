@@ -40,6 +40,7 @@ from db import Job, JobStatus, Outcome, make_engine, make_session_factory
 from engine import Engine, Routed
 from workers.acks import AckChannel
 from workers.events import JobEvents
+from workers.isolation import Isolation
 from workers.listeners import BatchListener
 from workers.metrics import WorkerMetrics
 from workers.progress import ProgressWriter
@@ -246,6 +247,8 @@ class WorkerState:
             forward=self._forward,
             progress=progress,
             prefix_tokens=settings.prefix_min_tokens,
+            # Flushes run side by side here: a suspect job must wait to have the engine alone.
+            isolation=Isolation() if self.acks is not None else None,
         )
         self._start_metrics(static)
         log.info(
