@@ -256,6 +256,8 @@ class VllmEngine:
             ),
         )
         self.engine: Any = LLMEngine.from_engine_args(args)
+        # A fast tokenizer raises "Already borrowed" when two threads encode with it at once.
+        self._encode_lock = threading.Lock()
         self._counter = 0
         #: Guards the inbox, the counter and the flags; step thread and callers wait on it.
         self._wake = threading.Condition()
@@ -284,8 +286,9 @@ class VllmEngine:
         )
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Return the token ids of each prompt."""
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False)
+        """Return the token ids of each prompt (callers in several threads take turns)."""
+        with self._encode_lock:
+            encoded = self.tokenizer(list(prompts), add_special_tokens=False)
         return [list(ids) for ids in encoded["input_ids"]]
 
     def runs(self, request: GenerationRequest) -> bool:

@@ -22,6 +22,7 @@ from completion_queue import (
     resolve_broker_url,
 )
 from db import make_engine, make_session_factory
+from workers.acks import AckChannel
 from workers.events import install_job_events
 from workers.heartbeat import UnackedHeartbeat
 from workers.state import WorkerState
@@ -69,6 +70,48 @@ class ReaperStep(bootsteps.StartStopStep):  # type: ignore[misc]
             log.warning("reaper pass failed: %s", redact_url(str(exc)))
 
 
+class AckChannelStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Read the model process's commit reports on the event loop (vLLM: see workers.acks).
+
+    A consumer step: the event loop is reset when the broker connection is lost,
+    and this step starts again with the new connection.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, consumer: Any) -> None:
+        """Watch the channel: acknowledge what it reports, requeue all if the process dies."""
+        acks: AckChannel | None = consumer.app.cq_state.acks
+        hub = consumer.controller.hub
+        if acks is None or hub is None:
+            return
+        task = consumer.app.tasks[TASK_GENERATE]
+        acks.watch(hub, task.report, task.requeue_held)
+
+
+class AckDrainStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """On a warm shutdown, wait for the running jobs' commit reports before the pool stops.
+
+    A worker step stopped after the consumer (which stops taking messages) and
+    before the pool, while the broker connection is still open to acknowledge
+    them; the event loop no longer runs then, so it reads the channel itself.
+    """
+
+    requires = ("celery.worker.components:Pool",)
+
+    def stop(self, worker: Any) -> None:
+        """Read reports until no job handed to the model process is left unreported."""
+        state: WorkerState = worker.app.cq_state
+        if state.acks is None:
+            return
+        task = worker.app.tasks[TASK_GENERATE]
+        wait_s = (state.settings.job_timeout_s or 600.0) + state.settings.db_retry_s + 30.0
+        if task.running_jobs():
+            log.info("warm shutdown: waiting for the running jobs to commit")
+        if not state.acks.drain(lambda: not task.running_jobs(), wait_s):
+            log.warning("warm shutdown: running jobs did not report; their messages go back")
+
+
 class ForgetBufferStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """On each (re)connection, drop what the batch task buffered from the connection before."""
 
@@ -92,7 +135,9 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
     # start; ours loads the model first (importing torch alone can take that long), so a
     # model process that died was replaced again and again, each killed mid-load.
     app.conf.worker_proc_alive_timeout = settings.model_load_timeout_s
-    state = WorkerState(settings, app.conf.broker_url, app)
+    # vLLM: jobs join the running ones; the model process reports each commit on this channel.
+    acks = AckChannel() if settings.engine == "vllm" else None
+    state = WorkerState(settings, app.conf.broker_url, app, acks=acks)
     install_job_events(app, state.events)
 
     class DescribeStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -105,6 +150,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
             return {"cq": state.describe()}
 
     app.steps["worker"].add(DescribeStep)
+    app.steps["worker"].add(AckDrainStep)
 
     @signals.worker_process_init.connect(weak=False)
     def _load_model(**_: Any) -> None:
@@ -137,6 +183,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
         flush_interval=max(settings.batch_wait_ms, 1) / 1000,
         # The static engine runs a flush's groups in turn; the continuous one takes any count.
         group_size=settings.batch_size if settings.engine == "static" else 0,
+        joins=acks is not None,
         acks_late=True,
         ignore_result=True,
         listeners=state.listeners,
@@ -144,7 +191,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
     def generate(requests: list[SimpleRequest]) -> bool:
         return state.run(requests)
 
-    for step in (ReaperStep, UnackedHeartbeat, ForgetBufferStep):
+    for step in (ReaperStep, UnackedHeartbeat, ForgetBufferStep, AckChannelStep):
         app.steps["consumer"].add(step)
     app.cq_state = state
     return app

@@ -29,9 +29,11 @@ Faults the runner absorbs, each without losing or doubling a job:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from functools import partial
 from typing import TypeVar
@@ -58,6 +60,7 @@ from db import (
     get_unfinished_jobs,
 )
 from engine import Engine, GeneratedChoice, GenerationRequest, GenerationResult, render_chat
+from workers.isolation import Isolation
 from workers.listeners import BatchListener
 from workers.planner import fit_context, plan_groups
 from workers.progress import ProgressWriter, Watch
@@ -94,11 +97,14 @@ class BatchRunner:
         forward: Callable[[Sequence[Job]], object] | None = None,
         progress: ProgressWriter | None = None,
         prefix_tokens: int = 0,
+        isolation: Isolation | None = None,
     ) -> None:
         """``model`` is the model served (None: whatever a job asks for, in unit tests);
         ``forward`` sends jobs for other models to their own queues; ``progress``
         shows running jobs' output in their rows and stops cancelled ones; jobs whose
-        prompts start with the same ``prefix_tokens`` tokens are grouped together."""
+        prompts start with the same ``prefix_tokens`` tokens are grouped together;
+        ``isolation``: flushes run side by side, and a suspect job's unit waits to run
+        alone (the vLLM engine)."""
         self.engine = engine
         self.sessions = sessions
         self.max_rows = max_rows
@@ -110,6 +116,9 @@ class BatchRunner:
         self.forward = forward
         self.progress = progress
         self.prefix_tokens = prefix_tokens
+        self.isolation = isolation
+        # Flushes may run in several threads (the vLLM engine): listeners see one at a time.
+        self._tell_lock = threading.Lock()
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
@@ -136,44 +145,57 @@ class BatchRunner:
         errors = {job.id: exc for job, exc in rejected}
         # Each unit is claimed, run, then committed with the next unit's claim. Jobs refused
         # before generating (too long for the context) come first and fail at once.
-        units: list[tuple[list[uuid.UUID], Work]] = []
+        # The third item: the unit must have the engine alone (see workers.isolation).
+        units: list[tuple[list[uuid.UUID], Work, bool]] = []
         if errors:
-            units.append((list(errors), partial(self._refuse, errors)))
+            units.append((list(errors), partial(self._refuse, errors), False))
         attempts = {str(job.id): job.attempts for job in jobs}
         trusted = [r for r in requests if attempts[r.key] < SUSPECT_AFTER_ATTEMPTS]
         for group in plan_groups(trusted, max_rows=self.max_rows, prefix_tokens=self.prefix_tokens):
-            units.append(([uuid.UUID(r.key) for r in group], partial(self._generate, group)))
+            units.append(([uuid.UUID(r.key) for r in group], partial(self._generate, group), False))
         # A job whose workers died under it twice may be what kills them: it runs alone, after
         # the rest, fewest deaths first, so another crash takes no batch-mate with it.
         suspects = [r for r in requests if attempts[r.key] >= SUSPECT_AFTER_ATTEMPTS]
         for request in sorted(suspects, key=lambda r: attempts[r.key]):
-            units.append(([uuid.UUID(request.key)], partial(self._generate, [request])))
+            units.append(([uuid.UUID(request.key)], partial(self._generate, [request]), True))
         written: list[Outcome] = []
         outcomes: list[Outcome] = []
         running: list[Job] = []
         generation_s = 0.0
-        for unit_ids, work in [*units, ([], None)]:
-            claimed, cancelled_late = self._commit_and_claim(outcomes, unit_ids, worker)
-            if cancelled_late:
-                # Their rows say cancelled: so do their task events and metrics (not succeeded).
-                outcomes = [
-                    replace(o, status=JobStatus.CANCELLED) if o.job_id in cancelled_late else o
-                    for o in outcomes
-                ]
-            if outcomes:
-                self._tell("finished", running, outcomes, generation_s=generation_s)
-                written += outcomes
-            if work is None:
-                break
-            held = {job.id for job in claimed}
-            # A job cancelled since the flush began is not claimed, and does not run.
-            skipped = [i for i in unit_ids if i not in held]
-            self._tell("claimed", claimed, skipped=skipped, worker=worker)
-            started = time.perf_counter()
-            outcomes, running = work(claimed), claimed
-            generation_s = time.perf_counter() - started
+        for unit_ids, work, alone in [*units, ([], None, False)]:
+            # A unit waits for its turn at the engine before its jobs are claimed: a job
+            # claimed while a suspect ran would gain an attempt from that suspect's crash.
+            with self._turn(None if work is None else alone):
+                claimed, cancelled_late = self._commit_and_claim(outcomes, unit_ids, worker)
+                if cancelled_late:
+                    # Their rows say cancelled: so do their task events and metrics (not succeeded).
+                    outcomes = [
+                        replace(o, status=JobStatus.CANCELLED) if o.job_id in cancelled_late else o
+                        for o in outcomes
+                    ]
+                if outcomes:
+                    self._tell("finished", running, outcomes, generation_s=generation_s)
+                    written += outcomes
+                if work is None:
+                    break
+                held = {job.id for job in claimed}
+                # A job cancelled since the flush began is not claimed, and does not run.
+                skipped = [i for i in unit_ids if i not in held]
+                self._tell("claimed", claimed, skipped=skipped, worker=worker)
+                started = time.perf_counter()
+                outcomes, running = work(claimed), claimed
+                generation_s = time.perf_counter() - started
             log.debug("%d jobs in %.1f ms", len(claimed), 1000 * generation_s)
         return written
+
+    def _turn(self, alone: bool | None) -> AbstractContextManager[None]:
+        """The engine for one unit: shared with other flushes' units, or alone (a suspect).
+
+        None: no unit (the flush's last commit), which waits for nothing.
+        """
+        if self.isolation is None or alone is None:
+            return nullcontext()
+        return self.isolation.alone() if alone else self.isolation.shared()
 
     def _read(self, job_ids: Sequence[uuid.UUID]) -> list[Job]:
         with self.sessions() as session:
@@ -236,6 +258,10 @@ class BatchRunner:
         return retry_database(work, within_s=self.db_retry_s)
 
     def _tell(self, event: str, *args: object, **kwargs: object) -> None:
+        with self._tell_lock:
+            self._tell_each(event, *args, **kwargs)
+
+    def _tell_each(self, event: str, *args: object, **kwargs: object) -> None:
         for listener in self.listeners:
             try:
                 getattr(listener, event)(*args, **kwargs)

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -37,7 +38,9 @@ from completion_queue import (
 )
 from db import Job, JobStatus, Outcome, make_engine, make_session_factory
 from engine import Engine, Routed
+from workers.acks import AckChannel
 from workers.events import JobEvents
+from workers.isolation import Isolation
 from workers.listeners import BatchListener
 from workers.metrics import WorkerMetrics
 from workers.progress import ProgressWriter
@@ -132,8 +135,19 @@ class LoadedModel:
 class WorkerState:
     """What one worker process holds: the resident model, the batch runner, its metrics."""
 
-    def __init__(self, settings: Settings, broker_url: str, app: Celery | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        broker_url: str,
+        app: Celery | None = None,
+        acks: AckChannel | None = None,
+    ) -> None:
+        """``acks``: flushes run in threads and report commits there (the vLLM engine)."""
         self.settings = settings
+        self.acks = acks
+        #: The flushes running in threads of the model process (with ``acks`` only).
+        self._flushes: set[threading.Thread] = set()
+        self._flushes_lock = threading.Lock()
         self.broker_url = broker_url
         self.app = app
         self.runner: BatchRunner | None = None
@@ -152,6 +166,8 @@ class WorkerState:
     def start(self) -> None:
         """Load the model once, warm it up, connect to the database, serve /metrics."""
         settings = self.settings
+        if self.acks is not None:
+            self.acks.connect()
         path = settings.model_path()
         if settings.model == TINY_MODEL_NAME and not Path(path, "config.json").exists():
             # The CLI builds it (cq up, cq worker, cq demo); a worker only loads models.
@@ -231,6 +247,8 @@ class WorkerState:
             forward=self._forward,
             progress=progress,
             prefix_tokens=settings.prefix_min_tokens,
+            # Flushes run side by side here: a suspect job must wait to have the engine alone.
+            isolation=Isolation() if self.acks is not None else None,
         )
         self._start_metrics(static)
         log.info(
@@ -263,7 +281,16 @@ class WorkerState:
             metrics.serve(settings.metrics_port, settings.metrics_address)
 
     def stop(self) -> None:
-        """Stop the engine's background work (the continuous manager's thread), if any."""
+        """Let running flushes commit, then stop the engine's background work, if any."""
+        with self._flushes_lock:
+            flushes = list(self._flushes)
+        if flushes:
+            log.info("waiting for %d running flush(es) to commit", len(flushes))
+        # No job runs past its time limit in the engine; the commit's retries come on top.
+        wait_s = (self.settings.job_timeout_s or 600.0) + self.settings.db_retry_s + 30.0
+        deadline = time.monotonic() + wait_s
+        for thread in flushes:
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self.engine is not None:
             self.engine.close()
             self.engine = None
@@ -297,6 +324,15 @@ class WorkerState:
         """
         if self.runner is None:
             raise RuntimeError("worker model is not loaded (worker_process_init did not run)")
+        if self.acks is not None:
+            job_ids, worker = [r.id for r in requests], requests[0].hostname or ""
+            thread = threading.Thread(
+                target=self._run_reported, args=(job_ids, worker), name="cq-flush"
+            )
+            with self._flushes_lock:
+                self._flushes.add(thread)
+            thread.start()
+            return True
         try:
             self.runner.run([r.id for r in requests], worker=requests[0].hostname or "")
             return True
@@ -306,3 +342,27 @@ class WorkerState:
             log.critical("fatal model error; exiting", exc_info=True)
             sys.stderr.flush()
             os._exit(70)
+
+    def _run_reported(self, job_ids: list[str], worker: str) -> None:
+        """Run one flush in this thread; report its jobs committed, or given up, on the channel."""
+        assert self.runner is not None and self.acks is not None
+        committed = False
+        try:
+            self.runner.run(job_ids, worker=worker)
+            committed = True
+        except FatalModelError:
+            # As in run(): the messages are requeued when the main process sees this one end.
+            log.critical("fatal model error; exiting", exc_info=True)
+            sys.stderr.flush()
+            os._exit(70)
+        except Exception:
+            log.exception("batch of %d not committed; its messages go back", len(job_ids))
+        finally:
+            try:
+                self.acks.report(job_ids, committed=committed)
+            except Exception:
+                # Unacknowledged, they go back to the queue when this worker stops; a
+                # finished job's second delivery changes nothing.
+                log.exception("could not report %d job(s) on the ack channel", len(job_ids))
+            with self._flushes_lock:
+                self._flushes.discard(threading.current_thread())

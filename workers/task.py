@@ -34,6 +34,15 @@ it fit a worker whose one pool process holds the model:
   with it) and kombu gives back every message the old connection held:
   :meth:`ModelBatches.forget_buffer` drops the buffered requests, which can no
   longer be acknowledged, and lets the next message arm a new flush timer.
+
+On the vLLM engine (``joins``), jobs join the running ones at the engine's next
+step, so none of the holding back above applies: every flush goes to the model
+process at once, and its task returns as soon as its jobs are handed to a thread
+there. The messages stay held, by job id, until the model process reports each
+job committed on the :class:`workers.acks.AckChannel` (then acknowledged) or
+given up (then requeued); if it dies, everything held is requeued at once. A
+second message for a job already held here is not run again: it waits with the
+first and is acknowledged with it (a second run would be fenced out by the first).
 """
 
 from __future__ import annotations
@@ -110,11 +119,17 @@ class ModelBatches(Batches):  # type: ignore[misc]
     listeners: Sequence[BatchListener] = ()
     #: Messages in a full group (0: a flush sends every buffered message).
     group_size: int = 0
+    #: Jobs join the running ones (vLLM): flush at once, ack on the model process's reports.
+    joins: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self._buffer: Arrivals = Arrivals()
         self._running = 0
+        #: Joining only: the messages sent to the model process and not yet settled, by job id.
+        self._held: dict[str, list[Request]] = {}
+        #: Joining only: the held jobs whose flush task returned (they run in the model process).
+        self._taken: set[str] = set()
 
     def forget_buffer(self) -> None:
         """Drop buffered requests of a lost connection, and the flush timer Celery cleared."""
@@ -125,6 +140,10 @@ class ModelBatches(Batches):  # type: ignore[misc]
                 dropped += 1
         self._tref = None
         self._count = itertools.count(1)
+        # Held messages of the old connection can no longer be acknowledged either.
+        dropped += sum(len(held) for held in self._held.values())
+        self._held.clear()
+        self._taken.clear()
         if dropped or self._running:
             log.warning(
                 "broker connection was lost: dropped %d buffered message(s), "
@@ -136,6 +155,9 @@ class ModelBatches(Batches):  # type: ignore[misc]
         self._running = 0
 
     def _do_flush(self) -> None:
+        if self.joins:
+            super()._do_flush()  # the engine takes new jobs at its next step: never hold back
+            return
         if self._running and self._buffer.qsize() < self.flush_every:
             return  # the model is busy: let the next batch fill up
         if self._arriving():
@@ -160,6 +182,8 @@ class ModelBatches(Batches):  # type: ignore[misc]
 
         Past whole groups, the newest messages stay buffered for the next flush.
         """
+        if self.joins:
+            return self._flush_joining(list(requests))
         requests = list(requests)
         extra = len(requests) % self.group_size if self.group_size else 0
         if extra and len(requests) > self.group_size:
@@ -199,3 +223,67 @@ class ModelBatches(Batches):  # type: ignore[misc]
             callback=on_return,
             error_callback=on_error,
         )
+
+    def _flush_joining(self, requests: list[Request]) -> Any:
+        """Send ``requests`` to the model process, where they join the running jobs.
+
+        The task returns once they are handed over; they are settled as the model
+        process reports them (:meth:`report`), or requeued if the task fails or dies.
+        """
+        fresh = []
+        for request in requests:
+            held = self._held.setdefault(request.id, [])
+            if not held:
+                fresh.append(request)
+            held.append(request)  # a duplicate waits for the run in flight here
+        if not fresh:
+            return None
+        for listener in self.listeners:
+            try:
+                listener.received(fresh)
+            except Exception:
+                log.exception("batch listener %r failed; the batch runs anyway", listener)
+        job_ids = [request.id for request in fresh]
+        self._running += 1
+
+        def on_return(result: Any) -> None:
+            self._running = max(0, self._running - 1)
+            if result is not True:
+                log.error("batch of %d not handed over; requeueing its messages", len(job_ids))
+                self.settle_jobs(job_ids, committed=False)
+            else:
+                # A job reported before this return was settled already.
+                self._taken.update(job_id for job_id in job_ids if job_id in self._held)
+
+        def on_error(exc: BaseException) -> None:
+            self._running = max(0, self._running - 1)
+            log.error("batch of %d lost (%r); requeueing its messages", len(job_ids), exc)
+            self.settle_jobs(job_ids, committed=False)
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, ([lean(r) for r in fresh],), 0, None),
+            callback=on_return,
+            error_callback=on_error,
+        )
+
+    def report(self, job_id: str, committed: bool) -> None:
+        """The model process reports a job committed (ack its messages) or given up (requeue)."""
+        self.settle_jobs([job_id], committed=committed)
+
+    def settle_jobs(self, job_ids: Collection[str], *, committed: bool) -> None:
+        """Acknowledge (or requeue) every message held for these jobs; others were settled."""
+        for job_id in job_ids:
+            self._taken.discard(job_id)
+            settle(self._held.pop(job_id, []), committed=committed)
+
+    def requeue_held(self) -> None:
+        """The model process is gone: requeue every message it held, at once."""
+        if self._held:
+            count = sum(len(held) for held in self._held.values())
+            log.error("the model process ended holding %d message(s); requeueing them", count)
+            self.settle_jobs(list(self._held), committed=False)
+
+    def running_jobs(self) -> bool:
+        """True while jobs handed to the model process have not been reported."""
+        return bool(self._taken)

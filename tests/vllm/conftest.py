@@ -90,18 +90,18 @@ def start_vllm_worker(
     model: Path,
     tmp: Path,
     faults: dict[str, object] | None = None,
+    database_url: str | None = None,
     **overrides: object,
 ) -> VllmWorker:
-    """Start a vLLM worker on its own Redis db and SQLite database; wait until it is ready."""
+    """Start a vLLM worker on its own Redis db and SQLite database (a new one unless
+    ``database_url``); wait until it is ready."""
     settings = Settings(
         broker_url=f"redis://127.0.0.1:{redis_port}/{redis_db}",
-        database_url=new_database("sqlite", request, tmp),
+        database_url=database_url or new_database("sqlite", request, tmp),
         data_dir=tmp,
         model=str(model),
         engine="vllm",
-        batch_size=16,
-        batch_wait_ms=20,
-        **overrides,  # type: ignore[arg-type]
+        **{"batch_size": 16, "batch_wait_ms": 20, **overrides},  # type: ignore[arg-type]
     )
     env = worker_env(settings)
     if faults:

@@ -10,12 +10,15 @@ vLLM worker with this directory on ``PYTHONPATH`` and a JSON object in
   job of a few hundred tokens runs for seconds, long enough to watch and cancel.
 - ``stall``: a string; a step while a row whose prompt contains it is in the engine
   sleeps ``stall_s`` seconds more (a job that runs past any short time limit).
+- ``crash``: a string; a step while a row whose prompt contains it is in the engine
+  SIGKILLs the model process (a job that kills its worker every time).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -30,13 +33,17 @@ def _install(**_: Any) -> None:
     stall = _FAULTS.get("stall")
     stall_s = float(_FAULTS.get("stall_s", 1))
 
+    crash = _FAULTS.get("crash")
+
     def slowed(self: VllmEngine) -> list[Any]:
         time.sleep(step_s)
-        if stall:
+        if stall or crash:
             prompts = {
                 self.tokenizer.decode(row.request.prompt_ids) for row in self._running.values()
             }
-            if any(stall in prompt for prompt in prompts):
+            if crash and any(crash in prompt for prompt in prompts):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stall and any(stall in prompt for prompt in prompts):
                 time.sleep(stall_s)
         return original(self)
 
