@@ -11,6 +11,7 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from engine.logprobs import LogprobRecorder, RowLogprobs, TokenSpeller, stored_l
 from engine.prefix import pad_rows, prefix_cache, shared_prefix_len, sharing
 from engine.protocol import Follower
 from engine.sampling import RowSampler, RowStops
-from engine.types import GeneratedChoice, GenerationRequest, GenerationResult, cut_at_stop
+from engine.types import GeneratedChoice, GenerationRequest, GenerationResult, end_row
 
 log = logging.getLogger(__name__)
 
@@ -316,22 +317,13 @@ class StaticEngine:
         one entry per kept token. A row a cancel stopped keeps its first
         ``cancelled_at`` tokens and ends ``cancelled`` (unless it had ended before).
         """
-        tokens = tokens[: row.max_new_tokens]
-        finish = "length"
-        if cancelled_at is not None and cancelled_at < len(tokens):
-            tokens, finish = tokens[:cancelled_at], "cancelled"
-        elif cancelled_at is not None and cancelled_at < row.max_new_tokens:
-            finish = "cancelled"
-        ends = {*self.eos_ids, self.pad_id}
-        for i, token in enumerate(tokens):
-            if token in ends:
-                tokens, finish = tokens[:i], "stop"
-                break
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if row.stop:
-            text, found = cut_at_stop(text, row.stop)
-            if found:
-                finish = "stop"
+        tokens, text, finish = end_row(
+            row,
+            tokens,
+            ends={*self.eos_ids, self.pad_id},
+            decode=partial(self.tokenizer.decode, skip_special_tokens=True),
+            cancelled_at=cancelled_at,
+        )
         logprobs = stored_logprobs(record, tokens, self.spell) if record is not None else None
         return GeneratedChoice(
             text=text, finish_reason=finish, completion_tokens=len(tokens), logprobs=logprobs

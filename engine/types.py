@@ -6,7 +6,7 @@ planner and ``cq bench`` build and read them without loading a model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,3 +76,36 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
         if 0 <= index < cut:
             cut = index
     return text[:cut], cut < len(text)
+
+
+def end_row(
+    request: GenerationRequest,
+    tokens: Sequence[int],
+    *,
+    ends: Collection[int],
+    decode: Callable[[list[int]], str],
+    cancelled_at: int | None = None,
+) -> tuple[list[int], str, str]:
+    """Cut a row's generated tokens as every engine does; return the kept tokens, text, finish.
+
+    The row keeps at most ``max_new_tokens`` tokens; a row a cancel stopped keeps its
+    first ``cancelled_at`` and ends ``cancelled`` (unless it had ended before); the first
+    of ``ends`` (EOS, padding) ends it with ``stop``, and so does the earliest stop string,
+    cut from the decoded text.
+    """
+    kept = list(tokens[: request.max_new_tokens])
+    finish = "length"
+    if cancelled_at is not None and cancelled_at < len(kept):
+        kept, finish = kept[:cancelled_at], "cancelled"
+    elif cancelled_at is not None and cancelled_at < request.max_new_tokens:
+        finish = "cancelled"
+    for i, token in enumerate(kept):
+        if token in ends:
+            kept, finish = kept[:i], "stop"
+            break
+    text = decode(kept)
+    if request.stop:
+        text, found = cut_at_stop(text, request.stop)
+        if found:
+            finish = "stop"
+    return kept, text, finish

@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import llguidance
@@ -63,7 +64,7 @@ from completion_queue import (
 from engine.grammar import JSON_OPTIONS, Grammars
 from engine.logprobs import RowLogprobs, TokenSpeller, stored_logprobs
 from engine.protocol import FollowedRows, Follower
-from engine.types import GeneratedChoice, GenerationRequest, GenerationResult, cut_at_stop
+from engine.types import GeneratedChoice, GenerationRequest, GenerationResult, end_row
 
 log = logging.getLogger(__name__)
 
@@ -609,23 +610,13 @@ class VllmEngine:
     def choice(self, row: _Row) -> GeneratedChoice:
         """Turn a row's tokens into a choice as the static engine does: EOS, cancel, stops."""
         request = row.request
-        tokens = row.tokens[: request.max_new_tokens]
-        finish = "length"
-        if row.cancelled_at is not None:
-            if row.cancelled_at < len(tokens):
-                tokens = tokens[: row.cancelled_at]
-            if row.cancelled_at < request.max_new_tokens:
-                finish = "cancelled"
-        ends = {*self.eos_ids, self.pad_id}
-        for i, token in enumerate(tokens):
-            if token in ends:
-                tokens, finish = tokens[:i], "stop"
-                break
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if request.stop:
-            text, found = cut_at_stop(text, request.stop)
-            if found:
-                finish = "stop"
+        tokens, text, finish = end_row(
+            request,
+            row.tokens,
+            ends={*self.eos_ids, self.pad_id},
+            decode=partial(self.tokenizer.decode, skip_special_tokens=True),
+            cancelled_at=row.cancelled_at,
+        )
         logprobs = None
         if request.logprobs is not None:
             logprobs = stored_logprobs(self._record(row, request.logprobs), tokens, self.spell)
