@@ -8,7 +8,6 @@ from .celery_app import (
     prefetch_count,
     published_broker_url,
     queue_depth,
-    queue_keys,
     resolve_broker_url,
     restore_interval_s,
     send_jobs,
@@ -52,6 +51,7 @@ from .errors import (
     WrongModel,
 )
 from .extras import EXTRAS, missing_modules, require_extra
+from .fair import FairQueues, lane_queue, model_queues, queue_keys, waiting
 from .flower import check_auth, flower_command, run_flower
 from .local import (
     Stopped,
@@ -139,6 +139,11 @@ __all__ = [
     "resolve_broker_url",
     "restore_interval_s",
     "send_jobs",
+    # fair share across tenants
+    "FairQueues",
+    "lane_queue",
+    "model_queues",
+    "waiting",
     # local processes
     "EmbeddedRedis",
     "RedisTLS",

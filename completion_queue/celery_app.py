@@ -20,14 +20,17 @@ from celery import Celery
 
 from completion_queue.constants import TASK_GENERATE, queue_name
 from completion_queue.errors import BrokerNotRunning, ConfigError
+from completion_queue.fair import (
+    COST_HEADER,
+    PRIORITY_LEVELS,
+    job_cost,
+    lane_of,
+    lane_queue,
+    register_lanes,
+    waiting,
+    wake_channel,
+)
 from completion_queue.settings import Settings, redact_url
-
-#: Redis priorities: kombu's Redis transport pops lower numbers first.
-PRIORITY_LEVELS = 10
-
-#: How kombu's Redis transport names a queue's list for priority ``n`` > 0: ``queue + SEP + n``.
-PRIORITY_SEPARATOR = "\x06\x16"
-
 
 #: ``ssl_cert_reqs`` values that kombu and redis-py both read (``CERT_*`` becomes these).
 CERT_REQS = ("required", "optional", "none")
@@ -172,17 +175,10 @@ def celery_priority(priority: int) -> int:
     return PRIORITY_LEVELS - 1 - priority
 
 
-def queue_keys(queue: str) -> list[str]:
-    """Return the Redis lists that hold ``queue``'s messages, most urgent first."""
-    return [queue if n == 0 else f"{queue}{PRIORITY_SEPARATOR}{n}" for n in range(PRIORITY_LEVELS)]
-
-
 def queue_depth(client: Any, queue: str) -> int:
-    """Return how many messages wait in ``queue`` (all priorities; prefetched ones not counted)."""
-    with client.pipeline(transaction=False) as pipe:
-        for key in queue_keys(queue):
-            pipe.llen(key)
-        return sum(int(n) for n in pipe.execute())
+    """Return how many messages wait for model ``queue``: in its tenants' lane queues and
+    released to it (all priorities; those a worker took already are not counted)."""
+    return sum(waiting(client, queue).values())
 
 
 #: How long a worker's restore sweep may hold kombu's ``unacked_mutex``. A sweep takes
@@ -218,39 +214,65 @@ class Sendable(Protocol):
 
 
 def send_jobs(app: Celery, jobs: Iterable[Sendable]) -> int:
-    """Send one ``cq.generate`` message per job (task id = job id); return how many.
+    """Send one ``cq.generate`` message per job (task id = job id) to its tenant's lane
+    queue for its model (:mod:`completion_queue.fair`); return how many.
+
+    The message carries the job's estimated prompt tokens and the most it may generate
+    (header ``cq_cost``), which the workers' release step charges to the tenant. The lanes
+    are recorded before any message lands, and the model's dispatchers are woken after.
 
     The task has no arguments (the row is the truth); its ``kwargsrepr`` says what the
     job is instead, as a dict literal: model, the prompt's first 60 characters (a chat's
-    last message),
-    ``max_new_tokens``, and the tenant when there is one. Celery's task-sent event and
-    the worker's task-received event (workers/events.py) carry it as ``kwargs``, which
-    Flower shows and searches (``kwargs:model=gpt2``). A job without a prompt (the
-    reaper's resend knows only id, model and priority) is described by its model.
+    last message), ``max_new_tokens``, and the tenant when there is one. Celery's
+    task-sent event and the worker's task-received event (workers/events.py) carry it as
+    ``kwargs``, which Flower shows and searches (``kwargs:model=gpt2``). A job without a
+    prompt (the reaper's resend knows only id, model and priority) is described by its
+    model, and costs what a job without parameters does.
     """
-    sent = 0
+    jobs = list(jobs)
+    if not jobs:
+        return 0
+    lanes: dict[str, set[str]] = {}
+    for job in jobs:
+        tenant = getattr(job, "tenant", None) or ""
+        lanes.setdefault(queue_name(job.model), set()).add(f"{lane_of(job)}|{tenant}")
     # kombu's publish batch sends the LPUSHes (and task-sent PUBLISHes) in pipelines.
-    with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
-        for job in jobs:
-            prompt: str | None = getattr(job, "summary", None)
-            about: dict[str, Any] = {"model": job.model}
-            if prompt is not None:
-                params: dict[str, Any] = getattr(job, "params", None) or {}
-                about["prompt"] = prompt[:60]
-                about["max_new_tokens"] = params.get("max_new_tokens")
-            if tenant := getattr(job, "tenant", None):
-                about["tenant"] = tenant
-            app.send_task(
-                TASK_GENERATE,
-                task_id=str(job.id),
-                queue=queue_name(job.model),
-                priority=celery_priority(job.priority),
-                producer=producer,
-                argsrepr="()",
-                kwargsrepr=repr(about),
-            )
-            sent += 1
-    return sent
+    with app.producer_or_acquire() as producer:
+        client = producer.channel.client
+        for queue, members in lanes.items():
+            register_lanes(client, queue, members)
+        with producer.batch(max_size=1000):
+            for job in jobs:
+                app.send_task(
+                    TASK_GENERATE,
+                    task_id=str(job.id),
+                    queue=lane_queue(
+                        queue_name(job.model), getattr(job, "tenant", None), lane_of(job)
+                    ),
+                    priority=celery_priority(job.priority),
+                    producer=producer,
+                    headers={COST_HEADER: list(job_cost(job))},
+                    argsrepr="()",
+                    kwargsrepr=repr(_about(job)),
+                )
+        with client.pipeline(transaction=False) as pipe:
+            for queue in lanes:
+                pipe.publish(wake_channel(queue), "1")
+            pipe.execute()
+    return len(jobs)
+
+
+def _about(job: Sendable) -> dict[str, Any]:
+    """What Flower shows of a job: model, prompt head, ``max_new_tokens``, tenant."""
+    about: dict[str, Any] = {"model": job.model}
+    prompt: str | None = getattr(job, "summary", None)
+    if prompt is not None:
+        params: dict[str, Any] = getattr(job, "params", None) or {}
+        about["prompt"] = prompt[:60]
+        about["max_new_tokens"] = params.get("max_new_tokens")
+    if tenant := getattr(job, "tenant", None):
+        about["tenant"] = tenant
+    return about
 
 
 def create_app(settings: Settings, broker_url: str | None = None) -> Celery:

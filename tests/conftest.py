@@ -15,7 +15,16 @@ import pytest
 import redis
 from sqlalchemy import delete
 
-from completion_queue import EmbeddedRedis, Settings, WorkerProcess, free_port, worker_env
+from completion_queue import (
+    EmbeddedRedis,
+    Settings,
+    WorkerProcess,
+    free_port,
+    model_queues,
+    queue_keys,
+    queue_name,
+    worker_env,
+)
 from db import JobRow, make_engine, make_session_factory, upgrade
 from producer.client import CompletionClient
 from tests.services import PostgresCluster
@@ -160,3 +169,9 @@ def until(condition: Callable[[], Any], timeout_s: float = 60) -> Any:
             return value
         time.sleep(0.05)
     raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def purge_queue(client: redis.Redis, model: str) -> None:
+    """Delete every message waiting for ``model``: in its tenants' lane queues and released."""
+    names = model_queues(client, queue_name(model)).values()
+    client.delete(*[key for name in names for key in queue_keys(name)])

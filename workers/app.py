@@ -23,6 +23,7 @@ from completion_queue import (
 )
 from db import make_engine, make_session_factory
 from workers.acks import AckChannel
+from workers.dispatch import DispatchStep
 from workers.events import install_job_events
 from workers.heartbeat import UnackedHeartbeat
 from workers.state import WorkerState
@@ -191,7 +192,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
     def generate(requests: list[SimpleRequest]) -> bool:
         return state.run(requests)
 
-    for step in (ReaperStep, UnackedHeartbeat, ForgetBufferStep, AckChannelStep):
+    for step in (ReaperStep, UnackedHeartbeat, ForgetBufferStep, AckChannelStep, DispatchStep):
         app.steps["consumer"].add(step)
     app.cq_state = state
     return app

@@ -39,6 +39,7 @@ from completion_queue import (
 from db import Job, JobStatus, Outcome, make_engine, make_session_factory
 from engine import Engine, Routed
 from workers.acks import AckChannel
+from workers.dispatch import FairCharges
 from workers.events import JobEvents
 from workers.isolation import Isolation
 from workers.listeners import BatchListener
@@ -161,6 +162,7 @@ class WorkerState:
             self.events,
             self.counts,
             WorkerMetrics(self.metrics, model=settings.model),
+            FairCharges(broker_url, queue_name(settings.model)),
         ]
 
     def start(self) -> None:

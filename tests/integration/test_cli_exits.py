@@ -16,15 +16,13 @@ from completion_queue import (
     EmbeddedRedis,
     announce,
     free_port,
-    queue_keys,
-    queue_name,
     served_models,
     withdraw,
 )
 from completion_queue.presence import WORKERS_KEY
 from db import NewJob, create_jobs
 from producer.client import CompletionClient
-from tests.conftest import Stack
+from tests.conftest import Stack, purge_queue
 from tests.integration.test_cli import cq
 
 UNSERVED = "cli-test-unserved-model"
@@ -53,7 +51,7 @@ def test_each_exit_code_comes_from_the_case_it_names(
         (queued,) = client.list(status="queued")
         assert str(queued.id) in late.stderr
     finally:
-        stack.redis.delete(*queue_keys(queue_name(UNSERVED)))
+        purge_queue(stack.redis, UNSERVED)
     # 4: no such job, no such batch
     assert cq(stack, "status", str(uuid.UUID(int=0)), check=False).returncode == ExitCode.NOT_FOUND
     missing = cq(
@@ -133,7 +131,7 @@ def test_a_model_nobody_serves_is_warned_about(stack: Stack, client: CompletionC
         assert json.loads(unserved.stdout)["status"] == "queued"
         assert f"no live worker serves model {UNSERVED!r}" in unserved.stderr
     finally:
-        stack.redis.delete(*queue_keys(queue_name(UNSERVED)))
+        purge_queue(stack.redis, UNSERVED)
     # And a job for the served model gets no warning
     assert "warning" not in cq(stack, "submit", "x", "--max-new-tokens", "1").stderr
 

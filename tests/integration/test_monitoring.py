@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from completion_queue import free_port, prefetch_count, queue_keys, queue_name, worker_env
+from completion_queue import free_port, prefetch_count, queue_name, worker_env
 from db import JobStatus
 from producer.client import CompletionClient
-from tests.conftest import Stack
+from tests.conftest import Stack, purge_queue
 from tests.integration.test_cli import cq
 
 T = TypeVar("T")
@@ -187,7 +187,7 @@ def test_flower_says_what_each_job_is(stack: Stack, client: CompletionClient, fl
         assert set(found) == {str(waiting.id)}
     finally:
         client.cancel(waiting)
-        stack.redis.delete(*queue_keys(queue_name(UNSERVED)))
+        purge_queue(stack.redis, UNSERVED)
 
 
 def test_worker_serves_prometheus_metrics(stack: Stack, client: CompletionClient) -> None:
@@ -238,7 +238,7 @@ def test_cq_workers_and_cq_stats(stack: Stack, client: CompletionClient) -> None
     try:
         check_workers_and_stats(stack)
     finally:
-        stack.redis.delete(*queue_keys(queue_name(UNSERVED)))
+        purge_queue(stack.redis, UNSERVED)
 
 
 def check_workers_and_stats(stack: Stack) -> None:

@@ -18,7 +18,7 @@ from completion_queue import (
 )
 from db import JobStatus
 from producer.client import CompletionClient
-from tests.conftest import Stack
+from tests.conftest import Stack, purge_queue
 from tests.reference import Reference
 
 PROMPTS = [
@@ -269,7 +269,7 @@ def test_reaper_resends_a_queued_job_whose_message_was_lost(
 
 
 def test_a_worker_runs_only_jobs_of_its_own_model(stack: Stack, client: CompletionClient) -> None:
-    from completion_queue import TASK_GENERATE, queue_depth, queue_keys
+    from completion_queue import TASK_GENERATE, queue_depth
     from db import NewJob, create_jobs, make_engine, make_session_factory
 
     # Given a job for the served model and one for a model whose name sanitises to the
@@ -298,4 +298,4 @@ def test_a_worker_runs_only_jobs_of_its_own_model(stack: Stack, client: Completi
         assert client.served_models() == {served: 1}
     finally:
         app.close()
-        stack.redis.delete(*queue_keys(queue_name(other)))
+        purge_queue(stack.redis, other)

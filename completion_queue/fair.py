@@ -1,0 +1,351 @@
+"""Fair share of a model's workers across tenants: jobs wait per tenant and lane, and each
+worker releases them to the model's queue by virtual token counter.
+
+Every job's message is sent to its tenant's lane queue for the model
+(:func:`lane_queue`: ``cq.model.gpt2|interactive|acme``), a kombu queue like any
+other (its ten priority lists, ``queue_order_strategy: priority``), which no worker
+consumes. Each worker's dispatcher (:mod:`workers.dispatch`) keeps the worker
+holding as many messages as it did when it consumed the model's queue straight
+away (the flush running and the next one forming, :func:`completion_queue.prefetch_count`):
+when it holds fewer, it runs :data:`RELEASE` in Redis, which moves that many
+messages from the lane queues to the model's queue (``cq.model.gpt2``), and the
+worker's Celery consumer takes them from there as before. One Lua script is one
+atomic step, so workers release side by side without a leader and without losing
+or doubling a message (``RPOP`` then ``LPUSH`` inside it).
+
+Which message goes next is decided as in the virtual token counter of Sheng et
+al., "Fairness in Serving Large Language Models" (OSDI 2024):
+
+- each tenant has a counter of the tokens released to it (prompt plus new tokens,
+  estimated from the request: :func:`job_cost`), divided by its weight
+  (``cq keys create --weight``, default 1);
+- the next message is the oldest, most urgent one of the backlogged tenant with
+  the lowest counter; so each backlogged tenant gets workers in proportion to its
+  weight, and a tenant alone gets all of them;
+- a tenant that had nothing queued has its counter lifted to the lowest counter
+  among the backlogged ones when it comes back, so an idle tenant banks no credit
+  (and one that posts a huge batch after the others were served is not starved of
+  them either: it catches up from the same floor).
+
+Within a tenant the interactive lane goes first (``/v1/completions``,
+``/v1/chat/completions``, ``POST /v1/jobs``); batch lines (``/v1/batches``,
+``cq submit --file``) get at least one release in :data:`BATCH_EVERY` while both
+lanes wait, so they are never starved. Priorities order messages within a lane,
+as they did within the model's queue.
+
+A message that comes back (a dead worker's, by the visibility timeout; a
+requeued flush) goes back to its lane queue, the queue it was sent to (kombu
+restores by the message's routing key), and is released again by the same rules.
+
+No Python library schedules Redis lists by deficit or virtual time (Celery's
+``round_robin`` queue order cycles queues by message count, and the messages a
+worker prefetches would still be served in arrival order), so this module is
+our own: one Lua script and the names it shares with the producer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+#: The two lanes of a tenant: interactive calls first, batch lines never starved.
+LANES = ("interactive", "batch")
+
+#: While both lanes of a tenant wait, one release in this many goes to its batch lane.
+BATCH_EVERY = 5
+
+#: Characters per prompt token in the estimate of a job's cost (English text, GPT-2 BPE).
+CHARS_PER_TOKEN = 4
+
+#: The message header that carries a job's estimated prompt tokens and most new tokens
+#: (see :func:`job_cost`).
+COST_HEADER = "cq_cost"
+
+#: How kombu's Redis transport names a queue's list for priority ``n`` > 0: ``queue + SEP + n``.
+PRIORITY_SEPARATOR = "\x06\x16"
+
+#: Redis priorities: kombu's Redis transport pops lower numbers first.
+PRIORITY_LEVELS = 10
+
+
+def lane_queue(queue: str, tenant: str | None, lane: str) -> str:
+    """Return the kombu queue where ``tenant``'s jobs of ``lane`` wait for model ``queue``."""
+    return f"{queue}|{lane}|{tenant or ''}"
+
+
+def lanes_key(queue: str) -> str:
+    """The Redis set of ``lane|tenant`` members that have ever had a job for ``queue``."""
+    return f"cq.fair.{queue}.lanes"
+
+
+def counters_key(queue: str) -> str:
+    """The Redis hash of each tenant's virtual token counter for ``queue``."""
+    return f"cq.fair.{queue}.vtc"
+
+
+def weights_key(queue: str) -> str:
+    """The Redis hash of tenant weights the dispatchers copy from the database."""
+    return f"cq.fair.{queue}.weights"
+
+
+def wake_channel(queue: str) -> str:
+    """The Redis channel producers publish on after sending jobs for ``queue``."""
+    return f"cq.fair.{queue}.wake"
+
+
+def queue_keys(queue: str) -> list[str]:
+    """Return the Redis lists that hold ``queue``'s messages, most urgent first."""
+    return [queue if n == 0 else f"{queue}{PRIORITY_SEPARATOR}{n}" for n in range(PRIORITY_LEVELS)]
+
+
+def job_cost(job: Any) -> tuple[int, int]:
+    """Estimate a job's tokens before it runs: its prompt's (characters ÷ 4) and the most it
+    may generate (``max_new_tokens`` for each of its ``n`` choices; a job that does not say
+    takes the model's default, which the producer does not know: 16, OpenAI's, stands in).
+
+    A job is charged its prompt plus the model's :func:`new_token_ratio` of the most it may
+    generate, and settled with what it took when it finishes.
+    """
+    params: Mapping[str, Any] = getattr(job, "params", None) or {}
+    messages = getattr(job, "messages", None) or []
+    chars = len(getattr(job, "prompt", "") or "") + sum(
+        len(str(m.get("content", ""))) for m in messages
+    )
+    new = int(params.get("max_new_tokens") or 16) * int(params.get("n") or 1)
+    return math.ceil(chars / CHARS_PER_TOKEN), new
+
+
+def lane_of(job: Any) -> str:
+    """Return the job's lane (``interactive`` unless the job says ``batch``)."""
+    lane = getattr(job, "lane", None) or "interactive"
+    return lane if lane in LANES else "interactive"
+
+
+def register_lanes(client: Any, queue: str, members: Iterable[str]) -> None:
+    """Record ``lane|tenant`` members as having jobs for ``queue`` (idempotent)."""
+    if members := sorted(set(members)):
+        client.sadd(lanes_key(queue), *members)
+
+
+def model_queues(client: Any, queue: str) -> dict[str, str]:
+    """Return the kombu queues that hold messages for model ``queue``: the model's queue
+    itself (key ``""``: released, not yet taken by a worker), then each lane queue (key
+    ``lane|tenant``)."""
+    members = sorted(
+        m.decode() if isinstance(m, bytes) else m for m in client.smembers(lanes_key(queue))
+    )
+    found = {"": queue}
+    for member in members:
+        lane, _, tenant = member.partition("|")
+        found[member] = lane_queue(queue, tenant, lane)
+    return found
+
+
+def waiting(client: Any, queue: str) -> dict[str, int]:
+    """Return how many messages wait in each of :func:`model_queues` (all priorities)."""
+    found = model_queues(client, queue)
+    with client.pipeline(transaction=False) as pipe:
+        for name in found.values():
+            for key in queue_keys(name):
+                pipe.llen(key)
+        counts = [int(n) for n in pipe.execute()]
+    return {
+        member: sum(counts[i * PRIORITY_LEVELS : (i + 1) * PRIORITY_LEVELS])
+        for i, member in enumerate(found)
+    }
+
+
+#: Release up to ARGV[2] messages for model queue ARGV[1] (less what already waits in it).
+#: Returns the number released. Keys are derived inside (one Redis, never a cluster).
+RELEASE = r"""
+local queue = ARGV[1]
+local free = tonumber(ARGV[2])
+local batch_every = tonumber(ARGV[3])
+local sep = "\6\22"
+local levels = 10
+local lanes_key = "cq.fair." .. queue .. ".lanes"
+local vtc_key = "cq.fair." .. queue .. ".vtc"
+local weights_key = "cq.fair." .. queue .. ".weights"
+local floor_key = "cq.fair." .. queue .. ".floor"
+local turns_key = "cq.fair." .. queue .. ".turns"
+local active_key = "cq.fair." .. queue .. ".active"
+local ratio_key = "cq.fair." .. queue .. ".ratio"
+
+local function list_name(name, n)
+  if n == 0 then return name end
+  return name .. sep .. n
+end
+
+-- Released messages no worker took yet count against what the caller may release.
+for n = 0, levels - 1 do
+  free = free - redis.call("LLEN", list_name(queue, n))
+end
+if free <= 0 then return 0 end
+
+-- The first non-empty priority list of a lane queue, or nil.
+local function head(name, from)
+  for n = from, levels - 1 do
+    if redis.call("LLEN", list_name(name, n)) > 0 then return n end
+  end
+  return nil
+end
+
+-- Backlogged tenants and their lanes: tenants[t] = {interactive = {name, n}, batch = ...}.
+local tenants = {}
+for _, member in ipairs(redis.call("SMEMBERS", lanes_key)) do
+  local bar = string.find(member, "|", 1, true)
+  local lane = string.sub(member, 1, bar - 1)
+  local tenant = string.sub(member, bar + 1)
+  local name = queue .. "|" .. lane .. "|" .. tenant
+  local n = head(name, 0)
+  if n ~= nil then
+    tenants[tenant] = tenants[tenant] or {}
+    tenants[tenant][lane] = {name = name, n = n}
+  end
+end
+
+-- A tenant that was idle comes back at the floor: the lowest counter among the
+-- tenants that were backlogged when the last release ended.
+local floor = tonumber(redis.call("GET", floor_key) or "0")
+local ratio = tonumber(redis.call("GET", ratio_key) or "1")
+local was_active = {}
+for _, tenant in ipairs(redis.call("SMEMBERS", active_key)) do was_active[tenant] = true end
+local counter = {}
+local weight = {}
+for tenant, _ in pairs(tenants) do
+  local c = tonumber(redis.call("HGET", vtc_key, tenant) or "0")
+  if c < floor and not was_active[tenant] then c = floor end
+  counter[tenant] = c
+  weight[tenant] = tonumber(redis.call("HGET", weights_key, tenant) or "1")
+end
+
+local released = 0
+while released < free do
+  local best = nil
+  for tenant, _ in pairs(tenants) do
+    if best == nil or counter[tenant] < counter[best]
+       or (counter[tenant] == counter[best] and tenant < best) then
+      best = tenant
+    end
+  end
+  if best == nil then break end
+  local lanes = tenants[best]
+  local lane = "interactive"
+  if lanes.interactive == nil then
+    lane = "batch"
+  elseif lanes.batch ~= nil then
+    local turn = tonumber(redis.call("HINCRBY", turns_key, best, 1))
+    if turn >= batch_every then
+      lane = "batch"
+      redis.call("HSET", turns_key, best, 0)
+    end
+  end
+  local at = lanes[lane]
+  local payload = redis.call("RPOP", list_name(at.name, at.n))
+  if payload then
+    redis.call("LPUSH", list_name(queue, at.n), payload)
+    released = released + 1
+    local cost = 1
+    local ok, message = pcall(cjson.decode, payload)
+    if ok and type(message) == "table" and type(message.headers) == "table"
+       and type(message.headers.cq_cost) == "table" then
+      local parts = message.headers.cq_cost
+      cost = (tonumber(parts[1]) or 0) + ratio * (tonumber(parts[2]) or 0)
+    end
+    counter[best] = counter[best] + cost / weight[best]
+  end
+  local n = head(at.name, at.n)
+  if n == nil then
+    lanes[lane] = nil
+    if lanes.interactive == nil and lanes.batch == nil then tenants[best] = nil end
+  else
+    at.n = n
+  end
+end
+
+local low = nil
+redis.call("DEL", active_key)
+for tenant, c in pairs(counter) do
+  redis.call("HSET", vtc_key, tenant, tostring(c))
+  if tenants[tenant] ~= nil then
+    redis.call("SADD", active_key, tenant)
+    if low == nil or c < low then low = c end
+  end
+end
+if low ~= nil then redis.call("SET", floor_key, tostring(low)) end
+return released
+"""
+
+
+#: Add ARGV[3] tokens (negative: give back) to tenant ARGV[2]'s counter for queue ARGV[1],
+#: divided by the tenant's weight.
+CHARGE = r"""
+local queue = ARGV[1]
+local tenant = ARGV[2]
+local weight = tonumber(redis.call("HGET", "cq.fair." .. queue .. ".weights", tenant) or "1")
+local tokens = tonumber(ARGV[3]) / weight
+return redis.call("HINCRBYFLOAT", "cq.fair." .. queue .. ".vtc", tenant, tokens)
+"""
+
+
+#: Move queue ARGV[1]'s new-token ratio toward ARGV[2] by weight ARGV[3].
+RATIO = r"""
+local key = "cq.fair." .. ARGV[1] .. ".ratio"
+local old = tonumber(redis.call("GET", key) or "1")
+local new = old + tonumber(ARGV[3]) * (tonumber(ARGV[2]) - old)
+redis.call("SET", key, tostring(new))
+return tostring(new)
+"""
+
+#: How far one finished batch moves the new-token ratio.
+RATIO_WEIGHT = 0.2
+
+
+def ratio_key(queue: str) -> str:
+    """The Redis string with ``queue``'s new-token ratio (see :meth:`FairQueues.settle`)."""
+    return f"cq.fair.{queue}.ratio"
+
+
+class FairQueues:
+    """The release step for one model's queue, bound to one Redis client."""
+
+    def __init__(self, client: Any, queue: str) -> None:
+        self.client = client
+        self.queue = queue
+        self._release = client.register_script(RELEASE)
+        self._charge = client.register_script(CHARGE)
+        self._ratio = client.register_script(RATIO)
+
+    def release(self, free: int) -> int:
+        """Move up to ``free`` messages (less those already waiting in the model's queue)
+        from the lane queues to the model's queue, fairly; return how many moved."""
+        if free <= 0:
+            return 0
+        return int(self._release(args=[self.queue, free, BATCH_EVERY]))
+
+    def new_token_ratio(self) -> float:
+        """The share of the most they may generate that this model's jobs generate (a moving
+        average over finished batches; 1 until one finished)."""
+        return float(self.client.get(ratio_key(self.queue)) or 1.0)
+
+    def settle(self, served: Mapping[str, float], *, generated: int, most: int) -> None:
+        """Correct the tenants' counters by what their jobs really took: ``served`` is each
+        tenant's tokens served less what it was charged at release; ``generated`` of ``most``
+        new tokens were generated, which moves :meth:`new_token_ratio`."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for tenant, tokens in served.items():
+                if tokens:
+                    self._charge(args=[self.queue, tenant, tokens], client=pipe)
+            if most:
+                self._ratio(args=[self.queue, generated / most, RATIO_WEIGHT], client=pipe)
+            pipe.execute()
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Replace the tenants' weights the release step reads (missing: 1)."""
+        key = weights_key(self.queue)
+        with self.client.pipeline() as pipe:
+            pipe.delete(key)
+            if weights:
+                pipe.hset(key, mapping={name: repr(float(w)) for name, w in weights.items()})
+            pipe.execute()

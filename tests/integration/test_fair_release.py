@@ -1,0 +1,178 @@
+"""The release step of fair share (completion_queue.fair) on a real redis-server, fed by the
+real producer path (``send_jobs``): which messages reach the model's queue, in what order."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from completion_queue import (
+    EmbeddedRedis,
+    FairQueues,
+    Settings,
+    create_app,
+    queue_depth,
+    queue_keys,
+    queue_name,
+    send_jobs,
+    waiting,
+)
+from completion_queue.fair import BATCH_EVERY
+
+MODEL = "fair-model"
+QUEUE = queue_name(MODEL)
+_DB = itertools.count(3)
+
+
+@dataclass
+class FakeJob:
+    """What ``send_jobs`` reads of a job."""
+
+    tenant: str | None
+    lane: str = "interactive"
+    priority: int = 0
+    max_new_tokens: int = 10
+    prompt: str = ""
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    model: str = MODEL
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens}
+
+
+@pytest.fixture
+def broker(redis_server: EmbeddedRedis) -> Iterator[tuple[Celery, redis.Redis]]:
+    """A Celery app and a client on a fresh Redis database of the shared server."""
+    url = f"redis://127.0.0.1:{redis_server.port}/{next(_DB) % 16}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    app = create_app(Settings(broker_url=url, model=MODEL), url)
+    yield app, client
+    client.flushdb()
+    client.close()
+
+
+def released(client: redis.Redis) -> list[str]:
+    """The task ids in the model's queue, in the order a worker takes them."""
+    ids = []
+    for key in queue_keys(QUEUE):
+        # kombu pushes on the left and pops on the right: the right end goes first.
+        for payload in reversed(client.lrange(key, 0, -1)):
+            ids.append(json.loads(payload)["headers"]["id"])
+    return ids
+
+
+def send(app: Celery, jobs: list[FakeJob]) -> dict[str, FakeJob]:
+    send_jobs(app, jobs)
+    return {str(job.id): job for job in jobs}
+
+
+def test_backlogged_tenants_get_equal_shares_in_turn(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    jobs = send(app, [FakeJob("a") for _ in range(100)] + [FakeJob("b") for _ in range(100)])
+    assert FairQueues(client, QUEUE).release(20) == 20
+    order = [jobs[i].tenant for i in released(client)]
+    assert Counter(order) == {"a": 10, "b": 10}
+    # One after the other, not a's ten first: b's first job is taken second.
+    assert order[:4] in (["a", "b", "a", "b"], ["b", "a", "b", "a"])
+
+
+def test_weights_share_in_proportion(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    jobs = send(app, [FakeJob("a") for _ in range(100)] + [FakeJob("b") for _ in range(100)])
+    fair = FairQueues(client, QUEUE)
+    fair.set_weights({"a": 3.0})
+    fair.release(40)
+    assert Counter(jobs[i].tenant for i in released(client)) == {"a": 30, "b": 10}
+
+
+def test_shares_are_counted_in_tokens_not_jobs(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    jobs = send(
+        app,
+        [FakeJob("long", max_new_tokens=90) for _ in range(50)]
+        + [FakeJob("short", max_new_tokens=10) for _ in range(50)],
+    )
+    FairQueues(client, QUEUE).release(40)
+    counts = Counter(jobs[i].tenant for i in released(client))
+    # 90 tokens a job against 10: the short tenant gets nine jobs for each long one.
+    assert counts == {"short": 36, "long": 4}
+
+
+def test_a_tenant_that_comes_late_starts_from_the_floor(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    fair = FairQueues(client, QUEUE)
+    send(app, [FakeJob("a") for _ in range(200)])
+    fair.release(100)  # a alone: all of it, and a's counter runs ahead
+    client.delete(*queue_keys(QUEUE))
+    jobs = send(app, [FakeJob("b") for _ in range(100)])
+    fair.release(20)
+    order = released(client)
+    # b starts from a's counter, not from zero: the two share from here on.
+    assert sum(1 for i in order if i in jobs) == 10
+
+
+def test_a_tenant_alone_gets_every_slot(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    send(app, [FakeJob(None) for _ in range(30)])
+    assert FairQueues(client, QUEUE).release(50) == 30
+    assert len(released(client)) == 30
+    assert waiting(client, QUEUE) == {"": 30, "interactive|": 0}
+
+
+def test_interactive_goes_first_and_batch_is_never_starved(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    app, client = broker
+    jobs = send(
+        app,
+        [FakeJob("a", lane="batch") for _ in range(50)]
+        + [FakeJob("a", lane="interactive") for _ in range(50)],
+    )
+    FairQueues(client, QUEUE).release(BATCH_EVERY * 4)
+    lanes = Counter(jobs[i].lane for i in released(client))
+    assert lanes == {"interactive": (BATCH_EVERY - 1) * 4, "batch": 4}
+
+
+def test_priorities_order_a_tenants_jobs(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    jobs = send(app, [FakeJob("a", priority=0) for _ in range(5)] + [FakeJob("a", priority=9)])
+    FairQueues(client, QUEUE).release(1)
+    (first,) = released(client)
+    assert jobs[first].priority == 9
+
+
+def test_released_messages_not_yet_taken_count_against_room(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    app, client = broker
+    send(app, [FakeJob("a") for _ in range(50)])
+    fair = FairQueues(client, QUEUE)
+    assert fair.release(10) == 10
+    # Nothing took those ten yet: room for ten more is room for none.
+    assert fair.release(10) == 0
+    assert fair.release(15) == 5
+    assert queue_depth(client, QUEUE) == 50  # nothing lost, nothing doubled
+
+
+def test_a_settled_charge_moves_the_share(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    jobs = send(app, [FakeJob("a") for _ in range(10)] + [FakeJob("b") for _ in range(10)])
+    fair = FairQueues(client, QUEUE)
+    fair.release(2)  # one each, 10 tokens charged to each
+    # When a's job turns out to have taken nothing of its estimate
+    fair.settle({"a": -10}, generated=0, most=0)
+    client.delete(*queue_keys(QUEUE))
+    fair.release(2)
+    # Then a, below b by those 10 tokens (and not lifted: it stayed backlogged), goes twice
+    assert [jobs[i].tenant for i in released(client)] == ["a", "a"]

@@ -1,0 +1,137 @@
+"""Fair share across tenants through a real worker at the default settings (issue 35's targets).
+
+The worker runs every scheduling setting at its default (batch size, lookahead, wait,
+prefetch); only where it finds Redis, the database and the model is set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select, update
+
+from completion_queue import EmbeddedRedis, Settings, WorkerProcess, worker_env
+from db import JobRow, JobStatus, make_engine, make_session_factory, upgrade
+from producer.client import CompletionClient
+from tests.conftest import purge_queue, until
+
+#: A Redis database of the shared server no other fixture uses.
+_REDIS_DB = 14
+
+
+@pytest.fixture(scope="module")
+def defaults(
+    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """A worker at the default settings, on its own Redis database and SQLite file."""
+    tmp = tmp_path_factory.mktemp("fair")
+    broker = f"redis://127.0.0.1:{redis_server.port}/{_REDIS_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    settings = Settings(
+        broker_url=broker,
+        database_url=f"sqlite:///{tmp / 'jobs.db'}",
+        data_dir=tmp,
+        model=str(tiny_model),
+    )
+    upgrade(settings.resolved_database_url())
+    worker = WorkerProcess(worker_env(settings), tmp / "worker.log").start().wait_ready()
+    yield settings
+    worker.stop()
+
+
+def count(settings: Settings, status: JobStatus, tenant: str | None = None) -> int:
+    """How many jobs (of ``tenant``, or all) have ``status`` now."""
+    sessions = make_session_factory(make_engine(settings.resolved_database_url()))
+    query = select(func.count()).select_from(JobRow).where(JobRow.status == status)
+    if tenant is not None:
+        query = query.where(JobRow.tenant == tenant)
+    with sessions() as session:
+        return int(session.scalar(query) or 0)
+
+
+def drain(settings: Settings) -> None:
+    """Cancel whatever is still queued, so the next test starts on an idle worker."""
+    with redis.Redis.from_url(settings.broker_url or "") as broker:
+        purge_queue(broker, settings.model)
+    sessions = make_session_factory(make_engine(settings.resolved_database_url()))
+    with sessions.begin() as session:
+        session.execute(
+            update(JobRow)
+            .where(JobRow.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED)
+        )
+    until(lambda: count(settings, JobStatus.RUNNING) == 0, timeout_s=120)
+
+
+def test_a_small_tenant_is_not_held_behind_a_large_backlog(defaults: Settings) -> None:
+    with CompletionClient(settings=defaults) as client:
+        a, b = client.as_tenant("a"), client.as_tenant("b")
+        # Given tenant A's 6,000 jobs of 64 new tokens (about a minute of the worker's time)
+        a.submit_many([{"prompt": f"a {i}", "max_new_tokens": 64} for i in range(6000)])
+        time.sleep(5)
+        # When tenant B posts 16 jobs 5 s later, with no priority set
+        small = b.submit_many([{"prompt": f"b {i}", "max_new_tokens": 64} for i in range(16)])
+        done = b.wait([job.id for job in small], timeout=120)
+        try:
+            # Then B's slowest job finishes within 10 s of B's submit
+            assert all(job.status is JobStatus.SUCCEEDED for job in done)
+            slowest = max(job.finished_at - job.created_at for job in done)  # type: ignore[operator]
+            left = count(defaults, JobStatus.QUEUED, "a")
+            print(f"B's slowest job: {slowest.total_seconds():.2f} s; A's jobs queued then: {left}")
+            assert slowest <= timedelta(seconds=10), slowest
+            # while A's later half is still waiting
+            assert left >= 3000
+        finally:
+            drain(defaults)
+
+
+#: The length of the windows over which equal tenants' shares are compared.
+WINDOW_S = 30.0
+
+
+def test_equal_tenants_with_standing_backlogs_are_served_equal_tokens(defaults: Settings) -> None:
+    with CompletionClient(settings=defaults) as client:
+        # Given two tenants of equal weight, each with a backlog that outlasts the test
+        for name in ("c", "d"):
+            client.as_tenant(name).submit_many(
+                [{"prompt": f"{name} {i}", "max_new_tokens": 64} for i in range(8000)]
+            )
+        try:
+            # When the worker serves them for 30 s past the first flushes
+            time.sleep(WINDOW_S + 15)
+            sessions = make_session_factory(make_engine(defaults.resolved_database_url()))
+            with sessions() as session:
+                rows = session.execute(
+                    select(
+                        JobRow.tenant,
+                        JobRow.finished_at,
+                        JobRow.prompt_tokens + JobRow.completion_tokens,
+                    ).where(JobRow.status == JobStatus.SUCCEEDED, JobRow.tenant.in_(("c", "d")))
+                ).all()
+            assert count(defaults, JobStatus.QUEUED, "c") and count(defaults, JobStatus.QUEUED, "d")
+        finally:
+            drain(defaults)
+        # Then over every 30 s window (sliding by 1 s), each gets within 10% of the other's tokens.
+        # The windows start when d's first job finishes: the worker took a flush and the next
+        # one of c's (its prefetch) while d's jobs were still being inserted, before both
+        # tenants had a backlog.
+        first = min(r[1] for r in rows if r[0] == "d")
+        last = max(r[1] for r in rows)
+        start = first
+        worst = 0.0
+        while start + timedelta(seconds=WINDOW_S) <= last:
+            end = start + timedelta(seconds=WINDOW_S)
+            served = {name: 0 for name in ("c", "d")}
+            for tenant, finished, tokens in rows:
+                if start <= finished < end:
+                    served[tenant] += tokens
+            worst = max(worst, abs(served["c"] - served["d"]) / max(served.values()))
+            start += timedelta(seconds=1)
+        print(f"worst 30 s window: tokens served differ by {worst:.1%}")
+        assert start > first, "no whole 30 s window to compare"
+        assert worst <= 0.10

@@ -1,0 +1,182 @@
+"""The worker's dispatcher: releases its tenants' jobs to its model's queue, fairly.
+
+Jobs wait in per-tenant lane queues (:mod:`completion_queue.fair`). A thread of
+the worker's main process keeps the worker holding as many messages as its
+prefetch (the flush running and the next one forming): whenever it holds fewer,
+it releases the difference from the lane queues to the model's queue, in the
+order of the virtual token counter, and the Celery consumer takes them from
+there. It runs when a producer publishes on the model's wake channel (so a job
+sent to an idle worker is released at once) and every :data:`POLL_S` (so a worker
+that finished a flush refills), and copies the tenants' weights from the database
+every :data:`WEIGHTS_EVERY_S`.
+
+A consumer step: it starts once the worker consumes, and stops with the
+consumer, before a warm shutdown hands back what the worker holds, so a
+stopping worker releases nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import redis
+from celery import bootsteps
+
+from completion_queue import FairQueues, Settings, prefetch_count, queue_name, redact_url
+from completion_queue.fair import job_cost, wake_channel
+from db import Job, JobStatus, Outcome
+from workers.listeners import BatchListener
+
+log = logging.getLogger(__name__)
+
+#: How often a dispatcher releases without being woken (a flush that finished frees room).
+POLL_S = 0.1
+
+#: How often the tenants' weights are read again from the database.
+WEIGHTS_EVERY_S = 10.0
+
+
+def held_count(channel: Any) -> int:
+    """How many messages ``channel`` holds: delivered and not yet acknowledged.
+
+    Read from another thread than the event loop's: ``len`` of kombu's dicts is
+    atomic, where iterating them is not.
+    """
+    qos = channel.qos
+    return len(qos._delivered) - len(qos._dirty)
+
+
+class Dispatcher:
+    """Release one model's jobs so that this worker holds ``target`` messages."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        queue: str,
+        *,
+        target: int,
+        held: Callable[[], int | None],
+        weights: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
+        self.client = client
+        self.queue = queue
+        self.target = target
+        self.held = held
+        self.weights = weights
+        self.fair = FairQueues(client, queue)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the dispatching thread."""
+        self._thread = threading.Thread(target=self._run, name="cq-dispatch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop releasing; wait for the thread to end."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def step(self) -> int:
+        """Release what this worker has room for; return how many were released."""
+        held = self.held()
+        if held is None:
+            return 0
+        return self.fair.release(self.target - held)
+
+    def _run(self) -> None:
+        pubsub = None
+        weights_at = 0.0
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(wake_channel(self.queue))
+                if self.weights is not None and time.monotonic() >= weights_at:
+                    self.fair.set_weights(self.weights())
+                    weights_at = time.monotonic() + WEIGHTS_EVERY_S
+                self.step()
+                pubsub.get_message(timeout=POLL_S)
+            except Exception as exc:  # the broker or the database is away: try again
+                log.warning("dispatcher: %s", redact_url(str(exc)))
+                if pubsub is not None:
+                    pubsub.close()
+                    pubsub = None
+                self._stop.wait(1.0)
+        if pubsub is not None:
+            pubsub.close()
+
+
+class FairCharges(BatchListener):
+    """Settle each finished job's charge in the model process: its tenant was charged the
+    job's estimated tokens at release; the row now says what it took (prompt plus generated)."""
+
+    def __init__(self, broker_url: str, queue: str) -> None:
+        self.broker_url = broker_url
+        self.queue = queue
+        self._fair: FairQueues | None = None
+
+    def finished(
+        self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
+    ) -> None:
+        """Give back (or charge) each tenant the difference, and move the model's new-token
+        ratio by what the succeeded jobs generated."""
+        if self._fair is None:
+            client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
+            self._fair = FairQueues(client, self.queue)
+        ratio = self._fair.new_token_ratio()
+        by_id = {job.id: job for job in jobs}
+        served: dict[str, float] = {}
+        generated = most = 0
+        for outcome in outcomes:
+            job = by_id[outcome.job_id]
+            prompt, new = job_cost(job)
+            took = (outcome.prompt_tokens or 0) + outcome.completion_tokens
+            tenant = job.tenant or ""
+            served[tenant] = served.get(tenant, 0.0) + took - (prompt + ratio * new)
+            if outcome.status is JobStatus.SUCCEEDED:
+                generated, most = generated + outcome.completion_tokens, most + new
+        self._fair.settle(served, generated=generated, most=most)
+
+
+class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Run a :class:`Dispatcher` for the worker's model while the consumer runs."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
+        self.dispatcher: Dispatcher | None = None
+
+    def start(self, consumer: Any) -> None:
+        """Start releasing for the worker's model."""
+        state = consumer.app.cq_state
+        settings: Settings = state.settings
+
+        def held() -> int | None:
+            task_consumer = getattr(consumer, "task_consumer", None)
+            if task_consumer is None:
+                return None  # reconnecting: release nothing until consuming again
+            return held_count(task_consumer.channel)
+
+        client = redis.Redis.from_url(consumer.app.conf.broker_url, socket_timeout=5)
+        self.dispatcher = Dispatcher(
+            client,
+            queue_name(settings.model),
+            target=prefetch_count(settings),
+            held=held,
+        )
+        self.dispatcher.start()
+
+    def stop(self, consumer: Any) -> None:
+        """Stop releasing (a stopping or reconnecting worker takes nothing more)."""
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+            self.dispatcher.client.close()
+            self.dispatcher = None
