@@ -32,6 +32,9 @@ from db.jobs import (
 from db.migrate import upgrade
 from db.models import (
     FINISHED_STATUSES,
+    LANE_BATCH,
+    LANE_INTERACTIVE,
+    LANES,
     BatchRow,
     FileRow,
     JobRow,
@@ -85,7 +88,9 @@ from db.tenants import (
     lock_queue_bounds,
     new_key,
     revoke_tenant,
+    set_tenant_weight,
     tenant_by_key,
+    tenant_weights,
     usage,
 )
 from db.webhooks import claim_webhook, due_webhooks, give_up_webhook, record_webhook
@@ -97,6 +102,9 @@ __all__ = [
     "JobRow",
     "TenantRow",
     "FINISHED_STATUSES",
+    "LANE_BATCH",
+    "LANE_INTERACTIVE",
+    "LANES",
     "JobStatus",
     "WebhookStatus",
     # snapshots
@@ -160,7 +168,9 @@ __all__ = [
     "lock_queue_bounds",
     "new_key",
     "revoke_tenant",
+    "set_tenant_weight",
     "tenant_by_key",
+    "tenant_weights",
     "usage",
     # webhooks
     "claim_webhook",

@@ -68,6 +68,8 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
                 "webhook_status": WebhookStatus.PENDING if job.callback_url else None,
                 "webhook_attempts": 0,
                 "tenant": job.tenant,
+                "lane": job.lane,
+                "deadline": job.deadline,
             }
             for job, created_at in zip(jobs, times, strict=True)
         ],
@@ -106,6 +108,8 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
             webhook_status=WebhookStatus.PENDING if job.callback_url else None,
             tenant=job.tenant,
             messages=job.messages,
+            lane=job.lane,
+            deadline=job.deadline,
         )
         result.append((snapshot, True))
     return result
