@@ -56,10 +56,11 @@ from db.queries import (
     list_jobs,
 )
 from db.recovery import (
+    DeadlineErrors,
     Requeued,
-    expire_batch_jobs,
     expire_queued_jobs,
     fail_attempts,
+    fail_past_deadline,
     old_queued_jobs,
     requeue_jobs,
     stuck_jobs,
@@ -149,10 +150,11 @@ __all__ = [
     "lost_jobs",
     "write_progress",
     # recovery (the reaper's transitions)
+    "DeadlineErrors",
     "Requeued",
-    "expire_batch_jobs",
     "expire_queued_jobs",
     "fail_attempts",
+    "fail_past_deadline",
     "old_queued_jobs",
     "requeue_jobs",
     "stuck_jobs",

@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import update
 
 from completion_queue import free_port, queue_name, worker_env
-from db import BatchRow, JobStatus
+from db import BatchRow, JobRow, JobStatus
 from producer import CompletionClient
 from tests.conftest import Stack, until
 from tests.integration.conftest import HookServer
@@ -585,12 +585,21 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
         input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
     )
     until(lambda: oai.batches.retrieve(batch.id).request_counts.completed == 1)  # type: ignore[union-attr]
-    # When its 24 h window has passed (its clock set back) and a reaper pass runs
+    # (its lines run in the batch lane, their deadline the end of its window)
+    lines_jobs = stack.client().list(batch_id=batch.id)
+    assert [job.lane for job in lines_jobs] == ["batch", "batch"]
+    assert {int(job.deadline.timestamp()) for job in lines_jobs if job.deadline} == {
+        batch.expires_at
+    }
+    # When its 24 h window has passed and a reaper pass runs (the window set back by hand: its
+    # lines' deadline, and the batch's creation the expiry is shown from, 25 h ago)
+    past = datetime.now(UTC) - timedelta(hours=25)
     with stack.client().sessions.begin() as session:
+        session.execute(update(BatchRow).where(BatchRow.id == batch.id).values(created_at=past))
         session.execute(
-            update(BatchRow)
-            .where(BatchRow.id == batch.id)
-            .values(created_at=datetime.now(UTC) - timedelta(hours=25))
+            update(JobRow)
+            .where(JobRow.batch_id == batch.id)
+            .values(deadline=past + timedelta(hours=24))
         )
     assert oai.batches.retrieve(batch.id).status == "in_progress"
     env = {**os.environ, **worker_env(stack.settings)}
@@ -599,7 +608,7 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
     )
     assert reaped.returncode == 0, reaped.stderr
     # (the worker's own reaper, every CQ_REAP_INTERVAL_S = 15 s, may have taken it first)
-    assert re.search(r"expired [01] job\(s\) of batches past their window", reaped.stdout)
+    assert re.search(r"failed [01] queued job\(s\) past their deadline", reaped.stdout)
     # Then the batch is expired: the completed request is in the output file,
     expired = oai.batches.retrieve(batch.id)
     assert expired.status == "expired" and expired.expired_at is not None
@@ -613,7 +622,9 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
     (error,) = [json.loads(x) for x in oai.files.content(expired.error_file_id).text.splitlines()]
     assert error["custom_id"] == "unserved" and error["response"] is None
     assert error["error"]["code"] == "batch_expired"
-    assert "completion window expired" in error["error"]["message"]
+    assert error["error"]["message"] == (
+        "This request could not be executed before the completion window expired."
+    )
     # and it cannot be cancelled any more
     with pytest.raises(openai.ConflictError):
         oai.batches.cancel(batch.id)

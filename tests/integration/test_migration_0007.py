@@ -24,7 +24,11 @@ from db.migrate import alembic_config
 
 OLD_JOB = text(
     "INSERT INTO jobs (id, status, model, prompt, params, attempts, priority, created_at, "
-    "webhook_attempts) VALUES (:id, 'queued', 'm', 'p', '{}', 0, 0, :now, 0)"
+    "webhook_attempts, batch_id) VALUES (:id, 'queued', 'm', 'p', '{}', 0, 0, :now, 0, :batch)"
+)
+OLD_BATCH = text(
+    "INSERT INTO batches (id, input_file_id, endpoint, completion_window, requests, created_at) "
+    "VALUES ('batch_old', 'file-x', '/v1/completions', '24h', '[]', :now)"
 )
 OLD_TENANT = text("INSERT INTO tenants (name, key_hash, created_at) VALUES ('old', :hash, :now)")
 
@@ -44,18 +48,26 @@ def test_0007_fills_old_rows_with_defaults_and_round_trips(database_url: str) ->
     assert not {"lane", "deadline"} & columns(database_url, "jobs")
     assert "weight" not in columns(database_url, "tenants")
     engine = make_engine(database_url)
-    job_id = uuid.uuid4()
+    job_id, line_id = uuid.uuid4(), uuid.uuid4()
+    batch_created = utcnow() - timedelta(hours=1)
+
+    def stored(i: uuid.UUID) -> str:
+        return str(i) if engine.dialect.name == "postgresql" else i.hex
+
     with engine.begin() as conn:
-        id_value = str(job_id) if engine.dialect.name == "postgresql" else job_id.hex
-        conn.execute(OLD_JOB, {"id": id_value, "now": utcnow()})
+        conn.execute(OLD_JOB, {"id": stored(job_id), "now": utcnow(), "batch": None})
+        conn.execute(OLD_JOB, {"id": stored(line_id), "now": utcnow(), "batch": "batch_old"})
+        conn.execute(OLD_BATCH, {"now": batch_created})
         conn.execute(OLD_TENANT, {"hash": "0" * 64, "now": utcnow()})
     # When it goes up to head
     command.upgrade(config, "head")
-    # Then the old rows read the defaults, and new rows keep what they are given
+    # Then the old rows read the defaults (a batch's line: its window's end as its deadline),
+    # and new rows keep what they are given
     sessions = make_session_factory(engine)
     deadline = utcnow() + timedelta(hours=1)
     with sessions.begin() as session:
         old = get_job(session, job_id=job_id)
+        line = get_job(session, job_id=line_id)
         [(new, _)] = create_jobs(
             session, jobs=[NewJob("m", "p", {}, lane=LANE_BATCH, deadline=deadline)]
         )
@@ -66,6 +78,8 @@ def test_0007_fills_old_rows_with_defaults_and_round_trips(database_url: str) ->
         stored = get_job(session, job_id=new.id)
         weights = tenant_weights(session)
     assert old is not None and (old.lane, old.deadline) == ("interactive", None)
+    assert line is not None and line.lane == "batch"
+    assert line.deadline == batch_created + timedelta(hours=24)
     assert stored is not None and (stored.lane, stored.deadline) == ("batch", deadline)
     assert weights == {"old": 1.0, "heavy": 2.5}
     # And down to 0006 again the columns go, the jobs stay, and the partial unique index of
@@ -74,7 +88,7 @@ def test_0007_fills_old_rows_with_defaults_and_round_trips(database_url: str) ->
     assert not {"lane", "deadline"} & columns(database_url, "jobs")
     assert "weight" not in columns(database_url, "tenants")
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 2
+        assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 3
         if engine.dialect.name == "sqlite":
             index = conn.execute(
                 text(
