@@ -628,3 +628,35 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
     # and it cannot be cancelled any more
     with pytest.raises(openai.ConflictError):
         oai.batches.cancel(batch.id)
+
+
+def test_each_api_path_stores_its_lane_and_post_jobs_takes_a_deadline(
+    api: Api, client: CompletionClient
+) -> None:
+    # POST /v1/jobs: interactive by default, or the lane and deadline it names
+    plain = api.http.post("/v1/jobs", json={"prompt": "x", "model": NO_WORKER})
+    named = api.http.post(
+        "/v1/jobs", json={"prompt": "x", "model": NO_WORKER, "lane": "batch", "deadline": 120}
+    )
+    plain_job = api.http.get(f"/v1/jobs/{plain.json()['ids'][0]}").json()
+    named_job = api.http.get(f"/v1/jobs/{named.json()['ids'][0]}").json()
+    assert (plain_job["lane"], plain_job["deadline"]) == ("interactive", None)
+    assert named_job["lane"] == "batch"
+    left = datetime.fromisoformat(named_job["deadline"]) - datetime.now(UTC)
+    assert timedelta(seconds=100) < left <= timedelta(seconds=120)
+    # and refuses a bad one, naming it, writing nothing
+    before = len(client.list(limit=1000))
+    bad_lane = api.http.post("/v1/jobs", json={"prompt": "x", "lane": "urgent"})
+    assert_error(bad_lane, 400, "lane", "lane must be 'interactive' or 'batch'")
+    bad_deadline = api.http.post("/v1/jobs", json={"prompt": "x", "deadline": "yesterday"})
+    assert_error(bad_deadline, 400, "deadline", "deadline must be an ISO-8601 time")
+    assert len(client.list(limit=1000)) == before
+    # /v1/completions and /v1/chat/completions: interactive
+    oai = api.openai()
+    completion = oai.completions.create(model=api.model, prompt="Once", max_tokens=2)
+    chat = oai.chat.completions.create(
+        model=api.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    for answer in (completion.id, chat.id):
+        job_id = answer.split("-", 1)[1]
+        assert client.get(job_id).lane == "interactive"
