@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 from api.errors import APIError
 from api.views import ErrorInfo
 from completion_queue import JobTimeout, ModelNotAllowed, ValidationError
-from db import Job
+from db import LANE_INTERACTIVE, Job
 from producer import CompletionClient, Limits, validate_request
 
 #: Longest ``user`` (an end-user id) we write to the log.
@@ -216,10 +217,19 @@ def submit_completions(
     *,
     batch_id: str | None = None,
     in_transaction: Callable[[Session, list[Job]], None] | None = None,
+    lane: str = LANE_INTERACTIVE,
+    deadline: datetime | None = None,
 ) -> list[Job]:
-    """Validate and queue ``requests``; errors name OpenAI's fields."""
+    """Validate and queue ``requests`` in ``lane`` (interactive: a caller waits for them);
+    errors name OpenAI's fields."""
     try:
-        return client.submit_many(requests, batch_id=batch_id, in_transaction=in_transaction)
+        return client.submit_many(
+            requests,
+            batch_id=batch_id,
+            in_transaction=in_transaction,
+            lane=lane,
+            deadline=deadline,
+        )
     except ValidationError as exc:
         raise in_openai_names(exc, single=len(requests) == 1) from None
 

@@ -81,6 +81,8 @@ def job_failure(job: Job) -> ErrorInfo | None:
         )
     if kind == "BatchExpired":
         return ErrorInfo(408, message, code="batch_expired")
+    if kind == "DeadlineExceeded":
+        return ErrorInfo(408, message, code="deadline_exceeded")
     return ErrorInfo(500, f"generation failed: {message}", "server_error", code=kind)
 
 

@@ -16,9 +16,10 @@ from rich.progress import Progress
 from cli.group import ExitCode, cli, client_for, echo_job, fail, settings_from_env
 from cli.render import job_table, show, wait_with_progress
 from completion_queue import BrokerUnavailable, JobTimeout, ValidationError
-from db import Job, JobStatus
+from db import LANE_BATCH, Job, JobStatus
 from producer import CompletionClient, CompletionRequest
 from producer.ids import find_batch_id, find_job_id
+from producer.scheduling import resolve_deadline
 
 
 def _default(text: str, field: str) -> str:
@@ -96,6 +97,11 @@ def _warn_unserved(client: CompletionClient, models: set[str]) -> None:
 )
 @click.option("--priority", type=int, help="0 (normal) to 9 (most urgent).")
 @click.option(
+    "--deadline",
+    help="Fail the job (deadline_exceeded) if it has not started by then: seconds from now, "
+    "or an ISO-8601 time with a zone (at most 30 days away).",
+)
+@click.option(
     "--truncate",
     is_flag=True,
     default=None,
@@ -148,7 +154,8 @@ def submit(
     **params: Any,
 ) -> None:
     """Submit one PROMPT, a chat (--system, --user), or every request in --file (prints the
-    batch id; a line holds a prompt or messages).
+    batch id; a line holds a prompt or messages). The lines of --file run in the batch lane,
+    behind interactive work (a line may name its own "lane").
 
     Prints the job as JSON (once finished, with --wait), or its text as it is generated
     (--stream). Warns when no live worker serves the model (the jobs still queue).
@@ -161,6 +168,9 @@ def submit(
     if stream and file is not None:
         raise click.UsageError("--stream shows one job: give PROMPT or --user, not --file")
     request = {k: v for k, v in params.items() if v is not None and v != ()}
+    if "deadline" in request:
+        # Counted once from now, so every line of --file shares one deadline.
+        request["deadline"] = resolve_deadline(_seconds_or_time(request["deadline"]))
     if "stop" in request:
         request["stop"] = list(request["stop"])
     if json_object and json_schema:
@@ -188,6 +198,14 @@ def submit(
             return
         assert file is not None
         _submit_file(client, file, request, wait_s)
+
+
+def _seconds_or_time(value: str) -> float | str:
+    """``--deadline``'s value: a number of seconds, or else the time as given."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _stream(client: CompletionClient, job: Job, idle_timeout_s: float | None) -> None:
@@ -268,7 +286,9 @@ def _submit_file(
         task = progress.add_task("submitting", total=len(requests))
         for start in range(0, len(requests), chunk):
             try:
-                jobs += client.submit_many(requests[start : start + chunk], batch_id=batch_id)
+                jobs += client.submit_many(
+                    requests[start : start + chunk], batch_id=batch_id, lane=LANE_BATCH
+                )
             except ValidationError as exc:
                 # Name the file's line, as the JSON errors above do.
                 index = _REQUEST_INDEX.match(str(exc))

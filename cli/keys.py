@@ -1,9 +1,11 @@
-"""``cq keys`` (the API's tenants: create, list, revoke) and ``cq usage`` (what they used)."""
+"""``cq keys`` (the API's tenants: create, list, set-weight, revoke) and ``cq usage`` (what
+they used)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from datetime import datetime, timedelta
 
@@ -19,12 +21,35 @@ from db import (
     list_tenants,
     new_key,
     revoke_tenant,
+    set_tenant_weight,
     usage,
     utcnow,
 )
 
 #: What a tenant's name may be: it shows in logs, rows and URLs of no one else.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class Weight(click.ParamType):  # type: ignore[type-arg]
+    """A tenant's weight: a finite number above 0."""
+
+    name = "weight"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            weight = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"must be a number, got {value!r}", param, ctx)
+        if not math.isfinite(weight) or weight <= 0:
+            self.fail(f"must be a finite number above 0, got {value!r}", param, ctx)
+        return weight
+
+
+WEIGHT_HELP = (
+    "Its share of a model's workers relative to the other tenants' (2: twice a tenant of 1)."
+)
 
 
 def _when(value: datetime | None) -> str:
@@ -41,7 +66,10 @@ def keys() -> None:
 @click.option("--models", help="Comma-separated models it may use [default: any].")
 @click.option("--max-queued", type=click.IntRange(min=1), help="Most jobs queued at once.")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Requests per second.")
-def keys_create(name: str, models: str | None, max_queued: int | None, rate: float | None) -> None:
+@click.option("--weight", type=Weight(), default=1.0, show_default=True, help=WEIGHT_HELP)
+def keys_create(
+    name: str, models: str | None, max_queued: int | None, rate: float | None, weight: float
+) -> None:
     """Create tenant NAME and print its key, once, alone on the last line.
 
     Only a hash of the key is stored: keep it now, or revoke it and create another.
@@ -55,7 +83,13 @@ def keys_create(name: str, models: str | None, max_queued: int | None, rate: flo
     with database(migrated(settings_from_env())) as sessions, sessions.begin() as session:
         try:
             create_tenant(
-                session, name=name, key=key, models=allowed, max_queued=max_queued, rate=rate
+                session,
+                name=name,
+                key=key,
+                models=allowed,
+                max_queued=max_queued,
+                rate=rate,
+                weight=weight,
             )
         except TenantExists as exc:
             raise ConfigError(f"{exc} (a revoked one keeps its name): pick another") from None
@@ -74,7 +108,17 @@ def keys_list(as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     table = Table()
-    for column in ("name", "models", "max queued", "rate/s", "created", "last used", "revoked"):
+    columns = (
+        "name",
+        "models",
+        "max queued",
+        "rate/s",
+        "weight",
+        "created",
+        "last used",
+        "revoked",
+    )
+    for column in columns:
         table.add_column(column, no_wrap=True)
     for t in tenants:
         table.add_row(
@@ -82,6 +126,7 @@ def keys_list(as_json: bool) -> None:
             ",".join(t.models) if t.models else "any",
             str(t.max_queued or "-"),
             f"{t.rate:g}" if t.rate else "-",
+            f"{t.weight:g}",
             _when(t.created_at),
             _when(t.last_used_at),
             _when(t.revoked_at),
@@ -97,6 +142,17 @@ def keys_revoke(name: str) -> None:
         if not revoke_tenant(session, name=name):
             raise ConfigError(f"no live tenant named {name!r} (see `cq keys list`)")
     click.echo(f"revoked {name}")
+
+
+@keys.command("set-weight")
+@click.argument("name")
+@click.argument("weight", type=Weight())
+def keys_set_weight(name: str, weight: float) -> None:
+    """Set tenant NAME's WEIGHT: its share of a model's workers relative to the others'."""
+    with database(migrated(settings_from_env())) as sessions, sessions.begin() as session:
+        if not set_tenant_weight(session, name=name, weight=weight):
+            raise ConfigError(f"no live tenant named {name!r} (see `cq keys list`)")
+    click.echo(f"weight of {name}: {weight:g}")
 
 
 @cli.command("usage")

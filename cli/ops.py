@@ -126,9 +126,9 @@ def reap_command() -> None:
     A job running longer than CQ_REAP_RUNNING_AFTER_S goes back to the queue with
     a new message (a late result of its old attempt is discarded); one claimed
     CQ_MAX_ATTEMPTS times fails with AttemptsExceeded; one queued longer than
-    CQ_QUEUE_TIMEOUT_S fails with QueueTimeout; an unfinished job of a batch
-    (POST /v1/batches) 24 h old fails with BatchExpired. Workers run the same
-    pass every CQ_REAP_INTERVAL_S.
+    CQ_QUEUE_TIMEOUT_S fails with QueueTimeout; one still queued past its deadline
+    fails with DeadlineExceeded (a line of a batch, POST /v1/batches, whose 24 h
+    window closed: BatchExpired). Workers run the same pass every CQ_REAP_INTERVAL_S.
     """
     settings = migrated(settings_from_env())
     app = create_app(settings)
@@ -140,5 +140,5 @@ def reap_command() -> None:
     click.echo(
         f"requeued {report.requeued} stuck job(s), failed {report.failed}, "
         f"expired {report.expired} queued job(s), resent {report.resent} lost message(s), "
-        f"expired {report.batch_expired} job(s) of batches past their window"
+        f"failed {report.past_deadline} queued job(s) past their deadline"
     )

@@ -25,6 +25,7 @@ from .constants import (
     events_key,
     queue_name,
 )
+from .deadlines import DEADLINE_ERRORS
 from .errors import (
     AttemptsExceeded,
     BatchExpired,
@@ -33,6 +34,7 @@ from .errors import (
     CompletionError,
     ConfigError,
     ContextLengthExceeded,
+    DeadlineExceeded,
     EmbeddedRedisError,
     FatalModelError,
     GenerationTimeout,
@@ -93,6 +95,7 @@ __all__ = [
     "CompletionError",
     "ConfigError",
     "ContextLengthExceeded",
+    "DeadlineExceeded",
     "EmbeddedRedisError",
     "FatalModelError",
     "GenerationTimeout",
@@ -108,6 +111,8 @@ __all__ = [
     "QueueTimeout",
     "UnsupportedResponseFormat",
     "ValidationError",
+    # what a job past its deadline fails with
+    "DEADLINE_ERRORS",
     # a job's response_format, as the producer and the engine read it
     "ResponseFormat",
     "parse_response_format",

@@ -104,8 +104,12 @@ class QueueTimeout(CompletionError):
     """Raised when no worker took a queued job within ``CQ_QUEUE_TIMEOUT_S``."""
 
 
-class BatchExpired(CompletionError):
-    """Raised for a batch's job not finished within the batch's 24 h completion window."""
+class DeadlineExceeded(CompletionError):
+    """Raised for a job not started by its ``deadline``; it never runs."""
+
+
+class BatchExpired(DeadlineExceeded):
+    """Raised for a batch's job not started within the batch's 24 h completion window."""
 
 
 class FatalModelError(ModelError):

@@ -6,8 +6,10 @@ covers what Redis cannot: a job left ``running`` past ``CQ_REAP_RUNNING_AFTER_S`
 (its message was lost with a Redis that had no persistence, or was deleted) is
 put back to ``queued`` and sent a new message, in one transaction; a job queued
 past ``CQ_QUEUE_TIMEOUT_S`` (no worker serves its model) fails with
-``QueueTimeout``; a job of an OpenAI-style batch past its 24 h completion window
-fails with ``BatchExpired`` (the batch then reads as ``expired``). Every change is
+``QueueTimeout``; a job still queued past its deadline fails with ``DeadlineExceeded``,
+or ``BatchExpired`` for a line of an OpenAI-style batch, whose deadline is its 24 h
+completion window (the batch then reads as ``expired``); workers fail such jobs too
+when their messages arrive. Every change is
 fenced on the row's status and attempt, so a late result of the old attempt is
 discarded and two reapers never double a job.
 
@@ -29,14 +31,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue.celery_app import queue_depth, send_jobs
 from completion_queue.constants import queue_name
-from completion_queue.errors import AttemptsExceeded, BatchExpired, QueueTimeout
+from completion_queue.deadlines import DEADLINE_ERRORS
+from completion_queue.errors import AttemptsExceeded, QueueTimeout
 from completion_queue.settings import Settings
 from db import (
-    BATCH_WINDOW,
     error_dict,
-    expire_batch_jobs,
     expire_queued_jobs,
     fail_attempts,
+    fail_past_deadline,
     old_queued_jobs,
     requeue_jobs,
     stuck_jobs,
@@ -60,22 +62,14 @@ class ReapReport:
     failed: int
     expired: int
     resent: int = 0
-    batch_expired: int = 0
+    past_deadline: int = 0
 
 
 def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> ReapReport:
     """Run one reaper pass: expire unserved queued jobs, requeue (or fail) stuck running ones."""
     now = utcnow()
-    window_error = error_dict(
-        BatchExpired(
-            "This request could not be executed before the completion window expired "
-            f"({BATCH_WINDOW.total_seconds() / 3600:g}h after its batch was created)."
-        )
-    )
     with sessions.begin() as session:
-        batch_expired = expire_batch_jobs(
-            session, created_before=now - BATCH_WINDOW, error=window_error
-        )
+        past_deadline = fail_past_deadline(session, errors=DEADLINE_ERRORS)
     expired_error = error_dict(
         QueueTimeout(
             f"no worker took the job within {settings.queue_timeout_s:g}s (CQ_QUEUE_TIMEOUT_S); "
@@ -109,12 +103,12 @@ def reap(settings: Settings, app: Celery, sessions: sessionmaker[Session]) -> Re
         failed=failed,
         expired=len(expired),
         resent=resent,
-        batch_expired=len(batch_expired),
+        past_deadline=len(past_deadline),
     )
     if any(astuple(report)):
         log.warning(
             "reaper: requeued %d stuck job(s), failed %d, expired %d, resent %d queued job(s), "
-            "expired %d job(s) of batches past their window",
+            "failed %d queued job(s) past their deadline",
             *astuple(report),
         )
     return report

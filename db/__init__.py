@@ -32,6 +32,9 @@ from db.jobs import (
 from db.migrate import upgrade
 from db.models import (
     FINISHED_STATUSES,
+    LANE_BATCH,
+    LANE_INTERACTIVE,
+    LANES,
     BatchRow,
     FileRow,
     JobRow,
@@ -53,10 +56,11 @@ from db.queries import (
     list_jobs,
 )
 from db.recovery import (
+    DeadlineErrors,
     Requeued,
-    expire_batch_jobs,
     expire_queued_jobs,
     fail_attempts,
+    fail_past_deadline,
     old_queued_jobs,
     requeue_jobs,
     stuck_jobs,
@@ -85,7 +89,9 @@ from db.tenants import (
     lock_queue_bounds,
     new_key,
     revoke_tenant,
+    set_tenant_weight,
     tenant_by_key,
+    tenant_weights,
     usage,
 )
 from db.webhooks import claim_webhook, due_webhooks, give_up_webhook, record_webhook
@@ -97,6 +103,9 @@ __all__ = [
     "JobRow",
     "TenantRow",
     "FINISHED_STATUSES",
+    "LANE_BATCH",
+    "LANE_INTERACTIVE",
+    "LANES",
     "JobStatus",
     "WebhookStatus",
     # snapshots
@@ -141,10 +150,11 @@ __all__ = [
     "lost_jobs",
     "write_progress",
     # recovery (the reaper's transitions)
+    "DeadlineErrors",
     "Requeued",
-    "expire_batch_jobs",
     "expire_queued_jobs",
     "fail_attempts",
+    "fail_past_deadline",
     "old_queued_jobs",
     "requeue_jobs",
     "stuck_jobs",
@@ -160,7 +170,9 @@ __all__ = [
     "lock_queue_bounds",
     "new_key",
     "revoke_tenant",
+    "set_tenant_weight",
     "tenant_by_key",
+    "tenant_weights",
     "usage",
     # webhooks
     "claim_webhook",

@@ -167,7 +167,7 @@ def get_file_content(session: Session, *, file_id: str, tenant: str | None = Non
     return bytes(row.content) if row is not None else None
 
 
-#: How long a batch may take (OpenAI's only ``completion_window``, "24h"); then it expires.
+#: How long a batch may take (OpenAI's only ``completion_window``, "24h"): its lines' deadline.
 BATCH_WINDOW = timedelta(hours=24)
 
 
@@ -181,8 +181,13 @@ def create_batch(
     metadata: dict[str, str] | None,
     requests: list[tuple[str, list[uuid.UUID]]],
     tenant: str | None = None,
+    created_at: datetime | None = None,
 ) -> Batch:
-    """Store a batch of ``tenant``'s whose jobs were created under ``batch_id``; return it."""
+    """Store a batch of ``tenant``'s whose jobs were created under ``batch_id``; return it.
+
+    ``created_at`` (now, when omitted) is when its window opened: its lines' deadline is
+    ``created_at + BATCH_WINDOW``.
+    """
     row = BatchRow(
         tenant=tenant,
         id=batch_id,
@@ -191,7 +196,7 @@ def create_batch(
         completion_window=completion_window,
         meta=metadata,
         requests=[[cid, [str(i) for i in ids]] for cid, ids in requests],
-        created_at=utcnow(),
+        created_at=created_at or utcnow(),
     )
     session.add(row)
     session.flush()

@@ -15,7 +15,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy import Table, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -68,6 +68,8 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
                 "webhook_status": WebhookStatus.PENDING if job.callback_url else None,
                 "webhook_attempts": 0,
                 "tenant": job.tenant,
+                "lane": job.lane,
+                "deadline": job.deadline,
             }
             for job, created_at in zip(jobs, times, strict=True)
         ],
@@ -106,6 +108,8 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
             webhook_status=WebhookStatus.PENDING if job.callback_url else None,
             tenant=job.tenant,
             messages=job.messages,
+            lane=job.lane,
+            deadline=job.deadline,
         )
         result.append((snapshot, True))
     return result
@@ -137,16 +141,21 @@ def claim_jobs(session: Session, *, job_ids: Sequence[uuid.UUID], worker: str) -
     """Mark the unfinished jobs among ``job_ids`` running (attempts + 1); return them.
 
     Finished and cancelled jobs are left alone and not returned: a redelivered
-    message of a finished job changes nothing.
+    message of a finished job changes nothing. Nor is a job still queued past its
+    deadline: it must never run (:func:`db.recovery.fail_past_deadline` fails it).
     """
+    now = utcnow()
+    in_time = or_(
+        JobRow.status == JobStatus.RUNNING, JobRow.deadline.is_(None), JobRow.deadline >= now
+    )
     stmt = (
         update(JobRow)
-        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES))
+        .where(JobRow.id.in_(list(job_ids)), JobRow.status.in_(UNFINISHED_STATUSES), in_time)
         .values(
             status=JobStatus.RUNNING,
             attempts=JobRow.attempts + 1,
             worker=worker,
-            started_at=utcnow(),
+            started_at=now,
         )
         .returning(JobRow)
         .execution_options(synchronize_session=False)

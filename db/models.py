@@ -52,6 +52,11 @@ class WebhookStatus(str, enum.Enum):
         return self.value
 
 
+#: The lanes a job runs in: interactive work (a caller waits for it) goes ahead of batch lines.
+LANE_INTERACTIVE = "interactive"
+LANE_BATCH = "batch"
+LANES = (LANE_INTERACTIVE, LANE_BATCH)
+
 FINISHED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 #: A job in one of these may still run (claimed, cancelled, failed by the reaper).
 UNFINISHED_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -102,6 +107,12 @@ class JobRow(Base):
     # The tenant that submitted the job (tenants.name); null: the trusted, operator side.
     tenant: Mapped[str | None] = mapped_column(String(64))
     batch_id: Mapped[str | None] = mapped_column(String(64))
+    # ``interactive`` (a caller waits for it) or ``batch``: interactive work goes first.
+    lane: Mapped[str] = mapped_column(
+        String(16), nullable=False, default=LANE_INTERACTIVE, server_default=LANE_INTERACTIVE
+    )
+    # A job not started by then fails with ``deadline_exceeded``; null: no deadline.
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -119,6 +130,7 @@ class JobRow(Base):
         Index("ix_jobs_batch_id", "batch_id"),
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_webhook_due", "webhook_status", "webhook_next_at"),
+        Index("ix_jobs_status_deadline", "status", "deadline"),
         Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
         Index("uq_jobs_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
         # A null tenant is distinct from every other in the index above: this one covers it.
@@ -181,6 +193,10 @@ class TenantRow(Base):
     # Most jobs it may have queued at once, and requests per second; null: no limit.
     max_queued: Mapped[int | None] = mapped_column(Integer)
     rate: Mapped[float | None] = mapped_column(Float)
+    # Its share of a model's workers relative to the other tenants' (fair share).
+    weight: Mapped[float] = mapped_column(
+        Float, nullable=False, default=1.0, server_default=text("1.0")
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,4 +1,5 @@
-"""Transitions for jobs that lost their way: retried too often, stuck running, queued too long.
+"""Transitions for jobs that lost their way: retried too often, stuck running, queued too long
+or past their deadline.
 
 Each is one fenced statement, like those of :mod:`db.jobs`: a row changes only
 in the state it was read in (status and attempt, :mod:`db.fence`), so a worker
@@ -87,19 +88,31 @@ def old_queued_jobs(session: Session, *, created_before: datetime, limit: int) -
     return [Requeued(id=i, model=m, priority=p) for i, m, p in session.execute(stmt)]
 
 
-def expire_batch_jobs(
-    session: Session, *, created_before: datetime, error: dict[str, str]
-) -> list[uuid.UUID]:
-    """Fail the unfinished jobs of batches created before ``created_before``; return ids.
+@dataclass(frozen=True, slots=True)
+class DeadlineErrors:
+    """What a job still queued at its deadline is failed with: a line of an OpenAI-style
+    batch (its deadline is the batch's completion window) with ``window``, any other
+    job with ``deadline``."""
 
-    A running job's late result is then discarded (the row is no longer running).
+    deadline: dict[str, str]
+    window: dict[str, str]
+
+
+def fail_past_deadline(
+    session: Session,
+    *,
+    errors: DeadlineErrors,
+    job_ids: Sequence[uuid.UUID] | None = None,
+) -> list[uuid.UUID]:
+    """Fail the jobs still queued past their deadline (among ``job_ids``, when given); return
+    their ids. A job that started in time is left to finish, however long it runs.
     """
-    batches = select(BatchRow.id).where(BatchRow.created_at < created_before)
-    return _fail_where(
-        session,
-        error,
-        JobRow.status.in_(UNFINISHED_STATUSES),
-        JobRow.batch_id.in_(batches),
+    past = [JobRow.status == JobStatus.QUEUED, JobRow.deadline < utcnow()]
+    if job_ids is not None:
+        past.append(JobRow.id.in_(list(job_ids)))
+    in_batch = JobRow.batch_id.in_(select(BatchRow.id))
+    return _fail_where(session, errors.window, *past, in_batch) + _fail_where(
+        session, errors.deadline, *past, ~in_batch | JobRow.batch_id.is_(None)
     )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from db.models import JobRow, JobStatus, WebhookStatus
+from db.models import LANE_INTERACTIVE, JobRow, JobStatus, WebhookStatus
 
 
 def utcnow() -> datetime:
@@ -84,6 +84,10 @@ class Job:
     tenant: str | None = None
     #: A chat job's conversation; None for a prompt job.
     messages: list[dict[str, str]] | None = None
+    #: ``interactive`` or ``batch`` (db.models.LANES).
+    lane: str = LANE_INTERACTIVE
+    #: When the job must have started by, else it fails with ``deadline_exceeded``.
+    deadline: datetime | None = None
 
     @property
     def summary(self) -> str:
@@ -139,6 +143,8 @@ class Job:
             truncated_prompt_tokens=row.truncated_prompt_tokens,
             tenant=row.tenant,
             messages=row.messages,
+            lane=row.lane,
+            deadline=aware(row.deadline),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +167,8 @@ class Job:
             "idempotency_key": self.idempotency_key,
             "batch_id": self.batch_id,
             "tenant": self.tenant,
+            "lane": self.lane,
+            "deadline": _iso(self.deadline),
             "created_at": self.created_at.isoformat(),
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
@@ -185,6 +193,8 @@ class NewJob:
     callback_url: str | None = None
     tenant: str | None = None
     messages: list[dict[str, str]] | None = None
+    lane: str = LANE_INTERACTIVE
+    deadline: datetime | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 

@@ -58,6 +58,8 @@ class Tenant:
     models: list[str] | None = None
     max_queued: int | None = None
     rate: float | None = None
+    #: Its share of a model's workers relative to the other tenants' (fair share).
+    weight: float = 1.0
     created_at: datetime | None = None
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
@@ -70,6 +72,7 @@ class Tenant:
             models=row.models,
             max_queued=row.max_queued,
             rate=row.rate,
+            weight=row.weight,
             created_at=aware(row.created_at),
             last_used_at=aware(row.last_used_at),
             revoked_at=aware(row.revoked_at),
@@ -88,6 +91,7 @@ def create_tenant(
     models: list[str] | None = None,
     max_queued: int | None = None,
     rate: float | None = None,
+    weight: float = 1.0,
 ) -> Tenant:
     """Store a tenant whose key is ``key``; raise :class:`TenantExists` if the name is taken."""
     if session.get(TenantRow, name) is not None:
@@ -98,6 +102,7 @@ def create_tenant(
         models=models,
         max_queued=max_queued,
         rate=rate,
+        weight=weight,
         created_at=utcnow(),
     )
     session.add(row)
@@ -108,6 +113,22 @@ def create_tenant(
 def list_tenants(session: Session) -> list[Tenant]:
     """Every tenant, revoked ones included, by name."""
     return [Tenant.from_row(row) for row in session.scalars(select(TenantRow).order_by("name"))]
+
+
+def tenant_weights(session: Session) -> dict[str, float]:
+    """Each live tenant's weight by name (revoked tenants left out): one query."""
+    stmt = select(TenantRow.name, TenantRow.weight).where(TenantRow.revoked_at.is_(None))
+    return {name: float(weight) for name, weight in session.execute(stmt)}
+
+
+def set_tenant_weight(session: Session, *, name: str, weight: float) -> bool:
+    """Set a live tenant's weight; False if there is no such live tenant."""
+    result = session.execute(
+        update(TenantRow)
+        .where(TenantRow.name == name, TenantRow.revoked_at.is_(None))
+        .values(weight=weight)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def revoke_tenant(session: Session, *, name: str) -> bool:

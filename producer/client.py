@@ -30,6 +30,7 @@ from completion_queue import (
     served_models,
 )
 from db import (
+    LANE_INTERACTIVE,
     Job,
     JobStatus,
     NewJob,
@@ -44,6 +45,7 @@ from db import (
     withdraw_jobs,
 )
 from producer.quotas import check_quotas, queue_bounded
+from producer.scheduling import resolve_deadline, resolve_lane
 from producer.schema import CompletionRequest, Limits, validate_request
 from producer.stats import broker_client
 from producer.stream import follow, text_of
@@ -153,14 +155,26 @@ class CompletionClient:
 
     # -- submitting -------------------------------------------------------------
 
-    def submit(self, prompt: str | None = None, **params: Any) -> Job:
+    def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        lane: str = LANE_INTERACTIVE,
+        deadline: datetime | float | None = None,
+        **params: Any,
+    ) -> Job:
         """Validate, store and queue one job; return it (an existing one for a known key).
 
         Give a ``prompt``, or chat ``messages=[{"role": "user", "content": ...}]``
         (rendered with the model's chat template); the other parameters are those
-        of :class:`producer.CompletionRequest`.
+        of :class:`producer.CompletionRequest`. ``lane`` is ``interactive`` or
+        ``batch`` (interactive work goes first); ``deadline`` (a timezone-aware time,
+        or seconds from now) is when the job must have started by, else it fails
+        with ``DeadlineExceeded`` without running.
         """
-        data = params if prompt is None else {"prompt": prompt, **params}
+        data = {**params, "lane": lane, "deadline": deadline}
+        if prompt is not None:
+            data["prompt"] = prompt
         request = validate_request(data, self.limits)
         return self._store_and_send([request], batch_id=None)[0]
 
@@ -170,8 +184,13 @@ class CompletionClient:
         *,
         batch_id: str | None = None,
         in_transaction: Callable[[Session, builtins.list[Job]], None] | None = None,
+        lane: str = LANE_INTERACTIVE,
+        deadline: datetime | float | None = None,
     ) -> builtins.list[Job]:
         """Validate all requests, store them in one transaction, then queue them.
+
+        ``lane`` and ``deadline`` (as in :meth:`submit`, seconds counted from this call)
+        hold for every request that does not name its own.
 
         All or nothing: nothing is written or queued unless every request is valid
         and no idempotency key was used before for a different request
@@ -181,6 +200,8 @@ class CompletionClient:
         cannot be reached, the jobs just written are taken back (see
         :func:`db.withdraw_jobs`) and :class:`BrokerUnavailable` is raised.
         """
+        lane = resolve_lane(lane)
+        when = None if deadline is None else resolve_deadline(deadline)
         validated: list[CompletionRequest] = []
         for index, data in enumerate(requests):
             if len(validated) >= self.settings.max_batch_requests:
@@ -192,7 +213,9 @@ class CompletionClient:
                 validated.append(validate_request(data, self.limits))
             except ValidationError as exc:
                 raise ValidationError(f"requests[{index}]: {exc}", field=exc.field) from None
-        return self._store_and_send(validated, batch_id=batch_id, in_transaction=in_transaction)
+        return self._store_and_send(
+            validated, batch_id=batch_id, in_transaction=in_transaction, lane=lane, deadline=when
+        )
 
     def _store_and_send(
         self,
@@ -200,7 +223,11 @@ class CompletionClient:
         *,
         batch_id: str | None,
         in_transaction: Callable[[Session, builtins.list[Job]], None] | None = None,
+        lane: str = LANE_INTERACTIVE,
+        deadline: datetime | None = None,
     ) -> builtins.list[Job]:
+        """Store ``validated`` and queue them; a request's own lane and deadline win over
+        ``lane`` and ``deadline``."""
         if not validated:
             return []
         app = self.app  # a broker URL that is wrong (ConfigError) is refused before any write
@@ -216,6 +243,8 @@ class CompletionClient:
                 batch_id=batch_id,
                 callback_url=req.callback_url,
                 tenant=self.tenant,
+                lane=req.lane or lane,
+                deadline=req.deadline or deadline,
             )
             for req in validated
         ]

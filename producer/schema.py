@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pydantic
@@ -18,6 +19,7 @@ from producer.callbacks import (
     refuse_literal,
 )
 from producer.chat import MAX_MESSAGES, Message, conversation_chars
+from producer.scheduling import check_lane, parse_deadline
 
 MAX_STOP_SEQUENCES = 4
 #: Longest stop string: a stop is matched against the decoded tail at every step.
@@ -74,6 +76,27 @@ class CompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     #: Publish each decoding step's text to the job's event stream (``cq.events.<id>``).
     stream: bool = Field(default=False, strict=True)
+    #: ``interactive`` or ``batch``; None: the submit call's own (interactive, but batch
+    #: for batch lines and ``cq submit --file``).
+    lane: str | None = Field(
+        default=None, description="interactive (the default) or batch: interactive goes first."
+    )
+    #: When the job must have started by, else it fails with ``DeadlineExceeded``.
+    deadline: datetime | None = Field(
+        default=None,
+        description="An ISO-8601 time with a zone, or seconds from now (at most 30 days): a "
+        "job not started by then fails with deadline_exceeded.",
+    )
+
+    @field_validator("lane", mode="before")
+    @classmethod
+    def _check_lane(cls, value: Any) -> Any:
+        return None if value is None else check_lane(value)
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _check_deadline(cls, value: Any) -> Any:
+        return None if value is None else parse_deadline(value)
 
     @field_validator("response_format", mode="before")
     @classmethod

@@ -16,6 +16,9 @@ Faults the runner absorbs, each without losing or doubling a job:
 - Out of memory in ``generate`` splits the group in halves, down to single
   jobs, before any job fails; any other error reruns the group job by job.
 - A job past ``CQ_JOB_TIMEOUT_S`` fails with ``GenerationTimeout``.
+- A job still queued past its deadline is not claimed: it fails with
+  ``DeadlineExceeded`` (``BatchExpired``, a batch line) in the claim's own
+  transaction, and never runs.
 - A job claimed twice without finishing runs alone, after the rest of its flush;
   claimed ``CQ_MAX_ATTEMPTS`` times (its worker died each time), it fails with
   ``AttemptsExceeded`` instead of running again. A job that kills its worker every
@@ -41,6 +44,7 @@ from typing import TypeVar
 from sqlalchemy.orm import Session, sessionmaker
 
 from completion_queue import (
+    DEADLINE_ERRORS,
     AttemptsExceeded,
     ContextLengthExceeded,
     FatalModelError,
@@ -56,6 +60,7 @@ from db import (
     claim_jobs,
     error_dict,
     fail_attempts,
+    fail_past_deadline,
     finish_jobs,
     get_unfinished_jobs,
 )
@@ -250,6 +255,11 @@ class BatchRunner:
             with self.sessions.begin() as session:
                 finished = finish_jobs(session, outcomes=outcomes)
                 claimed = claim_jobs(session, job_ids=job_ids, worker=worker) if job_ids else []
+                if len(claimed) < len(job_ids):
+                    # Those left queued past their deadline fail here and never run.
+                    taken = {job.id for job in claimed}
+                    missed = [i for i in job_ids if i not in taken]
+                    fail_past_deadline(session, errors=DEADLINE_ERRORS, job_ids=missed)
                 return claimed, finished.cancelled_late
 
         return self._with_database(transaction)

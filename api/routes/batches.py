@@ -23,6 +23,8 @@ from api.state import CallerDep
 from api.views import ErrorInfo
 from completion_queue import BrokerUnavailable, ValidationError
 from db import (
+    BATCH_WINDOW,
+    LANE_BATCH,
     Batch,
     Job,
     cancel_jobs,
@@ -32,6 +34,7 @@ from db import (
     list_batches,
     mark_batch_cancelled,
     new_id,
+    utcnow,
 )
 
 router = APIRouter(prefix="/v1", tags=["batches"])
@@ -85,6 +88,8 @@ def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
     lines = parse_input(content, client.limits, client.settings.max_batch_requests, body.endpoint)
     batch_id = new_id("batch_")
     requests = [request for _, line in lines for request in line]
+    # The completion window is its lines' deadline: a line not started by then expires.
+    created_at = utcnow()
     batches: list[Batch] = []
 
     def store_batch(session: Session, jobs: list[Job]) -> None:
@@ -100,11 +105,19 @@ def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
             metadata=body.metadata,
             requests=grouped,
             tenant=caller.name,
+            created_at=created_at,
         )
         batches.append(batch)
 
     try:
-        submit_completions(client, requests, batch_id=batch_id, in_transaction=store_batch)
+        submit_completions(
+            client,
+            requests,
+            batch_id=batch_id,
+            in_transaction=store_batch,
+            lane=LANE_BATCH,
+            deadline=created_at + BATCH_WINDOW,
+        )
     except BrokerUnavailable:
         with client.sessions.begin() as session:
             delete_batch(session, batch_id=batch_id)  # its jobs were taken back

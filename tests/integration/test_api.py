@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import update
 
 from completion_queue import free_port, queue_name, worker_env
-from db import BatchRow, JobStatus
+from db import BatchRow, JobRow, JobStatus
 from producer import CompletionClient
 from tests.conftest import Stack, until
 from tests.integration.conftest import HookServer
@@ -585,12 +585,21 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
         input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
     )
     until(lambda: oai.batches.retrieve(batch.id).request_counts.completed == 1)  # type: ignore[union-attr]
-    # When its 24 h window has passed (its clock set back) and a reaper pass runs
+    # (its lines run in the batch lane, their deadline the end of its window)
+    lines_jobs = stack.client().list(batch_id=batch.id)
+    assert [job.lane for job in lines_jobs] == ["batch", "batch"]
+    assert {int(job.deadline.timestamp()) for job in lines_jobs if job.deadline} == {
+        batch.expires_at
+    }
+    # When its 24 h window has passed and a reaper pass runs (the window set back by hand: its
+    # lines' deadline, and the batch's creation the expiry is shown from, 25 h ago)
+    past = datetime.now(UTC) - timedelta(hours=25)
     with stack.client().sessions.begin() as session:
+        session.execute(update(BatchRow).where(BatchRow.id == batch.id).values(created_at=past))
         session.execute(
-            update(BatchRow)
-            .where(BatchRow.id == batch.id)
-            .values(created_at=datetime.now(UTC) - timedelta(hours=25))
+            update(JobRow)
+            .where(JobRow.batch_id == batch.id)
+            .values(deadline=past + timedelta(hours=24))
         )
     assert oai.batches.retrieve(batch.id).status == "in_progress"
     env = {**os.environ, **worker_env(stack.settings)}
@@ -599,7 +608,7 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
     )
     assert reaped.returncode == 0, reaped.stderr
     # (the worker's own reaper, every CQ_REAP_INTERVAL_S = 15 s, may have taken it first)
-    assert re.search(r"expired [01] job\(s\) of batches past their window", reaped.stdout)
+    assert re.search(r"failed [01] queued job\(s\) past their deadline", reaped.stdout)
     # Then the batch is expired: the completed request is in the output file,
     expired = oai.batches.retrieve(batch.id)
     assert expired.status == "expired" and expired.expired_at is not None
@@ -613,7 +622,41 @@ def test_a_batch_past_its_window_expires_keeping_what_completed(
     (error,) = [json.loads(x) for x in oai.files.content(expired.error_file_id).text.splitlines()]
     assert error["custom_id"] == "unserved" and error["response"] is None
     assert error["error"]["code"] == "batch_expired"
-    assert "completion window expired" in error["error"]["message"]
+    assert error["error"]["message"] == (
+        "This request could not be executed before the completion window expired."
+    )
     # and it cannot be cancelled any more
     with pytest.raises(openai.ConflictError):
         oai.batches.cancel(batch.id)
+
+
+def test_each_api_path_stores_its_lane_and_post_jobs_takes_a_deadline(
+    api: Api, client: CompletionClient
+) -> None:
+    # POST /v1/jobs: interactive by default, or the lane and deadline it names
+    plain = api.http.post("/v1/jobs", json={"prompt": "x", "model": NO_WORKER})
+    named = api.http.post(
+        "/v1/jobs", json={"prompt": "x", "model": NO_WORKER, "lane": "batch", "deadline": 120}
+    )
+    plain_job = api.http.get(f"/v1/jobs/{plain.json()['ids'][0]}").json()
+    named_job = api.http.get(f"/v1/jobs/{named.json()['ids'][0]}").json()
+    assert (plain_job["lane"], plain_job["deadline"]) == ("interactive", None)
+    assert named_job["lane"] == "batch"
+    left = datetime.fromisoformat(named_job["deadline"]) - datetime.now(UTC)
+    assert timedelta(seconds=100) < left <= timedelta(seconds=120)
+    # and refuses a bad one, naming it, writing nothing
+    before = len(client.list(limit=1000))
+    bad_lane = api.http.post("/v1/jobs", json={"prompt": "x", "lane": "urgent"})
+    assert_error(bad_lane, 400, "lane", "lane must be 'interactive' or 'batch'")
+    bad_deadline = api.http.post("/v1/jobs", json={"prompt": "x", "deadline": "yesterday"})
+    assert_error(bad_deadline, 400, "deadline", "deadline must be an ISO-8601 time")
+    assert len(client.list(limit=1000)) == before
+    # /v1/completions and /v1/chat/completions: interactive
+    oai = api.openai()
+    completion = oai.completions.create(model=api.model, prompt="Once", max_tokens=2)
+    chat = oai.chat.completions.create(
+        model=api.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    for answer in (completion.id, chat.id):
+        job_id = answer.split("-", 1)[1]
+        assert client.get(job_id).lane == "interactive"

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, update
 
 from db import (
     Choice,
+    DeadlineErrors,
     Finished,
+    JobRow,
     JobStatus,
     NewJob,
     Outcome,
     cancel_job,
     claim_jobs,
     create_jobs,
+    fail_past_deadline,
     finish_jobs,
     get_job,
     make_engine,
     make_session_factory,
+    utcnow,
     withdraw_jobs,
 )
 
@@ -164,3 +169,34 @@ def test_jobs_that_could_not_be_queued_are_taken_back_without_pulling_a_given_id
     with sessions.begin() as s:
         ((again, is_new),) = create_jobs(s, jobs=[retry])
     assert is_new and again.id == retry.id and again.status is JobStatus.QUEUED
+
+
+def test_a_claim_never_takes_a_job_past_its_deadline(database_url: str) -> None:
+    # Given a queued job past its deadline, one with time left, and a running one whose
+    # deadline passed after it started
+    sessions = make_session_factory(make_engine(database_url))
+    past, future = utcnow() - timedelta(seconds=1), utcnow() + timedelta(minutes=1)
+    late, on_time, started = (
+        NewJob("m", "p", {}, deadline=past),
+        NewJob("m", "p", {}, deadline=future),
+        NewJob("m", "p", {}, deadline=future),
+    )
+    errors = DeadlineErrors(
+        deadline={"type": "DeadlineExceeded", "message": "late"},
+        window={"type": "BatchExpired", "message": "window"},
+    )
+    with sessions.begin() as s:
+        create_jobs(s, jobs=[late, on_time, started])
+        claim_jobs(s, job_ids=[started.id], worker="w")
+        s.execute(update(JobRow).where(JobRow.id == started.id).values(deadline=past))
+    # When a worker claims all three (a redelivery of the running one among them)
+    with sessions.begin() as s:
+        claimed = claim_jobs(s, job_ids=[late.id, on_time.id, started.id], worker="w")
+        failed = fail_past_deadline(s, errors=errors, job_ids=[late.id, on_time.id, started.id])
+    # Then the late one is not claimed but failed; the others are claimed and run
+    assert {job.id for job in claimed} == {on_time.id, started.id}
+    assert failed == [late.id]
+    with sessions() as s:
+        row = get_job(s, job_id=late.id)
+    assert row is not None and row.status is JobStatus.FAILED and row.attempts == 0
+    assert row.error == errors.deadline and row.started_at is None

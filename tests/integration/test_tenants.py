@@ -331,3 +331,30 @@ def test_a_tenant_over_its_rate_gets_429_with_retry_after(stack: Stack, tenants:
     # beta, meanwhile, is not limited
     assert all(tenants.beta.get("/v1/usage").status_code == 200 for _ in range(8))
     cq(stack, "keys", "revoke", "throttled")
+
+
+def test_a_tenants_weight_is_set_listed_and_changed(stack: Stack) -> None:
+    # Given a tenant created with a weight, and one with the default
+    cq(stack, "keys", "create", "heavy", "--weight", "2.5")
+    cq(stack, "keys", "create", "plain")
+
+    def weights() -> dict[str, float]:
+        listed = json.loads(cq(stack, "keys", "list", "--json").stdout)
+        return {row["name"]: row["weight"] for row in listed}
+
+    assert {"heavy": 2.5, "plain": 1.0}.items() <= weights().items()
+    assert "weight" in cq(stack, "keys", "list").stdout
+    # When its weight is changed
+    cq(stack, "keys", "set-weight", "heavy", "0.5")
+    # Then the list shows the new one; bad weights and unknown names are refused
+    assert weights()["heavy"] == 0.5
+    for args in (("create", "w0", "--weight", "0"), ("create", "w1", "--weight", "nan")):
+        done = cq(stack, "keys", *args, ok=False)
+        assert done.returncode == 2 and "'--weight'" in done.stderr, done.stderr
+    done = cq(stack, "keys", "set-weight", "heavy", "-1", ok=False)
+    assert done.returncode == 2 and "WEIGHT" in done.stderr, done.stderr
+    done = cq(stack, "keys", "set-weight", "nobody", "2", ok=False)
+    assert done.returncode == 2 and "no live tenant named 'nobody'" in done.stderr
+    assert "w0" not in weights() and "w1" not in weights()
+    for name in ("heavy", "plain"):
+        cq(stack, "keys", "revoke", name)

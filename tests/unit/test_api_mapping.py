@@ -249,3 +249,12 @@ def test_a_completion_whose_client_went_away_cancels_its_jobs() -> None:
     with pytest.raises(APIError) as info:
         anyio.run(call)
     assert info.value.info.status == 499 and cancelled == [job.id]
+
+
+def test_a_job_past_its_deadline_answers_deadline_exceeded() -> None:
+    late = job(JobStatus.FAILED, error={"type": "DeadlineExceeded", "message": "not started"})
+    info = job_failure(late)
+    assert info is not None and (info.status, info.code) == (408, "deadline_exceeded")
+    line = job(JobStatus.FAILED, error={"type": "BatchExpired", "message": "window"})
+    info = job_failure(line)
+    assert info is not None and info.code == "batch_expired"
