@@ -28,7 +28,7 @@ from celery import bootsteps
 
 from completion_queue import FairQueues, Settings, prefetch_count, queue_name, redact_url
 from completion_queue.fair import job_cost, wake_channel
-from db import Job, JobStatus, Outcome
+from db import Job, JobStatus, Outcome, make_engine, make_session_factory, tenant_weights
 from workers.listeners import BatchListener
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,19 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 return None  # reconnecting: release nothing until consuming again
             return held_count(task_consumer.channel)
 
+        sessions = make_session_factory(make_engine(settings.resolved_database_url()))
+
+        def weights() -> dict[str, float]:
+            with sessions() as session:
+                return tenant_weights(session)
+
         client = redis.Redis.from_url(consumer.app.conf.broker_url, socket_timeout=5)
         self.dispatcher = Dispatcher(
             client,
             queue_name(settings.model),
             target=prefetch_count(settings),
             held=held,
+            weights=weights,
         )
         self.dispatcher.start()
 
