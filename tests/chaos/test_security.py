@@ -22,6 +22,7 @@ from completion_queue import (
     ConfigError,
     EmbeddedRedis,
     RedisTLS,
+    lane_queue,
     queue_name,
     worker_env,
 )
@@ -158,6 +159,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate(
                 broker_options=app.conf.broker_transport_options,
                 broker_use_ssl=app.conf.broker_use_ssl,
             )
-        queue = queue_name(chaos.settings.model)
+        # (no worker runs: the job waits in its lane queue, not yet released to the model's)
+        queue = lane_queue(queue_name(chaos.settings.model), None, "interactive")
         assert asyncio.run(flower_broker.queues([queue])) == [{"name": queue, "messages": 1}]
     assert chaos.queued_messages() == 1

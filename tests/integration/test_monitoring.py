@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from completion_queue import free_port, prefetch_count, queue_name, worker_env
+from completion_queue import free_port, lane_queue, prefetch_count, queue_name, worker_env
 from db import JobStatus
 from producer.client import CompletionClient
 from tests.conftest import Stack, purge_queue
@@ -173,7 +173,9 @@ def test_flower_says_what_each_job_is(stack: Stack, client: CompletionClient, fl
     try:
         # Then Flower lists it, still pending, with its queue and what it is
         pending = eventually(lambda: info(waiting.id, "PENDING"), what="the unserved job")
-        assert pending["routing_key"] == queue_name(UNSERVED) and pending["worker"] is None
+        # (sent to acme's interactive lane queue for the model: see completion_queue.fair)
+        lane = lane_queue(queue_name(UNSERVED), "acme", "interactive")
+        assert pending["routing_key"] == lane and pending["worker"] is None
         assert ast.literal_eval(pending["kwargs"]) == {
             "model": UNSERVED,
             "prompt": "nobody serves this",
