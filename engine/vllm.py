@@ -329,9 +329,8 @@ class VllmEngine:
     ) -> list[GenerationResult | Exception]:
         """Run ``requests`` to the end in the resident engine; results in the same order.
 
-        Callers in several threads may generate at once: each call's rows join the
-        running ones at the next engine step, and each call returns when its own rows
-        end. A request whose ``response_format`` cannot be enforced gets an
+        Threads may call it at once (the module's docstring says how calls share the
+        engine). A request whose ``response_format`` cannot be enforced gets an
         :class:`UnsupportedResponseFormat`; one whose row left its format, a :class:`ModelError`.
         A request still generating ``timeout_s`` seconds after the call began is
         aborted and gets a :class:`GenerationTimeout`; the others keep theirs. ``watch``
