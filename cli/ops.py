@@ -47,7 +47,7 @@ def stats(window: timedelta, timeout: float, as_json: bool) -> None:
 @click.option("--hostname", help="Only this worker; exit 4 if it does not answer (healthchecks).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def workers(timeout: float, hostname: str | None, as_json: bool) -> None:
-    """Live workers: the model each holds, its device, batch settings and jobs done."""
+    """Live workers: the model each holds, engine, device, threads, batch settings, jobs done."""
     app = create_app(settings_from_env())
     try:
         found = live_workers(app, timeout_s=timeout)

@@ -64,17 +64,20 @@ def _ms(value: float | None) -> str:
 
 
 def workers_table(workers: Sequence[WorkerInfo]) -> Table:
-    """Return a table of live workers: model, device, batch settings, jobs done."""
+    """Return a table of live workers: model, engine, device, threads, batch settings, jobs done."""
     table = Table(title=f"{len(workers)} live worker(s)")
     table.add_column("worker", no_wrap=True)
     table.add_column("model", no_wrap=True)
-    for column in ("device", "batch", "wait ms", "jobs done", "failed", "up s"):
+    columns = ("engine", "device", "threads", "batch", "wait ms", "jobs done", "failed", "up s")
+    for column in columns:
         table.add_column(column, no_wrap=True)
     for w in workers:
         table.add_row(
             w.hostname,
             w.model or "?",
+            w.engine or "?",
             w.device or "?",
+            str(w.threads or "?"),
             str(w.batch_size or "?"),
             str(w.batch_wait_ms if w.batch_wait_ms is not None else "?"),
             str(w.jobs_done),

@@ -106,8 +106,9 @@ def run_up(settings: Settings) -> None:
 )
 @click.option(
     "--engine",
-    type=click.Choice(["static", "continuous", "vllm"]),
-    help="static, continuous or vllm (`make install-vllm`) [env CQ_ENGINE].",
+    type=click.Choice(["static", "continuous", "vllm", "auto"]),
+    help="static, continuous, vllm (`make install-vllm`) or auto: vllm where it is "
+    "installed and runs here, else static [env CQ_ENGINE].",
 )
 def worker(
     model: str | None,

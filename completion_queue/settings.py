@@ -33,10 +33,10 @@ class Settings(BaseSettings):
     dtype: str = Field(
         default="auto", description="Worker dtype: auto, float32, float16, bfloat16."
     )
-    engine: Literal["static", "continuous", "vllm"] = Field(
+    engine: Literal["static", "continuous", "vllm", "auto"] = Field(
         default="static",
-        description="Worker engine: static batches, continuous batching, or vLLM (`make "
-        "install-vllm`).",
+        description="Worker engine: static batches, continuous batching, vLLM (`make "
+        "install-vllm`), or auto: vLLM where it is installed and runs here, else static.",
     )
     torch_threads: int = Field(
         default=0,

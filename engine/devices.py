@@ -42,6 +42,21 @@ def model_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def set_model_threads(threads: int, device: torch.device) -> int:
+    """Give this process's torch ``threads`` CPU threads (0: :func:`model_threads` on a CPU).
+
+    On a GPU with ``threads`` 0 torch keeps its own default. Either engine calls this
+    before it loads the model: vLLM's CPU worker forbids ``torch.set_num_threads`` once
+    its engine is built. Threads started later (vLLM's step thread) take this count too.
+
+    Returns:
+        The count torch reports now.
+    """
+    if threads or device.type == "cpu":
+        torch.set_num_threads(threads or model_threads())
+    return torch.get_num_threads()
+
+
 #: CPU flags of instructions that compute in bfloat16: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 

@@ -32,7 +32,7 @@ from completion_queue import (
     OutOfMemory,
     UnsupportedResponseFormat,
 )
-from engine.devices import model_threads, resolve_device, resolve_dtype
+from engine.devices import resolve_device, resolve_dtype, set_model_threads
 from engine.grammar import ConstrainedRows, Grammars
 from engine.kvcache import growing_cache
 from engine.layers import pack_linears, packing_applies
@@ -78,8 +78,8 @@ class StaticEngine:
         self.growing_kv_cache = True
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        if threads or self.device.type == "cpu":
-            torch.set_num_threads(threads or model_threads())
+        #: torch's CPU threads in this process (CQ_TORCH_THREADS).
+        self.threads = set_model_threads(threads, self.device)
         # Its progress bars would reach the worker's log as WARNING lines (Celery redirects
         # stderr); the load time is logged below.
         hf_logging.disable_progress_bar()

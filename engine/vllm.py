@@ -196,6 +196,7 @@ class VllmEngine:
         max_rows: int = 32,
         kv_rows: int = 0,
         prefix_caching: bool = True,
+        threads: int = 0,
     ) -> None:
         started = time.perf_counter()
         # The worker's model process is the engine's process: no engine-core child.
@@ -205,11 +206,16 @@ class VllmEngine:
         from vllm import EngineArgs, LLMEngine
         from vllm.config import StructuredOutputsConfig
 
-        from engine.devices import resolve_dtype
+        from engine.devices import resolve_dtype, set_model_threads
 
         self.name = model
         self.device = "cpu" if not torch.cuda.is_available() else "cuda"
         resolved = resolve_dtype(dtype, torch.device(self.device))
+        # The in-process engine core binds no OpenMP threads and leaves torch's count as it
+        # finds it (VLLM_CPU_OMP_THREADS_BIND applies to its multiprocess executor alone),
+        # then forbids changing it: set it first, as the static engine does.
+        #: torch's CPU threads, as the step thread (which runs the model) reads them.
+        self.threads = set_model_threads(threads, torch.device(self.device))
         self.dtype = str(resolved).removeprefix("torch.")
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model)
         config = AutoConfig.from_pretrained(model)
@@ -277,10 +283,11 @@ class VllmEngine:
         self._calls: list[_Call] = []
         self.load_s = time.perf_counter() - started
         log.info(
-            "loaded model %s in vLLM on %s (%s, KV cache %.0f MiB) in %.2fs [pid %d]",
+            "loaded model %s in vLLM on %s (%s, %d threads, KV cache %.0f MiB) in %.2fs [pid %d]",
             model,
             self.device,
             self.dtype,
+            self.threads,
             kv_bytes / 2**20,
             self.load_s,
             os.getpid(),
@@ -322,9 +329,8 @@ class VllmEngine:
     ) -> list[GenerationResult | Exception]:
         """Run ``requests`` to the end in the resident engine; results in the same order.
 
-        Callers in several threads may generate at once: each call's rows join the
-        running ones at the next engine step, and each call returns when its own rows
-        end. A request whose ``response_format`` cannot be enforced gets an
+        Threads may call it at once (the module's docstring says how calls share the
+        engine). A request whose ``response_format`` cannot be enforced gets an
         :class:`UnsupportedResponseFormat`; one whose row left its format, a :class:`ModelError`.
         A request still generating ``timeout_s`` seconds after the call began is
         aborted and gets a :class:`GenerationTimeout`; the others keep theirs. ``watch``
@@ -386,6 +392,9 @@ class VllmEngine:
 
         The only thread that touches vLLM's engine after loading (add, step, abort).
         """
+        import torch
+
+        self.threads = torch.get_num_threads()
         try:
             while True:
                 with self._wake:

@@ -49,6 +49,10 @@ class WorkerInfo:
     queue: str | None
     device: str | None
     dtype: str | None
+    #: static, continuous or vllm (what ``CQ_ENGINE=auto`` picked, on such a worker).
+    engine: str | None
+    #: torch's CPU threads in the model process.
+    threads: int | None
     batch_size: int | None
     batch_wait_ms: int | None
     jobs_done: int
@@ -132,6 +136,8 @@ def live_workers(app: Celery, *, timeout_s: float = 1.0) -> list[WorkerInfo]:
                 queue=cq.get("queue"),
                 device=cq.get("device"),
                 dtype=cq.get("dtype"),
+                engine=cq.get("engine"),
+                threads=cq.get("threads"),
                 batch_size=cq.get("batch_size"),
                 batch_wait_ms=cq.get("batch_wait_ms"),
                 jobs_done=int(cq.get("jobs_done", 0)),

@@ -91,6 +91,26 @@ def new_database(backend: str, request: pytest.FixtureRequest, tmp: Path) -> str
     return url
 
 
+def worker_settings(
+    request: pytest.FixtureRequest,
+    redis_port: int,
+    redis_db: int,
+    model: Path,
+    tmp: Path,
+    database_url: str | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Settings of a worker serving ``model`` on its own Redis db, and on a new SQLite
+    database under ``tmp`` unless ``database_url``."""
+    return Settings(
+        broker_url=f"redis://127.0.0.1:{redis_port}/{redis_db}",
+        database_url=database_url or new_database("sqlite", request, tmp),
+        data_dir=tmp,
+        model=str(model),
+        **overrides,
+    )
+
+
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, migrated database on each backend."""

@@ -7,5 +7,6 @@ from __future__ import annotations
 
 from completion_queue import Settings
 from workers.app import create_worker_app
+from workers.main import resolve_engine
 
-app = create_worker_app(Settings())
+app = create_worker_app(resolve_engine(Settings()))

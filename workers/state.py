@@ -104,13 +104,16 @@ class LoadedModel:
         self._dtype = multiprocessing.Array(ctypes.c_char, 32)
         self._load_s = multiprocessing.Value("d", -1.0)
         self._chat = multiprocessing.Value("b", -1)
+        self._threads = multiprocessing.Value("i", 0)
 
-    def set(self, *, device: str, dtype: str, load_s: float, chat: bool) -> None:
-        """Record the loaded model's device, dtype, load time and whether it takes messages."""
+    def set(self, *, device: str, dtype: str, load_s: float, chat: bool, threads: int) -> None:
+        """Record the loaded model's device, dtype, load time, whether it takes messages,
+        and its process's torch CPU threads."""
         self._device.value = device.encode()[:63]
         self._dtype.value = dtype.encode()[:31]
         self._load_s.value = load_s
         self._chat.value = int(chat)
+        self._threads.value = threads
 
     @property
     def chat(self) -> bool | None:
@@ -126,6 +129,11 @@ class LoadedModel:
     def dtype(self) -> str | None:
         """The dtype (``float32``, ...), or None before the model is loaded."""
         return self._dtype.value.decode() or None
+
+    @property
+    def threads(self) -> int | None:
+        """torch's CPU threads in the model process, or None before the model is loaded."""
+        return int(self._threads.value) or None
 
     @property
     def load_s(self) -> float | None:
@@ -191,6 +199,7 @@ class WorkerState:
                 max_rows=settings.batch_size * settings.batch_lookahead,
                 kv_rows=settings.batch_size,
                 prefix_caching=settings.prefix_min_tokens > 0,
+                threads=settings.torch_threads,
             )
         else:
             from engine.static import StaticEngine
@@ -208,6 +217,7 @@ class WorkerState:
             dtype=str(static.dtype).removeprefix("torch."),
             load_s=time.perf_counter() - started,
             chat=bool(getattr(static.tokenizer, "chat_template", None)),
+            threads=static.threads,
         )
         engine: Engine = static
         max_rows = settings.batch_size
@@ -306,6 +316,8 @@ class WorkerState:
             "queue": queue_name(settings.model),
             "device": loaded.device or settings.device,
             "dtype": loaded.dtype or settings.dtype,
+            "engine": settings.engine,
+            "threads": loaded.threads,
             "batch_size": settings.batch_size,
             "batch_wait_ms": settings.batch_wait_ms,
             "prefetch": prefetch_count(settings),

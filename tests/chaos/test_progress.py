@@ -16,6 +16,7 @@ import pytest
 from completion_queue import events_key
 from db import Job, JobStatus
 from tests.chaos.conftest import Chaos, wait_for
+from tests.progress import check_progress_then_result
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -40,29 +41,9 @@ def test_a_running_job_shows_its_partial_output_then_its_result(
 
     # When a long greedy job runs, and we poll its row
     job = client.submit(PROMPT, max_new_tokens=160, temperature=0)
-    seen: list[Job] = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        row = client.get(job.id)
-        if row.status is JobStatus.RUNNING and row.completion_tokens:
-            seen.append(row)
-        if row.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            break
-        time.sleep(0.2)
-
-    # Then successive polls while running showed more and more tokens, each a prefix of the end
-    counts = sorted({row.completion_tokens or 0 for row in seen})
-    assert len(counts) >= 3, f"too few distinct progress refreshes: {counts}"
-    for row in seen:
-        assert len(row.choices) == 1 and row.choices[0].finish_reason is None
-        assert row.choices[0].completion_tokens == row.completion_tokens
-        assert expected.startswith(row.choices[0].text)
-    assert len(seen[-1].choices[0].text) > len(seen[0].choices[0].text) > 0
-    # And the row ends with the whole result, as a direct generate gives it
-    final = client.get(job.id)
-    assert final.status is JobStatus.SUCCEEDED
-    assert final.text == expected and final.completion_tokens == 160
-    assert final.choices[0].finish_reason == "length"
+    # Then successive polls while running showed more and more tokens, each a prefix of the
+    # end, and the row ends with the whole result, as a direct generate gives it
+    check_progress_then_result(client, job.id, expected, 160)
 
 
 @pytest.mark.parametrize(

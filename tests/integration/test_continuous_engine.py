@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from completion_queue import EmbeddedRedis, Settings, WorkerProcess, worker_env
+from completion_queue import EmbeddedRedis, WorkerProcess, worker_env
 from db import JobStatus
 from producer.client import CompletionClient
-from tests.conftest import new_database
+from tests.conftest import worker_settings
 from tests.reference import Reference
 
 
@@ -22,11 +22,12 @@ def continuous(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[CompletionClient]:
     tmp = tmp_path_factory.mktemp("continuous")
-    settings = Settings(
-        broker_url=f"redis://127.0.0.1:{redis_server.port}/6",
-        database_url=new_database("sqlite", request, tmp),
-        data_dir=tmp,
-        model=str(tiny_model),
+    settings = worker_settings(
+        request,
+        redis_server.port,
+        6,
+        tiny_model,
+        tmp,
         engine="continuous",
         batch_size=8,
         batch_lookahead=2,

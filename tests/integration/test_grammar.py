@@ -19,22 +19,9 @@ from completion_queue import UnsupportedResponseFormat
 from engine import GenerationRequest
 from engine.grammar import ConstrainedRows, Grammars
 from engine.sampling import RowSampler
+from tests.schemas import PERSON, PERSON_FORMAT
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "active": {"type": "boolean"},
-    },
-    "required": ["name", "age", "role", "active"],
-    "additionalProperties": False,
-}
-SCHEMA_FORMAT = json.dumps(
-    {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}},
-    sort_keys=True,
-)
+SCHEMA_FORMAT = json.dumps(PERSON_FORMAT, sort_keys=True)
 OBJECT_FORMAT = json.dumps({"type": "json_object"})
 # 24 rows, each with its own seed: 14 schema rows, 6 json_object rows, 4 unconstrained.
 FORMATS: list[str | None] = [SCHEMA_FORMAT] * 14 + [OBJECT_FORMAT] * 6 + [None] * 4
@@ -158,7 +145,7 @@ def test_schema_rows_sampled_at_temperature_one_always_validate_and_end_with_a_s
         tokens, stopped = cut_at_stop(with_grammar[row], tiny.stop_ids)
         assert stopped, f"row {row} ran out of tokens: {tiny.tokenizer.decode(tokens)!r}"
         document = json.loads(tiny.tokenizer.decode(tokens, skip_special_tokens=True))
-        jsonschema.validate(document, SCHEMA)
+        jsonschema.validate(document, PERSON)
     assert grammar.failed_rows == {}
     assert {r for r, f in enumerate(FORMATS) if f == SCHEMA_FORMAT} <= grammar.finished_rows
 

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from completion_queue import free_port, lane_queue, prefetch_count, queue_name, worker_env
 from db import JobStatus
+from engine.devices import model_threads
 from producer.client import CompletionClient
 from tests.conftest import Stack, purge_queue
 from tests.integration.test_cli import cq
@@ -252,6 +253,8 @@ def check_workers_and_stats(stack: Stack) -> None:
         "cpu",
         16,
     )
+    # The engine it runs, on the torch threads CQ_TORCH_THREADS=0 gives it: all cores but one
+    assert (worker["engine"], worker["threads"]) == ("static", model_threads())
     assert worker["jobs_done"] >= 6
     assert "cpu" in cq(stack, "workers").stdout
     assert cq(stack, "workers", "--hostname", "nobody@nowhere", check=False).returncode == 4

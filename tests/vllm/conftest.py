@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from completion_queue import EmbeddedRedis, Settings, WorkerProcess, worker_env
+from completion_queue import EmbeddedRedis, WorkerProcess, worker_env
+from engine.auto import vllm_unavailable
 from producer.client import CompletionClient
-from tests.conftest import new_database
+from tests.conftest import worker_settings
 
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
 #: Seconds each engine step of the slowed worker sleeps: 200 tokens take 4 s or more.
@@ -37,33 +37,6 @@ SLOW_JOB_TIMEOUT_S = 15.0
 STALL, STALL_S = "STALL", 0.5
 #: The tiny model's end tokens (its tokenizer's EOS and its generation config's).
 EOS_IDS = [0, 2]
-
-#: Loads vLLM's compiled CPU kernels (AVX512-BF16, AVX512 or AVX2 builds) as an engine does.
-PROBE = """
-from vllm.platforms import current_platform
-current_platform.import_kernels()
-import torch
-print(current_platform.device_name, torch.__version__)
-"""
-
-
-def vllm_unavailable() -> str | None:
-    """Why vLLM cannot run here, or None when it can."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
-        return f"vllm is not installed in this venv ({exc}); run `make test-vllm`"
-    flags = ""
-    if Path("/proc/cpuinfo").exists():
-        words = Path("/proc/cpuinfo").read_text().split()
-        flags = " ".join(sorted({w for w in words if w.startswith(("avx", "amx"))}))
-    probe = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300
-    )
-    if probe.returncode != 0:
-        tail = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
-        return f"vLLM's CPU kernels do not load on this CPU ({flags or 'no AVX flags'}): {tail}"
-    return None
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -95,13 +68,15 @@ def start_vllm_worker(
 ) -> VllmWorker:
     """Start a vLLM worker on its own Redis db and SQLite database (a new one unless
     ``database_url``); wait until it is ready."""
-    settings = Settings(
-        broker_url=f"redis://127.0.0.1:{redis_port}/{redis_db}",
-        database_url=database_url or new_database("sqlite", request, tmp),
-        data_dir=tmp,
-        model=str(model),
+    settings = worker_settings(
+        request,
+        redis_port,
+        redis_db,
+        model,
+        tmp,
+        database_url,
         engine="vllm",
-        **{"batch_size": 16, "batch_wait_ms": 20, **overrides},  # type: ignore[arg-type]
+        **{"batch_size": 16, "batch_wait_ms": 20, **overrides},
     )
     env = worker_env(settings)
     if faults:

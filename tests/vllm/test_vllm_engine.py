@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 
 from db import JobStatus
+from engine.devices import model_threads
 from engine.vllm import row_seed
 from producer.client import CompletionClient
+from producer.stats import live_workers
 from tests.vllm.conftest import kept_tokens, offline_choice
 
 PROMPTS = [
@@ -23,6 +25,17 @@ PROMPTS = [
     "Question: what is the capital of France? Answer:",
     "def add(a, b):",
 ]
+
+
+@pytest.mark.timeout(900)
+def test_the_worker_runs_vllm_on_the_static_engines_threads(
+    vllm_client: CompletionClient,
+) -> None:
+    # When `cq workers` (and Flower: the same Celery stats) asks the vLLM worker what it runs
+    found = live_workers(vllm_client.app, timeout_s=5)
+    # Then it is the vLLM engine, and its step thread reads the torch threads CQ_TORCH_THREADS=0
+    # gives the static engine (all cores but one), not torch's default (every core)
+    assert [(w.engine, w.threads) for w in found] == [("vllm", model_threads())]
 
 
 @pytest.mark.timeout(900)

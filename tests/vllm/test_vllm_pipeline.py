@@ -18,6 +18,7 @@ import pytest
 
 from db import Job, JobStatus
 from tests.conftest import until
+from tests.progress import check_progress_then_result
 from tests.vllm.conftest import (
     SLOW_JOB_TIMEOUT_S,
     STALL,
@@ -45,28 +46,9 @@ def test_a_running_job_shows_its_partial_output_then_its_result(
     expected = greedy(offline, 160)
     # When a long greedy job runs, and we poll its row
     job = client.submit(PROMPT, max_new_tokens=160, temperature=0)
-    seen: list[Job] = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        row = client.get(job.id)
-        if row.status is JobStatus.RUNNING and row.completion_tokens:
-            seen.append(row)
-        if row.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            break
-        time.sleep(0.2)
-    # Then successive polls while it ran showed more and more tokens, each a prefix of the end
-    counts = sorted({row.completion_tokens or 0 for row in seen})
-    assert len(counts) >= 3, f"too few distinct progress refreshes: {counts}"
-    for row in seen:
-        assert len(row.choices) == 1 and row.choices[0].finish_reason is None
-        assert row.choices[0].completion_tokens == row.completion_tokens
-        assert expected.startswith(row.choices[0].text)
-    assert len(seen[-1].choices[0].text) > len(seen[0].choices[0].text) > 0
-    # And the row ends with the whole result, as vLLM's own generate gives it
-    final = client.get(job.id)
-    assert final.status is JobStatus.SUCCEEDED
-    assert final.text == expected and final.completion_tokens == 160
-    assert final.choices[0].finish_reason == "length"
+    # Then successive polls while it ran showed more and more tokens, each a prefix of the
+    # end, and the row ends with the whole result, as vLLM's own generate gives it
+    check_progress_then_result(client, job.id, expected, 160)
 
 
 def test_a_streamed_jobs_deltas_join_into_its_final_text(

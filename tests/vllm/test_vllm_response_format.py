@@ -13,25 +13,11 @@ import pytest
 
 from db import Job, JobStatus
 from producer.client import CompletionClient
+from tests.schemas import PERSON, PERSON_FORMAT
 from tests.vllm.conftest import offline_choice
 
 pytestmark = pytest.mark.timeout(600)
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "active": {"type": "boolean"},
-    },
-    "required": ["name", "age", "role", "active"],
-    "additionalProperties": False,
-}
-SCHEMA_FORMAT = {
-    "type": "json_schema",
-    "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
-}
 PROMPT = "Question: what is the capital of France? Answer:"
 #: A JSON string literal, escapes included.
 STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -53,7 +39,7 @@ def test_json_schema_jobs_validate_in_the_static_engines_compact_form(
         for seed in range(7)
     ] + [{"prompt": PROMPT, "max_new_tokens": 96, "temperature": 0}]
     plain = {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0}
-    requests = [{**job, "response_format": SCHEMA_FORMAT} for job in jobs] + [plain]
+    requests = [{**job, "response_format": PERSON_FORMAT} for job in jobs] + [plain]
     # When they run through the queue on the vLLM worker
     *constrained, free = vllm_client.wait(vllm_client.submit_many(requests), timeout=300)
     # Then each schema job ends on its own (EOS, not the token budget) with a document that
@@ -62,8 +48,8 @@ def test_json_schema_jobs_validate_in_the_static_engines_compact_form(
         assert job.status is JobStatus.SUCCEEDED, job.error
         assert job.choices[0].finish_reason == "stop", job.text
         document = json.loads(job.text)
-        jsonschema.validate(document, SCHEMA)
-        assert list(document) == list(SCHEMA["properties"])
+        jsonschema.validate(document, PERSON)
+        assert list(document) == list(PERSON["properties"])
         assert free_whitespace(job.text) == [], job.text
     # And the sampled documents differ: the grammar constrains, the seeds still choose
     assert len({job.text for job in constrained}) > 3
