@@ -76,7 +76,16 @@ from db.snapshots import (
     error_dict,
     utcnow,
 )
-from db.stats import FinishedJob, count_by_status, finished_since, queued_models
+from db.stats import (
+    FinishedJob,
+    Load,
+    Served,
+    count_by_status,
+    finished_since,
+    queued_models,
+    served_since,
+    unfinished_load,
+)
 from db.tenants import (
     KEY_PREFIX,
     Tenant,
@@ -196,7 +205,11 @@ __all__ = [
     "new_id",
     # aggregates
     "FinishedJob",
+    "Load",
+    "Served",
     "count_by_status",
     "finished_since",
     "queued_models",
+    "served_since",
+    "unfinished_load",
 ]
