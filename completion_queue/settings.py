@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         description="A message a worker holds goes back to the queue this long after the "
         "worker's last heartbeat (it died); live workers renew theirs every quarter of it.",
     )
+    drain_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long a stopping worker (SIGTERM) may take to finish the jobs it "
+        "started; past it, it hands them back and its model process is killed.",
+    )
     log_level: str = Field(default="INFO", description="Log level for workers and the CLI.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

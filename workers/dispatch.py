@@ -173,6 +173,8 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
             task_consumer = getattr(consumer, "task_consumer", None)
             if task_consumer is None:
                 return None  # reconnecting: release nothing until consuming again
+            if state.gate.closed:
+                return None  # stopping: take nothing more (see workers.leave)
             return held_count(task_consumer.channel)
 
         sessions = make_session_factory(make_engine(settings.resolved_database_url()))
