@@ -11,7 +11,7 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from completion_queue import Settings, create_app, queue_name, worker_env
+from completion_queue import Settings, create_app, queue_name, waiting, worker_env
 from db import JobRow, JobStatus, Outcome, claim_jobs, finish_jobs, utcnow
 from tests.chaos.conftest import Chaos, wait_for
 
@@ -85,7 +85,9 @@ def test_workers_reap_lost_jobs_and_expire_unserved_ones(chaos: Chaos) -> None:
         # and a job marked running by a worker that died, whose message is gone
         assert control.cancel_consumer(queue, reply=True, timeout=5, destination=node)
         lost = client.submit("Once upon a time", max_new_tokens=4)
-        wait_for(lambda: chaos.queued_messages() == 1, 10, "the message")
+        # (released by the worker's dispatcher to the model's queue, which it no longer
+        # consumes: deleted before that, it could be released and taken meanwhile)
+        wait_for(lambda: waiting(chaos.redis, queue)[""] == 1, 10, "the message")
         for key in chaos.redis.keys(f"{queue}*"):
             chaos.redis.delete(key)
         with client.sessions.begin() as session:
