@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from api.errors import APIError, error_response, install_error_handlers
-from api.routes import batches, chat, completions, files, health, jobs, models, usage
+from api.routes import batches, chat, completions, files, health, jobs, models, responses, usage
 from api.state import APIState, caller
 from api.views import ErrorInfo
 from api.webhooks import WebhookDispatcher
@@ -103,4 +103,5 @@ def create_api(settings: Settings, *, client: CompletionClient | None = None) ->
     auth = [Depends(caller)]
     for resource in (jobs, completions, chat, models, files, batches, usage):
         app.include_router(resource.router, dependencies=auth)
+    app.include_router(responses.router, dependencies=auth)
     return app
