@@ -20,6 +20,7 @@ from db import JobStatus
 from producer import CompletionClient, JobNotFound
 from tests.conftest import Stack, until
 from tests.integration.test_api import KEY, Api, serving
+from tests.integration.test_cli import cq
 from tests.integration.test_streaming import LONG_REPLY
 from tests.reference import Reference
 
@@ -64,7 +65,7 @@ def greedy(reference: Reference, messages: list[dict[str, str]], budget: int) ->
 
 
 def test_plain_and_instructions_with_messages_equal_the_greedy_reply(
-    api: Api, client: CompletionClient, reference: Reference
+    api: Api, stack: Stack, client: CompletionClient, reference: Reference
 ) -> None:
     oai = api.openai()
     # When a plain string input is answered greedily
@@ -83,6 +84,8 @@ def test_plain_and_instructions_with_messages_equal_the_greedy_reply(
     # and it is a job like any, under the id the response names
     job = client.get(job_id(plain.id))
     assert job.status is JobStatus.SUCCEEDED and job.text == text and job.messages == asked
+    shown = json.loads(cq(stack, "status", plain.id).stdout)
+    assert shown["id"] == str(job.id) and shown["status"] == "succeeded"
 
     # When instructions come with message items (a developer message, text parts)
     items: Any = [
