@@ -24,7 +24,18 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from api.errors import APIError, error_response, install_error_handlers
-from api.routes import batches, chat, completions, files, health, jobs, models, responses, usage
+from api.routes import (
+    batches,
+    chat,
+    completions,
+    files,
+    health,
+    jobs,
+    models,
+    operator,
+    responses,
+    usage,
+)
 from api.state import APIState, caller
 from api.views import ErrorInfo
 from api.webhooks import WebhookDispatcher
@@ -100,6 +111,7 @@ def create_api(settings: Settings, *, client: CompletionClient | None = None) ->
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
 
     app.include_router(health.router)
+    app.include_router(operator.router)
     auth = [Depends(caller)]
     for resource in (jobs, completions, chat, models, files, batches, usage):
         app.include_router(resource.router, dependencies=auth)

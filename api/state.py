@@ -11,6 +11,7 @@ API answers loopback peers only, without auth, as the operator's own tool.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import math
 import time
@@ -191,3 +192,19 @@ def unauthorized(message: str) -> APIError:
 
 
 CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def operator(
+    request: Request,
+    state: State,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Let the operator through (``/backlog``, ``/metrics``): a loopback peer, or a key of
+    ``CQ_OPERATOR_KEYS``. Tenant keys are refused: these routes show every tenant's load."""
+    if is_loopback(request.client.host if request.client else ""):
+        return
+    if credentials is not None:
+        given = hash_key(credentials.credentials)
+        if any(hmac.compare_digest(given, hash_key(key)) for key in state.settings.operator_keys):
+            return
+    raise unauthorized("this route answers loopback peers, or an operator key (CQ_OPERATOR_KEYS)")

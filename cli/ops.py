@@ -10,10 +10,11 @@ from datetime import timedelta
 import click
 
 from cli.group import Duration, ExitCode, cli, database, migrated, settings_from_env
-from cli.render import show, stats_view, workers_table
+from cli.render import backlog_table, show, stats_view, workers_table
 from completion_queue import create_app, reap, redact_url
 from db import JobStatus, prune_jobs, upgrade, utcnow
-from producer.stats import cluster_stats, live_workers
+from producer.backlog import model_backlogs
+from producer.stats import broker_client, cluster_stats, live_workers
 
 
 @cli.command()
@@ -40,6 +41,24 @@ def stats(window: timedelta, timeout: float, as_json: bool) -> None:
         click.echo(json.dumps(found.to_dict(), indent=2))
     else:
         show(stats_view(found))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def backlog(as_json: bool) -> None:
+    """Per model: queued jobs and tokens, running jobs, workers, tokens/s per worker, and the
+    workers that drain the queue within CQ_SCALE_DRAIN_TARGET_S (what autoscalers read)."""
+    settings = migrated(settings_from_env())
+    app = create_app(settings)
+    try:
+        with database(settings) as sessions, sessions() as session, broker_client(app) as client:
+            found = model_backlogs(settings, session, client)
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps({"models": {m: b.to_dict() for m, b in found.items()}}, indent=2))
+    else:
+        show(backlog_table(found))
 
 
 @cli.command()

@@ -12,6 +12,7 @@ from rich.table import Table
 from completion_queue import queue_name
 from db import Job
 from producer import CompletionClient
+from producer.backlog import ModelBacklog, TenantLoad
 from producer.stats import ClusterStats, WorkerInfo
 
 
@@ -109,4 +110,50 @@ def stats_view(stats: ClusterStats) -> Group:
     queues.add_column("waiting", justify="right")
     for model, depth in stats.queues.items():
         queues.add_row(model, queue_name(model), str(depth))
-    return Group(jobs, recent, queues, workers_table(stats.workers))
+    return Group(
+        jobs,
+        recent,
+        queues,
+        tenants_table(stats.tenants, window_s=stats.window_s),
+        workers_table(stats.workers),
+    )
+
+
+def tenants_table(loads: Sequence[TenantLoad], *, window_s: float) -> Table:
+    """Return a table of each tenant's load per model: queued jobs and estimated tokens, and
+    the tokens it was served in the last ``window_s`` seconds."""
+    table = Table(title="tenants")
+    table.add_column("model", no_wrap=True)
+    table.add_column("tenant", no_wrap=True)
+    for column in ("queued", "queued tokens", f"served tokens ({window_s:.0f} s)"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for load in loads:
+        table.add_row(
+            load.model,
+            load.tenant or "-",
+            str(load.queued_jobs),
+            str(load.queued_tokens),
+            str(load.served_tokens),
+        )
+    return table
+
+
+def backlog_table(backlogs: dict[str, ModelBacklog]) -> Table:
+    """Return a table of each model's backlog signal (what `cq backlog` prints)."""
+    table = Table(title="backlog")
+    table.add_column("model", no_wrap=True)
+    columns = ("queued", "queued tokens", "running", "workers", "tokens/s/worker", "desired")
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for model, found in backlogs.items():
+        rate = f"{found.tokens_per_s_per_worker:.0f}" + ("" if found.measured else " (assumed)")
+        table.add_row(
+            model,
+            str(found.queued_jobs),
+            str(found.queued_tokens),
+            str(found.running_jobs),
+            str(found.workers),
+            rate,
+            str(found.desired_workers),
+        )
+    return table

@@ -53,7 +53,7 @@ from .errors import (
     WrongModel,
 )
 from .extras import EXTRAS, missing_modules, require_extra
-from .fair import FairQueues, lane_queue, model_queues, queue_keys, waiting
+from .fair import FairQueues, job_cost, lane_queue, model_queues, queue_keys, waiting
 from .flower import check_auth, flower_command, run_flower
 from .local import (
     Stopped,
@@ -66,7 +66,7 @@ from .local import (
     stop_workers,
     worker_env,
 )
-from .metrics import JobStatusCollector, Metrics, QueueDepthCollector
+from .metrics import JobStatusCollector, Metrics, QueueDepthCollector, TableCollector
 from .presence import announce, models_without_chat, served_models, withdraw
 from .reaper import ReapReport, reap
 from .redis_server import EmbeddedRedis, RedisTLS, find_redis_server, free_port
@@ -146,6 +146,7 @@ __all__ = [
     "send_jobs",
     # fair share across tenants
     "FairQueues",
+    "job_cost",
     "lane_queue",
     "model_queues",
     "waiting",
@@ -164,6 +165,7 @@ __all__ = [
     "JobStatusCollector",
     "Metrics",
     "QueueDepthCollector",
+    "TableCollector",
     "ReapReport",
     "check_auth",
     "flower_command",

@@ -28,7 +28,7 @@ from completion_queue.fair import (
     lane_queue,
     register_lanes,
     waiting,
-    wake_channel,
+    wake,
 )
 from completion_queue.settings import Settings, redact_url
 
@@ -255,10 +255,7 @@ def send_jobs(app: Celery, jobs: Iterable[Sendable]) -> int:
                     argsrepr="()",
                     kwargsrepr=repr(_about(job)),
                 )
-        with client.pipeline(transaction=False) as pipe:
-            for queue in lanes:
-                pipe.publish(wake_channel(queue), "1")
-            pipe.execute()
+        wake(client, lanes)
     return len(jobs)
 
 

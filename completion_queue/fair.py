@@ -55,6 +55,9 @@ LANES = ("interactive", "batch")
 #: While both lanes of a tenant wait, one release in this many goes to its batch lane.
 BATCH_EVERY = 5
 
+#: How often the release step reads every lane a model ever had, not only the hot ones.
+RESCAN_S = 5
+
 #: Characters per prompt token in the estimate of a job's cost (English text, GPT-2 BPE).
 CHARS_PER_TOKEN = 4
 
@@ -77,6 +80,12 @@ def lane_queue(queue: str, tenant: str | None, lane: str) -> str:
 def lanes_key(queue: str) -> str:
     """The Redis set of ``lane|tenant`` members that have ever had a job for ``queue``."""
     return f"cq.fair.{queue}.lanes"
+
+
+def hot_key(queue: str) -> str:
+    """The Redis set of the members of :func:`lanes_key` that may have jobs waiting now:
+    the release step reads only these, and drops those it finds empty."""
+    return f"cq.fair.{queue}.hot"
 
 
 def counters_key(queue: str) -> str:
@@ -123,9 +132,22 @@ def lane_of(job: Any) -> str:
 
 
 def register_lanes(client: Any, queue: str, members: Iterable[str]) -> None:
-    """Record ``lane|tenant`` members as having jobs for ``queue`` (idempotent)."""
+    """Record ``lane|tenant`` members as having jobs for ``queue`` (idempotent); before
+    their messages are sent, so every message lands in a lane that is known."""
     if members := sorted(set(members)):
         client.sadd(lanes_key(queue), *members)
+
+
+def wake(client: Any, lanes: Mapping[str, Iterable[str]]) -> None:
+    """Mark the ``lane|tenant`` members of each model queue hot and wake its dispatchers;
+    after the messages are sent, so a release that finds a hot lane empty and drops it
+    cannot come between a lane marked hot and its message landing."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue, members in lanes.items():
+            if members := sorted(set(members)):
+                pipe.sadd(hot_key(queue), *members)
+            pipe.publish(wake_channel(queue), "1")
+        pipe.execute()
 
 
 def model_queues(client: Any, queue: str) -> dict[str, str]:
@@ -165,6 +187,9 @@ local batch_every = tonumber(ARGV[3])
 local sep = "\6\22"
 local levels = 10
 local lanes_key = "cq.fair." .. queue .. ".lanes"
+local hot_key = "cq.fair." .. queue .. ".hot"
+local rescan_key = "cq.fair." .. queue .. ".rescan"
+local rescan_s = tonumber(ARGV[4])
 local vtc_key = "cq.fair." .. queue .. ".vtc"
 local weights_key = "cq.fair." .. queue .. ".weights"
 local floor_key = "cq.fair." .. queue .. ".floor"
@@ -193,7 +218,12 @@ end
 
 -- Backlogged tenants and their lanes: tenants[t] = {interactive = {name, n}, batch = ...}.
 local tenants = {}
-for _, member in ipairs(redis.call("SMEMBERS", lanes_key)) do
+-- Only the hot lanes are read, and those found empty leave the hot set; once every
+-- RESCAN_S (one release across all workers) every lane is read again, so a message
+-- that came back to a lane that had left it (kombu's restore) is found.
+local members_key = hot_key
+if redis.call("SET", rescan_key, "1", "NX", "EX", rescan_s) then members_key = lanes_key end
+for _, member in ipairs(redis.call("SMEMBERS", members_key)) do
   local bar = string.find(member, "|", 1, true)
   local lane = string.sub(member, 1, bar - 1)
   local tenant = string.sub(member, bar + 1)
@@ -202,6 +232,9 @@ for _, member in ipairs(redis.call("SMEMBERS", lanes_key)) do
   if n ~= nil then
     tenants[tenant] = tenants[tenant] or {}
     tenants[tenant][lane] = {name = name, n = n}
+    redis.call("SADD", hot_key, member)
+  else
+    redis.call("SREM", hot_key, member)
   end
 end
 
@@ -258,6 +291,7 @@ while released < free do
   local n = head(at.name, at.n)
   if n == nil then
     lanes[lane] = nil
+    redis.call("SREM", hot_key, lane .. "|" .. best)
     if lanes.interactive == nil and lanes.batch == nil then tenants[best] = nil end
   else
     at.n = n
@@ -322,7 +356,7 @@ class FairQueues:
         from the lane queues to the model's queue, fairly; return how many moved."""
         if free <= 0:
             return 0
-        return int(self._release(args=[self.queue, free, BATCH_EVERY]))
+        return int(self._release(args=[self.queue, free, BATCH_EVERY, RESCAN_S]))
 
     def new_token_ratio(self) -> float:
         """The share of the most they may generate that this model's jobs generate (a moving

@@ -9,7 +9,7 @@ prefix, base units in the name, ``_total`` on counters.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from completion_queue.celery_app import queue_depth
 from completion_queue.constants import queue_name
+from completion_queue.settings import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -203,3 +204,42 @@ class JobStatusCollector(Collector):
         for status, count in sorted(self.counts().items()):
             family.add_metric([status], count)
         yield family
+
+
+#: One row of a :class:`TableCollector`: its label values, and its values by gauge name.
+Row = tuple[Sequence[str], Mapping[str, float]]
+
+
+class TableCollector(Collector):
+    """Gauges read at scrape time in one call that returns rows of label values and values:
+    ``cq_backlog_queued_tokens{model}``, ``cq_tenant_served_tokens{model,tenant}``..."""
+
+    def __init__(
+        self,
+        gauges: Mapping[str, str],
+        labels: Sequence[str],
+        rows: Callable[[], Iterable[Row]],
+    ) -> None:
+        """Args:
+        gauges: each gauge's name (a key of the rows' values) and its help text.
+        labels: the label names, in the order of each row's label values.
+        rows: reads the rows now (the database, Redis); an error leaves the gauges empty.
+        """
+        self.gauges = gauges
+        self.labels = list(labels)
+        self.rows = rows
+
+    def collect(self) -> Iterable[Metric]:
+        """Read the rows now and yield one gauge family per name."""
+        families = {
+            name: GaugeMetricFamily(name, text, labels=self.labels)
+            for name, text in self.gauges.items()
+        }
+        try:
+            for labels, values in self.rows():
+                for name, family in families.items():
+                    family.add_metric(list(labels), float(values[name]))
+        except Exception as exc:  # a scrape must answer, even with the database down
+            log.warning("%s unavailable: %s", ", ".join(families), redact_url(str(exc)))
+            return
+        yield from families.values()

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         description="A message a worker holds goes back to the queue this long after the "
         "worker's last heartbeat (it died); live workers renew theirs every quarter of it.",
     )
+    drain_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long a stopping worker (SIGTERM) may take to finish the jobs it "
+        "started; past it, it hands them back and its model process is killed.",
+    )
     log_level: str = Field(default="INFO", description="Log level for workers and the CLI.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -178,7 +184,7 @@ class Settings(BaseSettings):
         description="Allow callback URLs on loopback, private or reserved addresses.",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "operator_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -203,6 +209,23 @@ class Settings(BaseSettings):
     )
     flower_db: Path | None = Field(
         default=None, description="File for Flower's persistent state; unset keeps it in memory."
+    )
+    operator_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens that may read the API's /backlog and /metrics (comma-separated; "
+        "tenant keys may not); without one, loopback peers only.",
+    )
+    scale_drain_target_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="The backlog signal asks for enough workers to drain the queued tokens "
+        "within this many seconds.",
+    )
+    scale_worker_tokens_per_s: float = Field(
+        default=1000.0,
+        gt=0,
+        description="Tokens per second one worker is assumed to serve until it has been measured "
+        "(no job of the model finished in the last minute).",
     )
 
     @model_validator(mode="after")

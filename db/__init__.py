@@ -84,7 +84,16 @@ from db.snapshots import (
     error_dict,
     utcnow,
 )
-from db.stats import FinishedJob, count_by_status, finished_since, queued_models
+from db.stats import (
+    FinishedJob,
+    Load,
+    Served,
+    count_by_status,
+    finished_since,
+    queued_models,
+    served_since,
+    unfinished_load,
+)
 from db.tenants import (
     KEY_PREFIX,
     Tenant,
@@ -211,7 +220,11 @@ __all__ = [
     "get_responses",
     # aggregates
     "FinishedJob",
+    "Load",
+    "Served",
     "count_by_status",
     "finished_since",
     "queued_models",
+    "served_since",
+    "unfinished_load",
 ]

@@ -77,6 +77,8 @@ def create_jobs(session: Session, *, jobs: Sequence[NewJob]) -> list[tuple[Job, 
                 "tenant": job.tenant,
                 "lane": job.lane,
                 "deadline": job.deadline,
+                "cost_prompt_tokens": job.cost[0] if job.cost else None,
+                "cost_new_tokens": job.cost[1] if job.cost else None,
             }
             for job, created_at in zip(jobs, times, strict=True)
         ],

@@ -115,6 +115,11 @@ class JobRow(Base):
     )
     # A job not started by then fails with ``deadline_exceeded``; null: no deadline.
     deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What the producer estimated the job costs (``completion_queue.fair.job_cost``): its
+    # prompt's tokens and the most it may generate; the backlog signal sums them over queued
+    # rows. Null: not estimated (a row written without one).
+    cost_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    cost_new_tokens: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -134,6 +139,17 @@ class JobRow(Base):
         Index("ix_jobs_webhook_due", "webhook_status", "webhook_next_at"),
         Index("ix_jobs_status_deadline", "status", "deadline"),
         Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        # Covers the backlog signal's sums over queued (and running) rows, per model and tenant.
+        Index(
+            "ix_jobs_backlog",
+            "status",
+            "model",
+            "tenant",
+            "cost_prompt_tokens",
+            "cost_new_tokens",
+        ),
+        # The rows finished in the last minute (tokens/s) or stats window.
+        Index("ix_jobs_finished_at", "finished_at"),
         Index("uq_jobs_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
         # A null tenant is distinct from every other in the index above: this one covers it.
         Index(

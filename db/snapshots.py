@@ -196,6 +196,8 @@ class NewJob:
     lane: str = LANE_INTERACTIVE
     deadline: datetime | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
+    #: Estimated prompt tokens and most new tokens (``completion_queue.fair.job_cost``).
+    cost: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,3 +69,83 @@ def queued_models(session: Session) -> list[str]:
     """Return the models that have queued jobs, sorted."""
     stmt = select(JobRow.model).where(JobRow.status == JobStatus.QUEUED).distinct()
     return sorted(session.scalars(stmt))
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """The unfinished jobs of one model, tenant and status, with their estimated tokens."""
+
+    model: str
+    tenant: str | None
+    status: JobStatus
+    jobs: int
+    #: Sum of the jobs' estimated prompt tokens (``jobs.cost_prompt_tokens``).
+    prompt_tokens: int
+    #: Sum of the most new tokens the jobs may generate (``jobs.cost_new_tokens``).
+    new_tokens: int
+
+
+def unfinished_load(session: Session) -> list[Load]:
+    """Return the queued and running jobs per model and tenant, with their estimated tokens.
+
+    One grouped scan of ``ix_jobs_backlog`` (it holds every column read), so it stays cheap
+    at a hundred thousand queued rows; a row without an estimate counts no tokens.
+    """
+    stmt = (
+        select(
+            JobRow.model,
+            JobRow.tenant,
+            JobRow.status,
+            func.count(),
+            func.coalesce(func.sum(JobRow.cost_prompt_tokens), 0),
+            func.coalesce(func.sum(JobRow.cost_new_tokens), 0),
+        )
+        .where(JobRow.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+        .group_by(JobRow.model, JobRow.tenant, JobRow.status)
+    )
+    return [
+        Load(model, tenant, JobStatus(status), int(jobs), int(prompt or 0), int(new or 0))
+        for model, tenant, status, jobs, prompt, new in session.execute(stmt)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What one worker served one tenant of one model since a time: finished jobs' tokens."""
+
+    model: str
+    tenant: str | None
+    #: The worker that ran the jobs; None for jobs that never ran (cancelled while queued).
+    worker: str | None
+    jobs: int
+    #: Prompt plus completion tokens of those jobs.
+    tokens: int
+    first_started_at: datetime | None
+    last_finished_at: datetime
+
+
+def served_since(session: Session, *, since: datetime) -> list[Served]:
+    """Return the tokens of the jobs finished at or after ``since``, per model, tenant and
+    worker, with when the worker started the first of them and finished the last."""
+    tokens = func.coalesce(JobRow.prompt_tokens, 0) + func.coalesce(JobRow.completion_tokens, 0)
+    stmt = (
+        select(
+            JobRow.model,
+            JobRow.tenant,
+            JobRow.worker,
+            func.count(),
+            func.coalesce(func.sum(tokens), 0),
+            func.min(JobRow.started_at),
+            func.max(JobRow.finished_at),
+        )
+        .where(JobRow.finished_at >= since, JobRow.status.in_(FINISHED_STATUSES))
+        .group_by(JobRow.model, JobRow.tenant, JobRow.worker)
+    )
+    result = []
+    for model, tenant, worker, jobs, total, first, last in session.execute(stmt):
+        finished_at = aware(last)
+        assert finished_at is not None
+        result.append(
+            Served(model, tenant, worker, int(jobs), int(total), aware(first), finished_at)
+        )
+    return result

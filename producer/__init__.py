@@ -8,6 +8,13 @@ from completion_queue import (
     ValidationError,
 )
 from db import Choice, Job, JobStatus
+from producer.backlog import (
+    ModelBacklog,
+    TenantLoad,
+    desired_workers,
+    model_backlogs,
+    tenant_loads,
+)
 from producer.client import CompletionClient
 from producer.schema import MAX_LOGPROBS, CompletionRequest, Limits, validate_request
 from producer.stream import Delta, Finished, StreamEvent, follow, follow_async
@@ -30,6 +37,12 @@ __all__ = [
     "CompletionRequest",
     "Limits",
     "validate_request",
+    # the backlog signal autoscalers read, and each tenant's load
+    "ModelBacklog",
+    "TenantLoad",
+    "desired_workers",
+    "model_backlogs",
+    "tenant_loads",
     # errors
     "BrokerUnavailable",
     "CompletionError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import dataclasses
 import threading
 import uuid
 import weakref
@@ -23,6 +24,7 @@ from completion_queue import (
     Settings,
     ValidationError,
     create_app,
+    job_cost,
     published_broker_url,
     redact_url,
     resolve_broker_url,
@@ -53,6 +55,11 @@ from producer.waits import WAITS_LOCK, Waits
 
 JobRef = uuid.UUID | str | Job
 Progress = Callable[[int, int], None]
+
+
+def _costed(job: NewJob) -> NewJob:
+    """Return ``job`` with its estimated cost, which its row keeps for the backlog signal."""
+    return dataclasses.replace(job, cost=job_cost(job))
 
 
 def same_request(new: NewJob, job: Job) -> bool:
@@ -233,18 +240,20 @@ class CompletionClient:
         app = self.app  # a broker URL that is wrong (ConfigError) is refused before any write
         models = {req.model or self.settings.model for req in validated}
         new_jobs = [
-            NewJob(
-                model=req.model or self.settings.model,
-                prompt=req.prompt or "",
-                messages=req.stored_messages(),
-                params=req.params(),
-                priority=req.priority,
-                idempotency_key=req.idempotency_key,
-                batch_id=batch_id,
-                callback_url=req.callback_url,
-                tenant=self.tenant,
-                lane=req.lane or lane,
-                deadline=req.deadline or deadline,
+            _costed(
+                NewJob(
+                    model=req.model or self.settings.model,
+                    prompt=req.prompt or "",
+                    messages=req.stored_messages(),
+                    params=req.params(),
+                    priority=req.priority,
+                    idempotency_key=req.idempotency_key,
+                    batch_id=batch_id,
+                    callback_url=req.callback_url,
+                    tenant=self.tenant,
+                    lane=req.lane or lane,
+                    deadline=req.deadline or deadline,
+                )
             )
             for req in validated
         ]

@@ -24,6 +24,7 @@ from db import (
     queued_models,
     utcnow,
 )
+from producer.backlog import TenantLoad, tenant_loads
 
 #: The latency percentiles `cq stats` reports.
 PERCENTILES = (50, 95, 99)
@@ -75,6 +76,8 @@ class ClusterStats:
     queue_wait_s: dict[str, float | None]
     queues: dict[str, int]
     workers: list[WorkerInfo]
+    #: Per model and tenant: queued jobs and tokens, and tokens served in the window.
+    tenants: list[TenantLoad]
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -159,20 +162,20 @@ def cluster_stats(
 ) -> ClusterStats:
     """Gather jobs per status and the last ``window_s`` seconds from the database, queue
     depths from Redis and the live workers from Celery."""
+    workers = live_workers(app, timeout_s=timeout_s)
     engine = make_engine(settings.resolved_database_url())
     try:
-        with make_session_factory(engine)() as session:
+        with make_session_factory(engine)() as session, broker_client(app) as client:
             counts = count_by_status(session)
             recent = finished_since(session, since=utcnow() - timedelta(seconds=window_s))
             models = set(queued_models(session))
+            models |= {settings.model} | {w.model for w in workers if w.model}
+            queues = {model: queue_depth(client, queue_name(model)) for model in sorted(models)}
+            tenants = tenant_loads(session, client, window_s=window_s)
     finally:
         engine.dispose()
     ran = [job for job in recent if job.status is not JobStatus.CANCELLED]
     waits = [(job.started_at - job.created_at).total_seconds() for job in ran if job.started_at]
-    workers = live_workers(app, timeout_s=timeout_s)
-    models |= {settings.model} | {w.model for w in workers if w.model}
-    with broker_client(app) as client:
-        queues = {model: queue_depth(client, queue_name(model)) for model in sorted(models)}
     return ClusterStats(
         statuses={status.value: count for status, count in counts.items()},
         window_s=window_s,
@@ -183,4 +186,5 @@ def cluster_stats(
         queue_wait_s=_percentiles(waits),
         queues=queues,
         workers=workers,
+        tenants=tenants,
     )

@@ -26,6 +26,7 @@ from workers.acks import AckChannel
 from workers.dispatch import DispatchStep
 from workers.events import install_job_events
 from workers.heartbeat import UnackedHeartbeat
+from workers.leave import LeaveStep
 from workers.state import WorkerState
 from workers.task import ModelBatches
 
@@ -152,6 +153,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
 
     app.steps["worker"].add(DescribeStep)
     app.steps["worker"].add(AckDrainStep)
+    app.steps["worker"].add(LeaveStep)
 
     @signals.worker_process_init.connect(weak=False)
     def _load_model(**_: Any) -> None:
@@ -189,7 +191,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
         ignore_result=True,
         listeners=state.listeners,
     )
-    def generate(requests: list[SimpleRequest]) -> bool:
+    def generate(requests: list[SimpleRequest]) -> bool | list[str]:
         return state.run(requests)
 
     for step in (ReaperStep, UnackedHeartbeat, ForgetBufferStep, AckChannelStep, DispatchStep):

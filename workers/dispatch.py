@@ -90,6 +90,16 @@ class Dispatcher:
             return 0
         return self.fair.release(self.target - held)
 
+    def _copy_weights(self, read: Callable[[], Mapping[str, float]]) -> None:
+        """Copy the tenants' weights to Redis; with the database away, keep the last ones
+        (releasing does not wait for the database)."""
+        try:
+            weights = read()
+        except Exception as exc:
+            log.warning("dispatcher: tenants' weights not read: %s", redact_url(str(exc)))
+            return
+        self.fair.set_weights(weights)
+
     def _run(self) -> None:
         pubsub = None
         weights_at = 0.0
@@ -99,8 +109,8 @@ class Dispatcher:
                     pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(wake_channel(self.queue))
                 if self.weights is not None and time.monotonic() >= weights_at:
-                    self.fair.set_weights(self.weights())
                     weights_at = time.monotonic() + WEIGHTS_EVERY_S
+                    self._copy_weights(self.weights)
                 self.step()
                 pubsub.get_message(timeout=POLL_S)
             except Exception as exc:  # the broker or the database is away: try again
@@ -163,6 +173,8 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
             task_consumer = getattr(consumer, "task_consumer", None)
             if task_consumer is None:
                 return None  # reconnecting: release nothing until consuming again
+            if state.gate.closed:
+                return None  # stopping: take nothing more (see workers.leave)
             return held_count(task_consumer.channel)
 
         sessions = make_session_factory(make_engine(settings.resolved_database_url()))

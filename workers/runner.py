@@ -32,12 +32,13 @@ Faults the runner absorbs, each without losing or doubling a job:
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
@@ -85,6 +86,48 @@ T = TypeVar("T")
 SUSPECT_AFTER_ATTEMPTS = 2
 
 
+class ClaimGate:
+    """Lets a flush claim its units until the main process closes it (the worker leaves).
+
+    Made before the pool forks. The model process claims each unit holding the lock;
+    the main process closes the gate holding it too, so once :meth:`close` returns,
+    every claim this worker will ever make of its flush is committed: a row of the
+    flush still ``queued`` then is never started here, and its message may go back
+    at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = multiprocessing.Lock()
+        self._closed = multiprocessing.Event()
+
+    @contextmanager
+    def claiming(self) -> Iterator[bool]:
+        """Hold the gate for one claim; yield True while it is open."""
+        with self._lock:
+            yield not self._closed.is_set()
+
+    def close(self, timeout_s: float) -> bool:
+        """Close the gate; True if no claim was in flight (the lock was had in time)."""
+        had = self._lock.acquire(timeout=timeout_s)
+        self._closed.set()
+        if had:
+            self._lock.release()
+        return had
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed.is_set()
+
+
+@dataclass(frozen=True)
+class Flush:
+    """What a flush did: the outcomes it wrote, and the jobs it handed back unstarted."""
+
+    outcomes: list[Outcome]
+    handed_back: list[str]
+
+
 class BatchRunner:
     """Runs flushes of job ids against one resident model and one database."""
 
@@ -103,13 +146,15 @@ class BatchRunner:
         progress: ProgressWriter | None = None,
         prefix_tokens: int = 0,
         isolation: Isolation | None = None,
+        gate: ClaimGate | None = None,
     ) -> None:
         """``model`` is the model served (None: whatever a job asks for, in unit tests);
         ``forward`` sends jobs for other models to their own queues; ``progress``
         shows running jobs' output in their rows and stops cancelled ones; jobs whose
         prompts start with the same ``prefix_tokens`` tokens are grouped together;
         ``isolation``: flushes run side by side, and a suspect job's unit waits to run
-        alone (the vLLM engine)."""
+        alone (the vLLM engine); ``gate``: when it is closed before a unit is claimed,
+        the flush stops there and reports the jobs it did not start."""
         self.engine = engine
         self.sessions = sessions
         self.max_rows = max_rows
@@ -122,11 +167,17 @@ class BatchRunner:
         self.progress = progress
         self.prefix_tokens = prefix_tokens
         self.isolation = isolation
+        self.gate = gate
         # Flushes may run in several threads (the vLLM engine): listeners see one at a time.
         self._tell_lock = threading.Lock()
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
+        return self.run_flush(job_ids, worker=worker).outcomes
+
+    def run_flush(self, job_ids: Sequence[str], *, worker: str) -> Flush:
+        """Run the unfinished jobs among ``job_ids`` unit by unit, until :attr:`gate` closes;
+        return the outcomes written and the jobs not started (still queued)."""
         ids = []
         for job_id in job_ids:
             try:
@@ -137,7 +188,7 @@ class BatchRunner:
         jobs = self._route(self._with_database(lambda: self._read(ids)))
         if not jobs:
             self._tell("claimed", [], skipped=ids, worker=worker)
-            return []
+            return Flush([], [])
         exhausted = [job for job in jobs if job.attempts >= self.max_attempts]
         if exhausted:
             for job in exhausted:
@@ -166,12 +217,19 @@ class BatchRunner:
         written: list[Outcome] = []
         outcomes: list[Outcome] = []
         running: list[Job] = []
+        handed_back: list[uuid.UUID] = []
         generation_s = 0.0
-        for unit_ids, work, alone in [*units, ([], None, False)]:
+        for index, (unit_ids, work, alone) in enumerate([*units, ([], None, False)]):
             # A unit waits for its turn at the engine before its jobs are claimed: a job
             # claimed while a suspect ran would gain an attempt from that suspect's crash.
             with self._turn(None if work is None else alone):
-                claimed, cancelled_late = self._commit_and_claim(outcomes, unit_ids, worker)
+                with self._claiming() as open_:
+                    if work is not None and not open_:
+                        # Not claimed, so still queued: their messages go back, and the next
+                        # worker to take them runs them as their first attempt.
+                        handed_back = [i for ids_, _, _ in units[index:] for i in ids_]
+                        unit_ids, work = [], None
+                    claimed, cancelled_late = self._commit_and_claim(outcomes, unit_ids, worker)
                 if cancelled_late:
                     # Their rows say cancelled: so do their task events and metrics (not succeeded).
                     outcomes = [
@@ -191,7 +249,9 @@ class BatchRunner:
                 outcomes, running = work(claimed), claimed
                 generation_s = time.perf_counter() - started
             log.debug("%d jobs in %.1f ms", len(claimed), 1000 * generation_s)
-        return written
+        if handed_back:
+            log.info("handing back %d job(s) of this flush, not started", len(handed_back))
+        return Flush(written, [str(i) for i in handed_back])
 
     def _turn(self, alone: bool | None) -> AbstractContextManager[None]:
         """The engine for one unit: shared with other flushes' units, or alone (a suspect).
@@ -201,6 +261,10 @@ class BatchRunner:
         if self.isolation is None or alone is None:
             return nullcontext()
         return self.isolation.alone() if alone else self.isolation.shared()
+
+    def _claiming(self) -> AbstractContextManager[bool]:
+        """Hold the gate while a unit is claimed; yield whether claiming is still open."""
+        return nullcontext(True) if self.gate is None else self.gate.claiming()
 
     def _read(self, job_ids: Sequence[uuid.UUID]) -> list[Job]:
         with self.sessions() as session:

@@ -45,7 +45,7 @@ from workers.isolation import Isolation
 from workers.listeners import BatchListener
 from workers.metrics import WorkerMetrics
 from workers.progress import ProgressWriter
-from workers.runner import BatchRunner
+from workers.runner import BatchRunner, ClaimGate
 
 if TYPE_CHECKING:
     from engine.static import StaticEngine
@@ -165,6 +165,9 @@ class WorkerState:
         self.counts = JobCounts()
         self.loaded = LoadedModel()
         self.metrics = Metrics()
+        #: Closed by the main process when the worker stops: the model process's flush ends
+        #: after its running group and hands back the groups it has not started.
+        self.gate = ClaimGate()
         #: Every hook on the worker's batches: task events, counts, Prometheus metrics.
         self.listeners: list[BatchListener] = [
             self.events,
@@ -261,6 +264,8 @@ class WorkerState:
             prefix_tokens=settings.prefix_min_tokens,
             # Flushes run side by side here: a suspect job must wait to have the engine alone.
             isolation=Isolation() if self.acks is not None else None,
+            # vLLM runs every job of a flush at once: there is no group left to hand back.
+            gate=self.gate if self.acks is None else None,
         )
         self._start_metrics(static)
         log.info(
@@ -330,8 +335,9 @@ class WorkerState:
             "metrics_port": settings.metrics_port or None,
         }
 
-    def run(self, requests: list[SimpleRequest]) -> bool:
-        """Run one micro-batch of task requests (task id = job id); True once committed.
+    def run(self, requests: list[SimpleRequest]) -> bool | list[str]:
+        """Run one micro-batch of task requests (task id = job id); True once committed, or
+        the ids of the jobs handed back unstarted (the worker is leaving; the rest committed).
 
         Anything else (an exception, which celery-batches logs and turns into
         None) sends the batch's messages back to the queue: see ModelBatches.
@@ -348,8 +354,9 @@ class WorkerState:
             thread.start()
             return True
         try:
-            self.runner.run([r.id for r in requests], worker=requests[0].hostname or "")
-            return True
+            job_ids, worker = [r.id for r in requests], requests[0].hostname or ""
+            flush = self.runner.run_flush(job_ids, worker=worker)
+            return flush.handed_back or True
         except FatalModelError:
             # The model is unusable: exit without acking, so the messages are redelivered
             # and the supervisor starts a fresh process.

@@ -20,13 +20,14 @@ from completion_queue import (
     FairQueues,
     Settings,
     create_app,
+    lane_queue,
     queue_depth,
     queue_keys,
     queue_name,
     send_jobs,
     waiting,
 )
-from completion_queue.fair import BATCH_EVERY
+from completion_queue.fair import BATCH_EVERY, hot_key
 
 MODEL = "fair-model"
 QUEUE = queue_name(MODEL)
@@ -176,3 +177,23 @@ def test_a_settled_charge_moves_the_share(broker: tuple[Celery, redis.Redis]) ->
     fair.release(2)
     # Then a, below b by those 10 tokens (and not lifted: it stayed backlogged), goes twice
     assert [jobs[i].tenant for i in released(client)] == ["a", "a"]
+
+
+def test_a_message_restored_to_a_drained_lane_is_found_by_the_rescan(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    app, client = broker
+    fair = FairQueues(client, QUEUE)
+    send(app, [FakeJob("a")])
+    assert fair.release(10) == 1  # the lane empties and leaves the hot set
+    assert client.smembers(hot_key(QUEUE)) == set()
+    # When a held message comes back to its lane without a send (kombu's restore)
+    (key,) = [key for key in queue_keys(QUEUE) if client.llen(key)]
+    payload = client.rpop(key)
+    lane = queue_keys(lane_queue(QUEUE, "a", "interactive"))[queue_keys(QUEUE).index(key)]
+    client.lpush(lane, payload)
+    # Then the next releases, which read only the hot lanes, do not see it
+    assert fair.release(10) == 0
+    # but the first once every lane is read again (at most RESCAN_S later) releases it
+    client.delete(f"cq.fair.{QUEUE}.rescan")  # as if RESCAN_S had passed
+    assert fair.release(10) == 1

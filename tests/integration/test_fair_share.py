@@ -15,10 +15,12 @@ import pytest
 import redis
 from sqlalchemy import func, select, update
 
-from completion_queue import EmbeddedRedis, Settings, WorkerProcess, worker_env
-from db import JobRow, JobStatus, make_engine, make_session_factory, upgrade
+from completion_queue import EmbeddedRedis, Settings, WorkerProcess, queue_name, worker_env
+from completion_queue.fair import weights_key
+from db import JobRow, JobStatus, create_tenant, make_engine, make_session_factory, upgrade
 from producer.client import CompletionClient
 from tests.conftest import purge_queue, until
+from workers.dispatch import WEIGHTS_EVERY_S
 
 #: A Redis database of the shared server no other fixture uses.
 _REDIS_DB = 14
@@ -135,3 +137,15 @@ def test_equal_tenants_with_standing_backlogs_are_served_equal_tokens(defaults: 
         print(f"worst 30 s window: tokens served differ by {worst:.1%}")
         assert start > first, "no whole 30 s window to compare"
         assert worst <= 0.10
+
+
+def test_the_worker_releases_by_the_weights_in_the_tenants_table(defaults: Settings) -> None:
+    # Given a tenant whose weight is 3 (cq keys create --weight 3)
+    sessions = make_session_factory(make_engine(defaults.resolved_database_url()))
+    with sessions.begin() as session:
+        create_tenant(session, name="heavy", key="cq-heavy-key", weight=3.0)
+    # Then within one refresh the worker's dispatcher releases by it
+    key = weights_key(queue_name(defaults.model))
+    with redis.Redis.from_url(defaults.broker_url or "") as broker:
+        until(lambda: broker.hget(key, "heavy") is not None, timeout_s=WEIGHTS_EVERY_S + 5)
+        assert float(broker.hget(key, "heavy") or 0) == 3.0

@@ -4,8 +4,8 @@ One row per response, keyed by its job's id (the response id is ``resp_`` and th
 id's hex): the instructions, the input items as given, the previous response it
 continues, its metadata and text format, and whether it ran in the background.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-11-27
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
