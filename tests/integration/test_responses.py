@@ -191,13 +191,16 @@ def test_cancel_a_running_background_response(
         oai.responses.cancel(done.id)
 
 
-def test_streamed_deltas_equal_the_greedy_text(api: Api, reference: Reference) -> None:
+def test_streamed_deltas_equal_the_greedy_text(
+    api: Api, reference: Reference, slow_model: str
+) -> None:
     oai = api.openai()
     asked = [{"role": "user", "content": "Where does the river run?"}]
     text, tokens = greedy(reference, asked, 24)
-    # When a greedy response is streamed
+    # When a greedy response is streamed (from the slowed worker: its steps come one by
+    # one, where the fast one's may all land before the API reads the first)
     stream = oai.responses.create(
-        model=api.model, input=asked, max_output_tokens=24, temperature=0, stream=True
+        model=slow_model, input=asked, max_output_tokens=24, temperature=0, stream=True
     )  # type: ignore[call-overload]
     events = list(stream)
     kinds = [event.type for event in events]
