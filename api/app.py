@@ -33,6 +33,7 @@ from api.routes import (
     jobs,
     models,
     operator,
+    responses,
     usage,
 )
 from api.state import APIState, caller
@@ -114,4 +115,5 @@ def create_api(settings: Settings, *, client: CompletionClient | None = None) ->
     auth = [Depends(caller)]
     for resource in (jobs, completions, chat, models, files, batches, usage):
         app.include_router(resource.router, dependencies=auth)
+    app.include_router(responses.router, dependencies=auth)
     return app

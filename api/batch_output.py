@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.chat import chat_request
 from api.errors import not_found
 from api.openai import check_requests, completion_requests
+from api.response_view import response_view
+from api.responses import ResponseCall, response_call
 from api.views import ErrorInfo, chat_view, completion_view, job_failure
 from completion_queue import ValidationError
 from db import (
@@ -24,15 +26,18 @@ from db import (
     Job,
     JobStatus,
     StoredFile,
+    StoredResponse,
     get_batch,
     get_jobs,
+    get_responses,
     job_states,
 )
 from producer import Limits
 
 ENDPOINT, CHAT_ENDPOINT = "/v1/completions", "/v1/chat/completions"
+RESPONSES_ENDPOINT = "/v1/responses"
 #: The endpoints a batch may run (each line's ``url`` names its batch's).
-ENDPOINTS = (ENDPOINT, CHAT_ENDPOINT)
+ENDPOINTS = (ENDPOINT, CHAT_ENDPOINT, RESPONSES_ENDPOINT)
 WINDOW = "24h"
 OUTPUT, ERRORS = "output", "errors"
 _FILE_KEYS = {OUTPUT: "output_file_id", ERRORS: "error_file_id"}
@@ -54,12 +59,17 @@ def file_view(stored: StoredFile) -> dict[str, Any]:
 
 
 def parse_input(
-    content: bytes, limits: Limits, max_requests: int, endpoint: str = ENDPOINT
+    content: bytes,
+    limits: Limits,
+    max_requests: int,
+    endpoint: str = ENDPOINT,
+    responses: list[ResponseCall] | None = None,
 ) -> list[tuple[str, list[dict[str, Any]]]]:
     """Return each input line's custom id and our requests; a bad line is a 400 naming it.
 
     Every line's ``url`` is the batch's ``endpoint``: a completions line may hold
-    several prompts (a job each), a chat line is one job.
+    several prompts (a job each), a chat line is one job, a responses line is one
+    job too, and its call (what its response row keeps) is appended to ``responses``.
 
     Lines end at ``\n`` only (JSON strings may hold U+2028 and other line breaks),
     and parsing stops as soon as the file holds more than ``max_requests`` requests.
@@ -86,6 +96,11 @@ def parse_input(
             seen.add(custom_id)
             if endpoint == CHAT_ENDPOINT:
                 requests = [chat_request(body)]
+            elif endpoint == RESPONSES_ENDPOINT:
+                call = response_call(body, limits, in_batch=True)
+                requests = [call.request]
+                if responses is not None:
+                    responses.append(call)
             else:
                 requests = completion_requests(body, max_requests)
             total += len(requests)
@@ -176,10 +191,13 @@ def output_file_id(batch_id: str, kind: str) -> str:
 def output_lines(sessions: sessionmaker[Session], batch: Batch, kind: str) -> list[dict[str, Any]]:
     """Return the output (succeeded requests) or error (the rest) lines of a finished batch."""
     jobs: dict[Any, Job] = {}
+    stored: dict[Any, StoredResponse] = {}
     ids = batch.job_ids
     with sessions() as session:
         for start in range(0, len(ids), CHUNK):
             jobs.update(get_jobs(session, job_ids=ids[start : start + CHUNK]))
+            if batch.endpoint == RESPONSES_ENDPOINT:
+                stored.update(get_responses(session, response_ids=ids[start : start + CHUNK]))
     lines = []
     for custom_id, line_ids in batch.requests:
         line_jobs = [jobs[i] for i in line_ids if i in jobs]
@@ -191,6 +209,8 @@ def output_lines(sessions: sessionmaker[Session], batch: Batch, kind: str) -> li
         if failure is None and kind == OUTPUT:
             if batch.endpoint == CHAT_ENDPOINT:
                 body = chat_view(line_jobs[0], model=line_jobs[0].model)
+            elif batch.endpoint == RESPONSES_ENDPOINT:
+                body = response_view(line_jobs[0], stored[line_jobs[0].id])
             else:
                 body = completion_view(line_jobs, model=line_jobs[0].model)
             entry["response"] = {"status_code": 200, "request_id": request_id, "body": body}

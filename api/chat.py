@@ -101,7 +101,7 @@ def chat_request(body: Any, *, streaming: bool = False) -> dict[str, Any]:
         ValidationError: a parameter is unsupported or malformed (``field`` in OpenAI's names).
     """
     refuse_unsupported(body, SUPPORTED | STREAM_FIELDS if streaming else SUPPORTED, NEUTRAL)
-    _check_metadata(body.get("metadata"))
+    check_metadata(body.get("metadata"))
     request: dict[str, Any] = {"messages": chat_messages(body.get("messages"))}
     if body.get("model") is not None:
         request["model"] = body["model"]
@@ -183,7 +183,8 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
     return ours
 
 
-def _check_metadata(metadata: Any) -> None:
+def check_metadata(metadata: Any) -> None:
+    """Refuse ``metadata`` beyond OpenAI's bounds: 16 pairs, keys of 64, values of 512."""
     if metadata is None:
         return
     if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA:

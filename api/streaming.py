@@ -25,6 +25,7 @@ Starlette's ``StreamingResponse`` it watches for the client's disconnect while i
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -34,6 +35,7 @@ from typing import Any
 
 import anyio
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import AppStatus
 from starlette.types import Receive, Scope, Send
@@ -151,14 +153,22 @@ class StreamedCall:
 
 
 async def start_streamed(
-    state: APIState, caller: Caller, requests: list[dict[str, Any]]
+    state: APIState,
+    caller: Caller,
+    requests: list[dict[str, Any]],
+    in_transaction: Callable[[Session, list[Job]], None] | None = None,
 ) -> StreamedCall:
     """Queue ``requests`` (with ``stream``), holding one of the tenant's wait slots until the
-    returned call is closed (see :class:`EventStream`)."""
+    returned call is closed (see :class:`EventStream`); ``in_transaction`` as in
+    :func:`~api.openai.submit_completions`."""
     slot = contextlib.ExitStack()
     slot.enter_context(state.wait_slot(caller.name))
     try:
-        jobs = await run_in_threadpool(submit_completions, caller.client, requests)
+        jobs = await run_in_threadpool(
+            functools.partial(submit_completions, in_transaction=in_transaction),
+            caller.client,
+            requests,
+        )
     except BaseException:
         slot.close()
         raise

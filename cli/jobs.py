@@ -311,7 +311,7 @@ def _submit_file(
 @cli.command()
 @click.argument("job_id")
 def status(job_id: str) -> None:
-    """Print one job's row as JSON (JOB_ID: a full id or a unique prefix)."""
+    """Print one job's row as JSON (JOB_ID: a full id, a unique prefix, or a resp_ id)."""
     with client_for(settings_from_env()) as client:
         echo_job(client.get(find_job_id(client, job_id)))
 

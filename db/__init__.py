@@ -39,6 +39,7 @@ from db.models import (
     FileRow,
     JobRow,
     JobStatus,
+    ResponseRow,
     TenantRow,
     WebhookStatus,
 )
@@ -64,6 +65,13 @@ from db.recovery import (
     old_queued_jobs,
     requeue_jobs,
     stuck_jobs,
+)
+from db.responses import (
+    StoredResponse,
+    create_response,
+    delete_response,
+    get_response,
+    get_responses,
 )
 from db.snapshots import (
     Choice,
@@ -110,6 +118,7 @@ __all__ = [
     "BatchRow",
     "FileRow",
     "JobRow",
+    "ResponseRow",
     "TenantRow",
     "FINISHED_STATUSES",
     "LANE_BATCH",
@@ -203,6 +212,12 @@ __all__ = [
     "list_files",
     "mark_batch_cancelled",
     "new_id",
+    # responses (OpenAI's Responses API)
+    "StoredResponse",
+    "create_response",
+    "delete_response",
+    "get_response",
+    "get_responses",
     # aggregates
     "FinishedJob",
     "Load",

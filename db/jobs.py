@@ -20,7 +20,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.fence import Fenced, fenced_update
-from db.models import FINISHED_STATUSES, UNFINISHED_STATUSES, JobRow, JobStatus, WebhookStatus
+from db.models import (
+    FINISHED_STATUSES,
+    UNFINISHED_STATUSES,
+    JobRow,
+    JobStatus,
+    ResponseRow,
+    WebhookStatus,
+)
 from db.queries import get_job, owned_by
 from db.snapshots import Finished, Job, NewJob, Outcome, utcnow
 
@@ -262,11 +269,17 @@ def prune_jobs(
     if unfinished:
         names = ", ".join(sorted(s.value for s in unfinished))
         raise ValueError(f"only finished jobs can be pruned, not {names}")
-    oldest = (
-        select(JobRow.id)
-        .where(JobRow.status.in_(list(statuses)), JobRow.finished_at < finished_before)
-        .limit(limit)
+    oldest = list(
+        session.scalars(
+            select(JobRow.id)
+            .where(JobRow.status.in_(list(statuses)), JobRow.finished_at < finished_before)
+            .limit(limit)
+        )
     )
+    if not oldest:
+        return 0
+    # A response is its job's: it goes with it.
+    session.execute(delete(ResponseRow).where(ResponseRow.id.in_(oldest)))
     result = session.execute(
         delete(JobRow).where(JobRow.id.in_(oldest)).execution_options(synchronize_session=False)
     )

@@ -1,4 +1,5 @@
-"""The tables: jobs (one row per job, the truth about it), the API's files and batches, tenants."""
+"""The tables: jobs (one row per job, the truth about it), the API's files, batches and
+responses, tenants."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -194,6 +196,25 @@ class BatchRow(Base):
     tenant: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_batches_tenant_created_at", "tenant", "created_at", "id"),)
+
+
+class ResponseRow(Base):
+    """What an OpenAI response adds to its job (one row each, the job's id as its own)."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    # Kept apart from the input: a response continued from this one does not inherit them.
+    instructions: Mapped[str | None] = mapped_column(Text)
+    # The input items of this response as given ([{"role", "content"}, ...]), without the
+    # conversation of its previous response.
+    input: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    previous_response_id: Mapped[str | None] = mapped_column(String(64))
+    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    # The ``text`` parameter as given (its ``format``), echoed back on the response.
+    text: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    background: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
 
 
 class TenantRow(Base):

@@ -25,9 +25,10 @@ def find_job_id(client: CompletionClient, ref: str) -> uuid.UUID:
     """Return the id of the one job (of the client's tenant) that ``ref`` names.
 
     ``ref`` is a full id, or a prefix of at least :data:`MIN_PREFIX` hex digits
-    (dashes ignored). A full id is returned as it is: reading it says if it exists.
+    (dashes ignored), or an OpenAI response id (``resp_`` and its job's hex). A full
+    id is returned as it is: reading it says if it exists.
     """
-    digits = ref.strip().lower().replace("-", "")
+    digits = ref.strip().lower().removeprefix("resp_").replace("-", "")
     if len(digits) == 32 and set(digits) <= set(string.hexdigits):
         return uuid.UUID(digits)
     if not MIN_PREFIX <= len(digits) < 32 or not set(digits) <= set(string.hexdigits):

@@ -18,6 +18,7 @@ from api.batch_output import (
 )
 from api.errors import APIError, not_found
 from api.openai import submit_completions
+from api.responses import ResponseCall
 from api.routes.files import cursor_page, page_limit
 from api.state import CallerDep
 from api.views import ErrorInfo
@@ -29,6 +30,7 @@ from db import (
     Job,
     cancel_jobs,
     create_batch,
+    create_response,
     delete_batch,
     get_file_content,
     list_batches,
@@ -85,7 +87,10 @@ def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
         content = get_file_content(session, file_id=body.input_file_id, tenant=caller.name)
     if content is None:
         raise not_found("file", body.input_file_id, param="input_file_id")
-    lines = parse_input(content, client.limits, client.settings.max_batch_requests, body.endpoint)
+    responses: list[ResponseCall] = []
+    lines = parse_input(
+        content, client.limits, client.settings.max_batch_requests, body.endpoint, responses
+    )
     batch_id = new_id("batch_")
     requests = [request for _, line in lines for request in line]
     # The completion window is its lines' deadline: a line not started by then expires.
@@ -108,6 +113,10 @@ def create_batch_route(body: BatchBody, caller: CallerDep) -> dict[str, Any]:
             created_at=created_at,
         )
         batches.append(batch)
+        if responses:
+            # A /v1/responses line's job is a response: retrieved by its id like any.
+            for job, call in zip(jobs, responses, strict=True):
+                create_response(session, response=call.stored(job.id), tenant=caller.name)
 
     try:
         submit_completions(

@@ -1,14 +1,21 @@
-"""Fixtures of the integration tests: a webhook endpoint."""
+"""Fixtures of the integration tests: a webhook endpoint, and a worker whose every step is
+slowed."""
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from completion_queue import WorkerProcess, free_port, queue_name, worker_env
+from tests.conftest import Stack
 
 
 @dataclass
@@ -39,3 +46,35 @@ def hooks() -> Iterator[tuple[HookServer, str]]:
     thread.start()
     yield state, f"http://127.0.0.1:{server.server_address[1]}/hook"
     server.shutdown()
+
+
+#: The fault plugins, put on a worker's PYTHONPATH.
+FAULTS_DIR = Path(__file__).resolve().parent.parent / "faults"
+#: Seconds each forward pass of the slowed worker sleeps: 160 tokens take 3 s or more.
+CRAWL_S = 0.02
+
+
+@pytest.fixture(scope="module")
+def slow_model(
+    stack: Stack, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The tiny model under another name, served by a worker whose every step is slowed."""
+    tmp = tmp_path_factory.mktemp("slow-worker")
+    name = tmp / "slow-tiny"
+    name.symlink_to(tiny_model, target_is_directory=True)
+    settings = stack.settings.model_copy(
+        update={"model": str(name), "data_dir": tmp, "metrics_port": free_port()}
+    )
+    env = {
+        **worker_env(settings),
+        "CQ_TEST_FAULTS": json.dumps({"crawl_s": CRAWL_S}),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(FAULTS_DIR), os.environ.get("PYTHONPATH")) if p
+        ),
+    }
+    worker = WorkerProcess(env, tmp / "worker.log").start().wait_ready()
+    yield str(name)
+    worker.stop()
+    keys = stack.redis.keys(queue_name(str(name)) + "*")
+    if keys:
+        stack.redis.delete(*keys)

@@ -5,6 +5,7 @@ Driven with httpx and with the official `openai` package, as other services driv
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -66,6 +67,19 @@ def start_api(stack: Stack, log: Path, **env: str) -> tuple[subprocess.Popen[byt
     until(lambda: _healthy(url) or process.poll() is not None, timeout_s=60)
     assert process.poll() is None, log.read_text()
     return process, url
+
+
+@contextlib.contextmanager
+def serving(stack: Stack, log: Path, **env: str) -> Iterator[Api]:
+    """A `cq api` started as :func:`start_api` does, its key sent; stopped on exit."""
+    process, url = start_api(stack, log, **env)
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    try:
+        yield Api(url=url, http=http, model=stack.settings.model)
+    finally:
+        http.close()
+        process.terminate()
+        process.wait(30)
 
 
 def _healthy(url: str) -> bool:

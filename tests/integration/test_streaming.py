@@ -1,7 +1,7 @@
 """Streaming for real: a real worker, a real `cq api`, the official `openai` client, `cq`.
 
 Besides the stack's worker, a second worker serves the same tiny model under another
-name with every decoding step slowed by the fault plugin (``crawl_s``), as a big
+name with every decoding step slowed (``slow_model`` in conftest.py), as a big
 model's step takes time: its jobs run for seconds, so a test sees text arrive
 while the job is still running, and can leave in the middle.
 """
@@ -27,54 +27,21 @@ from completion_queue import WorkerProcess, free_port, queue_name, worker_env
 from db import JobStatus
 from producer import CompletionClient
 from tests.conftest import Stack, until
-from tests.integration.test_api import KEY, Api, start_api
+from tests.integration.test_api import KEY, Api, serving, start_api
 from tests.reference import Reference
 
 pytestmark = pytest.mark.timeout(300)
 
-FAULTS_DIR = Path(__file__).resolve().parent.parent / "faults"
-#: Seconds each forward pass of the slowed worker sleeps: 160 tokens take 3 s or more.
-CRAWL_S = 0.02
 #: A prompt whose greedy text runs to LONG tokens without an end token.
 PROMPT, LONG = "The queue takes a job", 160
 OTHER_KEY = "other-key"
 
 
 @pytest.fixture(scope="module")
-def slow_model(
-    stack: Stack, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """The tiny model under another name, served by a worker whose every step is slowed."""
-    tmp = tmp_path_factory.mktemp("slow-worker")
-    name = tmp / "slow-tiny"
-    name.symlink_to(tiny_model, target_is_directory=True)
-    settings = stack.settings.model_copy(
-        update={"model": str(name), "data_dir": tmp, "metrics_port": free_port()}
-    )
-    env = {
-        **worker_env(settings),
-        "CQ_TEST_FAULTS": json.dumps({"crawl_s": CRAWL_S}),
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(FAULTS_DIR), os.environ.get("PYTHONPATH")) if p
-        ),
-    }
-    worker = WorkerProcess(env, tmp / "worker.log").start().wait_ready()
-    yield str(name)
-    worker.stop()
-    keys = stack.redis.keys(queue_name(str(name)) + "*")
-    if keys:
-        stack.redis.delete(*keys)
-
-
-@pytest.fixture(scope="module")
 def api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     log = tmp_path_factory.mktemp("streaming-api") / "api.log"
-    process, url = start_api(stack, log, CQ_API_KEYS=f"{OTHER_KEY},{KEY}")
-    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-    yield Api(url=url, http=http, model=stack.settings.model)
-    http.close()
-    process.terminate()
-    process.wait(30)
+    with serving(stack, log, CQ_API_KEYS=f"{OTHER_KEY},{KEY}") as api:
+        yield api
 
 
 def read_events(response: httpx.Response) -> Iterator[tuple[str | None, str]]:
