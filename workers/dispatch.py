@@ -22,6 +22,9 @@ group it runs, and when it returns their messages go back to their lane queues,
 with the newest buffered ones up to the excess (:meth:`workers.task.ModelBatches.hand_back`),
 where the workers below their share release them. A worker whose model is still loading releases
 nothing and does not count as ready, so the others do not leave it a share.
+Released messages land in the model's one queue, so each step also caps what the
+worker's consumer takes from it at its share (kombu's ``prefetch_count``): one
+worker's consumer does not take another's share.
 
 A consumer step: it starts once the worker consumes, and stops with the
 consumer, before a warm shutdown hands back what the worker holds, so a
@@ -91,12 +94,14 @@ class Dispatcher:
         ready: Callable[[], bool] = lambda: True,
         hand_back: Callable[[int], None] | None = None,
         slack: int = 0,
+        limit: Callable[[int], None] | None = None,
         weights: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         """``held``: what this worker holds (None: take nothing now); ``node``: its name,
         under which its held count is shared; ``ready``: whether its model is loaded;
         ``hand_back``: asks the worker to hand back what it holds above its share and has
-        not started (called with that count), when it holds more than ``slack`` above."""
+        not started (called with that count), when it holds more than ``slack`` above;
+        ``limit``: caps what the worker's consumer takes from the model's queue."""
         self.client = client
         self.queue = queue
         self.target = target
@@ -105,6 +110,7 @@ class Dispatcher:
         self.ready = ready
         self.hand_back = hand_back
         self.slack = slack
+        self.limit = limit
         self.weights = weights
         self.fair = FairQueues(client, queue)
         self._asked_at = -HAND_BACK_EVERY_S
@@ -135,8 +141,15 @@ class Dispatcher:
         ready = self.ready()
         work, workers = self.fair.share(self.node, held=held, ready=ready, ttl_s=HELD_TTL_S)
         if not ready:
-            return 0  # the model is loading: the ready workers take the backlog meanwhile
+            # The model is loading: the ready workers take the backlog meanwhile.
+            if self.limit is not None:
+                self.limit(held)
+            return 0
         share = fair_share(work, workers, self.target)
+        if self.limit is not None:
+            # Released messages land in the model's one queue: without a cap, whichever
+            # consumer asks first would take another worker's share.
+            self.limit(share)
         now = time.monotonic()
         if self.hand_back is not None and held > share + self.slack:
             if now - self._asked_at >= HAND_BACK_EVERY_S:
@@ -233,6 +246,12 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 return None  # stopping: take nothing more (see workers.leave)
             return held_count(task_consumer.channel)
 
+        def limit(most: int) -> None:
+            task_consumer = getattr(consumer, "task_consumer", None)
+            if task_consumer is not None:
+                # kombu's consumer takes messages while it holds fewer; 0 would mean no cap.
+                task_consumer.channel.qos.prefetch_count = max(1, most)
+
         sessions = make_session_factory(make_engine(settings.resolved_database_url()))
 
         def weights() -> dict[str, float]:
@@ -256,6 +275,7 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
             # vLLM's running jobs join at each step: there is no unstarted group to hand back.
             hand_back=hand_back if settings.engine == "static" else None,
             slack=settings.batch_size,
+            limit=limit,
             weights=weights,
         )
         self.dispatcher.start()
