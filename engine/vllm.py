@@ -30,8 +30,11 @@ A ``response_format`` runs through vLLM's structured outputs on its guidance
 (:func:`guidance_schema`: fixed separators, no free whitespace), so a job's JSON
 has the same language on either engine; the kept tokens are then checked with the
 static engine's own matcher, and a row that left its format fails its job, as there.
-A job's ``priority`` feeds vLLM's priority scheduling (:func:`vllm_priority`): rows
-beyond ``max_rows`` wait in vLLM's queue, the most urgent job's first.
+A job's lane and ``priority`` feed vLLM's priority scheduling (:func:`vllm_priority`):
+interactive rows before batch lines, then the more urgent. The worker lets vLLM run every
+row it holds at once (``max_rows``), so a job that arrives joins at the next step; when
+the KV cache runs short, vLLM preempts the least urgent rows (batch lines first) and
+starts the waiting ones most urgent first.
 
 vllm is imported only when an engine is built, so this module imports (and its
 pure mapping, :func:`sampling_kwargs`, is tested) where vllm is not installed.
@@ -76,9 +79,10 @@ THREAD_CHECK_S = 1.0
 CLOSE_WAIT_S = 10.0
 
 
-def vllm_priority(priority: int) -> int:
-    """Map a job's priority (0 normal .. 9 most urgent) to vLLM's, which runs the lowest first."""
-    return -priority
+def vllm_priority(priority: int, lane: str = "interactive") -> int:
+    """Map a job's lane and priority (0 normal .. 9 most urgent) to vLLM's, which runs the
+    lowest first: interactive rows before batch lines, then the more urgent."""
+    return (0 if lane == "interactive" else 10) - priority
 
 
 @functools.lru_cache(maxsize=64)
@@ -442,7 +446,7 @@ class VllmEngine:
                     request_id,
                     {"prompt_token_ids": list(row.request.prompt_ids)},
                     params,
-                    priority=vllm_priority(row.request.priority),
+                    priority=vllm_priority(row.request.priority, row.request.lane),
                 )
                 added.append(request_id)
         except Exception as exc:

@@ -129,8 +129,18 @@ def test_a_more_urgent_job_gets_a_lower_vllm_priority_which_vllm_runs_first() ->
     assert vllm_priority(0) == 0
 
 
+def test_every_interactive_row_runs_before_every_batch_line_in_vllm() -> None:
+    interactive = [vllm_priority(p, "interactive") for p in range(10)]
+    batch = [vllm_priority(p, "batch") for p in range(10)]
+    # the least urgent interactive job still comes before the most urgent batch line
+    assert max(interactive) < min(batch)
+    # and within the batch lane the more urgent line comes first
+    assert batch == sorted(batch, reverse=True) and len(set(batch)) == 10
+
+
 def test_a_jobs_priority_reaches_its_generation_request() -> None:
     assert to_request(make_job(priority=7), [1, 2]).priority == 7
+    assert to_request(make_job(lane="batch"), [1, 2]).lane == "batch"
     assert GenerationRequest(key="k", prompt_ids=(1,), max_new_tokens=1).priority == 0
 
 
