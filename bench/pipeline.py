@@ -3,11 +3,13 @@ and the bare Celery no-op task it is measured against."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from completion_queue import (
 )
 from db import Job, JobStatus, upgrade
 from producer import CompletionClient
+from producer.stats import percentile
 
 #: The JSON schema half of the structured-output workload's jobs carry.
 SCHEMA_FORMAT = {
@@ -43,6 +46,9 @@ SCHEMA_FORMAT = {
         },
     },
 }
+
+#: One backlog job in this many streams its deltas (see :func:`first_tokens_behind_backlog`).
+SENTINEL_EVERY = 32
 
 NOOP_TASK = "cq.bench.noop"
 NOOP_QUEUE = "cq.bench.noop"
@@ -144,6 +150,72 @@ def first_token_ms(client: CompletionClient, items: Sequence[Item]) -> list[floa
         for job, first in zip(done, firsts, strict=True)
         if first
     ]
+
+
+@dataclass(frozen=True)
+class BehindBacklog:
+    """What :func:`first_tokens_behind_backlog` measured, in ms."""
+
+    #: Each probe's time to first token, from its submit.
+    ttft_ms: list[float]
+    #: The probes' time per generated token while the backlog ran (one engine step).
+    step_ms: float
+    #: The share of the backlog's jobs that finished after the last probe's first token.
+    backlog_running: float
+
+
+def first_tokens_behind_backlog(
+    client: CompletionClient, backlog: Sequence[Item], probes: Sequence[Item]
+) -> BehindBacklog:
+    """Submit ``backlog`` as batch lines; once it generates, ``probes`` as streamed jobs.
+
+    One backlog job in every :data:`SENTINEL_EVERY` is streamed, so its first delta says
+    the backlog generates (without the cost of streaming all of it). The probes' own
+    deltas measure a step: the time between two deltas of a probe ÷ the tokens between
+    them (the writer may merge steps), their median.
+    """
+    requests = [item.request() for item in backlog]
+    for request in requests[::SENTINEL_EVERY]:
+        request["stream"] = True
+    queued = client.submit_many(requests, lane="batch")
+    broker = redis.Redis.from_url(client.settings.broker_url or "")
+    try:
+        sentinels = {events_key(job.id): "0" for job in queued[::SENTINEL_EVERY]}
+        if not broker.xread(sentinels, count=1, block=600_000):  # type: ignore[arg-type]
+            raise RuntimeError("the backlog generated nothing within 10 minutes")
+        jobs = client.submit_many([{**item.request(), "stream": True} for item in probes])
+        done = client.wait(jobs, timeout=3600)
+        streams: list[Any] = [broker.xrange(events_key(job.id)) for job in done]
+    finally:
+        broker.close()
+    behind = client.wait(queued, timeout=3600)
+    failed = [j for j in [*done, *behind] if j.status is not JobStatus.SUCCEEDED]
+    if failed:
+        raise RuntimeError(f"{len(failed)} benchmark jobs did not succeed: {failed[0].error}")
+    ttft: list[float] = []
+    per_token: list[float] = []
+    last_first = 0.0
+    for job, entries in zip(done, streams, strict=True):
+        marks = [
+            (int(str(entry_id, "ascii").split("-")[0]), int(fields[b"tokens"]))
+            for entry_id, fields in entries
+            if fields.get(b"type") == b"delta"
+        ]
+        if not marks:
+            continue
+        ttft.append(marks[0][0] - job.created_at.timestamp() * 1000)
+        last_first = max(last_first, marks[0][0] / 1000)
+        per_token += [
+            (at - before) / (tokens - had)
+            for (before, had), (at, tokens) in itertools.pairwise(marks)
+            if tokens > had
+        ]
+    running = sum(1 for j in behind if j.finished_at and j.finished_at.timestamp() > last_first)
+    return BehindBacklog(
+        ttft_ms=ttft,
+        step_ms=percentile(per_token, 50),
+        backlog_running=running / max(1, len(behind)),
+    )
 
 
 def celery_noop_rate(cluster: Cluster, count: int) -> float:

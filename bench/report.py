@@ -42,6 +42,10 @@ ROWS = [
     ("p95_latency_ms", "latency p95, light load"),
     ("p50_ttft_ms", "time to first token p50, streamed jobs at once"),
     ("p95_ttft_ms", "time to first token p95, streamed jobs at once"),
+    ("idle_p50_ttft_ms", "time to first token p50, 8 short jobs on the idle worker"),
+    ("backlog_p50_ttft_ms", "the same behind a running batch backlog (--backlog-jobs)"),
+    ("backlog_step_ms", "an engine step then (the short jobs' time per token)"),
+    ("backlog_ttft_steps", "what the backlog adds to time to first token, in steps"),
     ("schema_none_tokens_per_s", "structured: no row constrained"),
     ("schema_half_tokens_per_s", "structured: half the rows with a JSON schema"),
     ("schema_half_over_none", "structured: half / none"),
@@ -62,6 +66,12 @@ VLLM_TARGETS = {
     "pipeline_over_vllm_offline": 0.9,
     "mixed_pipeline_over_vllm_offline": 0.9,
 }
+
+#: The vLLM run's ceilings: figures that should stay at or below (issue 33).
+VLLM_CEILINGS = {"backlog_ttft_steps": 3.0}
+
+#: Figures that are differences, so zero or below is a plain result (not a failed phase).
+SIGNED = {"backlog_ttft_steps"}
 
 #: The vLLM run's own rows (``cq bench --engine vllm``), shown after those above.
 VLLM_ROWS = [
@@ -118,10 +128,12 @@ def print_report(figures: dict[str, Any]) -> None:
         if key not in figures:
             continue
         value = figures[key]
-        target = targets.get(key)
+        target, ceiling = targets.get(key), VLLM_CEILINGS.get(key)
         mark = ""
         if target is not None:
             mark = f"≥ {target:g} " + ("[green]met[/]" if value >= target else "[red]missed[/]")
+        elif ceiling is not None and figures.get("engine") == "vllm":
+            mark = f"≤ {ceiling:g} " + ("[green]met[/]" if value <= ceiling else "[red]missed[/]")
         table.add_row(key, f"{value:,.2f}", mark, what)
     console = Console()
     console.print(table)

@@ -27,16 +27,27 @@ from bench.pipeline import (
     Cluster,
     celery_noop_rate,
     first_token_ms,
+    first_tokens_behind_backlog,
     model_process_rss_mb,
     run_jobs,
 )
 from bench.report import Phases
 from bench.vllm_offline import measure_offline
 from bench.workloads import Item, mixed, shared_prefix, uniform
-from completion_queue import TINY_MODEL_NAME, Settings, WorkerProcess, stop_workers
+from completion_queue import (
+    TINY_MODEL_NAME,
+    Settings,
+    WorkerProcess,
+    prefetch_count,
+    stop_workers,
+)
 from engine.tiny import ensure_tiny_model
 from producer import CompletionClient
 from producer.stats import percentile
+
+#: Short streamed jobs whose time to first token :meth:`_Run.behind_backlog` measures.
+PROBE_JOBS = 8
+PROBE_NEW_TOKENS = 8
 
 #: The shared-prefix workload's workers compute a shared header once from this length on.
 PREFIX_MIN_TOKENS: int = Settings.model_fields["prefix_min_tokens"].default
@@ -65,6 +76,10 @@ class BenchConfig:
     #: Tokens of the header every job of the shared-prefix workload starts with (0: no run).
     shared_prefix_tokens: int = 0
     shared_prefix_jobs: int = 64
+    #: Batch jobs of ``backlog_new_tokens`` running while probes measure time to first
+    #: token (0: no run).
+    backlog_jobs: int = 256
+    backlog_new_tokens: int = 128
 
 
 def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
@@ -87,6 +102,7 @@ def run_bench(config: BenchConfig, *, progress: Any = print) -> dict[str, Any]:
                 run.queue(client)
                 run.latency(client)
                 run.time_to_first_token(client)
+                run.behind_backlog(client)
                 run.structured(client)
                 run.sampled(client)
                 run.vllm_shared_prefix(client)
@@ -201,7 +217,10 @@ class _Run:
         found = measure_offline(
             self.path,
             dtype=self.figures["dtype"],
-            max_rows=config.batch_size * config.batch_lookahead,
+            # As the worker's engine: every message a worker holds (its prefetch) may run.
+            max_rows=prefetch_count(
+                Settings(batch_size=config.batch_size, batch_lookahead=config.batch_lookahead)
+            ),
             kv_rows=config.batch_size,
             warm_up=config.batch_size,
             workloads=workloads,
@@ -276,6 +295,35 @@ class _Run:
         firsts = first_token_ms(client, self.items[: self.config.stream_jobs])
         self.figures["p50_ttft_ms"] = percentile(firsts, 50)
         self.figures["p95_ttft_ms"] = percentile(firsts, 95)
+
+    def behind_backlog(self, client: CompletionClient) -> None:
+        """Time to first token of short jobs on the idle worker, then behind a batch backlog.
+
+        Both runs submit :data:`PROBE_JOBS` streamed jobs of :data:`PROBE_NEW_TOKENS` at
+        once (interactive, the default lane); the second once ``backlog_jobs`` batch lines
+        generate. ``backlog_ttft_steps`` is what the backlog adds, in the engine's steps
+        then: (behind - idle) ÷ step, the idle run's time being the queue's own and a prefill.
+        """
+        config = self.config
+        if not config.backlog_jobs:
+            return
+        probes = uniform(self.tokenizer, PROBE_JOBS, PROBE_NEW_TOKENS, seed=7)
+        self.progress(
+            f"time to first token behind a backlog: {PROBE_JOBS} jobs x {PROBE_NEW_TOKENS} "
+            f"tokens idle, then behind {config.backlog_jobs} batch jobs x "
+            f"{config.backlog_new_tokens} tokens"
+        )
+        idle = first_token_ms(client, probes)
+        backlog = uniform(self.tokenizer, config.backlog_jobs, config.backlog_new_tokens, seed=3)
+        behind = first_tokens_behind_backlog(client, backlog, probes)
+        figures = self.figures
+        figures["idle_p50_ttft_ms"] = percentile(idle, 50)
+        figures["backlog_p50_ttft_ms"] = percentile(behind.ttft_ms, 50)
+        figures["backlog_step_ms"] = behind.step_ms
+        figures["backlog_ttft_steps"] = (
+            figures["backlog_p50_ttft_ms"] - figures["idle_p50_ttft_ms"]
+        ) / behind.step_ms
+        figures["backlog_running"] = behind.backlog_running
 
     def structured(self, client: CompletionClient) -> None:
         """The same jobs plain, then with every second one constrained to a JSON schema."""

@@ -108,7 +108,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
     from engine.devices import set_model_threads
     from engine.types import GenerationRequest
-    from engine.vllm import kv_bytes_per_token, sampling_kwargs
+    from engine.vllm import kv_cache_bytes, sampling_kwargs
 
     started = time.perf_counter()
     model, dtype = spec["model"], spec["dtype"]
@@ -133,7 +133,9 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     ends = {*eos_ids, pad if pad is not None else (eos if eos is not None else 0)}
     itemsize = getattr(torch, dtype).itemsize
-    kv_bytes = spec["kv_rows"] * context * kv_bytes_per_token(config, itemsize)
+    kv_bytes = kv_cache_bytes(
+        config, itemsize, context=context, max_rows=spec["max_rows"], kv_rows=spec["kv_rows"]
+    )
     llm = LLM(
         model=model,
         dtype=dtype,
@@ -141,7 +143,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
         max_num_seqs=spec["max_rows"],
         # LLM's own default on CPU is 4,096 tokens a step; the worker's LLMEngine gets this.
         max_num_batched_tokens=SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS,
-        kv_cache_memory_bytes=max(kv_bytes, 16 << 20),
+        kv_cache_memory_bytes=kv_bytes,
         enable_prefix_caching=True,
         seed=0,
         disable_log_stats=True,

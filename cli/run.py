@@ -216,6 +216,18 @@ def build_tiny_model(settings: Settings) -> None:
     help="Jobs in the shared-prefix workload.",
 )
 @click.option(
+    "--backlog-jobs",
+    default=256,
+    show_default=True,
+    help="Batch jobs running while 8 short jobs measure time to first token (0: skip).",
+)
+@click.option(
+    "--backlog-new-tokens",
+    default=128,
+    show_default=True,
+    help="max_new_tokens of each backlog job.",
+)
+@click.option(
     "--batch-lookahead",
     default=8,
     show_default=True,

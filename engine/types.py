@@ -35,6 +35,9 @@ class GenerationRequest:
     #: The job's priority, 0 (normal) to 9 (most urgent): an engine that queues rows
     #: (vLLM's priority scheduling) starts the more urgent first; the others ignore it.
     priority: int = 0
+    #: The job's lane, ``interactive`` (a caller waits) or ``batch`` (batch lines): an
+    #: engine that queues rows starts interactive rows before batch lines.
+    lane: str = "interactive"
 
     @property
     def greedy(self) -> bool:

@@ -30,8 +30,11 @@ A ``response_format`` runs through vLLM's structured outputs on its guidance
 (:func:`guidance_schema`: fixed separators, no free whitespace), so a job's JSON
 has the same language on either engine; the kept tokens are then checked with the
 static engine's own matcher, and a row that left its format fails its job, as there.
-A job's ``priority`` feeds vLLM's priority scheduling (:func:`vllm_priority`): rows
-beyond ``max_rows`` wait in vLLM's queue, the most urgent job's first.
+A job's lane and ``priority`` feed vLLM's priority scheduling (:func:`vllm_priority`):
+interactive rows before batch lines, then the more urgent. The worker lets vLLM run every
+row it holds at once (``max_rows``), so a job that arrives joins at the next step; when
+the KV cache runs short, vLLM preempts the least urgent rows (batch lines first) and
+starts the waiting ones most urgent first.
 
 vllm is imported only when an engine is built, so this module imports (and its
 pure mapping, :func:`sampling_kwargs`, is tested) where vllm is not installed.
@@ -70,15 +73,19 @@ log = logging.getLogger(__name__)
 
 #: Bytes per KV-cache token when the model's config does not say (1 GiB / 16k tokens).
 FALLBACK_KV_BYTES_PER_TOKEN = 65_536
+#: Tokens in a KV-cache block of vLLM's CPU backend (its GPU blocks hold 16): a row takes
+#: at least one.
+BLOCK_TOKENS = 128
 #: How often a caller waiting for its rows checks that the step thread still runs.
 THREAD_CHECK_S = 1.0
 #: Longest ``close`` waits for the step thread to finish its step and abort the rows.
 CLOSE_WAIT_S = 10.0
 
 
-def vllm_priority(priority: int) -> int:
-    """Map a job's priority (0 normal .. 9 most urgent) to vLLM's, which runs the lowest first."""
-    return -priority
+def vllm_priority(priority: int, lane: str = "interactive") -> int:
+    """Map a job's lane and priority (0 normal .. 9 most urgent) to vLLM's, which runs the
+    lowest first: interactive rows before batch lines, then the more urgent."""
+    return (0 if lane == "interactive" else 10) - priority
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,6 +147,21 @@ def sampling_kwargs(
         "logprobs": request.logprobs,
     }
     return kwargs
+
+
+def kv_cache_bytes(
+    config: Any, dtype_bytes: int, *, context: int, max_rows: int, kv_rows: int = 0
+) -> int:
+    """The KV cache an engine of ``max_rows`` rows gets: ``kv_rows`` rows at full context
+    (``max_rows`` when 0), and at least one block of :data:`BLOCK_TOKENS` for each of
+    ``max_rows`` rows, so that short rows all run at once (a row takes whole blocks: with
+    32 rows at the tiny model's 512 tokens of context, 127 rows ran and 385 waited).
+
+    vLLM's own default takes most of the host's memory (and refuses to start when another
+    process holds more than a tenth); at least 16 MiB.
+    """
+    tokens = max((kv_rows or max_rows) * context, max_rows * BLOCK_TOKENS)
+    return max(tokens * kv_bytes_per_token(config, dtype_bytes), 16 << 20)
 
 
 def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
@@ -239,17 +261,20 @@ class VllmEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
         self.spell = TokenSpeller(self.tokenizer)
-        # vLLM's own default takes most of the host's memory for the KV cache (and refuses
-        # to start when another process holds more than a tenth): size it for kv_rows rows
-        # at full context (max_rows by default); rows beyond it wait in vLLM's queue.
-        tokens = (kv_rows or max_rows) * self.context_length
-        kv_bytes = tokens * kv_bytes_per_token(config, resolved.itemsize)
+        # Rows beyond what the KV cache holds wait in vLLM's queue.
+        kv_bytes = kv_cache_bytes(
+            config,
+            resolved.itemsize,
+            context=self.context_length,
+            max_rows=max_rows,
+            kv_rows=kv_rows,
+        )
         args = EngineArgs(
             model=model,
             dtype=self.dtype,
             max_model_len=self.context_length,
             max_num_seqs=max_rows,
-            kv_cache_memory_bytes=max(kv_bytes, 16 << 20),
+            kv_cache_memory_bytes=kv_bytes,
             enable_prefix_caching=prefix_caching,
             # The engine's global generator draws for unseeded rows: fresh per process.
             seed=secrets.randbits(31),
@@ -442,7 +467,7 @@ class VllmEngine:
                     request_id,
                     {"prompt_token_ids": list(row.request.prompt_ids)},
                     params,
-                    priority=vllm_priority(row.request.priority),
+                    priority=vllm_priority(row.request.priority, row.request.lane),
                 )
                 added.append(request_id)
         except Exception as exc:

@@ -24,6 +24,7 @@ def make_job(prompt: str = "Once upon a time", **overrides: Any) -> Job:
         "attempts": 1,
         "worker": "w",
         "priority": 0,
+        "lane": "interactive",
         "idempotency_key": None,
         "batch_id": None,
         "created_at": now,

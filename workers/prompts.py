@@ -37,4 +37,5 @@ def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
         logprobs=params.get("logprobs"),
         response_format=format_key(params.get("response_format")),
         priority=job.priority,
+        lane=job.lane,
     )

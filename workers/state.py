@@ -199,7 +199,9 @@ class WorkerState:
             static = VllmEngine(
                 path,
                 dtype=settings.dtype,
-                max_rows=settings.batch_size * settings.batch_lookahead,
+                # Every message the worker holds may run: a job that arrives joins at the
+                # next step, where a full engine would make it wait for a row to end.
+                max_rows=prefetch_count(settings),
                 kv_rows=settings.batch_size,
                 prefix_caching=settings.prefix_min_tokens > 0,
                 threads=settings.torch_threads,
@@ -226,7 +228,7 @@ class WorkerState:
         max_rows = settings.batch_size
         if settings.engine == "vllm":
             # vLLM schedules rows itself, as the continuous manager does: hand it the flush.
-            max_rows = settings.batch_size * settings.batch_lookahead
+            max_rows = prefetch_count(settings)
         elif settings.engine == "continuous":
             from engine.continuous import ContinuousEngine
             from engine.static import StaticEngine

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.report import ROWS, TARGETS
+from bench.report import ROWS, SIGNED, TARGETS
 from bench.run import PREFIX_MIN_TOKENS, BenchConfig, run_bench
 from bench.workloads import shared_prefix
 from benchmarks import decode
@@ -41,13 +41,20 @@ def test_bench_reports_every_figure(
         stream_jobs=8,
         shared_prefix_tokens=80,
         shared_prefix_jobs=8,
+        backlog_jobs=32,
+        backlog_new_tokens=24,
     )
     lines: list[str] = []
     figures = run_bench(config, progress=lines.append)
     for key, _what in ROWS:
         assert key in figures, key
         assert isinstance(figures[key], float) and math.isfinite(figures[key]), key
-        assert figures[key] > 0, key
+        assert key in SIGNED or figures[key] > 0, key
+    # The backlog's figures: what it adds to time to first token is in its steps
+    assert figures["backlog_ttft_steps"] == pytest.approx(
+        (figures["backlog_p50_ttft_ms"] - figures["idle_p50_ttft_ms"]) / figures["backlog_step_ms"]
+    )
+    assert 0 <= figures["backlog_running"] <= 1
     assert set(TARGETS) <= set(figures)
     assert figures["jobs"] == 64 and figures["batch_size"] == 16
     # The figures against the hardware: the model's size, the worker's resolved dtype

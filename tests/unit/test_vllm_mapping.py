@@ -12,8 +12,10 @@ from completion_queue import UnsupportedResponseFormat
 from engine.grammar import JSON_OPTIONS
 from engine.types import GenerationRequest
 from engine.vllm import (
+    BLOCK_TOKENS,
     guidance_schema,
     kv_bytes_per_token,
+    kv_cache_bytes,
     row_seed,
     sampling_kwargs,
     vllm_priority,
@@ -129,8 +131,18 @@ def test_a_more_urgent_job_gets_a_lower_vllm_priority_which_vllm_runs_first() ->
     assert vllm_priority(0) == 0
 
 
+def test_every_interactive_row_runs_before_every_batch_line_in_vllm() -> None:
+    interactive = [vllm_priority(p, "interactive") for p in range(10)]
+    batch = [vllm_priority(p, "batch") for p in range(10)]
+    # the least urgent interactive job still comes before the most urgent batch line
+    assert max(interactive) < min(batch)
+    # and within the batch lane the more urgent line comes first
+    assert batch == sorted(batch, reverse=True) and len(set(batch)) == 10
+
+
 def test_a_jobs_priority_reaches_its_generation_request() -> None:
     assert to_request(make_job(priority=7), [1, 2]).priority == 7
+    assert to_request(make_job(lane="batch"), [1, 2]).lane == "batch"
     assert GenerationRequest(key="k", prompt_ids=(1,), max_new_tokens=1).priority == 0
 
 
@@ -141,3 +153,19 @@ def test_the_kv_cache_is_sized_from_the_models_config() -> None:
         num_hidden_layers=2, num_attention_heads=8, hidden_size=256, num_key_value_heads=2
     )
     assert kv_bytes_per_token(grouped, 4) == 2 * 2 * 2 * 32 * 4
+
+
+def test_the_kv_cache_holds_a_block_for_every_row_and_full_context_for_kv_rows() -> None:
+    gpt2_small = SimpleNamespace(num_hidden_layers=12, num_attention_heads=12, hidden_size=768)
+    per_token = kv_bytes_per_token(gpt2_small, 2)
+    # 32 rows at 1,024 tokens of context hold more than a block for each of 256 rows
+    assert kv_cache_bytes(gpt2_small, 2, context=1024, max_rows=256, kv_rows=32) == (
+        32 * 1024 * per_token
+    )
+    # 512 short rows would not all fit in 32 rows at 512 tokens: each gets a block
+    assert kv_cache_bytes(gpt2_small, 2, context=512, max_rows=512, kv_rows=32) == (
+        512 * BLOCK_TOKENS * per_token
+    )
+    # and a model this small still gets vLLM's floor of 16 MiB
+    tiny = SimpleNamespace(num_hidden_layers=1, num_attention_heads=1, hidden_size=8)
+    assert kv_cache_bytes(tiny, 2, context=64, max_rows=4) == 16 << 20

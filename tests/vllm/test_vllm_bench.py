@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import VLLM_ROWS, VLLM_TARGETS
+from bench.report import ROWS, SIGNED, VLLM_ROWS, VLLM_TARGETS
 from bench.run import DIRECT_SKIPPED, VLLM_RATIOS
 from engine.devices import model_threads
 
@@ -58,6 +58,10 @@ def test_cq_bench_with_the_vllm_engine_reports_vllm_offline_figures(
         "80",
         "--shared-prefix-jobs",
         "8",
+        "--backlog-jobs",
+        "16",
+        "--backlog-new-tokens",
+        "24",
         "--json",
         str(out),
     ]
@@ -67,9 +71,12 @@ def test_cq_bench_with_the_vllm_engine_reports_vllm_offline_figures(
     figures = json.loads(out.read_text())
 
     # Then every vLLM figure is there and positive, and each ratio is its figures' quotient
-    for key, _what in VLLM_ROWS:
+    for key, _what in [*ROWS, *VLLM_ROWS]:
+        if key not in figures:
+            continue  # the direct generate baselines: skipped, said below
         assert isinstance(figures[key], float) and math.isfinite(figures[key]), key
-        assert figures[key] > 0, key
+        assert key in SIGNED or figures[key] > 0, key
+    assert figures["backlog_step_ms"] > 0 and "backlog_ttft_steps" in figures
     for name, (numerator, denominator) in VLLM_RATIOS.items():
         if numerator in figures and denominator in figures:
             assert figures[name] == pytest.approx(figures[numerator] / figures[denominator]), name
