@@ -148,8 +148,10 @@ class Dispatcher:
         share = fair_share(work, workers, self.target)
         if self.limit is not None:
             # Released messages land in the model's one queue: without a cap, whichever
-            # consumer asks first would take another worker's share.
-            self.limit(share)
+            # consumer asks first would take another worker's share. Alone, it has no one
+            # to take from: capped at what exists now, a burst still coming in would be
+            # flushed in pieces (it could take each new job only at the next step).
+            self.limit(share if workers > 1 else self.target)
         now = time.monotonic()
         if self.hand_back is not None and held > share + self.slack:
             if now - self._asked_at >= HAND_BACK_EVERY_S:
