@@ -116,26 +116,31 @@ def settle(
 ) -> None:
     """Acknowledge a flush's messages once its results are committed; else requeue them.
 
-    Those of ``handed_back`` jobs (not started: the worker is leaving) are requeued too.
-    ``now``: on the broker at once, not on the event loop's next turn (Celery's way),
-    which a stopping worker no longer runs: its acks would be lost, and every message
-    it held restored when its connection closes.
+    Those of ``handed_back`` jobs (not started: the worker is leaving, or holds more than
+    its share) are requeued too. ``now``: acknowledge on the broker at once, not on the
+    event loop's next turn (Celery's way), which a stopping worker no longer runs: its
+    acks would be lost, and every message it held restored when its connection closes.
+
+    The requeued ones go back together, in one transaction (:func:`requeue_at_once`),
+    never one by one: a dispatcher step (:mod:`workers.dispatch`, another thread) that
+    ran between two of them would release the first back to the model's queue alone,
+    and a crashed batch's jobs would come back split across flushes.
     """
     back = []
     for request in requests:
         ack = committed and request.id not in handed_back
-        if not now:
-            request.acknowledge() if ack else request.reject(requeue=True)
-        elif request.acknowledged:
+        if request.acknowledged:
             continue
-        elif ack:
+        if not ack:
+            back.append(request)
+        elif not now:
+            request.acknowledge()
+        else:
             request.acknowledged = True
             try:
                 request.message.ack()
             except Exception as exc:  # the connection is gone: its messages go back anyway
                 log.warning("could not acknowledge message %s: %r", request.id, exc)
-        else:
-            back.append(request)
     if back:
         requeue_at_once(back)
 
