@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,9 @@ from completion_queue import (
     require_extra,
     run_flower,
     stop_on_signals,
+    stop_workers,
     worker_env,
+    worker_placement,
 )
 from db import has_live_tenants
 from engine.shapes import SHAPES, make_shaped_model
@@ -50,42 +54,85 @@ def demo(n_jobs: int, new_tokens: int, timeout: float) -> None:
 
 
 @cli.command()
-def up() -> None:
-    """Run an embedded broker and one worker in the foreground until Ctrl-C or SIGTERM.
+@click.option(
+    "--workers",
+    "n_workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes: one per GPU on a CUDA host (CUDA_VISIBLE_DEVICES=i each), "
+    "or sharing the cores on CPU (CQ_TORCH_THREADS=(cores-1)//N each, unless set).",
+)
+def up(n_workers: int) -> None:
+    """Run an embedded broker and its workers in the foreground until Ctrl-C or SIGTERM.
 
-    SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop both: the worker finishes its batch
+    SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop them all: each worker finishes its batch
     (warm shutdown; killed after 30 s), then the broker stops and its URL file is
     removed. One `cq up` per CQ_DATA_DIR: a second one is refused.
     """
     require_extra("worker", "cq up")
     settings = settings_from_env()
+    placement = up_placement(settings, n_workers)
     try:
         with stop_on_signals():
-            run_up(settings)
+            run_up(settings, placement)
     except Stopped as stop:
-        what = "worker" if settings.broker_url else "worker and embedded broker"
+        what = "worker" if n_workers == 1 else f"{n_workers} workers"
+        if not settings.broker_url:
+            what += " and embedded broker"
         with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
             click.echo(f"stopped on {stop.signal.name}: {what} shut down")
 
 
-def run_up(settings: Settings) -> None:
-    """Run `cq up`'s broker and worker until a stop signal; raise if the worker exits first.
+def up_placement(settings: Settings, count: int) -> list[dict[str, str]]:
+    """What each of `cq up`'s ``count`` workers adds to its environment (GPUs are counted,
+    importing torch, only for several workers)."""
+    gpus: list[str] = []
+    if count > 1 and settings.device != "cpu":
+        from engine.devices import visible_gpus
+
+        gpus = visible_gpus()
+    return worker_placement(settings, count, gpus=gpus, cores=os.cpu_count() or 1)
+
+
+def run_up(settings: Settings, placement: list[dict[str, str]] | None = None) -> None:
+    """Run `cq up`'s broker and its workers (one per item of ``placement``: what each adds
+    to its environment) until a stop signal; raise if a worker exits first.
 
     The broker starts first: a command started at the same time waits for its URL
     while this one migrates the embedded database (or waits for that command to).
     """
+    placement = placement or [{}]
+    several = len(placement) > 1
     with embedded_broker(settings) as live:
         migrated(live)
         click.echo(f"broker: {redact_url(live.broker_url)}")
         click.echo(f"database: {redact_url(live.resolved_database_url())}")
-        log_path = live.data_dir / "worker.log"
         build_tiny_model(live)
-        with WorkerProcess(worker_env(live), log_path) as worker:
-            worker.wait_ready()
-            click.echo(f"worker {worker.pid} serving {live.model}; log: {log_path}")
+        workers = [
+            WorkerProcess(
+                {**worker_env(live), **extra},
+                live.data_dir / (f"worker-{i}.log" if several else "worker.log"),
+            )
+            for i, extra in enumerate(placement)
+        ]
+        try:
+            for worker in workers:
+                worker.start()
+            for worker, extra in zip(workers, placement, strict=True):
+                worker.wait_ready()
+                gpu = extra.get("CUDA_VISIBLE_DEVICES")
+                on = f" on GPU {gpu}" if gpu is not None else ""
+                click.echo(f"worker {worker.pid} serving {live.model}{on}; log: {worker.log_path}")
             click.echo("submit from another shell: cq submit 'Hello' --wait   (Ctrl-C to stop)")
-            code = worker.process.wait()  # type: ignore[union-attr]
-        raise CompletionError(f"worker {worker.pid} exited with code {code}; log: {log_path}")
+            while not (gone := [w for w in workers if w.process and w.process.poll() is not None]):
+                time.sleep(0.5)
+        finally:
+            stop_workers(workers)
+        code = gone[0].process.returncode if gone[0].process else None
+        raise CompletionError(
+            f"worker {gone[0].pid} exited with code {code}; log: {gone[0].log_path}"
+        )
 
 
 @cli.command()

@@ -65,6 +65,7 @@ from .local import (
     stop_on_signals,
     stop_workers,
     worker_env,
+    worker_placement,
 )
 from .metrics import JobStatusCollector, Metrics, QueueDepthCollector, TableCollector
 from .presence import announce, models_without_chat, served_models, withdraw
@@ -161,6 +162,7 @@ __all__ = [
     "free_port",
     "rss_mb",
     "worker_env",
+    "worker_placement",
     # operations
     "JobStatusCollector",
     "Metrics",

@@ -98,6 +98,12 @@ def weights_key(queue: str) -> str:
     return f"cq.fair.{queue}.weights"
 
 
+def held_key(queue: str) -> str:
+    """The Redis hash of what each worker of ``queue`` holds: node -> ``"held ready until"``
+    (see :data:`SHARE`)."""
+    return f"cq.fair.{queue}.held"
+
+
 def wake_channel(queue: str) -> str:
     """The Redis channel producers publish on after sending jobs for ``queue``."""
     return f"cq.fair.{queue}.wake"
@@ -341,6 +347,57 @@ def ratio_key(queue: str) -> str:
     return f"cq.fair.{queue}.ratio"
 
 
+#: Record that worker ARGV[2] holds ARGV[3] messages (ARGV[4]: "1" once its model is loaded)
+#: for the next ARGV[5] seconds; return the model's work (what waits in its queue and its
+#: lane queues, plus what every worker holds) and how many workers are ready.
+SHARE = r"""
+local queue = ARGV[1]
+local key = "cq.fair." .. queue .. ".held"
+local sep = "\6\22"
+local levels = 10
+local clock = redis.call("TIME")
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+redis.call("HSET", key, ARGV[2], ARGV[3] .. " " .. ARGV[4] .. " " .. (now + tonumber(ARGV[5])))
+local work, ready = 0, 0
+local entries = redis.call("HGETALL", key)
+for i = 1, #entries, 2 do
+  local held, loaded, till = string.match(entries[i + 1], "^(%S+) (%S+) (%S+)$")
+  if held == nil or tonumber(till) < now then
+    redis.call("HDEL", key, entries[i])
+  else
+    work = work + tonumber(held)
+    if loaded == "1" then ready = ready + 1 end
+  end
+end
+local function waiting(name)
+  local count = 0
+  for n = 0, levels - 1 do
+    local list = name
+    if n > 0 then list = name .. sep .. n end
+    count = count + redis.call("LLEN", list)
+  end
+  return count
+end
+work = work + waiting(queue)
+-- Every lane, not only the hot ones: a handed-back message may land in a lane that left
+-- the hot set; such a lane is marked hot again, so the release that follows finds it.
+for _, member in ipairs(redis.call("SMEMBERS", "cq.fair." .. queue .. ".lanes")) do
+  local bar = string.find(member, "|", 1, true)
+  local count = waiting(queue .. "|" .. string.sub(member, 1, bar - 1) .. "|"
+    .. string.sub(member, bar + 1))
+  if count > 0 then redis.call("SADD", "cq.fair." .. queue .. ".hot", member) end
+  work = work + count
+end
+return {work, ready}
+"""
+
+
+def fair_share(work: int, ready: int, most: int) -> int:
+    """What one worker may hold: an equal part of the model's ``work`` among its ``ready``
+    workers (rounded up), at most ``most`` (its prefetch). A worker alone: all of it."""
+    return min(most, math.ceil(work / max(ready, 1)))
+
+
 class FairQueues:
     """The release step for one model's queue, bound to one Redis client."""
 
@@ -350,6 +407,7 @@ class FairQueues:
         self._release = client.register_script(RELEASE)
         self._charge = client.register_script(CHARGE)
         self._ratio = client.register_script(RATIO)
+        self._share = client.register_script(SHARE)
 
     def release(self, free: int) -> int:
         """Move up to ``free`` messages (less those already waiting in the model's queue)
@@ -357,6 +415,16 @@ class FairQueues:
         if free <= 0:
             return 0
         return int(self._release(args=[self.queue, free, BATCH_EVERY, RESCAN_S]))
+
+    def share(self, node: str, *, held: int, ready: bool, ttl_s: float) -> tuple[int, int]:
+        """Record that worker ``node`` holds ``held`` messages (and whether its model is
+        loaded), for ``ttl_s`` seconds; return the model's work and its ready workers."""
+        work, workers = self._share(args=[self.queue, node, held, int(ready), ttl_s])
+        return int(work), int(workers)
+
+    def forget(self, node: str) -> None:
+        """Forget what worker ``node`` held (it stops releasing)."""
+        self.client.hdel(held_key(self.queue), node)
 
     def new_token_ratio(self) -> float:
         """The share of the most they may generate that this model's jobs generate (a moving

@@ -29,7 +29,7 @@ from completion_queue.celery_app import (
     published_broker_url,
 )
 from completion_queue.constants import TINY_MODEL_NAME, WORKER_CONSUMING_LINE, WORKER_READY_LINE
-from completion_queue.errors import CompletionError, EmbeddedRedisError
+from completion_queue.errors import CompletionError, ConfigError, EmbeddedRedisError
 from completion_queue.redis_server import EmbeddedRedis, stop_with_parent
 from completion_queue.settings import Settings, redact_url
 
@@ -136,6 +136,35 @@ def worker_env(settings: Settings) -> dict[str, str]:
         elif value is not None:
             env[f"CQ_{name.upper()}"] = str(value)
     return env
+
+
+def worker_placement(
+    settings: Settings, count: int, *, gpus: Sequence[str], cores: int
+) -> list[dict[str, str]]:
+    """Return what each of ``count`` workers on one host adds to :func:`worker_env`
+    (``cq up --workers``).
+
+    One worker: nothing, as ever. On a CUDA host (``gpus``: the ids that
+    ``CUDA_VISIBLE_DEVICES`` may name; empty on CPU or with ``device=cpu``), worker ``i``
+    sees GPU ``gpus[i]`` alone, and more workers than GPUs are refused. On CPU they share
+    the ``cores``: each gets ``CQ_TORCH_THREADS`` = max(1, (cores - 1) // count) unless it
+    is set.
+    """
+    if count < 1:
+        raise ConfigError(f"--workers must be >= 1, got {count}")
+    if count == 1:
+        return [{}]
+    if settings.device == "cpu" or not gpus:
+        threads = settings.torch_threads or max(1, (cores - 1) // count)
+        return [{"CQ_TORCH_THREADS": str(threads)} for _ in range(count)]
+    if settings.device not in ("auto", "cuda"):
+        raise ConfigError(
+            f"--workers puts one worker on each GPU: CQ_DEVICE must be auto or cuda, "
+            f"got {settings.device!r}"
+        )
+    if count > len(gpus):
+        raise ConfigError(f"--workers must be at most the {len(gpus)} GPU(s) here, got {count}")
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i]} for i in range(count)]
 
 
 def default_nodename(pid: int, model: str) -> str:

@@ -33,6 +33,15 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, by the ids ``CUDA_VISIBLE_DEVICES`` gives them (all of
+    them when it is unset); empty without CUDA."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    named = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    named = [part for part in named if part]
+    return named[:count] if named else [str(i) for i in range(count)]
+
+
 def model_threads() -> int:
     """Torch CPU threads for a model process: all cores but one.
 

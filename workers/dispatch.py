@@ -1,14 +1,30 @@
-"""The worker's dispatcher: releases its tenants' jobs to its model's queue, fairly.
+"""The worker's dispatcher: releases its tenants' jobs to its model's queue, fairly, and
+holds no more than its share of them.
 
 Jobs wait in per-tenant lane queues (:mod:`completion_queue.fair`). A thread of
-the worker's main process keeps the worker holding as many messages as its
-prefetch (the flush running and the next one forming): whenever it holds fewer,
-it releases the difference from the lane queues to the model's queue, in the
-order of the virtual token counter, and the Celery consumer takes them from
-there. It runs when a producer publishes on the model's wake channel (so a job
-sent to an idle worker is released at once) and every :data:`POLL_S` (so a worker
-that finished a flush refills), and copies the tenants' weights from the database
-every :data:`WEIGHTS_EVERY_S`.
+the worker's main process keeps the worker holding its share of the model's work:
+whenever it holds fewer, it releases the difference from the lane queues to the
+model's queue, in the order of the virtual token counter, and the Celery consumer
+takes them from there. It runs when a producer publishes on the model's wake
+channel (so a job sent to an idle worker is released at once) and every
+:data:`POLL_S` (so a worker that finished a flush refills), and copies the
+tenants' weights from the database every :data:`WEIGHTS_EVERY_S`.
+
+The share: each step records in Redis how many messages this worker holds and
+whether its model is loaded (:data:`completion_queue.fair.SHARE`, for
+:data:`HELD_TTL_S`), and reads back the model's work (what waits in its queues
+plus what every worker holds) and its ready workers. A worker holds at most
+``min(prefetch, ceil(work / ready workers))``: alone, the whole backlog up to its
+prefetch, as before; a worker that joins takes an equal part. One holding more
+than a group above its share asks its running flush to hand back its unstarted
+groups (:meth:`workers.runner.ClaimGate.hand_back_once`): the flush ends after the
+group it runs, and when it returns their messages go back to their lane queues,
+with the newest buffered ones up to the excess (:meth:`workers.task.ModelBatches.hand_back`),
+where the workers below their share release them. A worker whose model is still loading releases
+nothing and does not count as ready, so the others do not leave it a share.
+Released messages land in the model's one queue, so each step also caps what the
+worker's consumer takes from it at its share (kombu's ``prefetch_count``): one
+worker's consumer does not take another's share.
 
 A consumer step: it starts once the worker consumes, and stops with the
 consumer, before a warm shutdown hands back what the worker holds, so a
@@ -26,8 +42,15 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from completion_queue import FairQueues, Settings, prefetch_count, queue_name, redact_url
-from completion_queue.fair import job_cost, wake_channel
+from completion_queue import (
+    TASK_GENERATE,
+    FairQueues,
+    Settings,
+    prefetch_count,
+    queue_name,
+    redact_url,
+)
+from completion_queue.fair import fair_share, job_cost, wake_channel
 from db import Job, JobStatus, Outcome, make_engine, make_session_factory, tenant_weights
 from workers.listeners import BatchListener
 
@@ -38,6 +61,13 @@ POLL_S = 0.1
 
 #: How often the tenants' weights are read again from the database.
 WEIGHTS_EVERY_S = 10.0
+
+#: How long a worker's held count counts after its last step (a dead worker's drops out).
+HELD_TTL_S = 3.0
+
+#: After asking the running flush to hand back, wait this long before asking again: its
+#: messages go back only when the group it runs ends.
+HAND_BACK_EVERY_S = 2.0
 
 
 def held_count(channel: Any) -> int:
@@ -51,7 +81,7 @@ def held_count(channel: Any) -> int:
 
 
 class Dispatcher:
-    """Release one model's jobs so that this worker holds ``target`` messages."""
+    """Release one model's jobs so that this worker holds its share, at most ``target``."""
 
     def __init__(
         self,
@@ -60,14 +90,30 @@ class Dispatcher:
         *,
         target: int,
         held: Callable[[], int | None],
+        node: str = "",
+        ready: Callable[[], bool] = lambda: True,
+        hand_back: Callable[[int], None] | None = None,
+        slack: int = 0,
+        limit: Callable[[int], None] | None = None,
         weights: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
+        """``held``: what this worker holds (None: take nothing now); ``node``: its name,
+        under which its held count is shared; ``ready``: whether its model is loaded;
+        ``hand_back``: asks the worker to hand back what it holds above its share and has
+        not started (called with that count), when it holds more than ``slack`` above;
+        ``limit``: caps what the worker's consumer takes from the model's queue."""
         self.client = client
         self.queue = queue
         self.target = target
         self.held = held
+        self.node = node
+        self.ready = ready
+        self.hand_back = hand_back
+        self.slack = slack
+        self.limit = limit
         self.weights = weights
         self.fair = FairQueues(client, queue)
+        self._asked_at = -HAND_BACK_EVERY_S
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -77,18 +123,43 @@ class Dispatcher:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop releasing; wait for the thread to end."""
+        """Stop releasing; wait for the thread to end; withdraw this worker's held count."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        try:
+            self.fair.forget(self.node)
+        except Exception as exc:  # the broker is away: the count expires by itself
+            log.warning("dispatcher: held count not withdrawn: %s", redact_url(str(exc)))
 
     def step(self) -> int:
         """Release what this worker has room for; return how many were released."""
         held = self.held()
         if held is None:
             return 0
-        return self.fair.release(self.target - held)
+        ready = self.ready()
+        work, workers = self.fair.share(self.node, held=held, ready=ready, ttl_s=HELD_TTL_S)
+        if not ready:
+            # The model is loading: the ready workers take the backlog meanwhile.
+            if self.limit is not None:
+                self.limit(held)
+            return 0
+        share = fair_share(work, workers, self.target)
+        if self.limit is not None:
+            # Released messages land in the model's one queue: without a cap, whichever
+            # consumer asks first would take another worker's share. Alone, it has no one
+            # to take from: capped at what exists now, a burst still coming in would be
+            # flushed in pieces (it could take each new job only at the next step).
+            self.limit(share if workers > 1 else self.target)
+        now = time.monotonic()
+        if self.hand_back is not None and held > share + self.slack:
+            if now - self._asked_at >= HAND_BACK_EVERY_S:
+                self._asked_at = now
+                log.info("holding %d of a share of %d: handing back unstarted groups", held, share)
+                self.hand_back(held - share)
+            return 0
+        return self.fair.release(share - held)
 
     def _copy_weights(self, read: Callable[[], Mapping[str, float]]) -> None:
         """Copy the tenants' weights to Redis; with the database away, keep the last ones
@@ -177,6 +248,12 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 return None  # stopping: take nothing more (see workers.leave)
             return held_count(task_consumer.channel)
 
+        def limit(most: int) -> None:
+            task_consumer = getattr(consumer, "task_consumer", None)
+            if task_consumer is not None:
+                # kombu's consumer takes messages while it holds fewer; 0 would mean no cap.
+                task_consumer.channel.qos.prefetch_count = max(1, most)
+
         sessions = make_session_factory(make_engine(settings.resolved_database_url()))
 
         def weights() -> dict[str, float]:
@@ -184,11 +261,23 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 return tenant_weights(session)
 
         client = redis.Redis.from_url(consumer.app.conf.broker_url, socket_timeout=5)
+        task = consumer.app.tasks[TASK_GENERATE]
+
+        def hand_back(excess: int) -> None:
+            task.hand_back(excess)  # before the gate: the flush's return reads it
+            state.gate.hand_back_once()
+
         self.dispatcher = Dispatcher(
             client,
             queue_name(settings.model),
             target=prefetch_count(settings),
             held=held,
+            node=consumer.hostname,
+            ready=lambda: state.loaded.load_s is not None,
+            # vLLM's running jobs join at each step: there is no unstarted group to hand back.
+            hand_back=hand_back if settings.engine == "static" else None,
+            slack=settings.batch_size,
+            limit=limit,
             weights=weights,
         )
         self.dispatcher.start()

@@ -87,7 +87,9 @@ SUSPECT_AFTER_ATTEMPTS = 2
 
 
 class ClaimGate:
-    """Lets a flush claim its units until the main process closes it (the worker leaves).
+    """Lets a flush claim its units until the main process closes it (the worker leaves),
+    or asks the running flush to hand back the rest once (the worker holds more than its
+    share: see :mod:`workers.dispatch`).
 
     Made before the pool forks. The model process claims each unit holding the lock;
     the main process closes the gate holding it too, so once :meth:`close` returns,
@@ -99,12 +101,23 @@ class ClaimGate:
     def __init__(self) -> None:
         self._lock = multiprocessing.Lock()
         self._closed = multiprocessing.Event()
+        self._once = multiprocessing.Event()
 
     @contextmanager
-    def claiming(self) -> Iterator[bool]:
-        """Hold the gate for one claim; yield True while it is open."""
+    def claiming(self, *, first: bool = False) -> Iterator[bool]:
+        """Hold the gate for one claim; yield True while it is open. A flush's ``first``
+        claim ignores a hand back asked (each flush runs at least one group)."""
         with self._lock:
-            yield not self._closed.is_set()
+            yield not self._closed.is_set() and (first or not self._once.is_set())
+
+    def hand_back_once(self) -> None:
+        """Ask the running flush to claim nothing more: it ends after the unit it runs and
+        reports the rest as not started (their messages go back when it returns)."""
+        self._once.set()
+
+    def next_flush(self) -> None:
+        """A flush begins: a hand back asked of an earlier one does not apply to it."""
+        self._once.clear()
 
     def close(self, timeout_s: float) -> bool:
         """Close the gate; True if no claim was in flight (the lock was had in time)."""
@@ -153,8 +166,9 @@ class BatchRunner:
         shows running jobs' output in their rows and stops cancelled ones; jobs whose
         prompts start with the same ``prefix_tokens`` tokens are grouped together;
         ``isolation``: flushes run side by side, and a suspect job's unit waits to run
-        alone (the vLLM engine); ``gate``: when it is closed before a unit is claimed,
-        the flush stops there and reports the jobs it did not start."""
+        alone (the vLLM engine); ``gate``: when it is closed (or a hand back is asked)
+        before a unit is claimed, the flush stops there and reports the jobs it did not
+        start."""
         self.engine = engine
         self.sessions = sessions
         self.max_rows = max_rows
@@ -185,6 +199,8 @@ class BatchRunner:
             except ValueError:
                 # Not a message of ours: it fails alone (acknowledged with its flush).
                 log.error("dropping a message whose task id %r is not a job id", job_id[:80])
+        if self.gate is not None:
+            self.gate.next_flush()
         jobs = self._route(self._with_database(lambda: self._read(ids)))
         if not jobs:
             self._tell("claimed", [], skipped=ids, worker=worker)
@@ -223,7 +239,7 @@ class BatchRunner:
             # A unit waits for its turn at the engine before its jobs are claimed: a job
             # claimed while a suspect ran would gain an attempt from that suspect's crash.
             with self._turn(None if work is None else alone):
-                with self._claiming() as open_:
+                with self._claiming(first=index == 0) as open_:
                     if work is not None and not open_:
                         # Not claimed, so still queued: their messages go back, and the next
                         # worker to take them runs them as their first attempt.
@@ -262,9 +278,9 @@ class BatchRunner:
             return nullcontext()
         return self.isolation.alone() if alone else self.isolation.shared()
 
-    def _claiming(self) -> AbstractContextManager[bool]:
+    def _claiming(self, *, first: bool) -> AbstractContextManager[bool]:
         """Hold the gate while a unit is claimed; yield whether claiming is still open."""
-        return nullcontext(True) if self.gate is None else self.gate.claiming()
+        return nullcontext(True) if self.gate is None else self.gate.claiming(first=first)
 
     def _read(self, job_ids: Sequence[uuid.UUID]) -> list[Job]:
         with self.sessions() as session:

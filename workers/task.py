@@ -22,6 +22,9 @@ it fit a worker whose one pool process holds the model:
   longer than ``CQ_BATCH_WAIT_MS`` to arrive lands in one flush, not in a small
   group first. It waits at most :data:`ARRIVAL_WAIT_INTERVALS` intervals from
   the first message; a lone job flushes at the first tick, as before.
+- A worker holding more than its share (:mod:`workers.dispatch`) hands back the
+  unstarted groups of its running flush (they come back with its return) and then
+  the newest buffered messages, up to the excess.
 - If the pool process dies mid-batch (SIGKILL, OOM killer), the batch's messages
   are requeued at once, instead of waiting for Redis' visibility timeout.
 - The messages are acknowledged only when the task returns True (its results
@@ -113,26 +116,31 @@ def settle(
 ) -> None:
     """Acknowledge a flush's messages once its results are committed; else requeue them.
 
-    Those of ``handed_back`` jobs (not started: the worker is leaving) are requeued too.
-    ``now``: on the broker at once, not on the event loop's next turn (Celery's way),
-    which a stopping worker no longer runs: its acks would be lost, and every message
-    it held restored when its connection closes.
+    Those of ``handed_back`` jobs (not started: the worker is leaving, or holds more than
+    its share) are requeued too. ``now``: acknowledge on the broker at once, not on the
+    event loop's next turn (Celery's way), which a stopping worker no longer runs: its
+    acks would be lost, and every message it held restored when its connection closes.
+
+    The requeued ones go back together, in one transaction (:func:`requeue_at_once`),
+    never one by one: a dispatcher step (:mod:`workers.dispatch`, another thread) that
+    ran between two of them would release the first back to the model's queue alone,
+    and a crashed batch's jobs would come back split across flushes.
     """
     back = []
     for request in requests:
         ack = committed and request.id not in handed_back
-        if not now:
-            request.acknowledge() if ack else request.reject(requeue=True)
-        elif request.acknowledged:
+        if request.acknowledged:
             continue
-        elif ack:
+        if not ack:
+            back.append(request)
+        elif not now:
+            request.acknowledge()
+        else:
             request.acknowledged = True
             try:
                 request.message.ack()
             except Exception as exc:  # the connection is gone: its messages go back anyway
                 log.warning("could not acknowledge message %s: %r", request.id, exc)
-        else:
-            back.append(request)
     if back:
         requeue_at_once(back)
 
@@ -212,6 +220,9 @@ class ModelBatches(Batches):  # type: ignore[misc]
         self._flushing: list[list[Request]] = []
         #: The worker is leaving: its event loop no longer runs (see :meth:`leave`).
         self._leaving = False
+        #: Messages held above the worker's share, to hand back when the running flush
+        #: returns (see :meth:`hand_back`).
+        self._excess = 0
 
     def forget_buffer(self) -> None:
         """Drop buffered requests of a lost connection, and the flush timer Celery cleared."""
@@ -263,6 +274,25 @@ class ModelBatches(Batches):  # type: ignore[misc]
         unstarted = [request for request in requests if request.id in back]
         settle(unstarted, committed=False, now=True)
         return len(unstarted)
+
+    def hand_back(self, excess: int) -> None:
+        """The worker holds ``excess`` messages above its share (told from the dispatcher's
+        thread, which also asks the running flush to stop at its next group): when that
+        flush returns, the newest buffered messages go back too, up to the ``excess`` less
+        what it handed back."""
+        self._excess = excess
+
+    def _shed(self, count: int) -> None:
+        """Requeue at once the newest ``count`` buffered messages (on the event loop)."""
+        requests: list[Request] = []
+        while not self._buffer.empty():
+            requests.append(self._buffer.get_nowait())
+        keep = max(0, len(requests) - count)
+        for request in requests[:keep]:
+            self._buffer.put_back(request)
+        if back := requests[keep:]:
+            log.info("handing back %d buffered message(s) above this worker's share", len(back))
+            settle(back, committed=False, now=True)
 
     def _forget_flush(self, requests: list[Request]) -> None:
         self._flushing = [flush for flush in self._flushing if flush is not requests]
@@ -318,6 +348,9 @@ class ModelBatches(Batches):  # type: ignore[misc]
             committed, handed_back = flush_outcome(result)
             if not committed:
                 log.error("batch of %d not committed; requeueing its messages", len(requests))
+            excess, self._excess = self._excess - len(handed_back), 0
+            if excess > 0 and not self._leaving:
+                self._shed(excess)
             if not self._buffer.empty() and not self._leaving:
                 self._do_flush()
             done = partial(

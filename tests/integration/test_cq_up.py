@@ -6,6 +6,7 @@ Each test runs `.venv/bin/cq` as a user does, on a data directory of its own.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -244,3 +245,38 @@ def test_sigterm_stops_the_demo_and_its_worker_and_broker(tiny_model: Path, tmp_
         assert code == 128 + signal.SIGTERM, demo.output()
         assert "stopped on SIGTERM: worker and embedded broker shut down" in demo.output()
         assert "Traceback" not in demo.output()
+
+
+def test_up_with_two_workers_on_cpu_lists_both_and_stops_them(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    env = cq_env(tmp_path / "data", CQ_MODEL=str(tiny_model), CQ_DEVICE="cpu")
+    # Given `cq up --workers 2` on CPU, serving
+    with running(env, tmp_path, "up", "--workers", "2", ready="submit from another") as up:
+        # Then `cq workers` lists two workers, each its own process sharing the cores
+        listed = cq(env, "workers", "--json")
+        assert listed.returncode == 0, listed.stderr
+        found = json.loads(listed.stdout)
+        assert len({w["hostname"] for w in found}) == 2, found
+        assert [w["threads"] for w in found] == [max(1, ((os.cpu_count() or 1) - 1) // 2)] * 2
+        # When it receives SIGTERM
+        up.process.send_signal(signal.SIGTERM)
+        code = up.process.wait(120)
+        # Then it stops both workers and the broker, and says so on one line
+        _, alive = psutil.wait_procs(up.children, timeout=15)
+        assert alive == [], commands(alive)
+        assert code == 0, up.output()
+        assert up.output().strip().splitlines()[-1] == (
+            "stopped on SIGTERM: 2 workers and embedded broker shut down"
+        )
+
+
+def test_up_refuses_fewer_than_one_worker_before_starting_anything(tmp_path: Path) -> None:
+    env = cq_env(tmp_path / "data", CQ_DEVICE="cpu")
+    # A count below one is refused on one line naming --workers, before any broker starts
+    done = subprocess.run(
+        [CQ, "up", "--workers", "0"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "--workers must be >= 1, got 0" in done.stderr
+    assert servers_on(tmp_path / "data") == []

@@ -27,7 +27,7 @@ from completion_queue import (
     send_jobs,
     waiting,
 )
-from completion_queue.fair import BATCH_EVERY, hot_key
+from completion_queue.fair import BATCH_EVERY, fair_share, held_key, hot_key
 
 MODEL = "fair-model"
 QUEUE = queue_name(MODEL)
@@ -197,3 +197,34 @@ def test_a_message_restored_to_a_drained_lane_is_found_by_the_rescan(
     # but the first once every lane is read again (at most RESCAN_S later) releases it
     client.delete(f"cq.fair.{QUEUE}.rescan")  # as if RESCAN_S had passed
     assert fair.release(10) == 1
+
+
+def test_share_counts_waiting_and_held_work_and_only_ready_workers(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    app, client = broker
+    fair = FairQueues(client, QUEUE)
+    # Given 100 jobs waiting in a lane that left the hot set, and one worker holding 60
+    send(app, [FakeJob("a") for _ in range(100)])
+    client.delete(hot_key(QUEUE))
+    assert fair.share("w1", held=60, ready=True, ttl_s=30) == (160, 1)
+    # When a second worker records its count while loading, then once ready
+    assert fair.share("w2", held=0, ready=False, ttl_s=30) == (160, 1)
+    work, ready = fair.share("w2", held=0, ready=True, ttl_s=30)
+    # Then the work is the same, the ready workers two, the share half of it, and the lane
+    # with messages is hot again, so the next release finds it
+    assert (work, ready) == (160, 2)
+    assert fair_share(work, ready, 512) == 80
+    assert client.smembers(hot_key(QUEUE)) == {b"interactive|a"}
+    # and a worker whose count expired, or that forgot it, no longer counts
+    fair.forget("w2")
+    client.hset(held_key(QUEUE), "dead", "40 1 0")
+    assert fair.share("w1", held=60, ready=True, ttl_s=30) == (160, 1)
+    assert client.hkeys(held_key(QUEUE)) == [b"w1"]
+
+
+def test_a_worker_alone_may_hold_the_whole_backlog_up_to_its_prefetch() -> None:
+    assert fair_share(300, 1, 512) == 300
+    assert fair_share(3000, 1, 512) == 512
+    assert fair_share(257, 2, 512) == 129
+    assert fair_share(10, 0, 512) == 10
