@@ -164,13 +164,36 @@ class BehindBacklog:
     backlog_running: float
 
 
+def decoding(broker: redis.Redis, sentinels: Sequence[Job], tokens: int) -> None:
+    """Wait until one of ``sentinels`` (streamed jobs) has generated ``tokens`` tokens, or
+    all of them ended (shorter: they met an end token)."""
+    since = {events_key(job.id): "0" for job in sentinels}
+    ended: set[str] = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(ended) < len(since):
+        read: Any = broker.xread(since, block=1000)  # type: ignore[arg-type]
+        for key, entries in read or []:
+            for entry_id, fields in entries:
+                since[str(key, "ascii")] = entry_id
+                if fields.get(b"type") == b"end":
+                    ended.add(str(key, "ascii"))
+                elif int(fields.get(b"tokens", 0)) >= tokens:
+                    return
+    if len(ended) == len(since):
+        return
+    raise RuntimeError(f"no backlog job generated {tokens} tokens within 10 minutes")
+
+
 def first_tokens_behind_backlog(
     client: CompletionClient, backlog: Sequence[Item], probes: Sequence[Item]
 ) -> BehindBacklog:
     """Submit ``backlog`` as batch lines; once it generates, ``probes`` as streamed jobs.
 
-    One backlog job in every :data:`SENTINEL_EVERY` is streamed, so its first delta says
-    the backlog generates (without the cost of streaming all of it). The probes' own
+    One backlog job in every :data:`SENTINEL_EVERY` is streamed (not all of it: that
+    would cost the writer), and the probes go in once one of those has generated an
+    eighth of its tokens: the backlog decodes by then. At its first token an engine that
+    runs it all at once (vLLM) is still prefilling the rest of it, in steps several times
+    as long (GPT-2-small: about 1 s a step for two steps, then 0.25 s). The probes' own
     deltas measure a step: the time between two deltas of a probe ÷ the tokens between
     them (the writer may merge steps), their median.
     """
@@ -180,9 +203,7 @@ def first_tokens_behind_backlog(
     queued = client.submit_many(requests, lane="batch")
     broker = redis.Redis.from_url(client.settings.broker_url or "")
     try:
-        sentinels = {events_key(job.id): "0" for job in queued[::SENTINEL_EVERY]}
-        if not broker.xread(sentinels, count=1, block=600_000):  # type: ignore[arg-type]
-            raise RuntimeError("the backlog generated nothing within 10 minutes")
+        decoding(broker, queued[::SENTINEL_EVERY], max(1, backlog[0].max_new_tokens // 8))
         jobs = client.submit_many([{**item.request(), "stream": True} for item in probes])
         done = client.wait(jobs, timeout=3600)
         streams: list[Any] = [broker.xrange(events_key(job.id)) for job in done]
