@@ -10,6 +10,11 @@ sent to an idle worker is released at once) and every :data:`POLL_S` (so a worke
 that finished a flush refills), and copies the tenants' weights from the database
 every :data:`WEIGHTS_EVERY_S`.
 
+Interactive calls are released past that hold, up to a margin of one group
+(:func:`completion_queue.interactive_margin`, which the Celery prefetch leaves room for):
+a call posted while the worker holds a full backlog of batch lines reaches it at once,
+and the running flush takes it at its next group boundary (:mod:`workers.interactive`).
+
 A consumer step: it starts once the worker consumes, and stops with the
 consumer, before a warm shutdown hands back what the worker holds, so a
 stopping worker releases nothing more.
@@ -26,7 +31,14 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from completion_queue import FairQueues, Settings, prefetch_count, queue_name, redact_url
+from completion_queue import (
+    FairQueues,
+    Settings,
+    interactive_margin,
+    prefetch_count,
+    queue_name,
+    redact_url,
+)
 from completion_queue.fair import job_cost, wake_channel
 from db import Job, JobStatus, Outcome, make_engine, make_session_factory, tenant_weights
 from workers.listeners import BatchListener
@@ -61,10 +73,13 @@ class Dispatcher:
         target: int,
         held: Callable[[], int | None],
         weights: Callable[[], Mapping[str, float]] | None = None,
+        margin: int = 0,
     ) -> None:
+        """``margin``: interactive messages this worker may hold past ``target``."""
         self.client = client
         self.queue = queue
         self.target = target
+        self.margin = margin
         self.held = held
         self.weights = weights
         self.fair = FairQueues(client, queue)
@@ -88,7 +103,12 @@ class Dispatcher:
         held = self.held()
         if held is None:
             return 0
-        return self.fair.release(self.target - held)
+        released = self.fair.release(self.target - held)
+        if self.margin:
+            # What the first release moved waits in the model's queue: the script counts it.
+            free = self.target + self.margin - held
+            released += self.fair.release(free, lane="interactive")
+        return released
 
     def _copy_weights(self, read: Callable[[], Mapping[str, float]]) -> None:
         """Copy the tenants' weights to Redis; with the database away, keep the last ones
@@ -190,6 +210,7 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
             target=prefetch_count(settings),
             held=held,
             weights=weights,
+            margin=interactive_margin(settings),
         )
         self.dispatcher.start()
 
