@@ -41,6 +41,7 @@ from engine import Engine, Routed
 from workers.acks import AckChannel
 from workers.dispatch import FairCharges
 from workers.events import JobEvents
+from workers.interactive import Offers
 from workers.isolation import Isolation
 from workers.listeners import BatchListener
 from workers.metrics import WorkerMetrics
@@ -168,6 +169,9 @@ class WorkerState:
         #: Closed by the main process when the worker stops: the model process's flush ends
         #: after its running group and hands back the groups it has not started.
         self.gate = ClaimGate()
+        #: Interactive jobs the main process hands to the model process's running flush, run
+        #: at its next group boundary (see workers.interactive).
+        self.offers = Offers()
         #: Every hook on the worker's batches: task events, counts, Prometheus metrics.
         self.listeners: list[BatchListener] = [
             self.events,
@@ -266,6 +270,7 @@ class WorkerState:
             isolation=Isolation() if self.acks is not None else None,
             # vLLM runs every job of a flush at once: there is no group left to hand back.
             gate=self.gate if self.acks is None else None,
+            offers=self.offers if settings.engine == "static" else None,
         )
         self._start_metrics(static)
         log.info(
