@@ -8,7 +8,9 @@ open) must not wait for both:
   past the worker's hold, up to one group more (:mod:`workers.dispatch`);
 - the main process hands its job id to the running flush (:meth:`Offers.offer`)
   instead of buffering it, and adds its message to that flush's, settled with them
-  (acknowledged once the flush's results are committed, requeued if it dies);
+  (acknowledged once the flush's results are committed, requeued if it dies); only a
+  flush that holds batch lines takes offers (one of interactive calls alone ends soon,
+  and the call then goes with the rest in whole groups);
 - the model process takes what was offered before it claims each group
   (:meth:`workers.runner.BatchRunner.run_flush`), reads and plans those jobs, and runs
   them next, in groups of their own, then goes on with the flush as planned.

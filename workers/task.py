@@ -281,7 +281,13 @@ class ModelBatches(Batches):  # type: ignore[misc]
         message is then settled with that flush's)."""
         if not (self._running and self._flushing and self.offers is not None):
             return False
-        if not is_interactive(request) or not self.offers.offer(request.id):
+        if not is_interactive(request):
+            return False
+        if all(is_interactive(r) for r in self._flushing[-1]):
+            # A flush of interactive calls alone is no batch to wait behind: the call waits
+            # in the buffer, and goes in whole groups with what was kept back and came since.
+            return False
+        if not self.offers.offer(request.id):
             return False
         self._flushing[-1].append(request)
         self._tell_received([request])
