@@ -38,7 +38,7 @@ from completion_queue import (
     TINY_MODEL_NAME,
     Settings,
     WorkerProcess,
-    prefetch_count,
+    most_held,
     stop_workers,
 )
 from engine.tiny import ensure_tiny_model
@@ -217,8 +217,8 @@ class _Run:
         found = measure_offline(
             self.path,
             dtype=self.figures["dtype"],
-            # As the worker's engine: every message a worker holds (its prefetch) may run.
-            max_rows=prefetch_count(
+            # As the worker's engine: every message a worker holds may run.
+            max_rows=most_held(
                 Settings(batch_size=config.batch_size, batch_lookahead=config.batch_lookahead)
             ),
             kv_rows=config.batch_size,

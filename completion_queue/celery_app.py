@@ -202,6 +202,19 @@ def prefetch_count(settings: Settings) -> int:
     return 2 * settings.batch_size * settings.batch_lookahead
 
 
+def interactive_margin(settings: Settings) -> int:
+    """Return how many interactive messages a worker may hold past its prefetch: one group's
+    worth, so that an interactive call reaches a busy worker at once (workers/dispatch.py)
+    and runs at the running flush's next group boundary (workers/interactive.py)."""
+    return settings.batch_size
+
+
+def most_held(settings: Settings) -> int:
+    """Return the most messages a worker holds at once: its prefetch and the interactive
+    margin past it (what the vLLM engine runs at once, see workers/state.py)."""
+    return prefetch_count(settings) + interactive_margin(settings)
+
+
 class Sendable(Protocol):
     """What a message needs from a job: its id (the task id), model (the queue) and priority."""
 
@@ -312,8 +325,9 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         # Ack after the batch's results are committed; requeue if the worker dies.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Enough prefetch for the flush running plus the next one forming.
-        worker_prefetch_multiplier=prefetch_count(settings),
+        # Enough prefetch for the flush running plus the next one forming, and a group of
+        # interactive calls past them (the dispatcher holds batch work to the first two).
+        worker_prefetch_multiplier=most_held(settings),
         # Task events, so Flower shows every job: received, started, succeeded or
         # failed by the worker (workers/events.py), and optionally sent by the
         # producer, so Flower lists queued jobs too, those for a model no worker

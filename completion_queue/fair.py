@@ -31,7 +31,9 @@ Within a tenant the interactive lane goes first (``/v1/completions``,
 ``/v1/chat/completions``, ``POST /v1/jobs``); batch lines (``/v1/batches``,
 ``cq submit --file``) get at least one release in :data:`BATCH_EVERY` while both
 lanes wait, so they are never starved. Priorities order messages within a lane,
-as they did within the model's queue.
+as they did within the model's queue. A worker releases interactive messages past
+its hold too, up to one group more (``release(free, lane="interactive")``), so an
+interactive call reaches a busy worker at once (:mod:`workers.interactive`).
 
 A message that comes back (a dead worker's, by the visibility timeout; a
 requeued flush) goes back to its lane queue, the queue it was sent to (kombu
@@ -131,6 +133,13 @@ def job_cost(job: Any) -> tuple[int, int]:
     return math.ceil(chars / CHARS_PER_TOKEN), new
 
 
+def lane_of_queue(name: str) -> str | None:
+    """Return the lane of lane queue ``name`` (a message's routing key), or None if it is
+    not a lane queue (the model's queue itself)."""
+    parts = name.split("|", 2)
+    return parts[1] if len(parts) == 3 and parts[1] in LANES else None
+
+
 def lane_of(job: Any) -> str:
     """Return the job's lane (``interactive`` unless the job says ``batch``)."""
     lane = getattr(job, "lane", None) or "interactive"
@@ -202,6 +211,9 @@ local floor_key = "cq.fair." .. queue .. ".floor"
 local turns_key = "cq.fair." .. queue .. ".turns"
 local active_key = "cq.fair." .. queue .. ".active"
 local ratio_key = "cq.fair." .. queue .. ".ratio"
+-- "interactive": release from interactive lanes only (past a worker's hold, see
+-- workers.dispatch); the floor and the backlogged set are left as the last full release left them.
+local only = ARGV[5] or ""
 
 local function list_name(name, n)
   if n == 0 then return name end
@@ -228,19 +240,24 @@ local tenants = {}
 -- RESCAN_S (one release across all workers) every lane is read again, so a message
 -- that came back to a lane that had left it (kombu's restore) is found.
 local members_key = hot_key
-if redis.call("SET", rescan_key, "1", "NX", "EX", rescan_s) then members_key = lanes_key end
+if only == "" and redis.call("SET", rescan_key, "1", "NX", "EX", rescan_s) then
+  members_key = lanes_key
+end
 for _, member in ipairs(redis.call("SMEMBERS", members_key)) do
   local bar = string.find(member, "|", 1, true)
   local lane = string.sub(member, 1, bar - 1)
   local tenant = string.sub(member, bar + 1)
   local name = queue .. "|" .. lane .. "|" .. tenant
-  local n = head(name, 0)
-  if n ~= nil then
-    tenants[tenant] = tenants[tenant] or {}
-    tenants[tenant][lane] = {name = name, n = n}
-    redis.call("SADD", hot_key, member)
-  else
-    redis.call("SREM", hot_key, member)
+  -- A lane of another lane than the one asked for is not read: its hot mark stays.
+  if only == "" or lane == only then
+    local n = head(name, 0)
+    if n ~= nil then
+      tenants[tenant] = tenants[tenant] or {}
+      tenants[tenant][lane] = {name = name, n = n}
+      redis.call("SADD", hot_key, member)
+    else
+      redis.call("SREM", hot_key, member)
+    end
   end
 end
 
@@ -305,6 +322,10 @@ while released < free do
 end
 
 local low = nil
+if only ~= "" then
+  for tenant, c in pairs(counter) do redis.call("HSET", vtc_key, tenant, tostring(c)) end
+  return released
+end
 redis.call("DEL", active_key)
 for tenant, c in pairs(counter) do
   redis.call("HSET", vtc_key, tenant, tostring(c))
@@ -409,12 +430,15 @@ class FairQueues:
         self._ratio = client.register_script(RATIO)
         self._share = client.register_script(SHARE)
 
-    def release(self, free: int) -> int:
+    def release(self, free: int, *, lane: str = "") -> int:
         """Move up to ``free`` messages (less those already waiting in the model's queue)
-        from the lane queues to the model's queue, fairly; return how many moved."""
+        from the lane queues to the model's queue, fairly; return how many moved.
+
+        ``lane``: from that lane's queues only (``interactive``: past a worker's hold).
+        """
         if free <= 0:
             return 0
-        return int(self._release(args=[self.queue, free, BATCH_EVERY, RESCAN_S]))
+        return int(self._release(args=[self.queue, free, BATCH_EVERY, RESCAN_S, lane]))
 
     def share(self, node: str, *, held: int, ready: bool, ttl_s: float) -> tuple[int, int]:
         """Record that worker ``node`` holds ``held`` messages (and whether its model is

@@ -187,6 +187,8 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
         # The static engine runs a flush's groups in turn; the continuous one takes any count.
         group_size=settings.batch_size if settings.engine == "static" else 0,
         joins=acks is not None,
+        # The static engine's running flush takes interactive calls at its group boundaries.
+        offers=state.offers if settings.engine == "static" else None,
         acks_late=True,
         ignore_result=True,
         listeners=state.listeners,

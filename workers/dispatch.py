@@ -26,6 +26,11 @@ Released messages land in the model's one queue, so each step also caps what the
 worker's consumer takes from it at its share (kombu's ``prefetch_count``): one
 worker's consumer does not take another's share.
 
+Interactive calls are released past that hold, up to a margin of one group
+(:func:`completion_queue.interactive_margin`, which the Celery prefetch leaves room for):
+a call posted while the worker holds a full backlog of batch lines reaches it at once,
+and the running flush takes it at its next group boundary (:mod:`workers.interactive`).
+
 A consumer step: it starts once the worker consumes, and stops with the
 consumer, before a warm shutdown hands back what the worker holds, so a
 stopping worker releases nothing more.
@@ -46,6 +51,7 @@ from completion_queue import (
     TASK_GENERATE,
     FairQueues,
     Settings,
+    interactive_margin,
     prefetch_count,
     queue_name,
     redact_url,
@@ -96,15 +102,18 @@ class Dispatcher:
         slack: int = 0,
         limit: Callable[[int], None] | None = None,
         weights: Callable[[], Mapping[str, float]] | None = None,
+        margin: int = 0,
     ) -> None:
         """``held``: what this worker holds (None: take nothing now); ``node``: its name,
         under which its held count is shared; ``ready``: whether its model is loaded;
         ``hand_back``: asks the worker to hand back what it holds above its share and has
         not started (called with that count), when it holds more than ``slack`` above;
-        ``limit``: caps what the worker's consumer takes from the model's queue."""
+        ``limit``: caps what the worker's consumer takes from the model's queue;
+        ``margin``: interactive messages this worker may hold past its share."""
         self.client = client
         self.queue = queue
         self.target = target
+        self.margin = margin
         self.held = held
         self.node = node
         self.ready = ready
@@ -150,8 +159,9 @@ class Dispatcher:
             # Released messages land in the model's one queue: without a cap, whichever
             # consumer asks first would take another worker's share. Alone, it has no one
             # to take from: capped at what exists now, a burst still coming in would be
-            # flushed in pieces (it could take each new job only at the next step).
-            self.limit(share if workers > 1 else self.target)
+            # flushed in pieces (it could take each new job only at the next step). The
+            # margin lets interactive calls released past the share in.
+            self.limit((share if workers > 1 else self.target) + self.margin)
         now = time.monotonic()
         if self.hand_back is not None and held > share + self.slack:
             if now - self._asked_at >= HAND_BACK_EVERY_S:
@@ -159,7 +169,11 @@ class Dispatcher:
                 log.info("holding %d of a share of %d: handing back unstarted groups", held, share)
                 self.hand_back(held - share)
             return 0
-        return self.fair.release(share - held)
+        released = self.fair.release(share - held)
+        if self.margin:
+            # What the first release moved waits in the model's queue: the script counts it.
+            released += self.fair.release(share + self.margin - held, lane="interactive")
+        return released
 
     def _copy_weights(self, read: Callable[[], Mapping[str, float]]) -> None:
         """Copy the tenants' weights to Redis; with the database away, keep the last ones
@@ -279,6 +293,7 @@ class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
             slack=settings.batch_size,
             limit=limit,
             weights=weights,
+            margin=interactive_margin(settings),
         )
         self.dispatcher.start()
 

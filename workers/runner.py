@@ -66,6 +66,7 @@ from db import (
     get_unfinished_jobs,
 )
 from engine import Engine, GeneratedChoice, GenerationRequest, GenerationResult, render_chat
+from workers.interactive import Offers
 from workers.isolation import Isolation
 from workers.listeners import BatchListener
 from workers.planner import fit_context, plan_groups
@@ -77,6 +78,10 @@ log = logging.getLogger(__name__)
 
 #: What a unit of a flush does with its claimed jobs: their outcomes.
 Work = Callable[[list[Job]], list[Outcome]]
+
+#: A unit of a flush: its job ids, its work (None: the flush's last commit), and whether it
+#: must have the engine alone (see workers.isolation).
+Unit = tuple[list[uuid.UUID], Work | None, bool]
 
 T = TypeVar("T")
 
@@ -160,6 +165,7 @@ class BatchRunner:
         prefix_tokens: int = 0,
         isolation: Isolation | None = None,
         gate: ClaimGate | None = None,
+        offers: Offers | None = None,
     ) -> None:
         """``model`` is the model served (None: whatever a job asks for, in unit tests);
         ``forward`` sends jobs for other models to their own queues; ``progress``
@@ -168,7 +174,8 @@ class BatchRunner:
         ``isolation``: flushes run side by side, and a suspect job's unit waits to run
         alone (the vLLM engine); ``gate``: when it is closed (or a hand back is asked)
         before a unit is claimed, the flush stops there and reports the jobs it did not
-        start."""
+        start; ``offers``: the interactive jobs the main process hands to the running
+        flush, run at its next group boundary (see :mod:`workers.interactive`)."""
         self.engine = engine
         self.sessions = sessions
         self.max_rows = max_rows
@@ -182,6 +189,7 @@ class BatchRunner:
         self.prefix_tokens = prefix_tokens
         self.isolation = isolation
         self.gate = gate
+        self.offers = offers
         # Flushes may run in several threads (the vLLM engine): listeners see one at a time.
         self._tell_lock = threading.Lock()
 
@@ -204,38 +212,36 @@ class BatchRunner:
         jobs = self._route(self._with_database(lambda: self._read(ids)))
         if not jobs:
             self._tell("claimed", [], skipped=ids, worker=worker)
-            return Flush([], [])
-        exhausted = [job for job in jobs if job.attempts >= self.max_attempts]
-        if exhausted:
-            for job in exhausted:
-                log.warning(
-                    "job %s claimed %d times without finishing; failing it", job.id, job.attempts
-                )
-            self._fail(exhausted, AttemptsExceeded(self.max_attempts))
-            jobs = [job for job in jobs if job.attempts < self.max_attempts]
-        requests, rejected = self.plan(jobs)
-        errors = {job.id: exc for job, exc in rejected}
-        # Each unit is claimed, run, then committed with the next unit's claim. Jobs refused
-        # before generating (too long for the context) come first and fail at once.
-        # The third item: the unit must have the engine alone (see workers.isolation).
-        units: list[tuple[list[uuid.UUID], Work, bool]] = []
-        if errors:
-            units.append((list(errors), partial(self._refuse, errors), False))
-        attempts = {str(job.id): job.attempts for job in jobs}
-        trusted = [r for r in requests if attempts[r.key] < SUSPECT_AFTER_ATTEMPTS]
-        for group in plan_groups(trusted, max_rows=self.max_rows, prefix_tokens=self.prefix_tokens):
-            units.append(([uuid.UUID(r.key) for r in group], partial(self._generate, group), False))
-        # A job whose workers died under it twice may be what kills them: it runs alone, after
-        # the rest, fewest deaths first, so another crash takes no batch-mate with it.
-        suspects = [r for r in requests if attempts[r.key] >= SUSPECT_AFTER_ATTEMPTS]
-        for request in sorted(suspects, key=lambda r: attempts[r.key]):
-            units.append(([uuid.UUID(request.key)], partial(self._generate, [request]), True))
+            if self.offers is None:
+                return Flush([], [])
+        units = self._units(jobs) if jobs else []
         written: list[Outcome] = []
         outcomes: list[Outcome] = []
         running: list[Job] = []
         handed_back: list[uuid.UUID] = []
         generation_s = 0.0
-        for index, (unit_ids, work, alone) in enumerate([*units, ([], None, False)]):
+        units.append(([], None, False))  # the last commit
+        offered: set[uuid.UUID] = set()
+        last_offered = False  # after a unit of offered jobs, one of the flush's own runs
+        index = -1
+        while True:
+            index += 1
+            unit_ids, work, alone = units[index]
+            if self.offers is not None:
+                taken = [] if last_offered else self.offers.take()
+                if work is None and not taken:
+                    # The last look: take no more offers; what came meanwhile runs here, or
+                    # goes back unstarted right after a unit of offered jobs.
+                    taken = self.offers.take(close=True)
+                    if last_offered:
+                        handed_back += [uuid.UUID(i) for i in taken]
+                        taken = []
+                if taken:
+                    more = self._offered(taken)
+                    offered.update(i for ids_, _, _ in more for i in ids_)
+                    units[index:index] = more
+                    index -= 1
+                    continue
             # A unit waits for its turn at the engine before its jobs are claimed: a job
             # claimed while a suspect ran would gain an attempt from that suspect's crash.
             with self._turn(None if work is None else alone):
@@ -244,6 +250,8 @@ class BatchRunner:
                         # Not claimed, so still queued: their messages go back, and the next
                         # worker to take them runs them as their first attempt.
                         handed_back = [i for ids_, _, _ in units[index:] for i in ids_]
+                        if self.offers is not None:
+                            handed_back += [uuid.UUID(i) for i in self.offers.take(close=True)]
                         unit_ids, work = [], None
                     claimed, cancelled_late = self._commit_and_claim(outcomes, unit_ids, worker)
                 if cancelled_late:
@@ -263,11 +271,52 @@ class BatchRunner:
                 self._tell("claimed", claimed, skipped=skipped, worker=worker)
                 started = time.perf_counter()
                 outcomes, running = work(claimed), claimed
+                last_offered = not offered.isdisjoint(unit_ids)
                 generation_s = time.perf_counter() - started
             log.debug("%d jobs in %.1f ms", len(claimed), 1000 * generation_s)
         if handed_back:
             log.info("handing back %d job(s) of this flush, not started", len(handed_back))
         return Flush(written, [str(i) for i in handed_back])
+
+    def _units(self, jobs: list[Job]) -> list[Unit]:
+        """Plan ``jobs`` into units: each is claimed, run, then committed with the next
+        unit's claim."""
+        exhausted = [job for job in jobs if job.attempts >= self.max_attempts]
+        if exhausted:
+            for job in exhausted:
+                log.warning(
+                    "job %s claimed %d times without finishing; failing it", job.id, job.attempts
+                )
+            self._fail(exhausted, AttemptsExceeded(self.max_attempts))
+            jobs = [job for job in jobs if job.attempts < self.max_attempts]
+        requests, rejected = self.plan(jobs)
+        errors = {job.id: exc for job, exc in rejected}
+        # Jobs refused before generating (too long for the context) come first and fail at once.
+        units: list[Unit] = []
+        if errors:
+            units.append((list(errors), partial(self._refuse, errors), False))
+        attempts = {str(job.id): job.attempts for job in jobs}
+        trusted = [r for r in requests if attempts[r.key] < SUSPECT_AFTER_ATTEMPTS]
+        # Interactive calls first, grouped apart from batch lines (a short group of their own).
+        batch = {str(job.id) for job in jobs if job.lane == "batch"}
+        for in_batch in (False, True):
+            lane = [r for r in trusted if (r.key in batch) is in_batch]
+            plan = plan_groups(lane, max_rows=self.max_rows, prefix_tokens=self.prefix_tokens)
+            for group in plan:
+                units.append(
+                    ([uuid.UUID(r.key) for r in group], partial(self._generate, group), False)
+                )
+        # A job whose workers died under it twice may be what kills them: it runs alone, after
+        # the rest, fewest deaths first, so another crash takes no batch-mate with it.
+        suspects = [r for r in requests if attempts[r.key] >= SUSPECT_AFTER_ATTEMPTS]
+        for request in sorted(suspects, key=lambda r: attempts[r.key]):
+            units.append(([uuid.UUID(request.key)], partial(self._generate, [request]), True))
+        return units
+
+    def _offered(self, job_ids: list[str]) -> list[Unit]:
+        """Read and plan the jobs offered to this flush (interactive calls that came in)."""
+        ids = [uuid.UUID(job_id) for job_id in job_ids]
+        return self._units(self._route(self._with_database(lambda: self._read(ids))))
 
     def _turn(self, alone: bool | None) -> AbstractContextManager[None]:
         """The engine for one unit: shared with other flushes' units, or alone (a suspect).

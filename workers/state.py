@@ -31,6 +31,7 @@ from completion_queue import (
     Metrics,
     QueueDepthCollector,
     Settings,
+    most_held,
     prefetch_count,
     queue_name,
     redact_url,
@@ -41,6 +42,7 @@ from engine import Engine, Routed
 from workers.acks import AckChannel
 from workers.dispatch import FairCharges
 from workers.events import JobEvents
+from workers.interactive import Offers
 from workers.isolation import Isolation
 from workers.listeners import BatchListener
 from workers.metrics import WorkerMetrics
@@ -168,6 +170,9 @@ class WorkerState:
         #: Closed by the main process when the worker stops: the model process's flush ends
         #: after its running group and hands back the groups it has not started.
         self.gate = ClaimGate()
+        #: Interactive jobs the main process hands to the model process's running flush, run
+        #: at its next group boundary (see workers.interactive).
+        self.offers = Offers()
         #: Every hook on the worker's batches: task events, counts, Prometheus metrics.
         self.listeners: list[BatchListener] = [
             self.events,
@@ -201,7 +206,7 @@ class WorkerState:
                 dtype=settings.dtype,
                 # Every message the worker holds may run: a job that arrives joins at the
                 # next step, where a full engine would make it wait for a row to end.
-                max_rows=prefetch_count(settings),
+                max_rows=most_held(settings),
                 kv_rows=settings.batch_size,
                 prefix_caching=settings.prefix_min_tokens > 0,
                 threads=settings.torch_threads,
@@ -228,7 +233,7 @@ class WorkerState:
         max_rows = settings.batch_size
         if settings.engine == "vllm":
             # vLLM schedules rows itself, as the continuous manager does: hand it the flush.
-            max_rows = prefetch_count(settings)
+            max_rows = most_held(settings)
         elif settings.engine == "continuous":
             from engine.continuous import ContinuousEngine
             from engine.static import StaticEngine
@@ -268,6 +273,7 @@ class WorkerState:
             isolation=Isolation() if self.acks is not None else None,
             # vLLM runs every job of a flush at once: there is no group left to hand back.
             gate=self.gate if self.acks is None else None,
+            offers=self.offers if settings.engine == "static" else None,
         )
         self._start_metrics(static)
         log.info(

@@ -25,6 +25,10 @@ it fit a worker whose one pool process holds the model:
 - A worker holding more than its share (:mod:`workers.dispatch`) hands back the
   unstarted groups of its running flush (they come back with its return) and then
   the newest buffered messages, up to the excess.
+- An interactive message that comes in while a flush runs is not buffered: its job
+  is offered to the running flush (:mod:`workers.interactive`), which runs it at its
+  next group boundary, and its message is settled with that flush's. Interactive
+  messages are never among those a flush keeps back.
 - If the pool process dies mid-batch (SIGKILL, OOM killer), the batch's messages
   are requeued at once, instead of waiting for Redis' visibility timeout.
 - The messages are acknowledged only when the task returns True (its results
@@ -66,6 +70,7 @@ from celery_batches.trace import apply_batches_task
 from kombu.asynchronous import get_event_loop
 from kombu.transport.virtual import QoS as VirtualQoS
 
+from workers.interactive import Offers, is_interactive
 from workers.listeners import BatchListener
 
 log = logging.getLogger(__name__)
@@ -81,9 +86,13 @@ class Arrivals(Queue[Request]):
     def __init__(self) -> None:
         super().__init__()
         self.first = self.last = 0.0
+        #: Asked first of each message that comes in: True when it went elsewhere.
+        self.divert: Callable[[Request], bool] | None = None
 
     def put(self, item: Request, block: bool = True, timeout: float | None = None) -> None:
-        """Buffer a message that just came in."""
+        """Buffer a message that just came in (unless :attr:`divert` takes it)."""
+        if self.divert is not None and self.divert(item):
+            return
         now = time.monotonic()
         if self.empty():
             self.first = now
@@ -207,10 +216,13 @@ class ModelBatches(Batches):  # type: ignore[misc]
     group_size: int = 0
     #: Jobs join the running ones (vLLM): flush at once, ack on the model process's reports.
     joins: bool = False
+    #: Interactive jobs handed to the running flush (static engine, :mod:`workers.interactive`).
+    offers: Offers | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self._buffer: Arrivals = Arrivals()
+        self._buffer.divert = self._offer
         self._running = 0
         #: Joining only: the messages sent to the model process and not yet settled, by job id.
         self._held: dict[str, list[Request]] = {}
@@ -294,6 +306,30 @@ class ModelBatches(Batches):  # type: ignore[misc]
             log.info("handing back %d buffered message(s) above this worker's share", len(back))
             settle(back, committed=False, now=True)
 
+    def _offer(self, request: Request) -> bool:
+        """Hand an interactive message's job to the running flush; True if it took it (the
+        message is then settled with that flush's)."""
+        if not (self._running and self._flushing and self.offers is not None):
+            return False
+        if not is_interactive(request):
+            return False
+        if all(is_interactive(r) for r in self._flushing[-1]):
+            # A flush of interactive calls alone is no batch to wait behind: the call waits
+            # in the buffer, and goes in whole groups with what was kept back and came since.
+            return False
+        if not self.offers.offer(request.id):
+            return False
+        self._flushing[-1].append(request)
+        self._tell_received([request])
+        return True
+
+    def _tell_received(self, requests: list[Request]) -> None:
+        for listener in self.listeners:
+            try:
+                listener.received(requests)
+            except Exception:
+                log.exception("batch listener %r failed; the batch runs anyway", listener)
+
     def _forget_flush(self, requests: list[Request]) -> None:
         self._flushing = [flush for flush in self._flushing if flush is not requests]
 
@@ -328,19 +364,20 @@ class ModelBatches(Batches):  # type: ignore[misc]
         if self.joins:
             return self._flush_joining(list(requests))
         requests = list(requests)
+        if self.offers is not None:
+            # Interactive messages first, so none is among those kept back.
+            requests.sort(key=lambda request: not is_interactive(request))
         extra = len(requests) % self.group_size if self.group_size else 0
         if extra and len(requests) > self.group_size:
             requests, kept = requests[:-extra], requests[-extra:]
             for request in kept:
                 self._buffer.put_back(request)
         serializable = ([lean(r) for r in requests],)
-        for listener in self.listeners:
-            try:
-                listener.received(requests)
-            except Exception:
-                log.exception("batch listener %r failed; the batch runs anyway", listener)
+        self._tell_received(requests)
         self._running += 1
         self._flushing.append(requests)
+        if self.offers is not None:
+            self.offers.open()
 
         def on_return(result: Any) -> None:
             self._running = max(0, self._running - 1)
@@ -348,13 +385,23 @@ class ModelBatches(Batches):  # type: ignore[misc]
             committed, handed_back = flush_outcome(result)
             if not committed:
                 log.error("batch of %d not committed; requeueing its messages", len(requests))
-            excess, self._excess = self._excess - len(handed_back), 0
+            asked, self._excess = self._excess, 0
+            settled = requests
+            if handed_back and committed and not self._leaving and not asked:
+                # Offered at its very end, not started: buffered again for the next flush.
+                # (Handed back above this worker's share, they go back to their lanes.)
+                settled = [request for request in requests if request.id not in handed_back]
+                for request in requests:
+                    if request.id in handed_back:
+                        self._buffer.put_back(request)
+                handed_back = frozenset()
+            excess = asked - len(handed_back)
             if excess > 0 and not self._leaving:
                 self._shed(excess)
             if not self._buffer.empty() and not self._leaving:
                 self._do_flush()
             done = partial(
-                settle, requests, committed=committed, handed_back=handed_back, now=self._leaving
+                settle, settled, committed=committed, handed_back=handed_back, now=self._leaving
             )
             # The pool process gets its next flush before the acks go out (one Redis
             # round trip each, ~45 ms for 256 on one core, in this same loop).
@@ -391,11 +438,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
             held.append(request)  # a duplicate waits for the run in flight here
         if not fresh:
             return None
-        for listener in self.listeners:
-            try:
-                listener.received(fresh)
-            except Exception:
-                log.exception("batch listener %r failed; the batch runs anyway", listener)
+        self._tell_received(fresh)
         job_ids = [request.id for request in fresh]
         self._running += 1
 

@@ -1,5 +1,5 @@
-"""Fixtures of the integration tests: a webhook endpoint, and a worker whose every step is
-slowed."""
+"""Fixtures of the integration tests: a webhook endpoint, a worker whose every step is
+slowed, and a worker at the default settings."""
 
 from __future__ import annotations
 
@@ -13,9 +13,43 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from completion_queue import WorkerProcess, free_port, queue_name, worker_env
+from completion_queue import (
+    EmbeddedRedis,
+    Settings,
+    WorkerProcess,
+    free_port,
+    queue_name,
+    worker_env,
+)
+from db import upgrade
 from tests.conftest import Stack
+
+#: The Redis database of the shared server where :func:`defaults` runs (no other fixture's).
+_DEFAULTS_REDIS_DB = 14
+
+
+@pytest.fixture(scope="module")
+def defaults(
+    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """A worker at the default settings, on its own Redis database and SQLite file: every
+    scheduling setting (batch size, lookahead, wait, prefetch) at its default, only where
+    it finds Redis, the database and the model set. One per module."""
+    tmp = tmp_path_factory.mktemp("defaults")
+    broker = f"redis://127.0.0.1:{redis_server.port}/{_DEFAULTS_REDIS_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    settings = Settings(
+        broker_url=broker,
+        database_url=f"sqlite:///{tmp / 'jobs.db'}",
+        data_dir=tmp,
+        model=str(tiny_model),
+    )
+    upgrade(settings.resolved_database_url())
+    worker = WorkerProcess(worker_env(settings), tmp / "worker.log").start().wait_ready()
+    yield settings
+    worker.stop()
 
 
 @dataclass

@@ -145,6 +145,22 @@ def test_interactive_goes_first_and_batch_is_never_starved(
     assert lanes == {"interactive": (BATCH_EVERY - 1) * 4, "batch": 4}
 
 
+def test_an_interactive_only_release_leaves_batch_lines_waiting_and_hot(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    # Given batch lines of two tenants and interactive calls of one
+    app, client = broker
+    lines = [FakeJob(tenant, lane="batch") for tenant in ("a", "b") for _ in range(20)]
+    jobs = send(app, [*lines, FakeJob("a"), FakeJob("a"), FakeJob("a")])
+    # When a worker releases past its hold (interactive messages only)
+    moved = FairQueues(client, QUEUE).release(10, lane="interactive")
+    # Then only the three calls moved; the batch lanes still wait, still marked hot
+    assert moved == 3
+    assert {jobs[i].lane for i in released(client)} == {"interactive"}
+    assert waiting(client, QUEUE) == {"": 3, "batch|a": 20, "batch|b": 20, "interactive|a": 0}
+    assert {m.decode() for m in client.smembers(hot_key(QUEUE))} == {"batch|a", "batch|b"}
+
+
 def test_priorities_order_a_tenants_jobs(broker: tuple[Celery, redis.Redis]) -> None:
     app, client = broker
     jobs = send(app, [FakeJob("a", priority=0) for _ in range(5)] + [FakeJob("a", priority=9)])

@@ -7,43 +7,17 @@ prefetch); only where it finds Redis, the database and the model is set.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
 import redis
 from sqlalchemy import func, select, update
 
-from completion_queue import EmbeddedRedis, Settings, WorkerProcess, queue_name, worker_env
+from completion_queue import Settings, queue_name
 from completion_queue.fair import weights_key
-from db import JobRow, JobStatus, create_tenant, make_engine, make_session_factory, upgrade
+from db import JobRow, JobStatus, create_tenant, make_engine, make_session_factory
 from producer.client import CompletionClient
 from tests.conftest import purge_queue, until
 from workers.dispatch import WEIGHTS_EVERY_S
-
-#: A Redis database of the shared server no other fixture uses.
-_REDIS_DB = 14
-
-
-@pytest.fixture(scope="module")
-def defaults(
-    redis_server: EmbeddedRedis, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Settings]:
-    """A worker at the default settings, on its own Redis database and SQLite file."""
-    tmp = tmp_path_factory.mktemp("fair")
-    broker = f"redis://127.0.0.1:{redis_server.port}/{_REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
-    settings = Settings(
-        broker_url=broker,
-        database_url=f"sqlite:///{tmp / 'jobs.db'}",
-        data_dir=tmp,
-        model=str(tiny_model),
-    )
-    upgrade(settings.resolved_database_url())
-    worker = WorkerProcess(worker_env(settings), tmp / "worker.log").start().wait_ready()
-    yield settings
-    worker.stop()
 
 
 def count(settings: Settings, status: JobStatus, tenant: str | None = None) -> int:

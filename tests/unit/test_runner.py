@@ -25,9 +25,10 @@ from db import (
 )
 from engine import GeneratedChoice, GenerationRequest, GenerationResult
 from tests.factories import make_job
+from workers.interactive import Offers
 from workers.listeners import BatchListener
 from workers.retry import retry_database
-from workers.runner import BatchRunner
+from workers.runner import BatchRunner, Flush
 
 
 class FittingRuntime:
@@ -263,3 +264,98 @@ def test_a_prompt_the_tokenizer_refuses_fails_alone() -> None:
     # Then only that job is refused; its batch-mate is planned
     assert [r.key for r in requests] == [str(ok.id)]
     assert [(j.id, type(e)) for j, e in rejected] == [(bad.id, TypeError)]
+
+
+class OfferingRuntime(WordRuntime):
+    """Records each group's prompts; while the group holding prompt P runs, offers the jobs
+    ``offer_on[P]`` to the flush (as the main process does when interactive calls come in)."""
+
+    def __init__(self, offers: Offers, jobs: Sequence[NewJob], offer_on: dict[str, str]) -> None:
+        self.offers, self.offer_on = offers, offer_on
+        self.prompts = {str(j.id): j.prompt for j in jobs}
+        self.ids = {j.prompt: str(j.id) for j in jobs}
+        self.groups: list[list[str]] = []
+
+    def generate(self, group: Sequence[GenerationRequest], **kw: Any) -> list[GenerationResult]:
+        self.groups.append(sorted(self.prompts[r.key] for r in group))
+        for prompt in self.groups[-1]:
+            if prompt in self.offer_on:
+                assert self.offers.offer(self.ids[self.offer_on[prompt]])
+        return super().generate(group, **kw)
+
+
+def stored(tmp_path: Path, lines: int, calls: int) -> tuple[Any, list[NewJob]]:
+    """Batch lines (two to a group) and interactive calls, stored queued."""
+    sessions = sqlite_sessions(tmp_path)
+    new = [
+        NewJob(model="m", prompt=f"line {i}", params={"max_new_tokens": 4}, lane="batch")
+        for i in range(lines)
+    ]
+    new += [
+        NewJob(model="m", prompt=f"call {i}", params={"max_new_tokens": 8}) for i in range(calls)
+    ]
+    with sessions.begin() as session:
+        create_jobs(session, jobs=new)
+    return sessions, new
+
+
+def statuses(sessions: Any, jobs: Sequence[NewJob]) -> dict[str, tuple[JobStatus, int]]:
+    with sessions() as session:
+        rows = {j.prompt: get_job(session, job_id=j.id) for j in jobs}
+    return {prompt: (row.status, row.attempts) for prompt, row in rows.items() if row}
+
+
+def run_with_two_calls(
+    sessions: Any, new: list[NewJob], *, lines: int
+) -> tuple[OfferingRuntime, Flush, Offers]:
+    """Run a flush of the first ``lines`` jobs; "call 0" is offered while "line 0" runs,
+    "call 1" while "call 0" runs."""
+    offers = Offers()
+    offers.open()
+    runtime = OfferingRuntime(offers, new, {"line 0": "call 0", "call 0": "call 1"})
+    flush = BatchRunner(runtime, sessions, max_rows=2, offers=offers).run_flush(
+        [str(j.id) for j in new[:lines]], worker="w"
+    )
+    return runtime, flush, offers
+
+
+def test_a_running_flush_runs_an_offered_call_at_its_next_group_boundary(tmp_path: Path) -> None:
+    # Given a flush of six batch lines (three groups), and two interactive calls that come in
+    # while its first group runs, then while the first call runs
+    sessions, new = stored(tmp_path, lines=6, calls=2)
+    # When the runner runs the flush
+    runtime, flush, offers = run_with_two_calls(sessions, new, lines=6)
+    # Then each call ran at the next boundary after it came, but a group of batch lines
+    # ran between the two; nothing was handed back, every job ran once
+    assert runtime.groups == [
+        ["line 0", "line 1"],
+        ["call 0"],
+        ["line 2", "line 3"],
+        ["call 1"],
+        ["line 4", "line 5"],
+    ]
+    assert flush.handed_back == []
+    assert statuses(sessions, new) == {j.prompt: (JobStatus.SUCCEEDED, 1) for j in new}
+    # and the flush takes no more offers once it returned
+    assert not offers.offer(str(new[0].id))
+
+
+def test_a_call_offered_at_the_very_end_after_another_goes_back_unstarted(
+    tmp_path: Path,
+) -> None:
+    # Given a flush of one group, a call that comes in while it runs, and another one that
+    # comes in while that call runs (the flush's last unit)
+    sessions, new = stored(tmp_path, lines=2, calls=2)
+    runtime, flush, _ = run_with_two_calls(sessions, new, lines=2)
+    # Then the second call is handed back, never claimed (its message is buffered again)
+    assert runtime.groups == [["line 0", "line 1"], ["call 0"]]
+    assert flush.handed_back == [str(new[3].id)]
+    assert statuses(sessions, new)["call 1"] == (JobStatus.QUEUED, 0)
+
+
+def test_a_flush_plans_interactive_calls_first_in_groups_of_their_own(tmp_path: Path) -> None:
+    sessions, new = stored(tmp_path, lines=3, calls=1)
+    runtime = OfferingRuntime(Offers(), new, {})
+    BatchRunner(runtime, sessions, max_rows=2).run([str(j.id) for j in new], worker="w")
+    # The call's budget (8) is larger than the lines' (4): by budget alone it would go last.
+    assert runtime.groups == [["call 0"], ["line 0", "line 1"], ["line 2"]]

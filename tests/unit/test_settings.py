@@ -83,7 +83,8 @@ def test_celery_app_accepts_json_only_and_acks_late() -> None:
     conf = app.conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
-    assert conf.worker_prefetch_multiplier == 2 * 16 * Settings().batch_lookahead
+    # Two flushes (one running, one forming), and a group of interactive calls past them.
+    assert conf.worker_prefetch_multiplier == 2 * 16 * Settings().batch_lookahead + 16
     with pytest.raises(ConfigError, match="broker_url must be a redis"):
         create_app(Settings(), "amqp://guest@localhost//")
 
