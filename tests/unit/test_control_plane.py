@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from benchmarks.control_plane import bottleneck, group_overheads_ms, steady
+from benchmarks.control_plane import bottleneck, group_overheads_ms, steady, summed_rates
 
 T0 = datetime(2026, 12, 7, tzinfo=UTC)
 
@@ -24,6 +24,14 @@ def test_the_steady_window_is_while_every_worker_runs_after_the_submit() -> None
     # committed after its start: a at 4, 5, 6 and b at 4, 5, 6
     assert (start - T0.timestamp(), end - T0.timestamp()) == (3, 6)
     assert finished == 12
+
+
+def test_the_rate_adds_each_workers_rate_between_its_commits() -> None:
+    # Given a committing 2 jobs every second and b 4 jobs every 2 s, out of phase
+    rows = [("a", at(s)) for s in range(0, 11) for _ in range(2)]
+    rows += [("b", at(s + 0.5)) for s in range(0, 11, 2) for _ in range(4)]
+    # Then the rate between 0 and 10 s is 2 + 2 jobs/s, whatever the window's edges
+    assert summed_rates(rows, T0.timestamp(), T0.timestamp() + 10) == 4.0
 
 
 def test_group_overheads_are_the_gaps_beyond_the_paced_group() -> None:
