@@ -88,7 +88,7 @@ class Probe:
     broker: redis.Redis
     pg_dsn: str
     postmaster: int | None
-    interval_s: float = 0.5
+    interval_s: float = 1.0
     samples: list[Sample] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -118,11 +118,14 @@ class Probe:
         found = {pid: name for name, pids in self.groups.items() for pid in pids}
         if self.postmaster is not None:
             found[self.postmaster] = "postgres"
-            for pid in child_pids(self.postmaster):
-                found[pid] = "postgres"
-        for pid in list(self.groups["worker main"]):
-            for child in child_pids(pid):
-                found[child] = "worker model"
+        mains = set(self.groups["worker main"])
+        # One pass over /proc: a children() call per worker would read it 64 times a sample.
+        for process in psutil.process_iter(["ppid"]):
+            parent = process.info["ppid"]
+            if parent == self.postmaster:
+                found[process.pid] = "postgres"
+            elif parent in mains:
+                found[process.pid] = "worker model"
         return found
 
     def _sample(self, conn: psycopg.Connection[Any]) -> Sample:
