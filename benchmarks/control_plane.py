@@ -49,6 +49,7 @@ from completion_queue import (
     Settings,
     WorkerProcess,
     child_pids,
+    prefetch_count,
     stop_workers,
     worker_env,
 )
@@ -88,6 +89,8 @@ class Probe:
     broker: redis.Redis
     pg_dsn: str
     postmaster: int | None
+    #: Submit every job before the workers start (else once they are ready).
+    submit_first: bool = False
     interval_s: float = 1.0
     samples: list[Sample] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -315,6 +318,8 @@ class Run:
     new_tokens: int
     busy_s: float
     postmaster: int | None
+    #: Submit every job before the workers start (else once they are ready).
+    submit_first: bool = False
 
     def settings(self, model: str) -> Settings:
         """Every worker's (and the client's) settings: the defaults but for the engine."""
@@ -334,10 +339,15 @@ class Run:
         group_s = self.new_tokens * self.step_ms / 1000
         ideal = count * settings.batch_size / group_s
         per_worker = settings.batch_size * math.ceil(self.busy_s / group_s)
+        if self.submit_first:
+            # Every worker must find jobs left when it starts, after the earlier ones took
+            # all they hold: a flush and the prefetch.
+            per_worker += settings.batch_size * settings.batch_lookahead + prefetch_count(settings)
         logs = self.base / f"workers-{count}"
         workers = [
             WorkerProcess(worker_env(settings), logs / f"worker-{i}.log") for i in range(count)
         ]
+        submits = self._submit(settings, per_worker * count, show) if self.submit_first else None
         started = time.perf_counter()
         try:
             for worker in workers:
@@ -345,8 +355,11 @@ class Run:
             for worker in workers:
                 worker.wait_ready(timeout_s=600)
             show(f"{count} workers ready in {time.perf_counter() - started:.0f} s")
-            time.sleep(2)
-            figures = self._load(count, settings, workers, per_worker * count, group_s, show)
+            if submits is None:
+                time.sleep(2)
+            figures = self._load(
+                count, settings, workers, per_worker * count, group_s, show, submits
+            )
             figures.update(_memory(workers))
         finally:
             stop_workers(workers, timeout_s=60)
@@ -354,6 +367,18 @@ class Run:
         figures["over_paced_ideal"] = round(figures["jobs_per_s"] / ideal, 3)
         figures["first_bottleneck"] = bottleneck(figures)
         return figures
+
+    def _submit(self, settings: Settings, jobs: int, show: Any) -> tuple[float, float]:
+        """Submit ``jobs`` jobs; return when the submit began and ended (POSIX seconds)."""
+        began = time.time()
+        with CompletionClient(settings=settings) as client:
+            for chunk in _chunks(jobs, settings.max_batch_requests // 2):
+                client.submit_many(
+                    [{"prompt": f"job {i}", "max_new_tokens": self.new_tokens} for i in chunk]
+                )
+        submitted = time.time()
+        show(f"{jobs} jobs submitted in {submitted - began:.1f} s")
+        return began, submitted
 
     def _load(
         self,
@@ -363,7 +388,9 @@ class Run:
         jobs: int,
         group_s: float,
         show: Any,
+        submits: tuple[float, float] | None,
     ) -> dict[str, Any]:
+        """Submit ``jobs`` unless ``submits`` (their start and end) says they were; measure."""
         broker = redis.Redis.from_url(self.broker.url)
         probe = Probe(
             groups={
@@ -379,14 +406,7 @@ class Run:
         database = make_engine(self.database_url)
         sessions = make_session_factory(database)
         try:
-            began = time.time()
-            with CompletionClient(settings=settings) as client:
-                for chunk in _chunks(jobs, settings.max_batch_requests // 2):
-                    client.submit_many(
-                        [{"prompt": f"job {i}", "max_new_tokens": self.new_tokens} for i in chunk]
-                    )
-            submitted = time.time()
-            show(f"{jobs} jobs submitted in {submitted - began:.1f} s")
+            began, submitted = submits or self._submit(settings, jobs, show)
             deadline = time.monotonic() + 900
             unfinished = select(func.count()).where(
                 JobRow.model == settings.model, JobRow.finished_at.is_(None)
@@ -481,6 +501,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--step-ms", type=float, default=25.0, help="the paced decoding step")
     parser.add_argument("--new-tokens", type=int, default=64, help="max_new_tokens of each job")
     parser.add_argument("--busy-s", type=float, default=30.0, help="paced work per worker")
+    parser.add_argument(
+        "--submit-first",
+        action="store_true",
+        help="submit the backlog before the workers start: where the workers load the CPU, "
+        "a submit beside them measures the submitter",
+    )
     parser.add_argument("--database-url", help="PostgreSQL URL (default: a throwaway cluster)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
@@ -510,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             new_tokens=args.new_tokens,
             busy_s=args.busy_s,
             postmaster=_postmaster(url),
+            submit_first=args.submit_first,
         )
         runs = []
         for count in counts:
@@ -527,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "step_ms": args.step_ms,
         "new_tokens": args.new_tokens,
         "busy_s": args.busy_s,
+        "submit_first": args.submit_first,
     }
     print(", ".join(f"{k}={v}" for k, v in machine.items()))
     if args.json:
