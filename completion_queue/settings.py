@@ -33,10 +33,17 @@ class Settings(BaseSettings):
     dtype: str = Field(
         default="auto", description="Worker dtype: auto, float32, float16, bfloat16."
     )
-    engine: Literal["static", "continuous", "vllm", "auto"] = Field(
+    engine: Literal["static", "continuous", "vllm", "auto", "paced"] = Field(
         default="static",
         description="Worker engine: static batches, continuous batching, vLLM (`make "
-        "install-vllm`), or auto: vLLM where it is installed and runs here, else static.",
+        "install-vllm`), auto: vLLM where it is installed and runs here, else static; or "
+        "paced, a test and bench engine with no model that sleeps paced_step_ms per step.",
+    )
+    paced_step_ms: float = Field(
+        default=25.0,
+        gt=0,
+        le=60_000,
+        description="The paced test engine's decoding step (CQ_ENGINE=paced only).",
     )
     torch_threads: int = Field(
         default=0,

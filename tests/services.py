@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
@@ -32,7 +33,9 @@ def find_pg_bin() -> Path:
 class PostgresCluster:
     """A throwaway PostgreSQL cluster (initdb + pg_ctl) on loopback, trust auth."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, settings: Sequence[str] = ()) -> None:
+        """``settings``: server settings as ``name=value`` (``max_connections=500``)."""
+        self.settings = list(settings)
         # Its own directory under /tmp: pytest's tmp dirs are private to root, and
         # initdb runs as the postgres user when the tests run as root.
         self.base = Path(tempfile.mkdtemp(prefix="cq-pg-"))
@@ -65,6 +68,7 @@ class PostgresCluster:
     def resume(self) -> PostgresCluster:
         """Start the server on its port and data; return when it accepts connections."""
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {setting}" for setting in self.settings)
         self._run(
             "pg_ctl",
             "-D",

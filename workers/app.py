@@ -184,8 +184,9 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
         name=TASK_GENERATE,
         flush_every=settings.batch_size * settings.batch_lookahead,
         flush_interval=max(settings.batch_wait_ms, 1) / 1000,
-        # The static engine runs a flush's groups in turn; the continuous one takes any count.
-        group_size=settings.batch_size if settings.engine == "static" else 0,
+        # The static and paced engines run a flush's groups in turn; the continuous one
+        # takes any count.
+        group_size=settings.batch_size if settings.engine in ("static", "paced") else 0,
         joins=acks is not None,
         # The static engine's running flush takes interactive calls at its group boundaries.
         offers=state.offers if settings.engine == "static" else None,

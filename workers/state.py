@@ -50,6 +50,7 @@ from workers.progress import ProgressWriter
 from workers.runner import BatchRunner, ClaimGate
 
 if TYPE_CHECKING:
+    from engine.paced import PacedEngine
     from engine.static import StaticEngine
     from engine.vllm import VllmEngine
 
@@ -187,7 +188,12 @@ class WorkerState:
         if self.acks is not None:
             self.acks.connect()
         path = settings.model_path()
-        if settings.model == TINY_MODEL_NAME and not Path(path, "config.json").exists():
+        no_model = settings.engine == "paced"
+        if (
+            settings.model == TINY_MODEL_NAME
+            and not no_model
+            and not Path(path, "config.json").exists()
+        ):
             # The CLI builds it (cq up, cq worker, cq demo); a worker only loads models.
             raise ConfigError(
                 f"the tiny model is not built at {path}: run `cq model make-tiny` "
@@ -196,8 +202,12 @@ class WorkerState:
         started = time.perf_counter()
         # Imported here, in the pool process that holds the model: the main process
         # never imports torch or vLLM (and nothing forks after CUDA starts).
-        static: StaticEngine | VllmEngine
-        if settings.engine == "vllm":
+        static: StaticEngine | VllmEngine | PacedEngine
+        if no_model:
+            from engine.paced import PacedEngine
+
+            static = PacedEngine(step_s=settings.paced_step_ms / 1000)
+        elif settings.engine == "vllm":
             # vLLM's venv has a transformers too old for the static engine: nothing falls back.
             from engine.vllm import VllmEngine
 
