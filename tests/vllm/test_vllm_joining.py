@@ -86,7 +86,8 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
     tiny_model: Path,
     tmp_path: Path,
 ) -> None:
-    # Given a slowed vLLM worker that holds 4 messages at most (batch size 2, lookahead 1)
+    # Given a slowed vLLM worker that holds 6 messages at most (batch size 2, lookahead 1:
+    # a prefetch of 4, and a group of interactive calls past it), and runs all it holds
     started = start_vllm_worker(
         request,
         redis_server.port,
@@ -113,7 +114,7 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
         statuses = [j.status for j in after]
         assert set(statuses) <= {JobStatus.SUCCEEDED, JobStatus.QUEUED}, statuses
         committed = [j for j in after if j.status is JobStatus.SUCCEEDED]
-        assert 1 <= len(committed) <= 4 and len(committed) < len(jobs)
+        assert 1 <= len(committed) <= 6 and len(committed) < len(jobs)
         # and nothing stays unacked: the committed jobs' messages were acked before the
         # connection closed, the rest went back to the queue
         assert int(redis_client.hlen("unacked")) == 0
