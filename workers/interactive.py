@@ -31,6 +31,9 @@ from typing import Any
 
 from completion_queue.fair import lane_of_queue
 
+#: Longest the main process waits for the offers' lock (the flush holds it for a drain).
+LOCK_WAIT_S = 0.5
+
 
 class Offers:
     """Job ids the main process hands to the model process's running flush.
@@ -50,12 +53,19 @@ class Offers:
         self._open.set()
 
     def offer(self, job_id: str) -> bool:
-        """Hand ``job_id`` to the running flush; False if it takes no more (it ends)."""
-        with self._lock:
+        """Hand ``job_id`` to the running flush; False if it takes no more (it ends), or
+        the lock is not free within :data:`LOCK_WAIT_S` (a model process killed while it
+        held it leaves it held: the call is then buffered, as with no flush running, and
+        the worker's event loop, which offers, never waits on a dead process)."""
+        if not self._lock.acquire(timeout=LOCK_WAIT_S):
+            return False
+        try:
             if not self._open.is_set():
                 return False
             self._ids.put(job_id)  # a pipe write: the flush sees it once this returns
             return True
+        finally:
+            self._lock.release()
 
     def take(self, *, close: bool = False) -> list[str]:
         """Return the ids offered since the last look; ``close``: and take no more."""
