@@ -26,10 +26,16 @@ unstarted (the main process then buffers its message again, for the next flush).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from typing import Any
 
 from completion_queue.fair import lane_of_queue
+
+log = logging.getLogger(__name__)
+
+#: Longest the main process waits for the offers' lock (the flush holds it for a drain).
+LOCK_WAIT_S = 0.5
 
 
 class Offers:
@@ -44,18 +50,32 @@ class Offers:
         self._lock = multiprocessing.Lock()
         self._open = multiprocessing.Event()
         self._ids: multiprocessing.SimpleQueue[str] = multiprocessing.SimpleQueue()
+        #: The lock was found held past its wait: see :meth:`offer`.
+        self._stuck = False
 
     def open(self) -> None:
         """A flush is being sent: it takes offers until it closes them."""
         self._open.set()
 
     def offer(self, job_id: str) -> bool:
-        """Hand ``job_id`` to the running flush; False if it takes no more (it ends)."""
-        with self._lock:
+        """Hand ``job_id`` to the running flush; False if it takes no more (it ends), or
+        the lock is not free within :data:`LOCK_WAIT_S`: a model process killed while it
+        held it leaves it held for good, so from then on this worker offers nothing (its
+        calls are buffered, as with no flush running) and its event loop, which offers,
+        never waits on a dead process again."""
+        if self._stuck:
+            return False
+        if not self._lock.acquire(timeout=LOCK_WAIT_S):
+            self._stuck = True
+            log.warning("the interactive offers' lock stays held: offering no more calls")
+            return False
+        try:
             if not self._open.is_set():
                 return False
             self._ids.put(job_id)  # a pipe write: the flush sees it once this returns
             return True
+        finally:
+            self._lock.release()
 
     def take(self, *, close: bool = False) -> list[str]:
         """Return the ids offered since the last look; ``close``: and take no more."""

@@ -3,6 +3,7 @@ DB retries; the rows are real, in SQLite."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from db import (
 )
 from engine import GeneratedChoice, GenerationRequest, GenerationResult
 from tests.factories import make_job
-from workers.interactive import Offers
+from workers.interactive import LOCK_WAIT_S, Offers
 from workers.listeners import BatchListener
 from workers.retry import retry_database
 from workers.runner import BatchRunner, Flush
@@ -338,6 +339,24 @@ def test_a_running_flush_runs_an_offered_call_at_its_next_group_boundary(tmp_pat
     assert statuses(sessions, new) == {j.prompt: (JobStatus.SUCCEEDED, 1) for j in new}
     # and the flush takes no more offers once it returned
     assert not offers.offer(str(new[0].id))
+
+
+def test_offers_stop_when_a_killed_flush_left_their_lock_held() -> None:
+    # Given a flush taking offers, killed while it held their lock (SIGKILL mid-drain)
+    offers = Offers()
+    offers.open()
+    assert offers._lock.acquire(timeout=1)
+    # When the main process offers an interactive call
+    started = time.monotonic()
+    taken = offers.offer("job-1")
+    # Then it is refused within the lock's wait (the call is buffered instead), and the
+    # worker's event loop goes on
+    assert not taken and time.monotonic() - started < LOCK_WAIT_S + 1
+    # And from then on it offers nothing, without waiting again (the lock stays held)
+    started = time.monotonic()
+    assert not offers.offer("job-2") and time.monotonic() - started < 0.1
+    offers._lock.release()
+    assert offers.take() == []
 
 
 def test_a_call_offered_at_the_very_end_after_another_goes_back_unstarted(
