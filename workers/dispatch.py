@@ -155,13 +155,17 @@ class Dispatcher:
                 self.limit(held)
             return 0
         share = fair_share(work, workers, self.target)
+        # Interactive calls go past a hold that is the whole prefetch (a worker alone, or
+        # one whose part of the backlog fills it), not past a part that other ready
+        # workers' parts make smaller: those calls are theirs to take.
+        margin = self.margin if workers <= 1 or share >= self.target else 0
         if self.limit is not None:
             # Released messages land in the model's one queue: without a cap, whichever
             # consumer asks first would take another worker's share. Alone, it has no one
             # to take from: capped at what exists now, a burst still coming in would be
             # flushed in pieces (it could take each new job only at the next step). The
             # margin lets interactive calls released past the share in.
-            self.limit((share if workers > 1 else self.target) + self.margin)
+            self.limit((share if workers > 1 else self.target) + margin)
         now = time.monotonic()
         if self.hand_back is not None and held > share + self.slack:
             if now - self._asked_at >= HAND_BACK_EVERY_S:
@@ -170,9 +174,9 @@ class Dispatcher:
                 self.hand_back(held - share)
             return 0
         released = self.fair.release(share - held)
-        if self.margin:
+        if margin:
             # What the first release moved waits in the model's queue: the script counts it.
-            released += self.fair.release(share + self.margin - held, lane="interactive")
+            released += self.fair.release(share + margin - held, lane="interactive")
         return released
 
     def _copy_weights(self, read: Callable[[], Mapping[str, float]]) -> None:
