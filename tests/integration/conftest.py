@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from completion_queue import (
+    TINY_MODEL_NAME,
     EmbeddedRedis,
     Settings,
     WorkerProcess,
@@ -86,6 +87,16 @@ def hooks() -> Iterator[tuple[HookServer, str]]:
 FAULTS_DIR = Path(__file__).resolve().parent.parent / "faults"
 #: Seconds each forward pass of the slowed worker sleeps: 160 tokens take 3 s or more.
 CRAWL_S = 0.02
+
+
+@pytest.fixture
+def user_data_dir(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's ``CQ_DATA_DIR`` with the default model, tiny-gpt2, built in it: where
+    `cq bench` and the benchmarks find it (their workers get data dirs of their own)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / TINY_MODEL_NAME).symlink_to(tiny_model, target_is_directory=True)
+    monkeypatch.setenv("CQ_DATA_DIR", str(tmp_path))
+    return tmp_path
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,9 @@ from engine.devices import resolve_device, resolve_dtype
 from engine.prefix import shared_prefix_len
 
 
-def test_bench_reports_every_figure(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bench_reports_every_figure(tiny_model: Path, user_data_dir: Path) -> None:
     # Given the default model, tiny-gpt2, built in the user's CQ_DATA_DIR (as `cq bench`
     # finds it; the run's own workers get a data dir of their own, where it is not)
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / TINY_MODEL_NAME).symlink_to(tiny_model, target_is_directory=True)
-    monkeypatch.setenv("CQ_DATA_DIR", str(tmp_path))
     config = BenchConfig(
         model=TINY_MODEL_NAME,
         jobs=64,

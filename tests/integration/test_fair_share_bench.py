@@ -8,17 +8,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks import fair_share
-from completion_queue import TINY_MODEL_NAME
 
 
-def test_the_fair_share_bench_reports_a_with_b_against_a_alone(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given the tiny model where the bench looks for it
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / TINY_MODEL_NAME).symlink_to(tiny_model, target_is_directory=True)
-    monkeypatch.setenv("CQ_DATA_DIR", str(tmp_path))
-    out = tmp_path / "fair.json"
+def test_the_fair_share_bench_reports_a_with_b_against_a_alone(user_data_dir: Path) -> None:
+    # Given the tiny model where the bench looks for it (the user's CQ_DATA_DIR)
+    out = user_data_dir / "fair.json"
     # When it runs A alone, then A with B, at a small size
     small = ["--a-jobs", "3000", "--b-jobs", "4", "--new-tokens", "32", "--b-after-s", "1"]
     figures = fair_share.main([*small, "--window-s", "2", "--json", str(out)])
