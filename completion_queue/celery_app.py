@@ -205,7 +205,7 @@ def prefetch_count(settings: Settings) -> int:
 def interactive_margin(settings: Settings) -> int:
     """Return how many interactive messages a worker may hold past its prefetch: one group's
     worth, so that an interactive call reaches a busy worker at once (workers/dispatch.py)
-    and runs at the running flush's next group boundary (workers/interactive.py)."""
+    and runs between two decoding steps of the running flush (workers/interactive.py)."""
     return settings.batch_size
 
 

@@ -29,7 +29,7 @@ worker's consumer does not take another's share.
 Interactive calls are released past that hold, up to a margin of one group
 (:func:`completion_queue.interactive_margin`, which the Celery prefetch leaves room for):
 a call posted while the worker holds a full backlog of batch lines reaches it at once,
-and the running flush takes it at its next group boundary (:mod:`workers.interactive`).
+and the running flush runs it between two decoding steps (:mod:`workers.interactive`).
 
 A consumer step: it starts once the worker consumes, and stops with the
 consumer, before a warm shutdown hands back what the worker holds, so a

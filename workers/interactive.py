@@ -1,8 +1,8 @@
-"""Interactive calls into a running flush: a busy worker runs them at its next group boundary.
+"""Interactive calls into a running flush: a busy worker runs them between two decoding steps.
 
 A worker busy with batch lines holds a flush running (up to ``CQ_BATCH_LOOKAHEAD``
 groups) and the next one forming. An interactive call (a caller holds its connection
-open) must not wait for both:
+open) must not wait for both, nor for the group that runs when it comes:
 
 - it reaches the busy worker at once: the dispatcher releases interactive messages
   past the worker's hold, up to one group more (:mod:`workers.dispatch`);
@@ -11,23 +11,31 @@ open) must not wait for both:
   (acknowledged once the flush's results are committed, requeued if it dies); only a
   flush that holds batch lines takes offers (one of interactive calls alone ends soon,
   and the call then goes with the rest in whole groups);
-- the model process takes what was offered before it claims each group
-  (:meth:`workers.runner.BatchRunner.run_flush`), reads and plans those jobs, and runs
-  them next, in groups of their own, then goes on with the flush as planned.
+- the model process looks for offers after every decoding step of the group it runs
+  (:class:`Interjection`, called by the group's :class:`~workers.progress.Watch`): it
+  reads and plans the offered jobs, claims them, generates them to the end in a group
+  of their own, and commits their results, then the paused group takes its next step.
+  Its rows and KV cache wait in memory meanwhile. What is offered while no group
+  generates (between two groups) is taken before the next group is claimed
+  (:meth:`workers.runner.BatchRunner.run_flush`).
 
-So a call waits for the group running when it comes, not for a flush, and the flush's
-other groups are neither handed back nor planned again. Batch lines are not starved:
-after a group of offered jobs, the flush runs one of its own groups before it takes
-more. An offer and the flush's end cannot cross: the main process offers holding a
-lock, only while the flush takes offers; the flush's last look takes what is left and
-closes them under that lock, so every offered job is run by that flush, or handed back
-unstarted (the main process then buffers its message again, for the next flush).
+So a call waits for one decoding step, not for a group or a flush, and the flush's
+groups are neither handed back nor planned again. Batch lines are not starved: after
+running offered calls for some time, a flush runs its own group at least as long before
+it takes more (interactive calls get at most half the engine while batch lines wait;
+at a group boundary, one of the flush's own groups runs after a group of offered jobs).
+An offer and the flush's end cannot cross: the main process offers holding a lock, only
+while the flush takes offers; the flush's last look takes what is left and closes them
+under that lock, so every offered job is run by that flush, or handed back unstarted
+(the main process then buffers its message again, for the next flush).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
+from collections.abc import Callable
 from typing import Any
 
 from completion_queue.fair import lane_of_queue
@@ -90,6 +98,54 @@ class Offers:
         while not self._ids.empty():
             taken.append(self._ids.get())
         return taken
+
+
+class Interjection:
+    """Runs the calls offered to a flush between two decoding steps of its running group.
+
+    Called after every step (:attr:`workers.progress.Watch.between`); ``run`` claims,
+    generates and commits the offered jobs it is given (the runner's). Not reentrant: the
+    offered jobs' own steps call it too, and do nothing. An error of ``run`` is not the
+    paused group's: it is kept in :attr:`error`, and the flush raises it once that group
+    returns (as it would have at its next commit).
+    """
+
+    def __init__(
+        self,
+        offers: Offers,
+        run: Callable[[list[str]], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.offers = offers
+        self.run = run
+        self.clock = clock
+        self.error: Exception | None = None
+        self._inside = False
+        #: No offers are taken before then: the paused group's turn (see the module's doc).
+        self._not_before = 0.0
+
+    def __call__(self) -> None:
+        if self._inside or self.error is not None or self.clock() < self._not_before:
+            return
+        taken = self.offers.take()
+        if not taken:
+            return
+        self._inside = True
+        started = self.clock()
+        try:
+            self.run(taken)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self._inside = False
+            ended = self.clock()
+            self._not_before = ended + (ended - started)
+
+    def raise_error(self) -> None:
+        """Raise what :attr:`run` raised, once the paused group has returned."""
+        if self.error is not None:
+            raise self.error
 
 
 def is_interactive(request: Any) -> bool:

@@ -99,6 +99,9 @@ class Watch:
         #: Text already sent to each streamed (job, choice), kept across reruns.
         self.emitted: dict[tuple[str, int], str] = {}
         self.rows: dict[tuple[str, int], Row] = {}
+        #: Called after every step the engine reports (the runner's
+        #: :class:`workers.interactive.Interjection`: offered calls run between two steps).
+        self.between: Callable[[], None] | None = None
         self._next_tick = clock() + (interval_s or CANCEL_CHECK_S)
 
     def follow(self, requests: Sequence[GenerationRequest]) -> RowView:
@@ -156,6 +159,8 @@ class RowView:
         if streamed:
             watch.writer.submit(("deltas", watch, streamed))
         watch.tick()
+        if watch.between is not None:
+            watch.between()
         return self.to_stop()
 
     def set(self, index: int, tokens: list[int]) -> None:

@@ -66,7 +66,7 @@ from db import (
     get_unfinished_jobs,
 )
 from engine import Engine, GeneratedChoice, GenerationRequest, GenerationResult, render_chat
-from workers.interactive import Offers
+from workers.interactive import Interjection, Offers
 from workers.isolation import Isolation
 from workers.listeners import BatchListener
 from workers.planner import fit_context, plan_groups
@@ -89,6 +89,17 @@ T = TypeVar("T")
 #: runs alone: one crash may be bad luck, but a job that crashes its worker every time
 #: must not take its batch-mates to ``CQ_MAX_ATTEMPTS`` with it.
 SUSPECT_AFTER_ATTEMPTS = 2
+
+
+def cancelled(outcomes: list[Outcome], cancelled_late: frozenset[uuid.UUID]) -> list[Outcome]:
+    """``outcomes``, those written cancelled (a cancel came after the worker's last look)
+    marked so: their task events and metrics say cancelled, as their rows do."""
+    if not cancelled_late:
+        return outcomes
+    return [
+        replace(o, status=JobStatus.CANCELLED) if o.job_id in cancelled_late else o
+        for o in outcomes
+    ]
 
 
 class ClaimGate:
@@ -175,7 +186,7 @@ class BatchRunner:
         alone (the vLLM engine); ``gate``: when it is closed (or a hand back is asked)
         before a unit is claimed, the flush stops there and reports the jobs it did not
         start; ``offers``: the interactive jobs the main process hands to the running
-        flush, run at its next group boundary (see :mod:`workers.interactive`)."""
+        flush, run between two decoding steps (see :mod:`workers.interactive`)."""
         self.engine = engine
         self.sessions = sessions
         self.max_rows = max_rows
@@ -192,6 +203,9 @@ class BatchRunner:
         self.offers = offers
         # Flushes may run in several threads (the vLLM engine): listeners see one at a time.
         self._tell_lock = threading.Lock()
+        #: The running flush's interjection (offers only come with the static engine,
+        #: whose flushes run one at a time).
+        self._between: Interjection | None = None
 
     def run(self, job_ids: Sequence[str], *, worker: str) -> list[Outcome]:
         """Run every unfinished job among ``job_ids``; return the outcomes written."""
@@ -223,6 +237,21 @@ class BatchRunner:
         units.append(([], None, False))  # the last commit
         offered: set[uuid.UUID] = set()
         last_offered = False  # after a unit of offered jobs, one of the flush's own runs
+        # Offered calls also run between two steps of a group (see workers.interactive).
+        interjected: list[Outcome] = []
+        later: list[Unit] = []
+        interjection = None
+        if self.offers is not None:
+            run = partial(
+                self._interject,
+                worker=worker,
+                written=interjected,
+                handed_back=handed_back,
+                later=later,
+            )
+            interjection = Interjection(self.offers, run)
+        # Each flush sets its own: the units' watches call it (see _generate).
+        self._between = interjection
         index = -1
         while True:
             index += 1
@@ -249,17 +278,12 @@ class BatchRunner:
                     if work is not None and not open_:
                         # Not claimed, so still queued: their messages go back, and the next
                         # worker to take them runs them as their first attempt.
-                        handed_back = [i for ids_, _, _ in units[index:] for i in ids_]
+                        handed_back += [i for ids_, _, _ in units[index:] for i in ids_]
                         if self.offers is not None:
                             handed_back += [uuid.UUID(i) for i in self.offers.take(close=True)]
                         unit_ids, work = [], None
                     claimed, cancelled_late = self._commit_and_claim(outcomes, unit_ids, worker)
-                if cancelled_late:
-                    # Their rows say cancelled: so do their task events and metrics (not succeeded).
-                    outcomes = [
-                        replace(o, status=JobStatus.CANCELLED) if o.job_id in cancelled_late else o
-                        for o in outcomes
-                    ]
+                outcomes = cancelled(outcomes, cancelled_late)
                 if outcomes:
                     self._tell("finished", running, outcomes, generation_s=generation_s)
                     written += outcomes
@@ -271,12 +295,52 @@ class BatchRunner:
                 self._tell("claimed", claimed, skipped=skipped, worker=worker)
                 started = time.perf_counter()
                 outcomes, running = work(claimed), claimed
+                if interjection is not None:
+                    interjection.raise_error()
+                    # Suspects among the calls offered meanwhile run next, alone.
+                    units[index + 1 : index + 1] = later
+                    later.clear()
                 last_offered = not offered.isdisjoint(unit_ids)
                 generation_s = time.perf_counter() - started
             log.debug("%d jobs in %.1f ms", len(claimed), 1000 * generation_s)
         if handed_back:
             log.info("handing back %d job(s) of this flush, not started", len(handed_back))
-        return Flush(written, [str(i) for i in handed_back])
+        return Flush(written + interjected, [str(i) for i in handed_back])
+
+    def _interject(
+        self,
+        job_ids: list[str],
+        *,
+        worker: str,
+        written: list[Outcome],
+        handed_back: list[uuid.UUID],
+        later: list[Unit],
+    ) -> None:
+        """Run the offered ``job_ids`` now, between two steps of the running group: claim
+        each unit, generate it, and commit its outcomes (see :mod:`workers.interactive`).
+
+        A suspect's unit goes to ``later`` (it runs with the engine alone, after the group);
+        with the gate closed, the jobs go to ``handed_back`` unstarted.
+        """
+        for unit_ids, work, alone in self._offered(job_ids):
+            if alone or work is None:
+                later.append((unit_ids, work, alone))
+                continue
+            with self._claiming(first=False) as open_:
+                if not open_:
+                    handed_back.extend(unit_ids)
+                    continue
+                claimed, _ = self._commit_and_claim([], unit_ids, worker)
+            held = {job.id for job in claimed}
+            skipped = [i for i in unit_ids if i not in held]
+            self._tell("claimed", claimed, skipped=skipped, worker=worker)
+            started = time.perf_counter()
+            outcomes = work(claimed)
+            generation_s = time.perf_counter() - started
+            _, cancelled_late = self._commit_and_claim(outcomes, [], worker)
+            outcomes = cancelled(outcomes, cancelled_late)
+            self._tell("finished", claimed, outcomes, generation_s=generation_s)
+            written.extend(outcomes)
 
     def _units(self, jobs: list[Job]) -> list[Unit]:
         """Plan ``jobs`` into units: each is claimed, run, then committed with the next
@@ -468,6 +532,8 @@ class BatchRunner:
         attempts = {str(job.id): job.attempts for job in claimed}
         live = [request for request in group if request.key in attempts]
         watch = self.progress.watch(claimed) if self.progress is not None and live else None
+        if watch is not None:
+            watch.between = self._between
         outcomes = []
         for request, result in self.generate_group(live, watch):
             job_id, attempt = uuid.UUID(request.key), attempts[request.key]

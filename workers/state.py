@@ -172,7 +172,7 @@ class WorkerState:
         #: after its running group and hands back the groups it has not started.
         self.gate = ClaimGate()
         #: Interactive jobs the main process hands to the model process's running flush, run
-        #: at its next group boundary (see workers.interactive).
+        #: between two decoding steps (see workers.interactive).
         self.offers = Offers()
         #: Every hook on the worker's batches: task events, counts, Prometheus metrics.
         self.listeners: list[BatchListener] = [

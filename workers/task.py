@@ -26,8 +26,8 @@ it fit a worker whose one pool process holds the model:
   unstarted groups of its running flush (they come back with its return) and then
   the newest buffered messages, up to the excess.
 - An interactive message that comes in while a flush runs is not buffered: its job
-  is offered to the running flush (:mod:`workers.interactive`), which runs it at its
-  next group boundary, and its message is settled with that flush's. Interactive
+  is offered to the running flush (:mod:`workers.interactive`), which runs it between
+  two decoding steps, and its message is settled with that flush's. Interactive
   messages are never among those a flush keeps back.
 - If the pool process dies mid-batch (SIGKILL, OOM killer), the batch's messages
   are requeued at once, instead of waiting for Redis' visibility timeout.

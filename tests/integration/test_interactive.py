@@ -37,7 +37,7 @@ def timed_calls(client: CompletionClient) -> tuple[list[float], list[float]]:
     return rows, walls
 
 
-def test_an_interactive_call_waits_at_most_about_a_group_behind_its_tenants_batch(
+def test_an_interactive_call_waits_at_most_a_step_behind_its_tenants_batch(
     defaults: Settings,
 ) -> None:
     with CompletionClient(settings=defaults) as client:

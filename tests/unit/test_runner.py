@@ -26,7 +26,7 @@ from db import (
 )
 from engine import GeneratedChoice, GenerationRequest, GenerationResult
 from tests.factories import make_job
-from workers.interactive import LOCK_WAIT_S, Offers
+from workers.interactive import LOCK_WAIT_S, Interjection, Offers
 from workers.listeners import BatchListener
 from workers.retry import retry_database
 from workers.runner import BatchRunner, Flush
@@ -357,6 +357,64 @@ def test_offers_stop_when_a_killed_flush_left_their_lock_held() -> None:
     assert not offers.offer("job-2") and time.monotonic() - started < 0.1
     offers._lock.release()
     assert offers.take() == []
+
+
+class Clock:
+    """A clock the test moves; each run of offered calls takes ``run_s`` on it."""
+
+    def __init__(self, run_s: float) -> None:
+        self.now, self.run_s = 100.0, run_s
+        self.runs: list[list[str]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, job_ids: list[str]) -> None:
+        self.runs.append(job_ids)
+        self.now += self.run_s
+
+
+def test_offered_calls_get_at_most_half_the_engine_while_a_group_waits() -> None:
+    # Given a running group's interjection, whose offered calls take 2 s to run
+    offers, clock = Offers(), Clock(run_s=2.0)
+    offers.open()
+    between = Interjection(offers, clock.run, clock=clock)
+    # When a call is offered, it runs at the group's next step
+    assert offers.offer("a")
+    between()
+    assert clock.runs == [["a"]]
+    # Then one offered right after waits while the group takes steps for as long (2 s)
+    assert offers.offer("b")
+    clock.now += 1.9
+    between()
+    assert clock.runs == [["a"]]
+    clock.now += 0.2
+    between()
+    assert clock.runs == [["a"], ["b"]]
+
+
+def test_an_interjection_runs_nothing_inside_itself_and_keeps_its_error_for_the_flush() -> None:
+    offers = Offers()
+    offers.open()
+    seen: list[list[str]] = []
+
+    def run(job_ids: list[str]) -> None:
+        seen.append(job_ids)
+        # The offered calls' own steps call it again: it runs nothing then
+        assert offers.offer("inner")
+        between()
+        raise OperationalError("commit", {}, Exception("database is locked"))
+
+    between = Interjection(offers, run)
+    assert offers.offer("outer")
+    # The error is not the paused group's: the step goes on
+    between()
+    assert seen == [["outer"]]
+    # and the flush raises it once the group returns; nothing more runs meanwhile
+    between()
+    assert seen == [["outer"]]
+    with pytest.raises(OperationalError):
+        between.raise_error()
 
 
 def test_a_call_offered_at_the_very_end_after_another_goes_back_unstarted(
