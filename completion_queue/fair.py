@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 #: The two lanes of a tenant: interactive calls first, batch lines never starved.
 LANES = ("interactive", "batch")
@@ -368,9 +368,10 @@ def ratio_key(queue: str) -> str:
     return f"cq.fair.{queue}.ratio"
 
 
-#: Record that worker ARGV[2] holds ARGV[3] messages (ARGV[4]: "1" once its model is loaded)
-#: for the next ARGV[5] seconds; return the model's work (what waits in its queue and its
-#: lane queues, plus what every worker holds) and how many workers are ready.
+#: Record that worker ARGV[2] holds ARGV[3] messages (ARGV[4]: "1" once its model is loaded,
+#: "2" while it loads and is expected ready soon, "0" else) for the next ARGV[5] seconds;
+#: return the model's work (what waits in its queue and its lane queues, plus what every
+#: worker holds), how many workers are ready, and how many are joining ("2").
 SHARE = r"""
 local queue = ARGV[1]
 local key = "cq.fair." .. queue .. ".held"
@@ -379,7 +380,7 @@ local levels = 10
 local clock = redis.call("TIME")
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 redis.call("HSET", key, ARGV[2], ARGV[3] .. " " .. ARGV[4] .. " " .. (now + tonumber(ARGV[5])))
-local work, ready = 0, 0
+local work, ready, joining = 0, 0, 0
 local entries = redis.call("HGETALL", key)
 for i = 1, #entries, 2 do
   local held, loaded, till = string.match(entries[i + 1], "^(%S+) (%S+) (%S+)$")
@@ -388,6 +389,7 @@ for i = 1, #entries, 2 do
   else
     work = work + tonumber(held)
     if loaded == "1" then ready = ready + 1 end
+    if loaded == "2" then joining = joining + 1 end
   end
 end
 local function waiting(name)
@@ -409,8 +411,27 @@ for _, member in ipairs(redis.call("SMEMBERS", "cq.fair." .. queue .. ".lanes"))
   if count > 0 then redis.call("SADD", "cq.fair." .. queue .. ".hot", member) end
   work = work + count
 end
-return {work, ready}
+return {work, ready, joining}
 """
+
+
+def load_key(queue: str) -> str:
+    """The Redis string with how long the last worker of ``queue`` took to load its model,
+    from its dispatcher's start to ready, in seconds (see :meth:`FairQueues.loaded`)."""
+    return f"cq.fair.{queue}.load_s"
+
+
+#: How long a model's load time is remembered (a cluster that was down a day measures anew).
+LOAD_TTL_S = 86_400
+
+
+class Share(NamedTuple):
+    """What the share step read: the model's work, its ready workers, and its joining ones
+    (loading, and expected ready soon)."""
+
+    work: int
+    ready: int
+    joining: int
 
 
 def fair_share(work: int, ready: int, most: int) -> int:
@@ -440,11 +461,24 @@ class FairQueues:
             return 0
         return int(self._release(args=[self.queue, free, BATCH_EVERY, RESCAN_S, lane]))
 
-    def share(self, node: str, *, held: int, ready: bool, ttl_s: float) -> tuple[int, int]:
-        """Record that worker ``node`` holds ``held`` messages (and whether its model is
-        loaded), for ``ttl_s`` seconds; return the model's work and its ready workers."""
-        work, workers = self._share(args=[self.queue, node, held, int(ready), ttl_s])
-        return int(work), int(workers)
+    def share(
+        self, node: str, *, held: int, ready: bool, ttl_s: float, joining: bool = False
+    ) -> Share:
+        """Record that worker ``node`` holds ``held`` messages, and whether its model is
+        loaded (or, ``joining``, loads and is expected ready soon), for ``ttl_s`` seconds;
+        return the model's work, its ready workers and its joining ones."""
+        flag = 1 if ready else 2 if joining else 0
+        work, workers, joiners = self._share(args=[self.queue, node, held, flag, ttl_s])
+        return Share(int(work), int(workers), int(joiners))
+
+    def loaded(self, seconds: float) -> None:
+        """Record that a worker of this model took ``seconds`` to load it."""
+        self.client.set(load_key(self.queue), repr(round(seconds, 3)), ex=LOAD_TTL_S)
+
+    def load_s(self) -> float | None:
+        """How long the last worker of this model took to load it; None: none recorded."""
+        value = self.client.get(load_key(self.queue))
+        return float(value) if value is not None else None
 
     def forget(self, node: str) -> None:
         """Forget what worker ``node`` held (it stops releasing)."""

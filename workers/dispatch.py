@@ -21,7 +21,13 @@ groups (:meth:`workers.runner.ClaimGate.hand_back_once`): the flush ends after t
 group it runs, and when it returns their messages go back to their lane queues,
 with the newest buffered ones up to the excess (:meth:`workers.task.ModelBatches.hand_back`),
 where the workers below their share release them. A worker whose model is still loading releases
-nothing and does not count as ready, so the others do not leave it a share.
+nothing and does not count as ready, so the others do not leave it a share, with one
+exception: a worker *joining*, one that has loaded for less than :data:`JOIN_SLACK` times
+what the model's last load took (recorded in Redis by each worker once ready), counts
+for the workers that can hand back (the static engine). Their unstarted groups go
+back at their next group boundary, while it loads, so its part waits for it in the
+queue when it is ready, instead of a group later; if it loads no sooner, it stops
+counting and the others take that part back.
 Released messages land in the model's one queue, so each step also caps what the
 worker's consumer takes from it at its share (kombu's ``prefetch_count``): one
 worker's consumer does not take another's share.
@@ -75,6 +81,10 @@ HELD_TTL_S = 3.0
 #: messages go back only when the group it runs ends.
 HAND_BACK_EVERY_S = 2.0
 
+#: A loading worker counts in the others' shares until it has loaded for this many times
+#: the model's last load time.
+JOIN_SLACK = 3.0
+
 
 def held_count(channel: Any) -> int:
     """How many messages ``channel`` holds: delivered and not yet acknowledged.
@@ -123,6 +133,10 @@ class Dispatcher:
         self.weights = weights
         self.fair = FairQueues(client, queue)
         self._asked_at = -HAND_BACK_EVERY_S
+        self._started = time.monotonic()
+        #: The model's last load time, read at the first step (0: none recorded).
+        self._last_load_s: float | None = None
+        self._load_recorded = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -148,12 +162,22 @@ class Dispatcher:
         if held is None:
             return 0
         ready = self.ready()
-        work, workers = self.fair.share(self.node, held=held, ready=ready, ttl_s=HELD_TTL_S)
+        joining = not ready and self._joining()
+        work, workers, joiners = self.fair.share(
+            self.node, held=held, ready=ready, joining=joining, ttl_s=HELD_TTL_S
+        )
         if not ready:
             # The model is loading: the ready workers take the backlog meanwhile.
             if self.limit is not None:
                 self.limit(held)
             return 0
+        if not self._load_recorded:
+            self._load_recorded = True
+            self.fair.loaded(time.monotonic() - self._started)
+        if self.hand_back is not None:
+            # Leave joining workers their part now: handed back at the running group's end,
+            # it waits for them in the queue (see the module's doc).
+            workers += joiners
         share = fair_share(work, workers, self.target)
         # Interactive calls go past a hold that is the whole prefetch (a worker alone, or
         # one whose part of the backlog fills it), not past a part that other ready
@@ -178,6 +202,13 @@ class Dispatcher:
             # What the first release moved waits in the model's queue: the script counts it.
             released += self.fair.release(share + margin - held, lane="interactive")
         return released
+
+    def _joining(self) -> bool:
+        """True while this worker has loaded for less than :data:`JOIN_SLACK` times the
+        model's last load time (the others then leave it a part)."""
+        if self._last_load_s is None:
+            self._last_load_s = self.fair.load_s() or 0.0
+        return time.monotonic() - self._started < JOIN_SLACK * self._last_load_s
 
     def _copy_weights(self, read: Callable[[], Mapping[str, float]]) -> None:
         """Copy the tenants' weights to Redis; with the database away, keep the last ones

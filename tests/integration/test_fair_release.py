@@ -28,6 +28,7 @@ from completion_queue import (
     waiting,
 )
 from completion_queue.fair import BATCH_EVERY, fair_share, held_key, hot_key
+from workers.dispatch import HAND_BACK_EVERY_S, Dispatcher
 
 MODEL = "fair-model"
 QUEUE = queue_name(MODEL)
@@ -223,19 +224,20 @@ def test_share_counts_waiting_and_held_work_and_only_ready_workers(
     # Given 100 jobs waiting in a lane that left the hot set, and one worker holding 60
     send(app, [FakeJob("a") for _ in range(100)])
     client.delete(hot_key(QUEUE))
-    assert fair.share("w1", held=60, ready=True, ttl_s=30) == (160, 1)
-    # When a second worker records its count while loading, then once ready
-    assert fair.share("w2", held=0, ready=False, ttl_s=30) == (160, 1)
-    work, ready = fair.share("w2", held=0, ready=True, ttl_s=30)
+    assert fair.share("w1", held=60, ready=True, ttl_s=30) == (160, 1, 0)
+    # When a second worker records its count while loading, then joining, then once ready
+    assert fair.share("w2", held=0, ready=False, ttl_s=30) == (160, 1, 0)
+    assert fair.share("w2", held=0, ready=False, joining=True, ttl_s=30) == (160, 1, 1)
+    work, ready, joining = fair.share("w2", held=0, ready=True, ttl_s=30)
     # Then the work is the same, the ready workers two, the share half of it, and the lane
     # with messages is hot again, so the next release finds it
-    assert (work, ready) == (160, 2)
+    assert (work, ready, joining) == (160, 2, 0)
     assert fair_share(work, ready, 512) == 80
     assert client.smembers(hot_key(QUEUE)) == {b"interactive|a"}
     # and a worker whose count expired, or that forgot it, no longer counts
     fair.forget("w2")
     client.hset(held_key(QUEUE), "dead", "40 1 0")
-    assert fair.share("w1", held=60, ready=True, ttl_s=30) == (160, 1)
+    assert fair.share("w1", held=60, ready=True, ttl_s=30) == (160, 1, 0)
     assert client.hkeys(held_key(QUEUE)) == [b"w1"]
 
 
@@ -244,3 +246,63 @@ def test_a_worker_alone_may_hold_the_whole_backlog_up_to_its_prefetch() -> None:
     assert fair_share(3000, 1, 512) == 512
     assert fair_share(257, 2, 512) == 129
     assert fair_share(10, 0, 512) == 10
+
+
+def dispatcher(client: redis.Redis, node: str, held: int, **kwargs: Any) -> Dispatcher:
+    return Dispatcher(client, QUEUE, target=512, held=lambda: held, node=node, **kwargs)
+
+
+def test_a_joining_worker_gets_its_part_handed_back_while_it_loads(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    _, client = broker
+    asked: list[int] = []
+    # Given a worker holding a backlog of 256, that can hand back unstarted groups (static)
+    first = dispatcher(client, "w1", 256, hand_back=asked.append, slack=32)
+    first.step()
+    # and a model whose last load took 4 s
+    FairQueues(client, QUEUE).loaded(4.0)
+    # When a second worker starts loading it
+    joining = dispatcher(client, "w2", 0, ready=lambda: False)
+    assert joining.step() == 0
+    # Then the first hands back half at once, before the second is ready
+    first.step()
+    assert asked == [128]
+    # but not once the second has loaded for three times as long (it may never load)
+    joining._started -= 3 * 4.0
+    joining.step()
+    first._asked_at -= HAND_BACK_EVERY_S
+    first.step()
+    assert asked == [128]
+
+
+def test_a_joining_worker_leaves_a_vllm_workers_hold_alone(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    _, client = broker
+    limits: list[int] = []
+    # Given a vLLM worker (all it holds runs: nothing to hand back) holding 256
+    first = dispatcher(client, "w1", 256, limit=limits.append)
+    first.step()
+    FairQueues(client, QUEUE).loaded(4.0)
+    # When a second worker starts loading
+    dispatcher(client, "w2", 0, ready=lambda: False).step()
+    # Then the first's consumer may still take its whole prefetch: the second gets its part
+    # once it is ready
+    first.step()
+    assert limits[-1] == 512
+
+
+def test_each_worker_records_how_long_its_model_took_to_load(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    _, client = broker
+    loaded = False
+    worker = dispatcher(client, "w1", 0, ready=lambda: loaded)
+    worker._started -= 2.5
+    worker.step()
+    assert FairQueues(client, QUEUE).load_s() is None
+    loaded = True
+    worker.step()
+    load_s = FairQueues(client, QUEUE).load_s()
+    assert load_s is not None and 2.5 <= load_s < 10
