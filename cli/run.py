@@ -153,9 +153,10 @@ def run_up(settings: Settings, placement: list[dict[str, str]] | None = None) ->
 )
 @click.option(
     "--engine",
-    type=click.Choice(["static", "continuous", "vllm", "auto"]),
-    help="static, continuous, vllm (`make install-vllm`) or auto: vllm where it is "
-    "installed and runs here, else static [env CQ_ENGINE].",
+    type=click.Choice(["static", "continuous", "vllm", "auto", "paced"]),
+    help="static, continuous, vllm (`make install-vllm`), auto: vllm where it is "
+    "installed and runs here, else static; or paced: no model, each decoding step a "
+    "sleep of CQ_PACED_STEP_MS (control-plane tests and benches) [env CQ_ENGINE].",
 )
 def worker(
     model: str | None,
