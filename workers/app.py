@@ -188,7 +188,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
         # takes any count.
         group_size=settings.batch_size if settings.engine in ("static", "paced") else 0,
         joins=acks is not None,
-        # The static engine's running flush takes interactive calls at its group boundaries.
+        # The static engine's running flush runs interactive calls between two decoding steps.
         offers=state.offers if settings.engine == "static" else None,
         acks_late=True,
         ignore_result=True,

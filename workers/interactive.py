@@ -51,7 +51,8 @@ class Offers:
 
     Made before the pool forks; shared by both processes. The main process
     :meth:`opens <open>` it when it sends a flush and :meth:`offers <offer>` while it is
-    open; the flush :meth:`takes <take>` at each group boundary, and closes it at its end.
+    open; the flush :meth:`takes <take>` after each decoding step and at each group boundary,
+    and closes it at its end.
     """
 
     def __init__(self) -> None:
