@@ -38,6 +38,10 @@ class GenerationRequest:
     #: The job's lane, ``interactive`` (a caller waits) or ``batch`` (batch lines): an
     #: engine that queues rows starts interactive rows before batch lines.
     lane: str = "interactive"
+    #: A caller reads this job's tokens as they come (``stream``): an engine that reports
+    #: rows' tokens every few steps (vLLM's, :func:`engine.vllm.output_interval`) reports
+    #: these at every step.
+    stream: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -16,7 +16,10 @@ One resident thread steps vLLM for as long as any row runs (continuous batching)
 from several threads may run at once: a call's rows join the running ones at the
 next step, never waiting for another call to end, and each caller is woken when
 its own rows end (or its time limit passes, or a step fails it). Only that thread
-touches vLLM's engine after loading, since ``LLMEngine`` is not thread-safe.
+touches vLLM's engine after loading, since ``LLMEngine`` is not thread-safe. vLLM reports
+a row's new tokens to its caller's follower at the first token, then every few tokens
+(:func:`output_interval`: about twice per progress interval), and at every step for a
+streamed job.
 
 Semantics are ours, not vLLM's defaults: the generated token ids come from
 vLLM, and the text, ``finish_reason`` and ``completion_tokens`` are made from
@@ -80,6 +83,28 @@ BLOCK_TOKENS = 128
 THREAD_CHECK_S = 1.0
 #: Longest ``close`` waits for the step thread to finish its step and abort the rows.
 CLOSE_WAIT_S = 10.0
+#: Most tokens between two reports of a row that no caller streams (see :func:`output_interval`).
+MAX_OUTPUT_INTERVAL = 16
+#: Weight of the newest step in the running estimate of a step's time.
+STEP_EMA = 0.2
+
+
+def output_interval(progress_s: float, step_s: float | None) -> int:
+    """Tokens between two reports of a row's new tokens when no caller streams it.
+
+    vLLM reports a row to the worker at its first token, then every ``stream_interval``
+    tokens, then at its end. Each report is a Python object per row per step, about a
+    fifth of a step where steps are short (the tiny model, or a GPU), so rows nobody
+    streams are reported about twice per progress interval (their rows show partial
+    output that often), not at every step; streamed rows (``stream``) at every step.
+    ``step_s``: a step's time lately (None: not measured yet, report every step);
+    ``progress_s`` 0: partial output is off, so rows are reported at the most rarely.
+    """
+    if not progress_s:
+        return MAX_OUTPUT_INTERVAL
+    if not step_s:
+        return 1
+    return max(1, min(MAX_OUTPUT_INTERVAL, int(progress_s / (2 * step_s))))
 
 
 def vllm_priority(priority: int, lane: str = "interactive") -> int:
@@ -219,6 +244,7 @@ class VllmEngine:
         kv_rows: int = 0,
         prefix_caching: bool = True,
         threads: int = 0,
+        progress_s: float = 0.5,
     ) -> None:
         started = time.perf_counter()
         # The worker's model process is the engine's process: no engine-core child.
@@ -306,6 +332,10 @@ class VllmEngine:
         self._owners: dict[str, _Call] = {}
         #: The calls whose rows are in vLLM, oldest first.
         self._calls: list[_Call] = []
+        #: How often rows show their partial output (``CQ_PROGRESS_INTERVAL_MS``), in seconds.
+        self.progress_s = progress_s
+        #: A step's time lately (an exponential average; None before the first step).
+        self._step_s: float | None = None
         self.load_s = time.perf_counter() - started
         log.info(
             "loaded model %s in vLLM on %s (%s, %d threads, KV cache %.0f MiB) in %.2fs [pid %d]",
@@ -453,6 +483,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         added: list[str] = []
+        every = output_interval(self.progress_s, self._step_s)
         try:
             for request_id, row in call.rows.items():
                 structured = None
@@ -462,6 +493,7 @@ class VllmEngine:
                     **sampling_kwargs(row.request, row.choice, stop_token_ids=self.eos_ids),
                     structured_outputs=structured,
                     output_kind=RequestOutputKind.DELTA,
+                    stream_interval=1 if row.request.stream else every,
                 )
                 self.engine.add_request(
                     request_id,
@@ -544,14 +576,19 @@ class VllmEngine:
         """One engine step: every running row's next token; the one place vLLM runs the model."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        started = time.perf_counter()
         try:
-            return list(self.engine.step())
+            outputs = list(self.engine.step())
         except EngineDeadError as exc:
             raise FatalModelError(f"the vLLM engine died: {exc}") from exc
         except RuntimeError as exc:
             if "CUDA error" in str(exc):
                 raise FatalModelError(f"CUDA failure in the vLLM engine: {exc}") from exc
             raise ModelError(f"vLLM step failed: {exc}") from exc
+        took = time.perf_counter() - started
+        last = self._step_s
+        self._step_s = took if last is None else last + STEP_EMA * (took - last)
+        return outputs
 
     def _stop_rows(self, call: _Call) -> None:
         """Abort the rows the call's follower says to stop (their jobs were cancelled)."""

@@ -38,4 +38,5 @@ def to_request(job: Job, prompt_ids: Sequence[int]) -> GenerationRequest:
         response_format=format_key(params.get("response_format")),
         priority=job.priority,
         lane=job.lane,
+        stream=bool(params.get("stream")),
     )

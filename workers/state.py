@@ -220,6 +220,7 @@ class WorkerState:
                 kv_rows=settings.batch_size,
                 prefix_caching=settings.prefix_min_tokens > 0,
                 threads=settings.torch_threads,
+                progress_s=settings.progress_interval_ms / 1000,
             )
         else:
             from engine.static import StaticEngine

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -201,15 +202,23 @@ def test_job_events_per_job_state() -> None:
 def test_a_pool_process_sends_through_its_own_dispatcher_and_counts_reach_the_parent() -> None:
 
     own = FakeDispatcher()
+    options: dict[str, Any] = {}
+
+    def dispatcher(conn: str, **given: Any) -> FakeDispatcher:
+        options.update(given)
+        return own
+
     app = types.SimpleNamespace(
         connection_for_write=lambda: "conn",
-        events=types.SimpleNamespace(Dispatcher=lambda conn, hostname, enabled: own),
+        events=types.SimpleNamespace(Dispatcher=dispatcher),
     )
     events, consumer = JobEvents(app), FakeDispatcher()  # type: ignore[arg-type]
     events.use(consumer)
     events.owner_pid = -1  # as seen from a forked pool process
     events.claimed([], skipped=[uuid.uuid4()], worker="cq1@host")
     assert consumer.sent == [] and [k for k, _ in own.sent] == ["task-revoked"]
+    # buffered, so that each flush publishes the task events as one message
+    assert options["buffer_group"] == {"task"} and options["hostname"] == "cq1@host"
     # Counts made before a fork add up in the parent
     counts = JobCounts()
     outcome = Outcome(job_id=uuid.uuid4(), attempt=1, status=JobStatus.SUCCEEDED)

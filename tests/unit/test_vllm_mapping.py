@@ -13,9 +13,11 @@ from engine.grammar import JSON_OPTIONS
 from engine.types import GenerationRequest
 from engine.vllm import (
     BLOCK_TOKENS,
+    MAX_OUTPUT_INTERVAL,
     guidance_schema,
     kv_bytes_per_token,
     kv_cache_bytes,
+    output_interval,
     row_seed,
     sampling_kwargs,
     vllm_priority,
@@ -144,6 +146,22 @@ def test_a_jobs_priority_reaches_its_generation_request() -> None:
     assert to_request(make_job(priority=7), [1, 2]).priority == 7
     assert to_request(make_job(lane="batch"), [1, 2]).lane == "batch"
     assert GenerationRequest(key="k", prompt_ids=(1,), max_new_tokens=1).priority == 0
+
+
+def test_a_streamed_job_says_so_to_the_engine() -> None:
+    assert to_request(make_job(params={"stream": True}), [1, 2]).stream is True
+    assert to_request(make_job(), [1, 2]).stream is False
+
+
+def test_rows_nobody_streams_are_reported_about_twice_per_progress_interval() -> None:
+    # Steps of 50 ms and partial output every 500 ms: a report every 5 tokens
+    assert output_interval(0.5, 0.05) == 5
+    # Steps longer than half the interval: every token, as before steps were measured
+    assert output_interval(0.5, 0.4) == output_interval(0.5, None) == 1
+    # Very short steps (a GPU, the tiny model): at most MAX_OUTPUT_INTERVAL tokens apart
+    assert output_interval(0.5, 0.0001) == MAX_OUTPUT_INTERVAL
+    # Partial output off: rows are only needed at their first token and their end
+    assert output_interval(0.0, 0.4) == MAX_OUTPUT_INTERVAL
 
 
 def test_the_kv_cache_is_sized_from_the_models_config() -> None:

@@ -56,6 +56,8 @@ class Recorder:
         self.ended: list[bool] = []
         self.stopped: dict[int, int] = {}
         self.first_at: float | None = None
+        #: How many times the engine reported any row's tokens.
+        self.reports = 0
 
     def follow(self, requests: Sequence[GenerationRequest]) -> Recorder:
         """Follow ``requests``' rows (each request's n rows, in order)."""
@@ -73,6 +75,7 @@ class Recorder:
         """Take row ``index``'s tokens so far."""
         if tokens and self.first_at is None:
             self.first_at = time.monotonic()
+        self.reports += 1
         self.rows[index] = tokens
 
     def finish(self, index: int) -> None:
@@ -185,12 +188,38 @@ def test_a_time_limit_a_cancel_and_a_refused_row_end_their_own_call_alone(
     # and the refused one raises what vLLM said
     assert isinstance(late, GenerationTimeout), late
     choice = succeeded(cancelled).choices[0]
-    assert choice.finish_reason == "cancelled" and choice.completion_tokens == 5
+    assert choice.finish_reason == "cancelled"
+    # (the tokens its follower had when it stopped the row: reported every few steps)
+    assert choice.completion_tokens == cancelled_rows.stopped[0] >= 5
     assert refused is not None and "length" in str(refused).lower(), refused
     # And the plain call beside them gets its whole text, and the engine serves the next call
     assert succeeded(plain).choices[0].text == expected.text
     (after,) = engine.generate([request("after", SHORT_PROMPT, 60, engine)])
     assert succeeded(after).choices[0].text == expected.text
+
+
+def test_a_streamed_row_is_reported_at_every_step_and_the_others_every_few(
+    engine: SlowSteps, offline: Any
+) -> None:
+    expected = offline_choice(offline, SHORT_PROMPT, 60, temperature=0)
+    # Given a streamed call and a plain one generating at once (steps of STEP_S or more,
+    # partial output every 500 ms: the default)
+    streamed, plain = Recorder(), Recorder()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(
+                engine.generate, [request(key, SHORT_PROMPT, 60, engine, stream=s)], watch=w
+            )
+            for key, s, w in (("streamed", True, streamed), ("plain", False, plain))
+        ]
+        results = [future.result(timeout=300) for future in futures]
+    # Then the streamed row's tokens came at every step, the plain row's every few steps
+    # (its first token at once), and both got the whole text
+    assert streamed.reports >= 60 - 1
+    assert 2 <= plain.reports <= 60 // 3
+    for (result,), recorder in zip(results, (streamed, plain), strict=True):
+        assert succeeded(result).choices[0].text == expected.text
+        assert recorder.rows[0] == list(expected.token_ids)
 
 
 def test_closing_the_engine_wakes_a_caller_still_waiting(engine: SlowSteps) -> None:
