@@ -144,3 +144,27 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
     finally:
         client.close()
         started.worker.stop()
+
+
+def test_a_lone_job_on_an_idle_worker_goes_to_the_engine_without_waiting_for_the_timer(
+    request: pytest.FixtureRequest,
+    redis_server: EmbeddedRedis,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    # Given a vLLM worker whose batch buffer flushes every 5 s (CQ_BATCH_WAIT_MS), idle
+    wait_s = 5.0
+    started = start_vllm_worker(
+        request, redis_server.port, 11, tiny_model, tmp_path, batch_wait_ms=int(wait_s * 1000)
+    )
+    client = started.client
+    try:
+        # When one job comes, then another once the first is done
+        for prompt in ("A lone job", "Another one"):
+            done = client.wait(client.submit(prompt, max_new_tokens=4).id, timeout=60)
+            # Then each went to the engine at once, not at the buffer timer's tick
+            assert done.status is JobStatus.SUCCEEDED
+            assert done.latency_s is not None and done.latency_s < wait_s / 2, done.latency_s
+    finally:
+        client.close()
+        started.worker.stop()
