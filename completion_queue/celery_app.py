@@ -198,8 +198,16 @@ def restore_interval_s(settings: Settings) -> int:
 
 
 def prefetch_count(settings: Settings) -> int:
-    """Return how many messages a worker reserves: the flush running plus the next one forming."""
-    return 2 * settings.batch_size * settings.batch_lookahead
+    """Return how many messages a worker reserves: the flush running plus the next one forming.
+
+    A vLLM worker reserves one flush more, buffered in its main process (never claimed):
+    its engine's rows that end are filled from there within a tick of the flush timer,
+    where they would otherwise stay empty for the turnaround of the jobs that ended in them
+    (commit, ack, release, delivery, flush, claim: a fifth of the rows on the tiny model,
+    measured in docs/benchmarks.md). See :mod:`workers.task`.
+    """
+    flushes = 3 if settings.engine == "vllm" else 2
+    return flushes * settings.batch_size * settings.batch_lookahead
 
 
 def interactive_margin(settings: Settings) -> int:
@@ -209,9 +217,21 @@ def interactive_margin(settings: Settings) -> int:
     return settings.batch_size
 
 
+def engine_rows(settings: Settings) -> int:
+    """Return the rows a vLLM worker's engine runs at once (vLLM's ``max_num_seqs``): two
+    flushes and the interactive margin (see :func:`batch_line_rows`)."""
+    return 2 * settings.batch_size * settings.batch_lookahead + interactive_margin(settings)
+
+
+def batch_line_rows(settings: Settings) -> int:
+    """Return the most rows of a vLLM worker's engine that batch lines take: all but the
+    interactive margin, so an interactive call always finds a row free."""
+    return engine_rows(settings) - interactive_margin(settings)
+
+
 def most_held(settings: Settings) -> int:
     """Return the most messages a worker holds at once: its prefetch and the interactive
-    margin past it (what the vLLM engine runs at once, see workers/state.py)."""
+    margin past it."""
     return prefetch_count(settings) + interactive_margin(settings)
 
 

@@ -34,10 +34,12 @@ A ``response_format`` runs through vLLM's structured outputs on its guidance
 has the same language on either engine; the kept tokens are then checked with the
 static engine's own matcher, and a row that left its format fails its job, as there.
 A job's lane and ``priority`` feed vLLM's priority scheduling (:func:`vllm_priority`):
-interactive rows before batch lines, then the more urgent. The worker lets vLLM run every
-row it holds at once (``max_rows``), so a job that arrives joins at the next step; when
-the KV cache runs short, vLLM preempts the least urgent rows (batch lines first) and
-starts the waiting ones most urgent first.
+interactive rows before batch lines, then the more urgent. vLLM runs ``max_rows`` rows at
+once and starts its waiting ones most urgent first as rows end; when the KV cache runs
+short, it preempts the least urgent rows (batch lines first). It never preempts a row for
+want of a seat, so batch lines take at most ``batch_rows`` of them: the others wait here,
+in the order they came, and go in as batch rows end, while an interactive row always goes
+to vLLM at once and finds a seat free.
 
 vllm is imported only when an engine is built, so this module imports (and its
 pure mapping, :func:`sampling_kwargs`, is tested) where vllm is not installed.
@@ -45,6 +47,7 @@ pure mapping, :func:`sampling_kwargs`, is tested) where vllm is not installed.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -170,6 +173,9 @@ def sampling_kwargs(
         "ignore_eos": False,
         "skip_special_tokens": True,
         "logprobs": request.logprobs,
+        # vLLM's text is never read (ours is decoded from the token ids once, at the end):
+        # it detokenizes a row as it goes only to look for its stop strings.
+        "detokenize": bool(request.stop),
     }
     return kwargs
 
@@ -214,6 +220,13 @@ class _Row:
     logprobs: list[dict[int, Any]] = field(default_factory=list)
     done: bool = False
     cancelled_at: int | None = None
+    #: Handed to vLLM (a batch row may wait here first, see :attr:`VllmEngine.batch_rows`).
+    added: bool = False
+
+    @property
+    def batch(self) -> bool:
+        """A batch line's row (not an interactive call's)."""
+        return self.request.lane == "batch"
 
 
 @dataclass(eq=False)
@@ -241,6 +254,7 @@ class VllmEngine:
         *,
         dtype: str = "auto",
         max_rows: int = 32,
+        batch_rows: int = 0,
         kv_rows: int = 0,
         prefix_caching: bool = True,
         threads: int = 0,
@@ -332,6 +346,12 @@ class VllmEngine:
         self._owners: dict[str, _Call] = {}
         #: The calls whose rows are in vLLM, oldest first.
         self._calls: list[_Call] = []
+        #: The most batch lines' rows in vLLM at once (0: ``max_rows``); the rest wait here.
+        self.batch_rows = batch_rows or max_rows
+        #: Batch rows not yet handed to vLLM, oldest first (with their request ids).
+        self._waiting: collections.deque[tuple[str, _Row]] = collections.deque()
+        #: The request ids of the batch rows in vLLM now.
+        self._batch_in: set[str] = set()
         #: How often rows show their partial output (``CQ_PROGRESS_INTERVAL_MS``), in seconds.
         self.progress_s = progress_s
         #: A step's time lately (an exponential average; None before the first step).
@@ -478,40 +498,56 @@ class VllmEngine:
             self._fail_all(self._dead or ModelError("the vLLM engine is closing"))
 
     def _admit(self, call: _Call) -> None:
-        """Add a call's rows to vLLM's engine; a row vLLM refuses fails the call alone."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-        added: list[str] = []
-        every = output_interval(self.progress_s, self._step_s)
-        try:
-            for request_id, row in call.rows.items():
-                structured = None
-                if row.schema is not None:
-                    structured = StructuredOutputsParams(json=row.schema)
-                params = SamplingParams(
-                    **sampling_kwargs(row.request, row.choice, stop_token_ids=self.eos_ids),
-                    structured_outputs=structured,
-                    output_kind=RequestOutputKind.DELTA,
-                    stream_interval=1 if row.request.stream else every,
-                )
-                self.engine.add_request(
-                    request_id,
-                    {"prompt_token_ids": list(row.request.prompt_ids)},
-                    params,
-                    priority=vllm_priority(row.request.priority, row.request.lane),
-                )
-                added.append(request_id)
-        except Exception as exc:
-            if added:
-                self.engine.abort_request(added)
-            call.error = exc
-            call.done.set()
-            return
+        """Take a call's rows: interactive ones into vLLM now, batch ones when a seat is theirs
+        (:meth:`_fill`); a row vLLM refuses fails the call alone."""
         for request_id, row in call.rows.items():
             self._running[request_id] = row
             self._owners[request_id] = call
         self._calls.append(call)
+        try:
+            for request_id, row in call.rows.items():
+                if row.batch:
+                    self._waiting.append((request_id, row))
+                else:
+                    self._add(request_id, row)
+        except Exception as exc:
+            self._end(call, exc)
+
+    def _fill(self) -> None:
+        """Hand vLLM the waiting batch rows its batch lines have seats for, oldest first."""
+        while self._waiting and len(self._batch_in) < self.batch_rows:
+            request_id, row = self._waiting.popleft()
+            if row.done or request_id not in self._running:
+                continue  # a cancel stopped it, or its call ended, while it waited
+            try:
+                self._add(request_id, row)
+            except Exception as exc:
+                self._end(self._owners[request_id], exc)
+
+    def _add(self, request_id: str, row: _Row) -> None:
+        """Add one row to vLLM's engine."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        structured = None
+        if row.schema is not None:
+            structured = StructuredOutputsParams(json=row.schema)
+        every = output_interval(self.progress_s, self._step_s)
+        params = SamplingParams(
+            **sampling_kwargs(row.request, row.choice, stop_token_ids=self.eos_ids),
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+            stream_interval=1 if row.request.stream else every,
+        )
+        self.engine.add_request(
+            request_id,
+            {"prompt_token_ids": list(row.request.prompt_ids)},
+            params,
+            priority=vllm_priority(row.request.priority, row.request.lane),
+        )
+        row.added = True
+        if row.batch:
+            self._batch_in.add(request_id)
 
     def _turn(self) -> None:
         """End the calls past their deadline, run one step, end the calls whose rows all ended."""
@@ -522,6 +558,7 @@ class VllmEngine:
                 self._end(call)
         if not self._calls:
             return
+        self._fill()
         outputs = self._step()
         reported: set[int] = set()
         for output in outputs:
@@ -538,6 +575,7 @@ class VllmEngine:
                 call.view.set(row.index, list(row.tokens))
             if output.finished:
                 row.done = True
+                self._batch_in.discard(output.request_id)
                 if call.view is not None:
                     call.view.finish(row.index)
         for call in list(self._calls):
@@ -550,10 +588,13 @@ class VllmEngine:
 
     def _end(self, call: _Call, error: BaseException | None = None) -> None:
         """Abort a call's unfinished rows, forget its rows and wake its caller."""
-        unfinished = [i for i, row in call.rows.items() if not row.done and i in self._running]
+        unfinished = [
+            i for i, row in call.rows.items() if row.added and not row.done and i in self._running
+        ]
         for request_id in call.rows:
             self._running.pop(request_id, None)
             self._owners.pop(request_id, None)
+            self._batch_in.discard(request_id)
         if call in self._calls:
             self._calls.remove(call)
         call.error = error
@@ -601,7 +642,9 @@ class VllmEngine:
             if not row.done:
                 row.done = True
                 row.cancelled_at = call.view.cancelled_at(index)
-                stopped.append(request_id)
+                if row.added:
+                    stopped.append(request_id)
+                    self._batch_in.discard(request_id)
         if stopped:
             self.engine.abort_request(stopped)
 

@@ -31,6 +31,8 @@ from completion_queue import (
     Metrics,
     QueueDepthCollector,
     Settings,
+    batch_line_rows,
+    engine_rows,
     most_held,
     prefetch_count,
     queue_name,
@@ -214,9 +216,11 @@ class WorkerState:
             static = VllmEngine(
                 path,
                 dtype=settings.dtype,
-                # Every message the worker holds may run: a job that arrives joins at the
-                # next step, where a full engine would make it wait for a row to end.
-                max_rows=most_held(settings),
+                # Two flushes and the interactive margin run at once (the worker buffers a
+                # flush more, sent here as rows free: see workers.task). Batch lines leave
+                # the margin free: an interactive call never waits for a row.
+                max_rows=engine_rows(settings),
+                batch_rows=batch_line_rows(settings),
                 kv_rows=settings.batch_size,
                 prefix_caching=settings.prefix_min_tokens > 0,
                 threads=settings.torch_threads,

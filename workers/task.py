@@ -44,9 +44,17 @@ it fit a worker whose one pool process holds the model:
   longer be acknowledged, and lets the next message arm a new flush timer.
 
 On the vLLM engine (``joins``), jobs join the running ones at the engine's next
-step, so none of the holding back above applies: every flush goes to the model
+step, so none of the holding back above applies: a flush goes to the model
 process at once, and its task returns as soon as its jobs are handed to a thread
-there. The messages stay held, by job id, until the model process reports each
+there. The model process gets no more jobs than its engine has rows for
+(``engine_rows``, of which batch lines take ``batch_rows`` at most): the worker
+holds a flush more (:func:`completion_queue.prefetch_count`), buffered here, and
+each tick of the flush timer sends what the rows freed since take. So a row
+that ends is filled within a tick, not after its job's ack, the dispatcher's
+release and Celery's delivery of another, and what is buffered was never
+claimed: a leaving worker hands it back at once. An interactive call goes past
+held batch lines (it takes a row of the interactive margin, which batch lines
+leave free). The messages stay held, by job id, until the model process reports each
 job committed on the :class:`workers.acks.AckChannel` (then acknowledged) or
 given up (then requeued); if it dies, everything held is requeued at once. A
 second message for a job already held here is not run again: it waits with the
@@ -225,6 +233,10 @@ class ModelBatches(Batches):  # type: ignore[misc]
     group_size: int = 0
     #: Jobs join the running ones (vLLM): flush at once, ack on the model process's reports.
     joins: bool = False
+    #: Joining only: the rows the engine runs at once (0: no limit), and of them the most
+    #: that batch lines take.
+    engine_rows: int = 0
+    batch_rows: int = 0
     #: Interactive jobs handed to the running flush (static engine, :mod:`workers.interactive`).
     offers: Offers | None = None
 
@@ -238,6 +250,8 @@ class ModelBatches(Batches):  # type: ignore[misc]
         self._held: dict[str, list[Request]] = {}
         #: Joining only: the held jobs whose flush task returned (they run in the model process).
         self._taken: set[str] = set()
+        #: Joining only: the held jobs that are batch lines (not interactive calls).
+        self._held_batch: set[str] = set()
         #: The messages of each flush sent to the model process and not yet returned.
         self._flushing: list[list[Request]] = []
         #: The worker is leaving: its event loop no longer runs (see :meth:`leave`).
@@ -259,6 +273,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
         dropped += sum(len(held) for held in self._held.values())
         self._held.clear()
         self._taken.clear()
+        self._held_batch.clear()
         if dropped or self._running:
             log.warning(
                 "broker connection was lost: dropped %d buffered message(s), "
@@ -345,7 +360,8 @@ class ModelBatches(Batches):  # type: ignore[misc]
 
     def _do_flush(self) -> None:
         if self.joins:
-            super()._do_flush()  # the engine takes new jobs at its next step: never hold back
+            if not self._waits():
+                super()._do_flush()  # the engine takes new jobs at its next step
             return
         if self._running:
             return  # the model is busy: the next batch fills up, and flushes when it returns
@@ -354,6 +370,46 @@ class ModelBatches(Batches):  # type: ignore[misc]
         super()._do_flush()
         # What flush() kept back counts toward the next full buffer.
         self._count = itertools.count(self._buffer.qsize() + self._pending.qsize() + 1)
+
+    def _waits(self) -> bool:
+        """Joining only: True when the engine has no row for any buffered message."""
+        if not self.engine_rows:
+            return False
+        room, batch_room = self._rooms()
+        if room > 0 and batch_room > 0:
+            return False
+        calls = any(is_interactive(request) for request in self._buffer.queue)
+        return not (calls and (room > 0 or self._held_batch))
+
+    def _rooms(self) -> tuple[int, int]:
+        """Joining only: the engine's rows free for a job, and for a batch line."""
+        return self.engine_rows - len(self._held), self.batch_rows - len(self._held_batch)
+
+    def _fitting(self, requests: list[Request]) -> list[Request]:
+        """Joining only: those of ``requests`` the engine has rows for, interactive calls
+        first; the others are buffered again, first in line for the next tick.
+
+        An interactive call goes past held batch lines even when every row is taken: batch
+        lines leave the interactive margin free. A second message for a held job goes too
+        (it waits for the first's run, and takes no row).
+        """
+        room, batch_room = self._rooms()
+        fitting = []
+        for request in sorted(requests, key=lambda request: not is_interactive(request)):
+            call = is_interactive(request)
+            if request.id in self._held:
+                fits = True
+            elif call:
+                fits = room > 0 or bool(self._held_batch)
+                room -= 1
+            else:
+                fits = room > 0 and batch_room > 0
+                room, batch_room = room - fits, batch_room - fits
+            if fits:
+                fitting.append(request)
+            else:
+                self._buffer.put_back(request)
+        return fitting
 
     def _first_arrival(self) -> None:
         """A message came into an empty buffer: on a joining engine, flush it soon if the
@@ -452,11 +508,15 @@ class ModelBatches(Batches):  # type: ignore[misc]
         The task returns once they are handed over; they are settled as the model
         process reports them (:meth:`report`), or requeued if the task fails or dies.
         """
+        if self.engine_rows:
+            requests = self._fitting(requests)
         fresh = []
         for request in requests:
             held = self._held.setdefault(request.id, [])
             if not held:
                 fresh.append(request)
+                if not is_interactive(request):
+                    self._held_batch.add(request.id)
             held.append(request)  # a duplicate waits for the run in flight here
         if not fresh:
             return None
@@ -493,6 +553,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
         """Acknowledge (or requeue) every message held for these jobs; others were settled."""
         for job_id in job_ids:
             self._taken.discard(job_id)
+            self._held_batch.discard(job_id)
             settle(self._held.pop(job_id, []), committed=committed, now=self._leaving)
 
     def requeue_held(self) -> None:

@@ -15,9 +15,13 @@ from kombu import Connection
 from completion_queue import (
     ConfigError,
     Settings,
+    batch_line_rows,
     celery_priority,
     create_app,
+    engine_rows,
     heartbeat_interval_s,
+    most_held,
+    prefetch_count,
     queue_name,
     redact_url,
     resolve_broker_url,
@@ -87,6 +91,19 @@ def test_celery_app_accepts_json_only_and_acks_late() -> None:
     assert conf.worker_prefetch_multiplier == 2 * 16 * Settings().batch_lookahead + 16
     with pytest.raises(ConfigError, match="broker_url must be a redis"):
         create_app(Settings(), "amqp://guest@localhost//")
+
+
+def test_a_vllm_worker_buffers_a_flush_more_than_its_engine_runs() -> None:
+    # Given the default settings (batch size 32, lookahead 8: flushes of 256)
+    static, vllm = Settings(engine="static"), Settings(engine="vllm")
+    flush = static.batch_size * static.batch_lookahead
+    # Then the static worker holds two flushes and a group of interactive calls
+    assert prefetch_count(static) == 2 * flush and most_held(static) == 2 * flush + 32
+    # and a vLLM worker's engine runs as many rows, of which batch lines leave the group
+    # free, while the worker holds a flush more (buffered, sent as rows free)
+    assert engine_rows(vllm) == most_held(static) == 544
+    assert batch_line_rows(vllm) == 2 * flush == 512
+    assert most_held(vllm) == engine_rows(vllm) + flush == 800
 
 
 def tls_of(url: str) -> tuple[object, object]:

@@ -57,6 +57,8 @@ def test_every_field_maps_to_its_sampling_parameter() -> None:
         "ignore_eos": False,
         "skip_special_tokens": True,
         "logprobs": 3,
+        # vLLM detokenizes as it goes only to find the stop strings: the text is ours.
+        "detokenize": True,
     }
 
 
@@ -69,6 +71,8 @@ def test_greedy_and_unseeded_rows_keep_vllms_meaning_of_zero_and_none() -> None:
         None,
         None,
     )
+    # and with no stop string, vLLM need not detokenize the row at all
+    assert kwargs["detokenize"] is False
 
 
 def test_each_choice_of_a_seeded_request_gets_its_own_stream_as_in_the_static_engine() -> None:

@@ -3,7 +3,8 @@
 A call made while another runs joins at the next engine step: its first token comes
 within a few steps and it returns as soon as its own rows end, long before the running
 call does. Each call keeps what is its own: a time limit, a cancel, a row vLLM refuses
-end that call alone. Closing the engine wakes every caller still waiting.
+end that call alone. Batch lines take at most the engine's ``batch_rows``: an interactive
+call finds a row free. Closing the engine wakes every caller still waiting.
 
 The engine here is the real :class:`~engine.vllm.VllmEngine` on the tiny model, each step
 slowed by ``STEP_S`` (a big model's decoding step, as the slowed worker's fault plugin
@@ -162,6 +163,54 @@ def test_a_call_made_while_another_runs_joins_at_the_next_step(
     assert succeeded(short).choices[0].text == expected_short.text
     for choice in succeeded(long).choices:
         assert choice.text == expected_long.text and choice.completion_tokens == 200
+
+
+def test_batch_lines_leave_rows_free_for_an_interactive_call(
+    engine: SlowSteps, offline: Any
+) -> None:
+    expected = offline_choice(offline, LONG_PROMPT, 100, temperature=0)
+    expected_short = offline_choice(offline, SHORT_PROMPT, 8, temperature=0)
+    assert kept_tokens(expected) == 100, "the test needs a long text with no EOS"
+    # Given an engine whose batch lines may take 2 of its 8 rows, and a batch call of 4 rows
+    # generating in another thread
+    all_rows, engine.batch_rows = engine.batch_rows, 2
+    batch_rows = Recorder()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            batch_call: Future[list[GenerationResult | Exception]] = pool.submit(
+                engine.generate,
+                [request("batch", LONG_PROMPT, 100, engine, n=4, lane="batch")],
+                watch=batch_rows,
+            )
+            until(lambda: batch_rows.rows and len(batch_rows.rows[0]) >= 5, 120)
+            # (and a batch line with a 0.3 s time limit, which waits behind them)
+            late_call = pool.submit(
+                engine.generate,
+                [request("late", SHORT_PROMPT, 8, engine, lane="batch")],
+                timeout_s=0.3,
+            )
+            # When an interactive call is made
+            interactive = Recorder()
+            submitted = time.monotonic()
+            (short,) = engine.generate(
+                [request("interactive", SHORT_PROMPT, 8, engine)], watch=interactive
+            )
+            waiting_then = [len(row) for row in batch_rows.rows[2:]]
+            running_then = [len(row) for row in batch_rows.rows[:2]]
+            (batch,) = batch_call.result(timeout=300)
+            (late,) = late_call.result(timeout=300)
+    finally:
+        engine.batch_rows = all_rows
+    # Then two batch rows ran and two waited, while the interactive row went in at once
+    assert interactive.first_at is not None
+    assert interactive.first_at - submitted < 0.5
+    assert waiting_then == [0, 0] and min(running_then) >= 5, (waiting_then, running_then)
+    assert succeeded(short).choices[0].text == expected_short.text
+    # And the time limit of a row that waited counted from its call: it failed with it
+    assert isinstance(late, GenerationTimeout), late
+    # And the waiting rows went in as the first two ended, each with the whole text
+    for choice in succeeded(batch).choices:
+        assert choice.text == expected.text and choice.completion_tokens == 100
 
 
 def test_a_time_limit_a_cancel_and_a_refused_row_end_their_own_call_alone(
