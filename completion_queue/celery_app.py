@@ -198,16 +198,8 @@ def restore_interval_s(settings: Settings) -> int:
 
 
 def prefetch_count(settings: Settings) -> int:
-    """Return how many messages a worker reserves: the flush running plus the next one forming.
-
-    A vLLM worker reserves one flush more, buffered in its main process (never claimed):
-    its engine's rows that end are filled from there within a tick of the flush timer,
-    where they would otherwise stay empty for the turnaround of the jobs that ended in them
-    (commit, ack, release, delivery, flush, claim: a fifth of the rows on the tiny model,
-    measured in docs/benchmarks.md). See :mod:`workers.task`.
-    """
-    flushes = 3 if settings.engine == "vllm" else 2
-    return flushes * settings.batch_size * settings.batch_lookahead
+    """Return how many messages a worker reserves: the flush running plus the next one forming."""
+    return 2 * settings.batch_size * settings.batch_lookahead
 
 
 def interactive_margin(settings: Settings) -> int:

@@ -216,9 +216,9 @@ class WorkerState:
             static = VllmEngine(
                 path,
                 dtype=settings.dtype,
-                # Two flushes and the interactive margin run at once (the worker buffers a
-                # flush more, sent here as rows free: see workers.task). Batch lines leave
-                # the margin free: an interactive call never waits for a row.
+                # Every message the worker holds may run: a job that arrives joins at the
+                # next step. Batch lines leave the interactive margin free: an interactive
+                # call never waits for a row to end.
                 max_rows=engine_rows(settings),
                 batch_rows=batch_line_rows(settings),
                 kv_rows=settings.batch_size,

@@ -46,19 +46,15 @@ it fit a worker whose one pool process holds the model:
 On the vLLM engine (``joins``), jobs join the running ones at the engine's next
 step, so none of the holding back above applies: a flush goes to the model
 process at once, and its task returns as soon as its jobs are handed to a thread
-there. The model process gets no more jobs than its engine has rows for
-(``engine_rows``, of which batch lines take ``batch_rows`` at most): the worker
-holds a flush more (:func:`completion_queue.prefetch_count`), buffered here, and
-each tick of the flush timer sends what the rows freed since take. So a row
-that ends is filled within a tick, not after its job's ack, the dispatcher's
-release and Celery's delivery of another, and what is buffered was never
-claimed: a leaving worker hands it back at once. An interactive call goes past
-held batch lines (it takes a row of the interactive margin, which batch lines
-leave free). The messages stay held, by job id, until the model process reports each
-job committed on the :class:`workers.acks.AckChannel` (then acknowledged) or
-given up (then requeued); if it dies, everything held is requeued at once. A
-second message for a job already held here is not run again: it waits with the
-first and is acknowledged with it (a second run would be fenced out by the first).
+there. An interactive call that comes while batch lines run goes 2 ms after it
+came rather than at the timer's tick, in a flush of its own (a flush is read,
+claimed and tokenized whole before any of its rows runs), and takes a row of the
+interactive margin, which batch lines leave free in the engine. The messages stay
+held, by job id, until the model process reports each job committed on the
+:class:`workers.acks.AckChannel` (then acknowledged) or given up (then requeued); if
+it dies, everything held is requeued at once. A second message for a job already
+held here is not run again: it waits with the first and is acknowledged with it (a
+second run would be fenced out by the first).
 """
 
 from __future__ import annotations
@@ -87,8 +83,9 @@ log = logging.getLogger(__name__)
 #: burst still arriving.
 ARRIVAL_WAIT_INTERVALS = 4
 #: Joining engines (vLLM): a message that finds the worker idle (no job in its model
-#: process) is flushed this soon after it came, with whatever came meanwhile, not at the
-#: buffer timer's next tick (up to ``CQ_BATCH_WAIT_MS`` later).
+#: process), or an interactive call that finds batch lines there, is flushed this soon
+#: after it came, with whatever came meanwhile, not at the buffer timer's next tick (up to
+#: ``CQ_BATCH_WAIT_MS`` later).
 JOIN_GATHER_S = 0.002
 
 
@@ -100,8 +97,8 @@ class Arrivals(Queue[Request]):
         self.first = self.last = 0.0
         #: Asked first of each message that comes in: True when it went elsewhere.
         self.divert: Callable[[Request], bool] | None = None
-        #: Called when a message that came in finds the buffer empty.
-        self.on_first: Callable[[], None] | None = None
+        #: Called with each message that came in, and whether it found the buffer empty.
+        self.on_arrival: Callable[[Request, bool], None] | None = None
 
     def put(self, item: Request, block: bool = True, timeout: float | None = None) -> None:
         """Buffer a message that just came in (unless :attr:`divert` takes it)."""
@@ -113,8 +110,8 @@ class Arrivals(Queue[Request]):
             self.first = now
         self.last = now
         super().put(item, block, timeout)
-        if first and self.on_first is not None:
-            self.on_first()
+        if self.on_arrival is not None:
+            self.on_arrival(item, first)
 
     def put_back(self, item: Request) -> None:
         """Buffer again a message that came earlier (not an arrival)."""
@@ -233,10 +230,6 @@ class ModelBatches(Batches):  # type: ignore[misc]
     group_size: int = 0
     #: Jobs join the running ones (vLLM): flush at once, ack on the model process's reports.
     joins: bool = False
-    #: Joining only: the rows the engine runs at once (0: no limit), and of them the most
-    #: that batch lines take.
-    engine_rows: int = 0
-    batch_rows: int = 0
     #: Interactive jobs handed to the running flush (static engine, :mod:`workers.interactive`).
     offers: Offers | None = None
 
@@ -244,7 +237,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
         super().__init__()
         self._buffer: Arrivals = Arrivals()
         self._buffer.divert = self._offer
-        self._buffer.on_first = self._first_arrival
+        self._buffer.on_arrival = self._arrival
         self._running = 0
         #: Joining only: the messages sent to the model process and not yet settled, by job id.
         self._held: dict[str, list[Request]] = {}
@@ -252,6 +245,8 @@ class ModelBatches(Batches):  # type: ignore[misc]
         self._taken: set[str] = set()
         #: Joining only: the held jobs that are batch lines (not interactive calls).
         self._held_batch: set[str] = set()
+        #: Joining only: a flush sooner than the timer's is due (see :meth:`_arrival`).
+        self._early = False
         #: The messages of each flush sent to the model process and not yet returned.
         self._flushing: list[list[Request]] = []
         #: The worker is leaving: its event loop no longer runs (see :meth:`leave`).
@@ -274,6 +269,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
         self._held.clear()
         self._taken.clear()
         self._held_batch.clear()
+        self._early = False  # its timer went with the connection's
         if dropped or self._running:
             log.warning(
                 "broker connection was lost: dropped %d buffered message(s), "
@@ -360,8 +356,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
 
     def _do_flush(self) -> None:
         if self.joins:
-            if not self._waits():
-                super()._do_flush()  # the engine takes new jobs at its next step
+            super()._do_flush()  # the engine takes new jobs at its next step: never hold back
             return
         if self._running:
             return  # the model is busy: the next batch fills up, and flushes when it returns
@@ -371,57 +366,26 @@ class ModelBatches(Batches):  # type: ignore[misc]
         # What flush() kept back counts toward the next full buffer.
         self._count = itertools.count(self._buffer.qsize() + self._pending.qsize() + 1)
 
-    def _waits(self) -> bool:
-        """Joining only: True when the engine has no row for any buffered message."""
-        if not self.engine_rows:
-            return False
-        room, batch_room = self._rooms()
-        if room > 0 and batch_room > 0:
-            return False
-        calls = any(is_interactive(request) for request in self._buffer.queue)
-        return not (calls and (room > 0 or self._held_batch))
-
-    def _rooms(self) -> tuple[int, int]:
-        """Joining only: the engine's rows free for a job, and for a batch line."""
-        return self.engine_rows - len(self._held), self.batch_rows - len(self._held_batch)
-
-    def _fitting(self, requests: list[Request]) -> list[Request]:
-        """Joining only: those of ``requests`` the engine has rows for, interactive calls
-        first; the others are buffered again, first in line for the next tick.
-
-        An interactive call goes past held batch lines even when every row is taken: batch
-        lines leave the interactive margin free. A second message for a held job goes too
-        (it waits for the first's run, and takes no row).
-        """
-        room, batch_room = self._rooms()
-        fitting = []
-        for request in sorted(requests, key=lambda request: not is_interactive(request)):
-            call = is_interactive(request)
-            if request.id in self._held:
-                fits = True
-            elif call:
-                fits = room > 0 or bool(self._held_batch)
-                room -= 1
-            else:
-                fits = room > 0 and batch_room > 0
-                room, batch_room = room - fits, batch_room - fits
-            if fits:
-                fitting.append(request)
-            else:
-                self._buffer.put_back(request)
-        return fitting
-
-    def _first_arrival(self) -> None:
-        """A message came into an empty buffer: on a joining engine, flush it soon if the
-        worker is idle. A lone job goes to the engine at once; while jobs run, flushes keep
-        the timer's cadence (flushing early whenever no flush came for an interval split a
-        backlog into small flushes, each with its claim and commit: a tenth of the tiny
+    def _arrival(self, request: Request, first: bool) -> None:
+        """A message came in: on a joining engine, flush it soon (not at the timer's tick)
+        when it found the worker idle and the buffer empty (a lone job), or when it is an
+        interactive call and batch lines run (it goes ahead of them). Otherwise flushes keep
+        the timer's cadence: flushing early whenever no flush came for an interval split a
+        backlog into small flushes, each with its claim and commit (a tenth of the tiny
         model's throughput, measured)."""
-        if not self.joins or self._leaving or self._held:
+        if not self.joins or self._leaving or self._early:
+            return
+        lone = first and not self._held
+        if not (lone or (self._held_batch and is_interactive(request))):
             return
         loop = get_event_loop()
         if loop is not None:
-            loop.call_later(JOIN_GATHER_S, self._do_flush)  # type: ignore[no-untyped-call]
+            self._early = True
+            loop.call_later(JOIN_GATHER_S, self._early_flush)  # type: ignore[no-untyped-call]
+
+    def _early_flush(self) -> None:
+        self._early = False
+        self._do_flush()
 
     def _arriving(self) -> bool:
         """True while a partial buffer still grows (and has not waited its longest)."""
@@ -508,8 +472,6 @@ class ModelBatches(Batches):  # type: ignore[misc]
         The task returns once they are handed over; they are settled as the model
         process reports them (:meth:`report`), or requeued if the task fails or dies.
         """
-        if self.engine_rows:
-            requests = self._fitting(requests)
         fresh = []
         for request in requests:
             held = self._held.setdefault(request.id, [])
@@ -521,7 +483,19 @@ class ModelBatches(Batches):  # type: ignore[misc]
         if not fresh:
             return None
         self._tell_received(fresh)
-        job_ids = [request.id for request in fresh]
+        # Interactive calls go as a flush of their own, ahead of the batch lines: each flush
+        # is read, claimed and tokenized whole before its first row reaches the engine.
+        calls = [request for request in fresh if is_interactive(request)]
+        lines = [request for request in fresh if not is_interactive(request)]
+        sent = None
+        for part in (calls, lines):
+            if part:
+                sent = self._send_joining(part)
+        return sent
+
+    def _send_joining(self, requests: list[Request]) -> Any:
+        """Hand ``requests`` (held already) to the model process in one flush task."""
+        job_ids = [request.id for request in requests]
         self._running += 1
 
         def on_return(result: Any) -> None:
@@ -540,7 +514,7 @@ class ModelBatches(Batches):  # type: ignore[misc]
 
         return self._pool.apply_async(
             apply_batches_task,
-            (self, ([lean(r) for r in fresh],), 0, None),
+            (self, ([lean(r) for r in requests],), 0, None),
             callback=on_return,
             error_callback=on_error,
         )

@@ -86,8 +86,8 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
     tiny_model: Path,
     tmp_path: Path,
 ) -> None:
-    # Given a slowed vLLM worker whose engine runs 6 rows (batch size 2, lookahead 1: two
-    # flushes and a group of interactive calls) and that buffers a flush more (8 held)
+    # Given a slowed vLLM worker that holds 6 messages at most (batch size 2, lookahead 1:
+    # a prefetch of 4, and a group of interactive calls past it), and runs all it holds
     started = start_vllm_worker(
         request,
         redis_server.port,
@@ -146,16 +146,22 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
         started.worker.stop()
 
 
-def test_a_lone_job_on_an_idle_worker_goes_to_the_engine_without_waiting_for_the_timer(
+def test_a_lone_job_and_a_call_behind_batch_lines_go_to_the_engine_before_the_timer(
     request: pytest.FixtureRequest,
     redis_server: EmbeddedRedis,
     tiny_model: Path,
     tmp_path: Path,
 ) -> None:
-    # Given a vLLM worker whose batch buffer flushes every 5 s (CQ_BATCH_WAIT_MS), idle
-    wait_s = 5.0
+    # Given a slowed vLLM worker whose batch buffer flushes every 20 s (CQ_BATCH_WAIT_MS), idle
+    wait_s = 20.0
     started = start_vllm_worker(
-        request, redis_server.port, 11, tiny_model, tmp_path, batch_wait_ms=int(wait_s * 1000)
+        request,
+        redis_server.port,
+        11,
+        tiny_model,
+        tmp_path,
+        faults={"step_s": STEP_S},
+        batch_wait_ms=int(wait_s * 1000),
     )
     client = started.client
     try:
@@ -164,7 +170,20 @@ def test_a_lone_job_on_an_idle_worker_goes_to_the_engine_without_waiting_for_the
             done = client.wait(client.submit(prompt, max_new_tokens=4).id, timeout=60)
             # Then each went to the engine at once, not at the buffer timer's tick
             assert done.status is JobStatus.SUCCEEDED
-            assert done.latency_s is not None and done.latency_s < wait_s / 2, done.latency_s
+            assert done.latency_s is not None and done.latency_s < 2.0, done.latency_s
+        # And when an interactive call comes while batch lines run (300 steps: 6 s or more)
+        lines = client.submit_many(
+            [{"prompt": PROMPT, "max_new_tokens": 300, "temperature": 0}] * 4, lane="batch"
+        )
+        until(lambda: any(client.get(j.id).completion_tokens for j in lines), 60)
+        call = client.wait(client.submit("A call", max_new_tokens=4).id, timeout=60)
+        running = [client.get(j.id).status for j in lines]
+        # Then it went ahead of them at once, and finished while they still ran
+        assert call.status is JobStatus.SUCCEEDED
+        assert call.latency_s is not None and call.latency_s < 2.0, call.latency_s
+        assert JobStatus.RUNNING in running, running
+        done_lines = client.wait([j.id for j in lines], timeout=120)
+        assert [j.status for j in done_lines] == [JobStatus.SUCCEEDED] * 4
     finally:
         client.close()
         started.worker.stop()
