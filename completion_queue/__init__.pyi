@@ -1,11 +1,9 @@
 """The public names of completion_queue: the stub lazy_loader reads, and type checkers."""
 
 from .celery_app import (
-    batch_line_rows,
     broker_url_file,
     celery_priority,
     create_app,
-    engine_rows,
     heartbeat_interval_s,
     interactive_margin,
     most_held,
@@ -138,11 +136,9 @@ __all__ = [
     "events_key",
     "queue_name",
     # the Celery app and its queues
-    "batch_line_rows",
     "broker_url_file",
     "celery_priority",
     "create_app",
-    "engine_rows",
     "heartbeat_interval_s",
     "interactive_margin",
     "most_held",

@@ -31,8 +31,6 @@ from completion_queue import (
     Metrics,
     QueueDepthCollector,
     Settings,
-    batch_line_rows,
-    engine_rows,
     most_held,
     prefetch_count,
     queue_name,
@@ -219,8 +217,8 @@ class WorkerState:
                 # Every message the worker holds may run: a job that arrives joins at the
                 # next step. Batch lines leave the interactive margin free: an interactive
                 # call never waits for a row to end.
-                max_rows=engine_rows(settings),
-                batch_rows=batch_line_rows(settings),
+                max_rows=most_held(settings),
+                batch_rows=prefetch_count(settings),
                 kv_rows=settings.batch_size,
                 prefix_caching=settings.prefix_min_tokens > 0,
                 threads=settings.torch_threads,

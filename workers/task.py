@@ -472,21 +472,22 @@ class ModelBatches(Batches):  # type: ignore[misc]
         The task returns once they are handed over; they are settled as the model
         process reports them (:meth:`report`), or requeued if the task fails or dies.
         """
-        fresh = []
+        # Interactive calls go as a flush of their own, ahead of the batch lines: each flush
+        # is read, claimed and tokenized whole before its first row reaches the engine.
+        calls: list[Request] = []
+        lines: list[Request] = []
         for request in requests:
             held = self._held.setdefault(request.id, [])
             if not held:
-                fresh.append(request)
-                if not is_interactive(request):
+                if is_interactive(request):
+                    calls.append(request)
+                else:
+                    lines.append(request)
                     self._held_batch.add(request.id)
             held.append(request)  # a duplicate waits for the run in flight here
-        if not fresh:
+        if not calls and not lines:
             return None
-        self._tell_received(fresh)
-        # Interactive calls go as a flush of their own, ahead of the batch lines: each flush
-        # is read, claimed and tokenized whole before its first row reaches the engine.
-        calls = [request for request in fresh if is_interactive(request)]
-        lines = [request for request in fresh if not is_interactive(request)]
+        self._tell_received(calls + lines)
         sent = None
         for part in (calls, lines):
             if part:
