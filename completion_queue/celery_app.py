@@ -209,18 +209,6 @@ def interactive_margin(settings: Settings) -> int:
     return settings.batch_size
 
 
-def engine_rows(settings: Settings) -> int:
-    """Return the rows a vLLM worker's engine runs at once (vLLM's ``max_num_seqs``): two
-    flushes and the interactive margin (see :func:`batch_line_rows`)."""
-    return 2 * settings.batch_size * settings.batch_lookahead + interactive_margin(settings)
-
-
-def batch_line_rows(settings: Settings) -> int:
-    """Return the most rows of a vLLM worker's engine that batch lines take: all but the
-    interactive margin, so an interactive call always finds a row free."""
-    return engine_rows(settings) - interactive_margin(settings)
-
-
 def most_held(settings: Settings) -> int:
     """Return the most messages a worker holds at once: its prefetch and the interactive
     margin past it."""
