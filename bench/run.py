@@ -38,7 +38,7 @@ from completion_queue import (
     TINY_MODEL_NAME,
     Settings,
     WorkerProcess,
-    most_held,
+    engine_rows,
     stop_workers,
 )
 from engine.tiny import ensure_tiny_model
@@ -218,7 +218,7 @@ class _Run:
             self.path,
             dtype=self.figures["dtype"],
             # The rows the worker's engine runs at once.
-            max_rows=most_held(
+            max_rows=engine_rows(
                 Settings(batch_size=config.batch_size, batch_lookahead=config.batch_lookahead)
             ),
             kv_rows=config.batch_size,

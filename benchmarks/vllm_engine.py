@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.vllm_offline import measure_offline
 from bench.workloads import Item, uniform
-from completion_queue import TINY_MODEL_NAME, Settings, most_held
+from completion_queue import TINY_MODEL_NAME, Settings, engine_rows
 from engine.tiny import ensure_tiny_model
 from engine.types import GenerationRequest, GenerationResult
 
@@ -121,7 +121,7 @@ def measure(model: str, jobs: int, new_tokens: int, calls: int) -> dict[str, Any
 
     items: list[Item] = uniform(AutoTokenizer.from_pretrained(path), jobs, new_tokens)
     dtype = str(resolve_dtype(settings.dtype, torch.device("cpu"))).removeprefix("torch.")
-    rows = most_held(settings)
+    rows = engine_rows(settings)
     with tempfile.TemporaryDirectory(prefix="cq-vllm-engine-") as base:
         offline = measure_offline(
             path,

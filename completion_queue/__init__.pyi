@@ -1,9 +1,11 @@
 """The public names of completion_queue: the stub lazy_loader reads, and type checkers."""
 
 from .celery_app import (
+    batch_line_rows,
     broker_url_file,
     celery_priority,
     create_app,
+    engine_rows,
     heartbeat_interval_s,
     interactive_margin,
     most_held,
@@ -141,6 +143,8 @@ __all__ = [
     "create_app",
     "heartbeat_interval_s",
     "interactive_margin",
+    "batch_line_rows",
+    "engine_rows",
     "most_held",
     "prefetch_count",
     "published_broker_url",

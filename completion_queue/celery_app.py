@@ -198,8 +198,23 @@ def restore_interval_s(settings: Settings) -> int:
 
 
 def prefetch_count(settings: Settings) -> int:
-    """Return how many messages a worker reserves: the flush running plus the next one forming."""
-    return 2 * settings.batch_size * settings.batch_lookahead
+    """Return how many messages a worker reserves: the flush running plus the next one forming.
+
+    A vLLM worker reserves one flush more, buffered in its main process (never claimed):
+    its engine's rows that end are filled from there within a tick of the flush timer.
+    """
+    flushes = 3 if settings.engine == "vllm" else 2
+    return flushes * settings.batch_size * settings.batch_lookahead
+
+
+def engine_rows(settings: Settings) -> int:
+    """Return the rows a vLLM worker's engine runs at once: two flushes and the margin."""
+    return 2 * settings.batch_size * settings.batch_lookahead + interactive_margin(settings)
+
+
+def batch_line_rows(settings: Settings) -> int:
+    """Return the most rows of a vLLM worker's engine that batch lines take."""
+    return engine_rows(settings) - interactive_margin(settings)
 
 
 def interactive_margin(settings: Settings) -> int:

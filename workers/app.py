@@ -16,7 +16,9 @@ from completion_queue import (
     WORKER_CONSUMING_LINE,
     WORKER_READY_LINE,
     Settings,
+    batch_line_rows,
     create_app,
+    engine_rows,
     reap,
     redact_url,
     resolve_broker_url,
@@ -188,6 +190,8 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
         # takes any count.
         group_size=settings.batch_size if settings.engine in ("static", "paced") else 0,
         joins=acks is not None,
+        engine_rows=engine_rows(settings) if acks is not None else 0,
+        batch_rows=batch_line_rows(settings) if acks is not None else 0,
         # The static engine's running flush runs interactive calls between two decoding steps.
         offers=state.offers if settings.engine == "static" else None,
         acks_late=True,

@@ -31,7 +31,8 @@ from completion_queue import (
     Metrics,
     QueueDepthCollector,
     Settings,
-    most_held,
+    batch_line_rows,
+    engine_rows,
     prefetch_count,
     queue_name,
     redact_url,
@@ -214,11 +215,11 @@ class WorkerState:
             static = VllmEngine(
                 path,
                 dtype=settings.dtype,
-                # Every message the worker holds may run: a job that arrives joins at the
-                # next step. Batch lines leave the interactive margin free: an interactive
-                # call never waits for a row to end.
-                max_rows=most_held(settings),
-                batch_rows=prefetch_count(settings),
+                # Two flushes and the interactive margin run at once (the worker buffers a
+                # flush more, sent here as rows free: see workers.task). Batch lines leave
+                # the margin free: an interactive call never waits for a row.
+                max_rows=engine_rows(settings),
+                batch_rows=batch_line_rows(settings),
                 kv_rows=settings.batch_size,
                 prefix_caching=settings.prefix_min_tokens > 0,
                 threads=settings.torch_threads,
@@ -246,7 +247,7 @@ class WorkerState:
         max_rows = settings.batch_size
         if settings.engine == "vllm":
             # vLLM schedules rows itself, as the continuous manager does: hand it the flush.
-            max_rows = most_held(settings)
+            max_rows = engine_rows(settings)
         elif settings.engine == "continuous":
             from engine.continuous import ContinuousEngine
             from engine.static import StaticEngine

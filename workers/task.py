@@ -46,10 +46,17 @@ it fit a worker whose one pool process holds the model:
 On the vLLM engine (``joins``), jobs join the running ones at the engine's next
 step, so none of the holding back above applies: a flush goes to the model
 process at once, and its task returns as soon as its jobs are handed to a thread
-there. An interactive call that comes while batch lines run goes 2 ms after it
-came rather than at the timer's tick, in a flush of its own (a flush is read,
-claimed and tokenized whole before any of its rows runs), and takes a row of the
-interactive margin, which batch lines leave free in the engine. The messages stay
+there. The model process gets no more jobs than its engine has rows for
+(``engine_rows``, of which batch lines take ``batch_rows`` at most): the worker
+holds a flush more (:func:`completion_queue.prefetch_count`), buffered here, and
+each tick of the flush timer sends what the rows freed since take. So a row
+that ends is filled within a tick, not after its job's ack, the dispatcher's
+release and Celery's delivery of another, and what is buffered was never
+claimed: a leaving worker hands it back at once. An interactive call that comes
+while batch lines run goes 2 ms after it came rather than at the timer's tick, in
+a flush of its own (a flush is read, claimed and tokenized whole before any of
+its rows runs), and takes a row of the interactive margin, which batch lines
+leave free in the engine. The messages stay
 held, by job id, until the model process reports each job committed on the
 :class:`workers.acks.AckChannel` (then acknowledged) or given up (then requeued); if
 it dies, everything held is requeued at once. A second message for a job already
@@ -230,6 +237,10 @@ class ModelBatches(Batches):  # type: ignore[misc]
     group_size: int = 0
     #: Jobs join the running ones (vLLM): flush at once, ack on the model process's reports.
     joins: bool = False
+    #: Joining only: the rows the engine runs at once (0: no limit), and of them the most
+    #: that batch lines take.
+    engine_rows: int = 0
+    batch_rows: int = 0
     #: Interactive jobs handed to the running flush (static engine, :mod:`workers.interactive`).
     offers: Offers | None = None
 
@@ -356,7 +367,8 @@ class ModelBatches(Batches):  # type: ignore[misc]
 
     def _do_flush(self) -> None:
         if self.joins:
-            super()._do_flush()  # the engine takes new jobs at its next step: never hold back
+            if not self._waits():
+                super()._do_flush()  # the engine takes new jobs at its next step
             return
         if self._running:
             return  # the model is busy: the next batch fills up, and flushes when it returns
@@ -365,6 +377,41 @@ class ModelBatches(Batches):  # type: ignore[misc]
         super()._do_flush()
         # What flush() kept back counts toward the next full buffer.
         self._count = itertools.count(self._buffer.qsize() + self._pending.qsize() + 1)
+
+    def _waits(self) -> bool:
+        """Joining only: True when the engine has no row for any buffered message."""
+        if not self.engine_rows:
+            return False
+        room, batch_room = self._rooms()
+        if room > 0 and batch_room > 0:
+            return False
+        calls = any(is_interactive(request) for request in self._buffer.queue)
+        return not (calls and (room > 0 or self._held_batch))
+
+    def _rooms(self) -> tuple[int, int]:
+        """Joining only: the engine's rows free for a job, and for a batch line."""
+        return self.engine_rows - len(self._held), self.batch_rows - len(self._held_batch)
+
+    def _fitting(self, requests: list[Request]) -> list[Request]:
+        """Joining only: those of ``requests`` the engine has rows for, interactive calls
+        first; the others are buffered again, first in line for the next tick."""
+        room, batch_room = self._rooms()
+        fitting = []
+        for request in sorted(requests, key=lambda request: not is_interactive(request)):
+            call = is_interactive(request)
+            if request.id in self._held:
+                fits = True
+            elif call:
+                fits = room > 0 or bool(self._held_batch)
+                room -= 1
+            else:
+                fits = room > 0 and batch_room > 0
+                room, batch_room = room - fits, batch_room - fits
+            if fits:
+                fitting.append(request)
+            else:
+                self._buffer.put_back(request)
+        return fitting
 
     def _arrival(self, request: Request, first: bool) -> None:
         """A message came in: on a joining engine, flush it soon (not at the timer's tick)
@@ -472,6 +519,8 @@ class ModelBatches(Batches):  # type: ignore[misc]
         The task returns once they are handed over; they are settled as the model
         process reports them (:meth:`report`), or requeued if the task fails or dies.
         """
+        if self.engine_rows:
+            requests = self._fitting(requests)
         # Interactive calls go as a flush of their own, ahead of the batch lines: each flush
         # is read, claimed and tokenized whole before its first row reaches the engine.
         calls: list[Request] = []

@@ -15,8 +15,10 @@ from kombu import Connection
 from completion_queue import (
     ConfigError,
     Settings,
+    batch_line_rows,
     celery_priority,
     create_app,
+    engine_rows,
     heartbeat_interval_s,
     most_held,
     prefetch_count,
@@ -91,14 +93,17 @@ def test_celery_app_accepts_json_only_and_acks_late() -> None:
         create_app(Settings(), "amqp://guest@localhost//")
 
 
-def test_a_vllm_worker_runs_what_it_holds_and_batch_lines_leave_the_margin() -> None:
+def test_a_vllm_worker_buffers_a_flush_more_than_its_engine_runs() -> None:
     # Given the default settings (batch size 32, lookahead 8: flushes of 256)
-    settings = Settings(engine="vllm")
-    flush = settings.batch_size * settings.batch_lookahead
-    # Then a worker holds two flushes and a group of interactive calls past them
-    assert prefetch_count(settings) == 2 * flush and most_held(settings) == 2 * flush + 32
-    # which a vLLM worker's engine runs at once, batch lines leaving the group free
-    assert (most_held(settings), prefetch_count(settings)) == (544, 512)
+    static, vllm = Settings(engine="static"), Settings(engine="vllm")
+    flush = static.batch_size * static.batch_lookahead
+    # Then the static worker holds two flushes and a group of interactive calls
+    assert prefetch_count(static) == 2 * flush and most_held(static) == 2 * flush + 32
+    # and a vLLM worker's engine runs as many rows, of which batch lines leave the group
+    # free, while the worker holds a flush more (buffered, sent as rows free)
+    assert engine_rows(vllm) == most_held(static) == 544
+    assert batch_line_rows(vllm) == 2 * flush == 512
+    assert most_held(vllm) == engine_rows(vllm) + flush == 800
 
 
 def tls_of(url: str) -> tuple[object, object]:

@@ -86,8 +86,8 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
     tiny_model: Path,
     tmp_path: Path,
 ) -> None:
-    # Given a slowed vLLM worker that holds 6 messages at most (batch size 2, lookahead 1:
-    # a prefetch of 4, and a group of interactive calls past it), and runs all it holds
+    # Given a slowed vLLM worker whose engine runs 6 rows (batch size 2, lookahead 1: two
+    # flushes and a group of interactive calls) and that buffers a flush more (8 held)
     started = start_vllm_worker(
         request,
         redis_server.port,
