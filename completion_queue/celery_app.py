@@ -207,16 +207,6 @@ def prefetch_count(settings: Settings) -> int:
     return flushes * settings.batch_size * settings.batch_lookahead
 
 
-def engine_rows(settings: Settings) -> int:
-    """Return the rows a vLLM worker's engine runs at once: two flushes and the margin."""
-    return 2 * settings.batch_size * settings.batch_lookahead + interactive_margin(settings)
-
-
-def batch_line_rows(settings: Settings) -> int:
-    """Return the most rows of a vLLM worker's engine that batch lines take."""
-    return engine_rows(settings) - interactive_margin(settings)
-
-
 def interactive_margin(settings: Settings) -> int:
     """Return how many interactive messages a worker may hold past its prefetch: one group's
     worth, so that an interactive call reaches a busy worker at once (workers/dispatch.py)
@@ -228,6 +218,16 @@ def most_held(settings: Settings) -> int:
     """Return the most messages a worker holds at once: its prefetch and the interactive
     margin past it."""
     return prefetch_count(settings) + interactive_margin(settings)
+
+
+def engine_rows(settings: Settings) -> int:
+    """Return the rows a vLLM worker's engine runs at once: two flushes and the margin."""
+    return 2 * settings.batch_size * settings.batch_lookahead + interactive_margin(settings)
+
+
+def batch_line_rows(settings: Settings) -> int:
+    """Return the most rows of a vLLM worker's engine that batch lines take."""
+    return engine_rows(settings) - interactive_margin(settings)
 
 
 class Sendable(Protocol):

@@ -56,12 +56,11 @@ claimed: a leaving worker hands it back at once. An interactive call that comes
 while batch lines run goes 2 ms after it came rather than at the timer's tick, in
 a flush of its own (a flush is read, claimed and tokenized whole before any of
 its rows runs), and takes a row of the interactive margin, which batch lines
-leave free in the engine. The messages stay
-held, by job id, until the model process reports each job committed on the
-:class:`workers.acks.AckChannel` (then acknowledged) or given up (then requeued); if
-it dies, everything held is requeued at once. A second message for a job already
-held here is not run again: it waits with the first and is acknowledged with it (a
-second run would be fenced out by the first).
+leave free in the engine. The messages stay held, by job id, until the model process
+reports each job committed on the :class:`workers.acks.AckChannel` (then acknowledged)
+or given up (then requeued); if it dies, everything held is requeued at once. A second
+message for a job already held here is not run again: it waits with the first and is
+acknowledged with it (a second run would be fenced out by the first).
 """
 
 from __future__ import annotations
@@ -392,14 +391,23 @@ class ModelBatches(Batches):  # type: ignore[misc]
         """Joining only: the engine's rows free for a job, and for a batch line."""
         return self.engine_rows - len(self._held), self.batch_rows - len(self._held_batch)
 
-    def _fitting(self, requests: list[Request]) -> list[Request]:
-        """Joining only: those of ``requests`` the engine has rows for, interactive calls
-        first; the others are buffered again, first in line for the next tick."""
+    def _fitting(self, requests: list[Request]) -> tuple[list[Request], list[Request]]:
+        """Joining only: ``requests`` split into interactive calls and batch lines, of each
+        those the engine has rows for (all of them where ``engine_rows`` is 0).
+
+        A call fits past held batch lines even with every row taken: batch lines leave the
+        interactive margin free in the engine. A second message for a job held here always
+        fits and takes no row (it waits for the first's run). The others are buffered
+        again, first in line for the next tick.
+        """
         room, batch_room = self._rooms()
-        fitting = []
-        for request in sorted(requests, key=lambda request: not is_interactive(request)):
-            call = is_interactive(request)
-            if request.id in self._held:
+        marked = sorted(
+            ((request, is_interactive(request)) for request in requests), key=lambda m: not m[1]
+        )
+        calls: list[Request] = []
+        lines: list[Request] = []
+        for request, call in marked:
+            if not self.engine_rows or request.id in self._held:
                 fits = True
             elif call:
                 fits = room > 0 or bool(self._held_batch)
@@ -407,11 +415,24 @@ class ModelBatches(Batches):  # type: ignore[misc]
             else:
                 fits = room > 0 and batch_room > 0
                 room, batch_room = room - fits, batch_room - fits
-            if fits:
-                fitting.append(request)
-            else:
+            if not fits:
                 self._buffer.put_back(request)
-        return fitting
+            elif call:
+                calls.append(request)
+            else:
+                lines.append(request)
+        return calls, lines
+
+    def _hold(self, requests: list[Request]) -> list[Request]:
+        """Joining only: hold ``requests`` by job id; return those to send (a second
+        message for a job held here waits for the run in flight)."""
+        first = []
+        for request in requests:
+            held = self._held.setdefault(request.id, [])
+            if not held:
+                first.append(request)
+            held.append(request)
+        return first
 
     def _arrival(self, request: Request, first: bool) -> None:
         """A message came in: on a joining engine, flush it soon (not at the timer's tick)
@@ -519,21 +540,11 @@ class ModelBatches(Batches):  # type: ignore[misc]
         The task returns once they are handed over; they are settled as the model
         process reports them (:meth:`report`), or requeued if the task fails or dies.
         """
-        if self.engine_rows:
-            requests = self._fitting(requests)
+        calls, lines = self._fitting(requests)
+        calls, lines = self._hold(calls), self._hold(lines)
+        self._held_batch.update(request.id for request in lines)
         # Interactive calls go as a flush of their own, ahead of the batch lines: each flush
         # is read, claimed and tokenized whole before its first row reaches the engine.
-        calls: list[Request] = []
-        lines: list[Request] = []
-        for request in requests:
-            held = self._held.setdefault(request.id, [])
-            if not held:
-                if is_interactive(request):
-                    calls.append(request)
-                else:
-                    lines.append(request)
-                    self._held_batch.add(request.id)
-            held.append(request)  # a duplicate waits for the run in flight here
         if not calls and not lines:
             return None
         self._tell_received(calls + lines)
