@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from completion_queue import EmbeddedRedis, WorkerProcess, worker_env
+from completion_queue import EmbeddedRedis, WorkerProcess, free_port, worker_env
 from engine.auto import vllm_unavailable
 from producer.client import CompletionClient
 from tests.conftest import worker_settings
@@ -97,9 +97,12 @@ def vllm_client(
     tiny_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[CompletionClient]:
-    """A client on one real vLLM worker at full speed, shared by every test here."""
+    """A client on one real vLLM worker at full speed, serving its metrics, shared by
+    every test here."""
     tmp = tmp_path_factory.mktemp("vllm")
-    started = start_vllm_worker(request, redis_server.port, 7, tiny_model, tmp)
+    started = start_vllm_worker(
+        request, redis_server.port, 7, tiny_model, tmp, metrics_port=free_port()
+    )
     with started.client as client:
         yield client
     started.worker.stop()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from completion_queue import Settings
 from db import JobStatus
 from engine.devices import model_threads
 from engine.vllm import row_seed
@@ -132,3 +133,27 @@ def test_logprobs_are_vllms_raw_logprobs_in_our_shape(
         assert values == sorted(values, reverse=True)
         assert entry["top_logprobs"][0]["token"] == entry["token"]
         assert entry["logprob"] == pytest.approx(step[token].logprob, abs=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_jobs_sharing_a_long_header_keep_vllms_texts_with_prefix_caching(
+    vllm_client: CompletionClient, offline: Any
+) -> None:
+    # Given greedy jobs whose prompts share a header of two of vLLM's CPU KV blocks (128
+    # tokens each) and more: past CQ_PREFIX_MIN_TOKENS, so the worker's engine caches it
+    tokenizer = offline.get_tokenizer()
+    header = "The queue keeps every job it takes. " * 24
+    assert len(tokenizer(header).input_ids) > max(256, Settings().prefix_min_tokens)
+    prompts = [f"{header}\nQuestion {i}: {PROMPTS[i % len(PROMPTS)]}" for i in range(8)]
+    greedy = [{"prompt": p, "max_new_tokens": 16, "temperature": 0} for p in prompts]
+    # When they run through the queue in two waves (the second on the blocks the first left
+    # in the engine's prefix cache)
+    first = vllm_client.wait(vllm_client.submit_many(greedy[:4]), timeout=120)
+    second = vllm_client.wait(vllm_client.submit_many(greedy[4:]), timeout=120)
+    # Then each text is vLLM's own for that prompt alone, computed with nothing cached
+    for prompt, job in zip(prompts, [*first, *second], strict=True):
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        offline.reset_prefix_cache()
+        expected = offline_choice(offline, prompt, 16, temperature=0)
+        assert job.text == expected.text
+        assert job.prompt_tokens == len(tokenizer(prompt).input_ids)

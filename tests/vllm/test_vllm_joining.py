@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 import redis
 
-from completion_queue import EmbeddedRedis, create_app, queue_depth, queue_name, send_jobs
+from completion_queue import (
+    EmbeddedRedis,
+    Settings,
+    create_app,
+    engine_rows,
+    prefetch_count,
+    queue_depth,
+    queue_name,
+    send_jobs,
+)
 from db import JobStatus
 from tests.conftest import until
 from tests.vllm.conftest import STEP_S, VllmWorker, start_vllm_worker
@@ -86,8 +95,11 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
     tiny_model: Path,
     tmp_path: Path,
 ) -> None:
-    # Given a slowed vLLM worker whose engine runs 6 rows (batch size 2, lookahead 1: two
-    # flushes and a group of interactive calls) and that buffers a flush more (8 held)
+    # Given a slowed vLLM worker at the default batch settings: its engine runs 544 rows
+    # (two flushes of 8 groups of 32 and a group of interactive calls) and it buffers a
+    # flush more (800 messages held)
+    defaults = Settings()
+    rows = engine_rows(defaults)
     started = start_vllm_worker(
         request,
         redis_server.port,
@@ -95,16 +107,18 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
         tiny_model,
         tmp_path,
         faults={"step_s": STEP_S},
-        batch_size=2,
-        batch_lookahead=1,
+        batch_size=defaults.batch_size,
+        batch_lookahead=defaults.batch_lookahead,
+        batch_wait_ms=defaults.batch_wait_ms,
     )
     client, redis_client = started.client, broker(started)
+    count = prefetch_count(started.client.settings) + 200
     try:
-        # and twelve long jobs queued for it, some of them running
+        # and more long jobs queued for it than it holds, some of them running
         jobs = client.submit_many(
-            [{"prompt": PROMPT, "max_new_tokens": 150, "temperature": 0}] * 12
+            [{"prompt": PROMPT, "max_new_tokens": 150, "temperature": 0}] * count
         )
-        until(lambda: any(client.get(j.id).completion_tokens for j in jobs), 120)
+        until(lambda: any(client.get(j.id).completion_tokens for j in jobs[:rows]), 120)
         # When it gets SIGTERM (warm shutdown)
         stopping = time.monotonic()
         assert started.worker.stop(timeout_s=120) is not None
@@ -112,13 +126,15 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
         # Then each job was either committed before it stopped or never started: none half-run
         after = [client.get(j.id) for j in jobs]
         statuses = [j.status for j in after]
-        assert set(statuses) <= {JobStatus.SUCCEEDED, JobStatus.QUEUED}, statuses
+        assert set(statuses) <= {JobStatus.SUCCEEDED, JobStatus.QUEUED}, set(statuses)
         committed = [j for j in after if j.status is JobStatus.SUCCEEDED]
-        assert 1 <= len(committed) <= 6 and len(committed) < len(jobs)
+        assert 1 <= len(committed) <= rows
         # and nothing stays unacked: the committed jobs' messages were acked before the
-        # connection closed, the rest went back to the queue
+        # connection closed, the rest (the flush buffered in the main process among them)
+        # went back to the queue
         assert int(redis_client.hlen("unacked")) == 0
-        assert queue_depth(redis_client, queue_name(client.settings.model)) == 12 - len(committed)
+        queued = queue_depth(redis_client, queue_name(client.settings.model))
+        assert queued == count - len(committed)
         # And a new worker runs the rest, once each; the committed rows do not change
         second = tmp_path / "second"
         second.mkdir()
@@ -129,14 +145,14 @@ def test_sigterm_commits_the_running_jobs_and_gives_back_the_rest(
             tiny_model,
             second,
             database_url=client.settings.database_url,
-            batch_size=4,
+            batch_size=defaults.batch_size,
         )
         try:
-            done = client.wait([j.id for j in jobs], timeout=240)
+            done = client.wait([j.id for j in jobs], timeout=300)
         finally:
             replacement.client.close()
             replacement.worker.stop()
-        assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 12
+        assert [j.status for j in done] == [JobStatus.SUCCEEDED] * count
         assert all(j.attempts == 1 and j.completion_tokens == 150 for j in done)
         by_id = {j.id: j for j in done}
         assert all(by_id[j.id] == j for j in committed)
