@@ -150,8 +150,9 @@ def offline(vllm_runs: None, tiny_model: Path) -> Any:
     )
 
 
-def offline_choice(offline: Any, prompt: str, max_tokens: int, **params: Any) -> Any:
-    """vLLM's own completion of ``prompt`` (its first choice)."""
+def offline_choice(offline: Any, prompt: Any, max_tokens: int, **params: Any) -> Any:
+    """vLLM's own completion of ``prompt`` (its first choice): a text, or vLLM's
+    ``{"prompt_token_ids": [...]}``."""
     from vllm import SamplingParams
 
     sampling = SamplingParams(max_tokens=max_tokens, stop_token_ids=EOS_IDS, **params)

@@ -12,6 +12,7 @@ import pytest
 
 from completion_queue import Settings
 from db import JobStatus
+from engine.chat import render_chat
 from engine.devices import model_threads
 from engine.vllm import row_seed
 from producer.client import CompletionClient
@@ -157,3 +158,38 @@ def test_jobs_sharing_a_long_header_keep_vllms_texts_with_prefix_caching(
         expected = offline_choice(offline, prompt, 16, temperature=0)
         assert job.text == expected.text
         assert job.prompt_tokens == len(tokenizer(prompt).input_ids)
+
+
+@pytest.mark.timeout(600)
+def test_chat_messages_and_a_truncated_prompt_run_as_vllm_runs_their_tokens(
+    vllm_client: CompletionClient, offline: Any
+) -> None:
+    tokenizer = offline.get_tokenizer()
+    messages = [
+        {"role": "system", "content": "You answer in one line."},
+        {"role": "user", "content": "What does the queue keep?"},
+    ]
+    long_prompt = "The queue keeps every job it takes. " * 60
+    # Given a chat job (the model's chat template) and a prompt past the model's context
+    # of 512 tokens that asks to be truncated
+    chat, cut = vllm_client.wait(
+        vllm_client.submit_many(
+            [
+                {"messages": messages, "max_new_tokens": 12, "temperature": 0},
+                {"prompt": long_prompt, "max_new_tokens": 16, "temperature": 0, "truncate": True},
+            ]
+        ),
+        timeout=120,
+    )
+    # Then the chat job's text is vLLM's own for the template's prompt
+    assert chat.status is JobStatus.SUCCEEDED, chat.error
+    rendered = render_chat(tokenizer, messages, model=vllm_client.settings.model)
+    assert chat.text == offline_choice(offline, rendered, 12, temperature=0).text
+    assert chat.prompt_tokens == len(tokenizer(rendered).input_ids)
+    # And the truncated one went on from the prompt's last 512 - 16 tokens, as vLLM does
+    # from those tokens
+    assert cut.status is JobStatus.SUCCEEDED, cut.error
+    ids = tokenizer(long_prompt).input_ids
+    assert cut.prompt_tokens == 512 - 16 and cut.truncated_prompt_tokens == len(ids) - 496
+    kept = {"prompt_token_ids": ids[-496:]}
+    assert cut.text == offline_choice(offline, kept, 16, temperature=0).text
