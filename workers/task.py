@@ -396,9 +396,9 @@ class ModelBatches(Batches):  # type: ignore[misc]
         those the engine has rows for (all of them where ``engine_rows`` is 0).
 
         A call fits past held batch lines even with every row taken: batch lines leave the
-        interactive margin free in the engine. A second message for a job held here always
-        fits and takes no row (it waits for the first's run). The others are buffered
-        again, first in line for the next tick.
+        interactive margin free in the engine. A second message for a job held here, or
+        fitted in this flush, always fits and takes no row (it waits for the first's run).
+        The others are buffered again, first in line for the next tick.
         """
         room, batch_room = self._rooms()
         marked = sorted(
@@ -406,8 +406,9 @@ class ModelBatches(Batches):  # type: ignore[misc]
         )
         calls: list[Request] = []
         lines: list[Request] = []
+        fitted: set[str] = set()
         for request, call in marked:
-            if not self.engine_rows or request.id in self._held:
+            if not self.engine_rows or request.id in self._held or request.id in fitted:
                 fits = True
             elif call:
                 fits = room > 0 or bool(self._held_batch)
@@ -417,7 +418,9 @@ class ModelBatches(Batches):  # type: ignore[misc]
                 room, batch_room = room - fits, batch_room - fits
             if not fits:
                 self._buffer.put_back(request)
-            elif call:
+                continue
+            fitted.add(request.id)
+            if call:
                 calls.append(request)
             else:
                 lines.append(request)

@@ -82,3 +82,13 @@ def test_without_an_engine_limit_every_message_goes() -> None:
     calls, lines = batches._fitting(flush)
     assert (ids(calls), ids(lines)) == (["x"], ["b", "c"])
     assert not batches._waits() and batches._buffer.empty()
+
+
+def test_two_messages_for_one_new_job_take_one_row() -> None:
+    # Given an engine with one row free for batch lines
+    batches = joining(["a", "b"])
+    # When a flush holds two messages for one new job, and another job
+    calls, lines = batches._fitting([message("c"), message("c"), message("d")])
+    # Then both messages of c fit in its one row (the second waits for its run), and d waits
+    assert (ids(calls), ids(lines)) == ([], ["c", "c"])
+    assert ids(drain(batches)) == ["d"]
