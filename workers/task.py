@@ -382,14 +382,23 @@ class ModelBatches(Batches):  # type: ignore[misc]
         if not self.engine_rows:
             return False
         room, batch_room = self._rooms()
-        if room > 0 and batch_room > 0:
-            return False
+        if self._fits(False, room, batch_room):
+            return False  # a batch line fits: so does a call
         calls = any(is_interactive(request) for request in self._buffer.queue)
-        return not (calls and (room > 0 or self._held_batch))
+        return not (calls and self._fits(True, room, batch_room))
 
     def _rooms(self) -> tuple[int, int]:
         """Joining only: the engine's rows free for a job, and for a batch line."""
         return self.engine_rows - len(self._held), self.batch_rows - len(self._held_batch)
+
+    def _fits(self, call: bool, room: int, batch_room: int) -> bool:
+        """Joining only: whether a new job finds a row, given ``room`` and ``batch_room``
+        (:meth:`_rooms`). A call takes any free row, or, with every row taken, one of the
+        interactive margin that held batch lines leave free; a batch line needs a row
+        free for batch lines."""
+        if call:
+            return room > 0 or bool(self._held_batch)
+        return room > 0 and batch_room > 0
 
     def _fitting(self, requests: list[Request]) -> tuple[list[Request], list[Request]]:
         """Joining only: ``requests`` split into interactive calls and batch lines, of each
@@ -410,12 +419,10 @@ class ModelBatches(Batches):  # type: ignore[misc]
         for request, call in marked:
             if not self.engine_rows or request.id in self._held or request.id in fitted:
                 fits = True
-            elif call:
-                fits = room > 0 or bool(self._held_batch)
-                room -= 1
             else:
-                fits = room > 0 and batch_room > 0
-                room, batch_room = room - fits, batch_room - fits
+                fits = self._fits(call, room, batch_room)
+                room -= fits
+                batch_room -= fits and not call
             if not fits:
                 self._buffer.put_back(request)
                 continue
