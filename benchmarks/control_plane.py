@@ -49,6 +49,7 @@ from completion_queue import (
     Settings,
     WorkerProcess,
     child_pids,
+    flush_size,
     prefetch_count,
     stop_workers,
     worker_env,
@@ -342,7 +343,7 @@ class Run:
         if self.submit_first:
             # Every worker must find jobs left when it starts, after the earlier ones took
             # all they hold: a flush and the prefetch.
-            per_worker += settings.batch_size * settings.batch_lookahead + prefetch_count(settings)
+            per_worker += flush_size(settings) + prefetch_count(settings)
         logs = self.base / f"workers-{count}"
         workers = [
             WorkerProcess(worker_env(settings), logs / f"worker-{i}.log") for i in range(count)

@@ -197,6 +197,12 @@ def restore_interval_s(settings: Settings) -> int:
     return max(1, min(10, int(settings.visibility_timeout_s // 4)))
 
 
+def flush_size(settings: Settings) -> int:
+    """Return the most jobs one flush holds: ``CQ_BATCH_LOOKAHEAD`` groups of
+    ``CQ_BATCH_SIZE``, read once and cut into groups (workers/runner.py)."""
+    return settings.batch_size * settings.batch_lookahead
+
+
 def prefetch_count(settings: Settings) -> int:
     """Return how many messages a worker reserves: the flush running plus the next one forming.
 
@@ -204,7 +210,7 @@ def prefetch_count(settings: Settings) -> int:
     its engine's rows that end are filled from there within a tick of the flush timer.
     """
     flushes = 3 if settings.engine == "vllm" else 2
-    return flushes * settings.batch_size * settings.batch_lookahead
+    return flushes * flush_size(settings)
 
 
 def interactive_margin(settings: Settings) -> int:
@@ -222,7 +228,7 @@ def most_held(settings: Settings) -> int:
 
 def engine_rows(settings: Settings) -> int:
     """Return the rows a vLLM worker's engine runs at once: two flushes and the margin."""
-    return 2 * settings.batch_size * settings.batch_lookahead + interactive_margin(settings)
+    return 2 * flush_size(settings) + interactive_margin(settings)
 
 
 def batch_line_rows(settings: Settings) -> int:

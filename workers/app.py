@@ -19,6 +19,7 @@ from completion_queue import (
     batch_line_rows,
     create_app,
     engine_rows,
+    flush_size,
     reap,
     redact_url,
     resolve_broker_url,
@@ -184,7 +185,7 @@ def create_worker_app(settings: Settings, broker_url: str | None = None) -> Cele
     @app.task(
         base=ModelBatches,
         name=TASK_GENERATE,
-        flush_every=settings.batch_size * settings.batch_lookahead,
+        flush_every=flush_size(settings),
         flush_interval=max(settings.batch_wait_ms, 1) / 1000,
         # The static and paced engines run a flush's groups in turn; the continuous one
         # takes any count.

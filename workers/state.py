@@ -33,6 +33,7 @@ from completion_queue import (
     Settings,
     batch_line_rows,
     engine_rows,
+    flush_size,
     prefetch_count,
     queue_name,
     redact_url,
@@ -261,7 +262,7 @@ class WorkerState:
             # What the manager cannot run exactly runs on the static engine of the same model.
             engine = Routed(continuous, static)
             # The manager schedules rows itself: hand it the whole flush.
-            max_rows = settings.batch_size * settings.batch_lookahead
+            max_rows = flush_size(settings)
         self.engine = engine
         sessions = make_session_factory(make_engine(settings.resolved_database_url()))
         progress = ProgressWriter(
