@@ -18,7 +18,11 @@ al., "Fairness in Serving Large Language Models" (OSDI 2024):
 
 - each tenant has a counter of the tokens released to it (prompt plus new tokens,
   estimated from the request: :func:`job_cost`), divided by its weight
-  (``cq keys create --weight``, default 1);
+  (``cq keys create --weight``, default 1); what each message was charged is kept
+  in Redis under its job's id (:func:`charge_key`), and when the job finishes its
+  tenant is charged what it really took less that (:data:`SETTLE`), so the counters
+  follow the tokens served, not the estimates; a job found cancelled when its worker
+  claims it is given its charge back;
 - the next message is the oldest, most urgent one of the backlogged tenant with
   the lowest counter; so each backlogged tenant gets workers in proportion to its
   weight, and a tenant alone gets all of them;
@@ -95,6 +99,23 @@ def counters_key(queue: str) -> str:
     return f"cq.fair.{queue}.vtc"
 
 
+def charge_key(queue: str, job_id: str) -> str:
+    """The Redis hash of what job ``job_id``'s releases for ``queue`` charged its tenant:
+    ``tenant`` and ``cost`` (tokens, before the weight), until the job is settled."""
+    return f"cq.fair.{queue}.charge.{job_id}"
+
+
+#: How long a job's charge is kept unsettled (a job released and never run, e.g. its
+#: messages purged, leaves no key behind longer than this).
+CHARGE_TTL_S = 86_400
+
+
+def ratios_key(queue: str) -> str:
+    """The Redis hash of each tenant's new-token ratio for ``queue`` (see
+    :meth:`FairQueues.settle`)."""
+    return f"cq.fair.{queue}.ratios"
+
+
 def weights_key(queue: str) -> str:
     """The Redis hash of tenant weights the dispatchers copy from the database."""
     return f"cq.fair.{queue}.weights"
@@ -121,8 +142,9 @@ def job_cost(job: Any) -> tuple[int, int]:
     may generate (``max_new_tokens`` for each of its ``n`` choices; a job that does not say
     takes the model's default, which the producer does not know: 16, OpenAI's, stands in).
 
-    A job is charged its prompt plus the model's :func:`new_token_ratio` of the most it may
-    generate, and settled with what it took when it finishes.
+    A job is charged its prompt plus its tenant's new-token ratio (the model's, for a
+    tenant none of whose jobs finished yet) of the most it may generate, and settled with
+    what it took when it finishes.
     """
     params: Mapping[str, Any] = getattr(job, "params", None) or {}
     messages = getattr(job, "messages", None) or []
@@ -211,6 +233,9 @@ local floor_key = "cq.fair." .. queue .. ".floor"
 local turns_key = "cq.fair." .. queue .. ".turns"
 local active_key = "cq.fair." .. queue .. ".active"
 local ratio_key = "cq.fair." .. queue .. ".ratio"
+local ratios_key = "cq.fair." .. queue .. ".ratios"
+local charge_prefix = "cq.fair." .. queue .. ".charge."
+local charge_ttl = tonumber(ARGV[6])
 -- "interactive": release from interactive lanes only (past a worker's hold, see
 -- workers.dispatch); the floor and the backlogged set are left as the last full release left them.
 local only = ARGV[5] or ""
@@ -269,11 +294,13 @@ local was_active = {}
 for _, tenant in ipairs(redis.call("SMEMBERS", active_key)) do was_active[tenant] = true end
 local counter = {}
 local weight = {}
+local ratios = {}
 for tenant, _ in pairs(tenants) do
   local c = tonumber(redis.call("HGET", vtc_key, tenant) or "0")
   if c < floor and not was_active[tenant] then c = floor end
   counter[tenant] = c
   weight[tenant] = tonumber(redis.call("HGET", weights_key, tenant) or "1")
+  ratios[tenant] = tonumber(redis.call("HGET", ratios_key, tenant) or ratio)
 end
 
 local released = 0
@@ -303,13 +330,24 @@ while released < free do
     redis.call("LPUSH", list_name(queue, at.n), payload)
     released = released + 1
     local cost = 1
+    local id = nil
     local ok, message = pcall(cjson.decode, payload)
-    if ok and type(message) == "table" and type(message.headers) == "table"
-       and type(message.headers.cq_cost) == "table" then
-      local parts = message.headers.cq_cost
-      cost = (tonumber(parts[1]) or 0) + ratio * (tonumber(parts[2]) or 0)
+    if ok and type(message) == "table" and type(message.headers) == "table" then
+      local headers = message.headers
+      if type(headers.cq_cost) == "table" then
+        local parts = headers.cq_cost
+        cost = (tonumber(parts[1]) or 0) + ratios[best] * (tonumber(parts[2]) or 0)
+      end
+      if type(headers.id) == "string" then id = headers.id end
     end
     counter[best] = counter[best] + cost / weight[best]
+    -- Kept until the job is settled by what it took (a message released twice adds up).
+    if id ~= nil then
+      local key = charge_prefix .. id
+      redis.call("HSET", key, "tenant", best)
+      redis.call("HINCRBYFLOAT", key, "cost", cost)
+      redis.call("EXPIRE", key, charge_ttl)
+    end
   end
   local n = head(at.name, at.n)
   if n == nil then
@@ -339,28 +377,75 @@ return released
 """
 
 
-#: Add ARGV[3] tokens (negative: give back) to tenant ARGV[2]'s counter for queue ARGV[1],
-#: divided by the tenant's weight.
-CHARGE = r"""
-local queue = ARGV[1]
-local tenant = ARGV[2]
-local weight = tonumber(redis.call("HGET", "cq.fair." .. queue .. ".weights", tenant) or "1")
-local tokens = tonumber(ARGV[3]) / weight
-return redis.call("HINCRBYFLOAT", "cq.fair." .. queue .. ".vtc", tenant, tokens)
+#: Settle finished jobs for queue ARGV[1]: six ARGV per job from ARGV[3] (see
+#: :class:`Settled`). Each job's tenant (the one its release charged) is charged what the
+#: job took less what it was charged (from its :func:`charge_key`, deleted here; a job
+#: released before charges were kept: its estimate at today's ratio), divided by the
+#: tenant's weight; each tenant's new-token ratio and the model's move toward what the
+#: succeeded jobs generated of the most they could, by weight ARGV[2].
+SETTLE = r"""
+local prefix = "cq.fair." .. ARGV[1]
+local step = tonumber(ARGV[2])
+local model = tonumber(redis.call("GET", prefix .. ".ratio") or "1")
+local function ratio_of(tenant)
+  return tonumber(redis.call("HGET", prefix .. ".ratios", tenant) or model)
+end
+local served, generated, most = {}, {}, {}
+local all_generated, all_most = 0, 0
+for i = 3, #ARGV, 6 do
+  local tenant = ARGV[i + 1]
+  local took, prompt, new = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  local gen = tonumber(ARGV[i + 5])
+  local key = prefix .. ".charge." .. ARGV[i]
+  local record = redis.call("HMGET", key, "tenant", "cost")
+  local charged
+  if record[2] then
+    tenant = record[1] or tenant
+    charged = tonumber(record[2])
+    redis.call("DEL", key)
+  else
+    charged = prompt + ratio_of(tenant) * new
+  end
+  served[tenant] = (served[tenant] or 0) + took - charged
+  if gen >= 0 and new > 0 then
+    generated[tenant] = (generated[tenant] or 0) + gen
+    most[tenant] = (most[tenant] or 0) + new
+    all_generated, all_most = all_generated + gen, all_most + new
+  end
+end
+for tenant, tokens in pairs(served) do
+  if tokens ~= 0 then
+    local weight = tonumber(redis.call("HGET", prefix .. ".weights", tenant) or "1")
+    redis.call("HINCRBYFLOAT", prefix .. ".vtc", tenant, tokens / weight)
+  end
+end
+for tenant, new in pairs(most) do
+  local old = ratio_of(tenant)
+  local ratio = old + step * (generated[tenant] / new - old)
+  redis.call("HSET", prefix .. ".ratios", tenant, tostring(ratio))
+end
+if all_most > 0 then
+  redis.call("SET", prefix .. ".ratio", tostring(model + step * (all_generated / all_most - model)))
+end
+return #ARGV
 """
 
-
-#: Move queue ARGV[1]'s new-token ratio toward ARGV[2] by weight ARGV[3].
-RATIO = r"""
-local key = "cq.fair." .. ARGV[1] .. ".ratio"
-local old = tonumber(redis.call("GET", key) or "1")
-local new = old + tonumber(ARGV[3]) * (tonumber(ARGV[2]) - old)
-redis.call("SET", key, tostring(new))
-return tostring(new)
-"""
-
-#: How far one finished batch moves the new-token ratio.
+#: How far one finished batch moves the new-token ratios.
 RATIO_WEIGHT = 0.2
+
+
+class Settled(NamedTuple):
+    """One job to settle (:meth:`FairQueues.settle`): its id and tenant, the tokens it took
+    (prompt plus generated), its estimate (:func:`job_cost`) for a job whose charge was not
+    kept, and the new tokens it generated (-1: it did not succeed, and moves no ratio).
+    A job found cancelled at its claim: its id alone (its charge is given back)."""
+
+    id: str
+    tenant: str = ""
+    took: int = 0
+    prompt: int = 0
+    new: int = 0
+    generated: int = -1
 
 
 def ratio_key(queue: str) -> str:
@@ -447,8 +532,7 @@ class FairQueues:
         self.client = client
         self.queue = queue
         self._release = client.register_script(RELEASE)
-        self._charge = client.register_script(CHARGE)
-        self._ratio = client.register_script(RATIO)
+        self._settle = client.register_script(SETTLE)
         self._share = client.register_script(SHARE)
 
     def release(self, free: int, *, lane: str = "") -> int:
@@ -459,7 +543,9 @@ class FairQueues:
         """
         if free <= 0:
             return 0
-        return int(self._release(args=[self.queue, free, BATCH_EVERY, RESCAN_S, lane]))
+        return int(
+            self._release(args=[self.queue, free, BATCH_EVERY, RESCAN_S, lane, CHARGE_TTL_S])
+        )
 
     def share(
         self, node: str, *, held: int, ready: bool, ttl_s: float, joining: bool = False
@@ -484,22 +570,24 @@ class FairQueues:
         """Forget what worker ``node`` held (it stops releasing)."""
         self.client.hdel(held_key(self.queue), node)
 
-    def new_token_ratio(self) -> float:
-        """The share of the most they may generate that this model's jobs generate (a moving
-        average over finished batches; 1 until one finished)."""
-        return float(self.client.get(ratio_key(self.queue)) or 1.0)
+    def new_token_ratio(self, tenant: str | None = None) -> float:
+        """The share of the most they may generate that this model's jobs (``tenant``'s)
+        generate: a moving average over finished batches; 1 until one finished (the
+        model's, for a tenant none of whose jobs finished)."""
+        model = float(self.client.get(ratio_key(self.queue)) or 1.0)
+        if tenant is None:
+            return model
+        return float(self.client.hget(ratios_key(self.queue), tenant) or model)
 
-    def settle(self, served: Mapping[str, float], *, generated: int, most: int) -> None:
-        """Correct the tenants' counters by what their jobs really took: ``served`` is each
-        tenant's tokens served less what it was charged at release; ``generated`` of ``most``
-        new tokens were generated, which moves :meth:`new_token_ratio`."""
-        with self.client.pipeline(transaction=False) as pipe:
-            for tenant, tokens in served.items():
-                if tokens:
-                    self._charge(args=[self.queue, tenant, tokens], client=pipe)
-            if most:
-                self._ratio(args=[self.queue, generated / most, RATIO_WEIGHT], client=pipe)
-            pipe.execute()
+    def settle(self, jobs: Iterable[Settled]) -> None:
+        """Charge each job's tenant what the job took less what its releases charged (a
+        job cancelled before it ran took nothing: its charge is given back), and move the
+        new-token ratios by what the succeeded jobs generated (:data:`SETTLE`)."""
+        args: list[Any] = [self.queue, RATIO_WEIGHT]
+        for job in jobs:
+            args.extend(job)
+        if len(args) > 2:
+            self._settle(args=args)
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
         """Replace the tenants' weights the release step reads (missing: 1)."""

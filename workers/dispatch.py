@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -62,7 +63,7 @@ from completion_queue import (
     queue_name,
     redact_url,
 )
-from completion_queue.fair import fair_share, job_cost, wake_channel
+from completion_queue.fair import Settled, fair_share, job_cost, wake_channel
 from db import Job, JobStatus, Outcome, make_engine, make_session_factory, tenant_weights
 from workers.listeners import BatchListener
 
@@ -245,34 +246,41 @@ class Dispatcher:
 
 class FairCharges(BatchListener):
     """Settle each finished job's charge in the model process: its tenant was charged the
-    job's estimated tokens at release; the row now says what it took (prompt plus generated)."""
+    job's estimated tokens at release; the row now says what it took (prompt plus generated).
+    A job found cancelled or finished when claimed gets its release's charge back."""
 
     def __init__(self, broker_url: str, queue: str) -> None:
         self.broker_url = broker_url
         self.queue = queue
         self._fair: FairQueues | None = None
 
-    def finished(
-        self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
-    ) -> None:
-        """Give back (or charge) each tenant the difference, and move the model's new-token
-        ratio by what the succeeded jobs generated."""
+    def _queues(self) -> FairQueues:
         if self._fair is None:
             client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
             self._fair = FairQueues(client, self.queue)
-        ratio = self._fair.new_token_ratio()
+        return self._fair
+
+    def claimed(self, jobs: Sequence[Job], *, skipped: Sequence[uuid.UUID], worker: str) -> None:
+        """Give back what the skipped jobs' releases charged: they take nothing now."""
+        if skipped:
+            self._queues().settle(Settled(str(job_id)) for job_id in skipped)
+
+    def finished(
+        self, jobs: Sequence[Job], outcomes: Sequence[Outcome], *, generation_s: float
+    ) -> None:
+        """Charge (or give back) each job's tenant the difference between what it took and
+        what it was charged, and move the new-token ratios by what the succeeded jobs
+        generated."""
         by_id = {job.id: job for job in jobs}
-        served: dict[str, float] = {}
-        generated = most = 0
+        settled = []
         for outcome in outcomes:
             job = by_id[outcome.job_id]
             prompt, new = job_cost(job)
             took = (outcome.prompt_tokens or 0) + outcome.completion_tokens
-            tenant = job.tenant or ""
-            served[tenant] = served.get(tenant, 0.0) + took - (prompt + ratio * new)
-            if outcome.status is JobStatus.SUCCEEDED:
-                generated, most = generated + outcome.completion_tokens, most + new
-        self._fair.settle(served, generated=generated, most=most)
+            succeeded = outcome.status is JobStatus.SUCCEEDED
+            generated = outcome.completion_tokens if succeeded else -1
+            settled.append(Settled(str(job.id), job.tenant or "", took, prompt, new, generated))
+        self._queues().settle(settled)
 
 
 class DispatchStep(bootsteps.StartStopStep):  # type: ignore[misc]

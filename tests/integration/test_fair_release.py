@@ -27,7 +27,17 @@ from completion_queue import (
     send_jobs,
     waiting,
 )
-from completion_queue.fair import BATCH_EVERY, fair_share, held_key, hot_key
+from completion_queue.fair import (
+    BATCH_EVERY,
+    CHARGE_TTL_S,
+    RATIO_WEIGHT,
+    Settled,
+    charge_key,
+    counters_key,
+    fair_share,
+    held_key,
+    hot_key,
+)
 from workers.dispatch import HAND_BACK_EVERY_S, Dispatcher
 
 MODEL = "fair-model"
@@ -189,11 +199,100 @@ def test_a_settled_charge_moves_the_share(broker: tuple[Celery, redis.Redis]) ->
     fair = FairQueues(client, QUEUE)
     fair.release(2)  # one each, 10 tokens charged to each
     # When a's job turns out to have taken nothing of its estimate
-    fair.settle({"a": -10}, generated=0, most=0)
+    (first_a,) = [i for i in released(client) if jobs[i].tenant == "a"]
+    fair.settle([Settled(first_a, "a", took=0, prompt=0, new=10, generated=0)])
     client.delete(*queue_keys(QUEUE))
     fair.release(2)
     # Then a, below b by those 10 tokens (and not lifted: it stayed backlogged), goes twice
     assert [jobs[i].tenant for i in released(client)] == ["a", "a"]
+
+
+def counters(client: redis.Redis) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in client.hgetall(counters_key(QUEUE)).items()}
+
+
+def test_a_job_is_settled_against_what_its_release_charged(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    app, client = broker
+    fair = FairQueues(client, QUEUE)
+    jobs = send(app, [FakeJob("a", max_new_tokens=100) for _ in range(4)])
+    # Given two jobs released while the ratio was 1 (100 tokens each) and kept until settled
+    fair.release(2)
+    first, second = released(client)
+    assert counters(client) == {"a": 200.0}
+    assert client.hgetall(charge_key(QUEUE, first)) == {b"tenant": b"a", b"cost": b"100"}
+    # When the first finishes having generated 20 (the ratio drops) and then the second 30
+    fair.settle([Settled(first, "a", took=20, prompt=0, new=100, generated=20)])
+    assert fair.new_token_ratio("a") == pytest.approx(1 + RATIO_WEIGHT * (0.2 - 1))
+    fair.settle([Settled(second, "a", took=30, prompt=0, new=100, generated=30)])
+    # Then each is charged what it took: its release's 100 given back, not the new ratio's
+    assert counters(client) == pytest.approx({"a": 50.0})
+    assert not client.exists(charge_key(QUEUE, first), charge_key(QUEUE, second))
+    # and the next release charges a's own ratio, not 1
+    fair.release(3)
+    third = released(client)[-1]
+    assert jobs[third].tenant == "a"
+    assert float(client.hget(charge_key(QUEUE, third), "cost") or 0) == pytest.approx(
+        100 * fair.new_token_ratio("a")
+    )
+
+
+def test_each_tenant_is_charged_by_its_own_ratio(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    fair = FairQueues(client, QUEUE)
+    jobs = send(app, [FakeJob("a", max_new_tokens=100) for _ in range(50)])
+    jobs |= send(app, [FakeJob("b", max_new_tokens=100) for _ in range(50)])
+    # Given a's jobs use all 100 of their tokens and b's only 10, settled over five batches
+    for _ in range(5):
+        client.delete(*queue_keys(QUEUE))
+        fair.release(2)
+        fair.settle(
+            Settled(
+                i,
+                jobs[i].tenant or "",
+                *(100, 0, 100, 100) if jobs[i].tenant == "a" else (10, 0, 100, 10),
+            )
+            for i in released(client)
+        )
+    # Then each is charged at release by its own ratio, not the model's (which is between)
+    client.delete(*queue_keys(QUEUE))
+    fair.release(30)  # b, behind by what a's jobs took more, goes first, then a too
+    cost = {
+        jobs[i].tenant: float(client.hget(charge_key(QUEUE, i), "cost") or 0)
+        for i in released(client)
+    }
+    assert fair.new_token_ratio("a") == 1.0
+    assert fair.new_token_ratio("b") == pytest.approx(0.1 + 0.9 * (1 - RATIO_WEIGHT) ** 5)
+    assert cost == pytest.approx({"a": 100.0, "b": 100 * fair.new_token_ratio("b")})
+    assert cost["b"] < 100 * fair.new_token_ratio() < cost["a"]
+
+
+def test_a_job_cancelled_before_it_ran_gets_its_charge_back(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    app, client = broker
+    fair = FairQueues(client, QUEUE)
+    send(app, [FakeJob("a") for _ in range(2)])
+    fair.release(2)
+    first, second = released(client)
+    # When the worker claims the first and finds it cancelled (a Settled of its id alone)
+    fair.settle([Settled(first)])
+    # Then a pays only for the second, and the first's charge is gone
+    assert counters(client) == {"a": 10.0}
+    assert not client.exists(charge_key(QUEUE, first))
+    assert client.exists(charge_key(QUEUE, second))
+    # and the charge of a job no release charged is nothing to give back
+    fair.settle([Settled(str(uuid.uuid4()))])
+    assert counters(client) == {"a": 10.0}
+
+
+def test_charges_are_kept_no_longer_than_a_day(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
+    send(app, [FakeJob("a")])
+    FairQueues(client, QUEUE).release(1)
+    (job,) = released(client)
+    assert 0 < client.ttl(charge_key(QUEUE, job)) <= CHARGE_TTL_S == 86_400
 
 
 def test_a_message_restored_to_a_drained_lane_is_found_by_the_rescan(
