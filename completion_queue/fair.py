@@ -377,22 +377,27 @@ return released
 """
 
 
-#: Settle finished jobs for queue ARGV[1]: six ARGV per job from ARGV[3] (see
+#: Settle finished jobs for queue ARGV[1]: six ARGV per job from ARGV[4] (see
 #: :class:`Settled`). Each job's tenant (the one its release charged) is charged what the
 #: job took less what it was charged (from its :func:`charge_key`, deleted here; a job
 #: released before charges were kept: its estimate at today's ratio), divided by the
 #: tenant's weight; each tenant's new-token ratio and the model's move toward what the
-#: succeeded jobs generated of the most they could, by weight ARGV[2].
+#: succeeded jobs generated of the most they could, by weight ARGV[2] for every ARGV[3]
+#: of those jobs (compounded: 1 - (1 - ARGV[2]) ^ (jobs / ARGV[3])).
 SETTLE = r"""
 local prefix = "cq.fair." .. ARGV[1]
 local step = tonumber(ARGV[2])
+local per = tonumber(ARGV[3])
+local function moved(old, jobs, value)
+  return old + (1 - (1 - step) ^ (jobs / per)) * (value - old)
+end
 local model = tonumber(redis.call("GET", prefix .. ".ratio") or "1")
 local function ratio_of(tenant)
   return tonumber(redis.call("HGET", prefix .. ".ratios", tenant) or model)
 end
-local served, generated, most = {}, {}, {}
-local all_generated, all_most = 0, 0
-for i = 3, #ARGV, 6 do
+local served, generated, most, jobs = {}, {}, {}, {}
+local all_generated, all_most, all_jobs = 0, 0, 0
+for i = 4, #ARGV, 6 do
   local tenant = ARGV[i + 1]
   local took, prompt, new = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
   local gen = tonumber(ARGV[i + 5])
@@ -410,7 +415,8 @@ for i = 3, #ARGV, 6 do
   if gen >= 0 and new > 0 then
     generated[tenant] = (generated[tenant] or 0) + gen
     most[tenant] = (most[tenant] or 0) + new
-    all_generated, all_most = all_generated + gen, all_most + new
+    jobs[tenant] = (jobs[tenant] or 0) + 1
+    all_generated, all_most, all_jobs = all_generated + gen, all_most + new, all_jobs + 1
   end
 end
 for tenant, tokens in pairs(served) do
@@ -420,18 +426,22 @@ for tenant, tokens in pairs(served) do
   end
 end
 for tenant, new in pairs(most) do
-  local old = ratio_of(tenant)
-  local ratio = old + step * (generated[tenant] / new - old)
+  local ratio = moved(ratio_of(tenant), jobs[tenant], generated[tenant] / new)
   redis.call("HSET", prefix .. ".ratios", tenant, tostring(ratio))
 end
 if all_most > 0 then
-  redis.call("SET", prefix .. ".ratio", tostring(model + step * (all_generated / all_most - model)))
+  redis.call("SET", prefix .. ".ratio", tostring(moved(model, all_jobs, all_generated / all_most)))
 end
 return #ARGV
 """
 
-#: How far one finished batch moves the new-token ratios.
+#: How far :data:`RATIO_JOBS` finished jobs move a new-token ratio (fewer or more jobs,
+#: compounded), so a ratio follows the last few hundred jobs whether a worker settles them
+#: a group at a time (the static engine's groups of 32) or one by one (vLLM).
 RATIO_WEIGHT = 0.2
+
+#: See :data:`RATIO_WEIGHT`.
+RATIO_JOBS = 32
 
 
 class Settled(NamedTuple):
@@ -572,8 +582,8 @@ class FairQueues:
 
     def new_token_ratio(self, tenant: str | None = None) -> float:
         """The share of the most they may generate that this model's jobs (``tenant``'s)
-        generate: a moving average over finished batches; 1 until one finished (the
-        model's, for a tenant none of whose jobs finished)."""
+        generate: a moving average over finished jobs (:data:`RATIO_WEIGHT`); 1 until one
+        finished (the model's, for a tenant none of whose jobs finished)."""
         model = float(self.client.get(ratio_key(self.queue)) or 1.0)
         if tenant is None:
             return model
@@ -583,10 +593,10 @@ class FairQueues:
         """Charge each job's tenant what the job took less what its releases charged (a
         job cancelled before it ran took nothing: its charge is given back), and move the
         new-token ratios by what the succeeded jobs generated (:data:`SETTLE`)."""
-        args: list[Any] = [self.queue, RATIO_WEIGHT]
+        args: list[Any] = [self.queue, RATIO_WEIGHT, RATIO_JOBS]
         for job in jobs:
             args.extend(job)
-        if len(args) > 2:
+        if len(args) > 3:
             self._settle(args=args)
 
     def set_weights(self, weights: Mapping[str, float]) -> None:

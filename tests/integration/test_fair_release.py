@@ -30,6 +30,7 @@ from completion_queue import (
 from completion_queue.fair import (
     BATCH_EVERY,
     CHARGE_TTL_S,
+    RATIO_JOBS,
     RATIO_WEIGHT,
     Settled,
     charge_key,
@@ -224,7 +225,7 @@ def test_a_job_is_settled_against_what_its_release_charged(
     assert client.hgetall(charge_key(QUEUE, first)) == {b"tenant": b"a", b"cost": b"100"}
     # When the first finishes having generated 20 (the ratio drops) and then the second 30
     fair.settle([Settled(first, "a", took=20, prompt=0, new=100, generated=20)])
-    assert fair.new_token_ratio("a") == pytest.approx(1 + RATIO_WEIGHT * (0.2 - 1))
+    assert fair.new_token_ratio("a") == pytest.approx(1 + moved(1) * (0.2 - 1))
     fair.settle([Settled(second, "a", took=30, prompt=0, new=100, generated=30)])
     # Then each is charged what it took: its release's 100 given back, not the new ratio's
     assert counters(client) == pytest.approx({"a": 50.0})
@@ -243,29 +244,45 @@ def test_each_tenant_is_charged_by_its_own_ratio(broker: tuple[Celery, redis.Red
     fair = FairQueues(client, QUEUE)
     jobs = send(app, [FakeJob("a", max_new_tokens=100) for _ in range(50)])
     jobs |= send(app, [FakeJob("b", max_new_tokens=100) for _ in range(50)])
-    # Given a's jobs use all 100 of their tokens and b's only 10, settled over five batches
-    for _ in range(5):
-        client.delete(*queue_keys(QUEUE))
-        fair.release(2)
-        fair.settle(
-            Settled(
-                i,
-                jobs[i].tenant or "",
-                *(100, 0, 100, 100) if jobs[i].tenant == "a" else (10, 0, 100, 10),
-            )
-            for i in released(client)
-        )
+    # Given five jobs of a's that used all 100 of their tokens and five of b's that used 10
+    fair.settle(
+        [Settled(str(uuid.uuid4()), "a", took=100, prompt=0, new=100, generated=100)] * 5
+        + [Settled(str(uuid.uuid4()), "b", took=10, prompt=0, new=100, generated=10)] * 5
+    )
     # Then each is charged at release by its own ratio, not the model's (which is between)
-    client.delete(*queue_keys(QUEUE))
-    fair.release(30)  # b, behind by what a's jobs took more, goes first, then a too
+    fair.release(30)  # b, behind by what its jobs took less, goes first, then a too
     cost = {
         jobs[i].tenant: float(client.hget(charge_key(QUEUE, i), "cost") or 0)
         for i in released(client)
     }
     assert fair.new_token_ratio("a") == 1.0
-    assert fair.new_token_ratio("b") == pytest.approx(0.1 + 0.9 * (1 - RATIO_WEIGHT) ** 5)
+    assert fair.new_token_ratio("b") == pytest.approx(0.1 + 0.9 * (1 - moved(5)))
     assert cost == pytest.approx({"a": 100.0, "b": 100 * fair.new_token_ratio("b")})
     assert cost["b"] < 100 * fair.new_token_ratio() < cost["a"]
+
+
+def moved(jobs: int) -> float:
+    """How far ``jobs`` finished jobs move a new-token ratio toward what they generated."""
+    return 1 - (1 - RATIO_WEIGHT) ** (jobs / RATIO_JOBS)
+
+
+def test_a_ratio_moves_as_far_whether_jobs_are_settled_together_or_one_by_one(
+    broker: tuple[Celery, redis.Redis],
+) -> None:
+    _, client = broker
+    fair = FairQueues(client, QUEUE)
+    ids = [str(uuid.uuid4()) for _ in range(RATIO_JOBS)]
+    # Given RATIO_JOBS jobs of tenant a that used a quarter of their tokens, settled at once
+    fair.settle(Settled(i, "a", took=25, prompt=0, new=100, generated=25) for i in ids)
+    # and, for another model, one by one (as a vLLM worker settles each as it ends)
+    other = FairQueues(client, queue_name("other-model"))
+    for i in ids:
+        other.settle([Settled(i, "a", took=25, prompt=0, new=100, generated=25)])
+    # Then a's ratio and the model's moved RATIO_WEIGHT of the way from 1 toward 0.25 in both
+    expected = 1 + RATIO_WEIGHT * (0.25 - 1)
+    for queues in (fair, other):
+        assert queues.new_token_ratio("a") == pytest.approx(expected)
+        assert queues.new_token_ratio() == pytest.approx(expected)
 
 
 def test_a_job_cancelled_before_it_ran_gets_its_charge_back(
