@@ -589,6 +589,17 @@ class FairQueues:
             return model
         return float(self.client.hget(ratios_key(self.queue), tenant) or model)
 
+    def new_token_ratios(self) -> tuple[float, dict[str, float]]:
+        """The model's new-token ratio and each tenant's that has one (see
+        :meth:`new_token_ratio`), in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(ratio_key(self.queue))
+            pipe.hgetall(ratios_key(self.queue))
+            model, tenants = pipe.execute()
+        return float(model or 1.0), {
+            (k.decode() if isinstance(k, bytes) else k): float(v) for k, v in tenants.items()
+        }
+
     def settle(self, jobs: Iterable[Settled]) -> None:
         """Charge each job's tenant what the job took less what its releases charged (a
         job cancelled before it ran took nothing: its charge is given back), and move the

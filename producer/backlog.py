@@ -7,10 +7,11 @@ tenant's lane queues and of the model's queue), and the messages a worker holds 
 not started are in none of them, so a list's length reads 0 while every worker is busy.
 A queued row is a job not yet running, wherever its message is.
 
-- ``queued_tokens``: per queued job, its estimated prompt tokens plus the model's
-  new-token ratio (what its jobs generate of their most, from Redis,
-  :meth:`completion_queue.FairQueues.new_token_ratio`) times the most it may generate;
-  both estimates are written into the row at submit (``jobs.cost_*``).
+- ``queued_tokens``: per queued job, its estimated prompt tokens plus its tenant's
+  new-token ratio (what the tenant's jobs of that model generate of their most, from
+  Redis, :meth:`completion_queue.FairQueues.new_token_ratios`; the model's for a tenant
+  none of whose jobs finished) times the most it may generate; both estimates are
+  written into the row at submit (``jobs.cost_*``).
 - ``tokens_per_s_per_worker``: prompt plus completion tokens of the jobs finished in the
   last :data:`RATE_WINDOW_S`, over the seconds each worker spent on them (its first start
   to its last finish in the window); ``CQ_SCALE_WORKER_TOKENS_PER_S`` until a job finished.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -104,12 +105,14 @@ def worker_rates(served: Iterable[Served], *, since: datetime) -> dict[str, floa
     return {model: totals[model] / busy[model] for model in totals if totals[model] > 0}
 
 
-def _queued_tokens(load: Load, ratio: float) -> int:
+def _queued_tokens(load: Load, ratios: Mapping[str, tuple[float, Mapping[str, float]]]) -> int:
+    model, tenants = ratios[load.model]
+    ratio = tenants.get(load.tenant or "", model)
     return round(load.prompt_tokens + ratio * load.new_tokens)
 
 
-def _ratios(client: Any, models: Iterable[str]) -> dict[str, float]:
-    return {model: FairQueues(client, queue_name(model)).new_token_ratio() for model in models}
+def _ratios(client: Any, models: Iterable[str]) -> dict[str, tuple[float, Mapping[str, float]]]:
+    return {model: FairQueues(client, queue_name(model)).new_token_ratios() for model in models}
 
 
 def model_backlogs(settings: Settings, session: Session, client: Any) -> dict[str, ModelBacklog]:
@@ -132,7 +135,7 @@ def model_backlogs(settings: Settings, session: Session, client: Any) -> dict[st
     for load in loads:
         if load.status is JobStatus.QUEUED:
             queued[load.model][0] += load.jobs
-            queued[load.model][1] += _queued_tokens(load, ratios[load.model])
+            queued[load.model][1] += _queued_tokens(load, ratios)
         else:
             running[load.model] += load.jobs
     result = {}
@@ -172,7 +175,7 @@ def tenant_loads(session: Session, client: Any, *, window_s: float) -> list[Tena
     for load in loads:
         row = rows[(load.model, load.tenant)]
         row[0] += load.jobs
-        row[1] += _queued_tokens(load, ratios[load.model])
+        row[1] += _queued_tokens(load, ratios)
     for done in served:
         rows[(done.model, done.tenant)][2] += done.tokens
     return [

@@ -18,8 +18,24 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from completion_queue import EmbeddedRedis, Settings, WorkerProcess, worker_env
-from db import JobRow, JobStatus, make_engine, make_session_factory
+from completion_queue import (
+    EmbeddedRedis,
+    Settings,
+    WorkerProcess,
+    queue_name,
+    worker_env,
+)
+from completion_queue.fair import ratio_key, ratios_key
+from db import (
+    JobRow,
+    JobStatus,
+    NewJob,
+    create_jobs,
+    make_engine,
+    make_session_factory,
+    upgrade,
+)
+from producer.backlog import model_backlogs, tenant_loads
 from producer.client import CompletionClient
 from tests.conftest import Stack, worker_settings
 from tests.integration.test_api import start_api
@@ -107,6 +123,45 @@ def test_backlog_counts_queued_jobs_until_a_worker_runs_them(
     for name in ("acme", "beta"):
         assert tenants[name]["queued_jobs"] == 0
         assert tenants[name]["served_tokens"] == served_tokens(settings, name) > 0
+
+
+def test_queued_tokens_are_estimated_by_each_tenants_own_ratio(
+    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, tiny_model: Path, tmp_path: Path
+) -> None:
+    # Given four queued jobs of acme and four of beta, each of 10 prompt and 100 new tokens
+    settings = worker_settings(request, redis_server.port, REDIS_DB, tiny_model, tmp_path)
+    client = redis.Redis(port=redis_server.port, db=REDIS_DB)
+    client.flushdb()
+    upgrade(settings.resolved_database_url())
+    engine = make_engine(settings.resolved_database_url())
+    sessions = make_session_factory(engine)
+    with sessions.begin() as session:
+        create_jobs(
+            session,
+            jobs=[
+                NewJob(settings.model, "p", {}, tenant=name, cost=(10, 100))
+                for name in ("acme", "beta")
+                for _ in range(4)
+            ],
+        )
+    # and acme's finished jobs generated a tenth of their most, everyone's a half (the
+    # ratios the workers keep, written here as they leave them)
+    queue = queue_name(settings.model)
+    client.hset(ratios_key(queue), "acme", "0.1")
+    client.set(ratio_key(queue), "0.5")
+    try:
+        with sessions() as session:
+            tenants = {t.tenant: t for t in tenant_loads(session, client, window_s=60)}
+            backlog = model_backlogs(settings, session, client)[settings.model]
+    finally:
+        engine.dispose()
+        client.close()
+    # Then acme's are counted at its own ratio, and beta's (none finished) at the model's
+    assert (tenants["acme"].queued_tokens, tenants["beta"].queued_tokens) == (
+        4 * (10 + 10),
+        4 * (10 + 50),
+    )
+    assert backlog.queued_tokens == 4 * 20 + 4 * 60
 
 
 def test_desired_workers_follow_the_drain_target(
