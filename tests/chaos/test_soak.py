@@ -6,14 +6,27 @@ import time
 from collections import Counter
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
-from completion_queue import JobTimeout
-from db import JobStatus
+from completion_queue import JobTimeout, WorkerProcess
+from db import JobRow, JobStatus, make_engine, make_session_factory
 from tests.chaos.conftest import Chaos, kill_worker
 
 JOBS = 5_000
 #: Seconds the victim serves between its restart and the next kill.
 SERVE_S = 1.0
+#: Longest the first kill then waits for the victim to be running jobs.
+RUNNING_WAIT_S = 10.0
+
+
+def running_on(sessions: sessionmaker[Session], worker: WorkerProcess) -> bool:
+    """Whether ``worker`` runs a job now (claimed, not finished)."""
+    query = select(JobRow.id).where(
+        JobRow.status == JobStatus.RUNNING, JobRow.worker == worker.nodename
+    )
+    with sessions() as session:
+        return session.scalar(query.limit(1)) is not None
 
 
 @pytest.mark.slow
@@ -29,6 +42,7 @@ def test_soak_no_job_lost_none_doubled_under_repeated_kills(
     }
     chaos.start_worker(**worker_options)
     victim = chaos.start_worker(**worker_options)
+    sessions = make_session_factory(make_engine(chaos.settings.resolved_database_url()))
     started = time.monotonic()
     kills = 0
     with chaos.client() as client:
@@ -48,6 +62,15 @@ def test_soak_no_job_lost_none_doubled_under_repeated_kills(
             try:
                 done = client.wait(jobs, timeout=SERVE_S)
             except JobTimeout:
+                # The first kill waits until the victim runs jobs, so one kill at least hits
+                # a batch however loaded the machine (its first claim may come later than
+                # SERVE_S); the others come when they come, as a lost machine's would (kills
+                # always aimed at running jobs would fail them as crash loops).
+                deadline = time.monotonic() + RUNNING_WAIT_S
+                while not kills and not running_on(sessions, victim):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
                 kill_worker(victim)
                 kills += 1
                 victim = chaos.start_worker(**worker_options)
