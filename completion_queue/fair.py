@@ -584,10 +584,8 @@ class FairQueues:
         """The share of the most they may generate that this model's jobs (``tenant``'s)
         generate: a moving average over finished jobs (:data:`RATIO_WEIGHT`); 1 until one
         finished (the model's, for a tenant none of whose jobs finished)."""
-        model = float(self.client.get(ratio_key(self.queue)) or 1.0)
-        if tenant is None:
-            return model
-        return float(self.client.hget(ratios_key(self.queue), tenant) or model)
+        model, tenants = self.new_token_ratios()
+        return model if tenant is None else tenants.get(tenant, model)
 
     def new_token_ratios(self) -> tuple[float, dict[str, float]]:
         """The model's new-token ratio and each tenant's that has one (see
